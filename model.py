@@ -1,0 +1,436 @@
+"""VIOLET: Video Swin (VT) + BERT embeddings (LE) + cross-modal BERT encoder (CT), and the task heads.
+
+Parameter names follow the original release exactly, so its checkpoints load unchanged.
+Shapes and quirks are those of ../shared/violet-spec.md section 1.
+"""
+import copy
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+import transformers
+from einops import rearrange
+from timm.layers import DropPath, Mlp, trunc_normal_
+
+DEFAULTS = {
+    'txt_backbone': 'bert-base-uncased',  # transformers id, or a local dir (config.json only -> random init)
+    'path_vt': './_snapshot/ckpt_video-swin.pt',  # Video Swin weights; '' or absent -> random VT
+    'vt_dim': 96, 'vt_depths': [2, 2, 18, 2], 'vt_heads': [3, 6, 12, 24], 'vt_window': [8, 7, 7],
+    'vt_drop_path': 0.2,
+    'grad_ckpt': False,  # activation checkpointing in VT and CT (saves memory, costs a recompute)
+    'mvm_target': 'vq',  # 'vq': 8192 DALL-E tokens; 'pixel': regress the 3x32x32 normalised RGB patch
+}
+MAX_FRAMES, MAX_SIDE = 6, 448  # emb_len has 6 rows, emb_pos 1+14*14
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def margs(args):
+    return {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Video Swin, as VIOLET changed it (temporal stride 1, one appended frame)
+
+def shrink_window(size, window, shift):
+    """A window side not smaller than the input is shrunk to it, and its shift dropped."""
+    window, shift = list(window), list(shift)
+    for i in range(3):
+        if size[i] <= window[i]:
+            window[i], shift[i] = size[i], 0
+    return tuple(window), tuple(shift)
+
+
+@functools.lru_cache(maxsize=64)
+def shift_mask(D, H, W, window, shift, device):
+    """-100 between tokens of different regions after the cyclic shift (the original's labelling,
+    including its behaviour on an axis whose shift is 0)."""
+    label, cnt = torch.zeros(D, H, W), 0
+    for d in slice(-window[0]), slice(-window[0], -shift[0]), slice(-shift[0], None):
+        for h in slice(-window[1]), slice(-window[1], -shift[1]), slice(-shift[1], None):
+            for w in slice(-window[2]), slice(-window[2], -shift[2]), slice(-shift[2], None):
+                label[d, h, w] = cnt
+                cnt += 1
+    label = rearrange(label, '(d p) (h q) (w r) -> (d h w) (p q r)', p=window[0], q=window[1], r=window[2])
+    diff = label[:, None, :] - label[:, :, None]
+    return torch.where(diff != 0, -100.0, 0.0).to(device)  # [nW, N, N]
+
+
+class WindowAttention3D(nn.Module):
+    def __init__(self, dim, window, heads):
+        super().__init__()
+        self.heads = heads
+        wd, wh, ww = window
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2*wd-1) * (2*wh-1) * (2*ww-1), heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(wd), torch.arange(wh), torch.arange(ww), indexing='ij')).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+        rel = (rel[..., 0] + wd-1) * (2*wh-1) * (2*ww-1) + (rel[..., 1] + wh-1) * (2*ww-1) + (rel[..., 2] + ww-1)
+        self.register_buffer('relative_position_index', rel)  # persistent: part of the original state dict
+        self.qkv = nn.Linear(dim, dim*3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x, B, mask=None):
+        """x: [B*nW, N, C] windows. The bias of an N-token window is the top-left N x N corner of the
+        full window's index (the original's rule; exact only when time alone shrinks)."""
+        _, N, C = x.shape
+        q, k, v = rearrange(self.qkv(x), '(b n) t (three h d) -> three b n h t d', b=B, three=3, h=self.heads)
+        idx = self.relative_position_index[:N, :N].reshape(-1)
+        bias = self.relative_position_bias_table[idx].view(N, N, -1).permute(2, 0, 1)  # [heads, N, N]
+        bias = bias[None, None] if mask is None else bias[None, None] + mask[None, :, None]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(rearrange(x, 'b n h t d -> (b n) t (h d)'))
+
+
+class SwinTransformerBlock3D(nn.Module):
+    def __init__(self, dim, heads, window, shift, drop_path):
+        super().__init__()
+        self.window, self.shift = tuple(window), tuple(shift)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention3D(dim, self.window, heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, dim*4, act_layer=nn.GELU)
+
+    def attend(self, x, mask):
+        B, D, H, W, C = x.shape
+        window, shift = shrink_window((D, H, W), self.window, self.shift)
+        x = self.norm1(x)
+        # padded tokens are not masked: they take part as keys and values, as in the original
+        x = F.pad(x, (0, 0, 0, -W % window[2], 0, -H % window[1], 0, -D % window[0]))
+        shifted = any(s > 0 for s in shift)
+        if shifted:
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        Dp, Hp, Wp = x.shape[1:4]
+        spec = dict(p=window[0], q=window[1], r=window[2], d=Dp//window[0], h=Hp//window[1], w=Wp//window[2])
+        x = rearrange(x, 'b (d p) (h q) (w r) c -> (b d h w) (p q r) c', **spec)
+        x = self.attn(x, B, mask if shifted else None)
+        x = rearrange(x, '(b d h w) (p q r) c -> b (d p) (h q) (w r) c', b=B, **spec)
+        if shifted:
+            x = torch.roll(x, shifts=shift, dims=(1, 2, 3))
+        return x[:, :D, :H, :W]
+
+    def forward(self, x, mask):
+        x = x + self.drop_path(self.attend(x, mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.reduction = nn.Linear(4*dim, 2*dim, bias=False)
+        self.norm = nn.LayerNorm(4*dim)
+
+    def forward(self, x):  # [B, D, H, W, C]; time is never merged
+        x = F.pad(x, (0, 0, 0, x.shape[3] % 2, 0, x.shape[2] % 2))
+        x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x))
+
+
+class BasicLayer(nn.Module):
+    def __init__(self, dim, depth, heads, window, drop_path, downsample, grad_ckpt):
+        super().__init__()
+        self.window, self.shift = tuple(window), tuple(w // 2 for w in window)
+        self.grad_ckpt = grad_ckpt
+        self.blocks = nn.ModuleList([
+            SwinTransformerBlock3D(dim, heads, window, (0, 0, 0) if i % 2 == 0 else self.shift, drop_path[i])
+            for i in range(depth)])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x):  # [B, D, H, W, C]
+        D, H, W = x.shape[1:4]
+        window, shift = shrink_window((D, H, W), self.window, self.shift)
+        padded = tuple(math.ceil(s / w) * w for s, w in zip((D, H, W), window))
+        mask = shift_mask(*padded, window, shift, x.device)
+        for blk in self.blocks:
+            if self.grad_ckpt and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, mask)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class PatchEmbed3D(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Conv3d(3, dim, kernel_size=(2, 4, 4), stride=(1, 4, 4))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):  # [B, 3, T, H, W]
+        # pad H, W up to multiples of 4 and append ONE zero frame, so T frames give T outputs
+        x = F.pad(x, (0, -x.shape[4] % 4, 0, -x.shape[3] % 4, 0, 1))
+        return self.norm(self.proj(x).permute(0, 2, 3, 4, 1))  # [B, T, H/4, W/4, C]
+
+
+class SwinTransformer3D(nn.Module):
+    def __init__(self, dim=96, depths=(2, 2, 18, 2), heads=(3, 6, 12, 24), window=(8, 7, 7), drop_path=0.2,
+                 grad_ckpt=False):
+        super().__init__()
+        self.patch_embed = PatchEmbed3D(dim)
+        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
+        self.layers = nn.ModuleList([
+            BasicLayer(dim * 2**i, depths[i], heads[i], window, dpr[sum(depths[:i]):sum(depths[:i+1])],
+                       downsample=i < len(depths)-1, grad_ckpt=grad_ckpt)
+            for i in range(len(depths))])
+        self.num_features = dim * 2**(len(depths)-1)
+        self.norm = nn.LayerNorm(self.num_features)
+
+    def forward(self, x):  # [B, 3, T, H, W] -> [B, T, H/32, W/32, C]
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Video and text embedders
+
+class EncImg(nn.Module):
+    def __init__(self, args, hidden):
+        super().__init__()
+        self.swin = SwinTransformer3D(args['vt_dim'], args['vt_depths'], args['vt_heads'], args['vt_window'],
+                                      args['vt_drop_path'], args['grad_ckpt'])
+        load_vt(self.swin, args['path_vt'])
+        if self.swin.num_features != hidden:  # only in non-default configs: keeps the default key layout
+            self.proj = nn.Linear(self.swin.num_features, hidden)
+        self.emb_cls = nn.Parameter(0.02 * torch.randn(1, 1, 1, hidden))
+        self.emb_pos = nn.Parameter(0.02 * torch.randn(1, 1, 1 + 14**2, hidden))
+        self.emb_len = nn.Parameter(0.02 * torch.randn(1, MAX_FRAMES, 1, hidden))
+        self.norm = nn.LayerNorm(hidden)
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1), persistent=False)
+
+    def forward(self, img):
+        B, T, _, H, W = img.shape
+        h, w = H // 32, W // 32
+        f = self.swin(((img - self.mean) / self.std).transpose(1, 2))  # [B, T, h, w, C]
+        f = f.reshape(B, T, h*w, -1)
+        if hasattr(self, 'proj'):
+            f = self.proj(f)
+        f = torch.cat([self.emb_cls.expand(B, T, -1, -1), f], dim=2)
+        f = f + self.emb_pos[:, :, :1+h*w] + self.emb_len[:, :T]
+        f = self.norm(f).flatten(1, 2)
+        return f, torch.ones(f.shape[:2], dtype=torch.long, device=f.device)
+
+
+class EncTxt(nn.Module):
+    def __init__(self, embeddings):
+        super().__init__()
+        self.emb_txt = embeddings
+
+    def forward(self, txt):
+        return self.emb_txt(input_ids=txt)
+
+
+def load_vt(swin, path):
+    if not path or not os.path.isfile(path):
+        print(f'VT: no Video Swin weights at {path!r}; the video encoder starts random')
+        return
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    sd = {k.removeprefix('enc_img.swin.'): v for k, v in sd.items()}
+    own = swin.state_dict()
+    misfit = sorted(k for k in own.keys() | sd.keys() if k not in sd or k not in own or sd[k].shape != own[k].shape)
+    if misfit:
+        raise ValueError(f'{path}: Video Swin weights do not fit the configured VT '
+                         f'({len(misfit)} keys missing, extra or of another shape, e.g. {misfit[:3]})')
+    swin.load_state_dict(sd)
+    print(f'VT: loaded {path}')
+
+
+def load_bert(name):
+    """(BertForMaskedLM, whether its weights are pretrained). A local dir without weights builds its config."""
+    weights = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json', 'pytorch_model.bin.index.json')
+    if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, f)) for f in weights):
+        print(f'BERT: {name} has no weights; building its config with random weights')
+        return transformers.BertForMaskedLM(transformers.BertConfig.from_pretrained(name))
+    return transformers.BertForMaskedLM.from_pretrained(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# VIOLET
+
+class VIOLET_Base(nn.Module):
+    keeps_mlm_head = False  # VIOLET_Pretrain takes BERT's MLM head as fc_mtm
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args = margs(args)
+        bert = load_bert(args['txt_backbone'])
+        self.config = bert.config
+        self.hidden_size = bert.config.hidden_size
+        self.enc_img = EncImg(args, self.hidden_size)
+        # the original took the embeddings from a separate BertModel: a copy, so fc_mtm's decoder is not tied to it
+        self.enc_txt = EncTxt(copy.deepcopy(bert.bert.embeddings))
+        self.trsfr = bert.bert.encoder
+        self._mlm_head = [bert.cls] if self.keeps_mlm_head else []  # a list: not registered as a submodule
+
+    def make_head(self, n_out):
+        D = self.hidden_size
+        return nn.Sequential(nn.Dropout(0.1), nn.Linear(D, D*2), nn.ReLU(inplace=True), nn.Linear(D*2, n_out))
+
+    def go_feat(self, img, txt, mask):
+        check_inputs(img, txt, mask)
+        feat_img, mask_img = self.enc_img(img)
+        return feat_img, mask_img, self.enc_txt(txt), mask
+
+    def go_cross(self, feat_img, mask_img, feat_txt, mask_txt, output_attentions=False):
+        x = torch.cat([feat_img, feat_txt], dim=1)
+        keep = torch.cat([mask_img, mask_txt], dim=1).bool()[:, None, None, :]  # [B, 1, 1, L]
+        atts = []
+        for layer in self.trsfr.layer:
+            if self.args['grad_ckpt'] and self.training and not output_attentions:
+                x = torch.utils.checkpoint.checkpoint(bert_layer, layer, x, keep, False, use_reentrant=False)[0]
+            else:
+                x, att = bert_layer(layer, x, keep, output_attentions)
+                atts.append(att)
+        return x, (tuple(atts) if output_attentions else None)
+
+    def score(self, feat_img, mask_img, feat_txt, mask_txt):
+        """Raw fc score of N aligned (video, text) pairs on the fused CLS (the text's [CLS])."""
+        out, _ = self.go_cross(feat_img, mask_img, feat_txt, mask_txt)
+        return self.fc(out[:, feat_img.shape[1]]).squeeze(-1)
+
+    def load_ckpt(self, path):
+        """Copy every key present in the model with the same shape; keep the model's own value for the rest.
+        Returns (model keys not loaded, file keys the model does not use)."""
+        if not path:
+            print('===== Init VIOLET (no checkpoint) =====')
+            return [], []
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'checkpoint not found: {path}')
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict):  # our resume files
+            ckpt = ckpt['model']
+        own = self.state_dict()
+        loaded = set()
+        for k, v in ckpt.items():
+            if k in own and own[k].shape == v.shape:
+                own[k] = v
+                loaded.add(k)
+        self.load_state_dict(own)
+        # relative_position_index is a constant of the architecture; position_ids a buffer old checkpoints carry
+        not_loaded = sorted(k for k in own if k not in loaded and not k.endswith('relative_position_index'))
+        unexpected = sorted(k for k in ckpt if k not in loaded and not k.endswith('position_ids'))
+        print(f'===== Loaded {path}: {len(loaded)} keys; not loaded: {not_loaded}; unused from file: {unexpected} =====')
+        return not_loaded, unexpected
+
+
+def bert_layer(layer, x, keep, output_attentions):
+    """One post-LN BERT layer run from transformers' own modules: scaled-dot-product attention, or the
+    explicit softmax when its probabilities are wanted (attended masking)."""
+    sa = layer.attention.self
+    heads = sa.num_attention_heads
+    q, k, v = (rearrange(m(x), 'b l (h d) -> b h l d', h=heads) for m in (sa.query, sa.key, sa.value))
+    p_drop = sa.dropout.p if layer.training else 0.0
+    att = None
+    if output_attentions:
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        att = scores.softmax(dim=-1)
+        ctx = F.dropout(att, p_drop, layer.training) @ v
+    else:
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p_drop)
+    ctx = rearrange(ctx, 'b h l d -> b l (h d)')
+    so = layer.attention.output
+    x = so.LayerNorm(so.dropout(so.dense(ctx)) + x)
+    h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+    out = layer.output
+    return out.LayerNorm(out.dropout(out.dense(h)) + x), att
+
+
+def check_inputs(img, txt, mask):
+    if img.dim() != 5 or img.shape[2] != 3:
+        raise ValueError(f'img must be [B, T, 3, H, W], got {list(img.shape)}')
+    B, T, _, H, W = img.shape
+    if T > MAX_FRAMES:
+        raise ValueError(f'img has {T} frames; VIOLET takes at most {MAX_FRAMES} (emb_len)')
+    if H % 32 or W % 32 or H > MAX_SIDE or W > MAX_SIDE:
+        raise ValueError(f'image side must be a multiple of 32 and at most {MAX_SIDE}, got {H}x{W}')
+    if txt.shape[0] != B or tuple(mask.shape) != tuple(txt.shape):
+        raise ValueError(f'batch mismatch: img {list(img.shape)}, txt {list(txt.shape)}, mask {list(mask.shape)}')
+
+
+def vtm_pairs(B, O, device):
+    """For each video i: (i, text i), then O-1 other texts drawn without replacement."""
+    noise = torch.rand(B, B, device=device)
+    noise.fill_diagonal_(2.0)  # own text sorts last, so the first O-1 are random others
+    neg = noise.argsort(dim=1)[:, :O-1]
+    idx_txt = torch.cat([torch.arange(B, device=device)[:, None], neg], dim=1).flatten()
+    return torch.arange(B, device=device).repeat_interleave(O), idx_txt
+
+
+class VIOLET_Pretrain(VIOLET_Base):
+    keeps_mlm_head = True
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.fc = self.make_head(1)
+        self.fc_mtm = self._mlm_head.pop()
+        self.fc_mvm = self.make_head(8192 if self.args['mvm_target'] == 'vq' else 3*32*32)
+
+    def get_att(self, img, txt, mask):
+        """Per position: head-averaged attention it receives, summed over queries and the 12 layers."""
+        feat_img, mask_img, feat_txt, mask_txt = self.go_feat(img, txt, mask)
+        _, att = self.go_cross(feat_img, mask_img, feat_txt, mask_txt, output_attentions=True)
+        return torch.stack([a.float().mean(dim=1) for a in att], dim=1).sum(dim=(1, 2))
+
+    def forward(self, img, txt, mask):
+        B = img.shape[0]
+        O = min(B, 4)
+        feat_img, mask_img, feat_txt, mask_txt = self.go_feat(img, txt, mask)
+        L_img = feat_img.shape[1]
+        out, _ = self.go_cross(feat_img, mask_img, feat_txt, mask_txt)
+        out_mtm, out_mvm = self.fc_mtm(out[:, L_img:]), self.fc_mvm(out[:, :L_img])
+        i_img, i_txt = vtm_pairs(B, O, img.device)
+        out_vtm = self.score(feat_img[i_img], mask_img[i_img], feat_txt[i_txt], mask_txt[i_txt]).view(B, O) / 0.05
+        return out_mtm, out_mvm, out_vtm, torch.zeros(B, dtype=torch.long, device=img.device)
+
+
+class VIOLET_QAMC(VIOLET_Base):
+    def __init__(self, args):
+        super().__init__(args)
+        self.fc = self.make_head(1)
+
+    def forward(self, img, txt, mask):  # txt, mask: [B, O, X]
+        B, O = txt.shape[:2]
+        check_inputs(img, txt[:, 0], mask[:, 0])
+        feat_img, mask_img = self.enc_img(img)
+        feat_txt = self.enc_txt(txt.flatten(0, 1))
+        # the video features are computed once and repeated per option
+        return self.score(feat_img.repeat_interleave(O, 0), mask_img.repeat_interleave(O, 0),
+                          feat_txt, mask.flatten(0, 1)).view(B, O)
+
+
+class VIOLET_QAOE(VIOLET_Base):
+    def __init__(self, args):
+        super().__init__(args)
+        if 'size_vocab' not in self.args:
+            raise KeyError("VIOLET_QAOE needs args['size_vocab'] (number of answer classes)")
+        self.fc = self.make_head(self.args['size_vocab'])
+
+    def forward(self, img, txt, mask):
+        feat_img, mask_img, feat_txt, mask_txt = self.go_feat(img, txt, mask)
+        out, _ = self.go_cross(feat_img, mask_img, feat_txt, mask_txt)
+        return self.fc(out[:, feat_img.shape[1]])
+
+
+class VIOLET_Retrieval(VIOLET_Base):
+    def __init__(self, args):
+        super().__init__(args)
+        self.fc = self.make_head(1)
+
+    def forward(self, img, txt, mask):
+        """All B x B (video i, text j) pairs, score / 0.05 as [B (video), B (text)]; target i for row i."""
+        B = img.shape[0]
+        feat_img, mask_img, feat_txt, mask_txt = self.go_feat(img, txt, mask)
+        i_img = torch.arange(B, device=img.device).repeat_interleave(B)
+        i_txt = torch.arange(B, device=img.device).repeat(B)
+        out = self.score(feat_img[i_img], mask_img[i_img], feat_txt[i_txt], mask_txt[i_txt]).view(B, B) / 0.05
+        return out, torch.arange(B, device=img.device)
+
+
+MODELS = {'pretrain': VIOLET_Pretrain, 'qamc': VIOLET_QAMC, 'qaoe': VIOLET_QAOE, 'retrieval': VIOLET_Retrieval}

@@ -1,0 +1,218 @@
+"""model.py: the original's key layout, numbers equal to the golden outputs, gradients, clear errors."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import golden_weights as gw
+import model
+
+SMALL = {'txt_backbone': './_data/bert-tiny', 'path_vt': '', 'vt_dim': 16, 'vt_depths': [2, 2, 2, 2],
+         'vt_heads': [1, 2, 4, 8], 'size_vocab': 7}
+
+
+@pytest.fixture(scope='module')
+def bert_base_dir(tmp_path_factory):
+    """bert-base-uncased's architecture (BertConfig defaults) without weights: no network needed."""
+    d = tmp_path_factory.mktemp('bert-base')
+    transformers.BertConfig().save_pretrained(d)
+    return str(d)
+
+
+def full_args(bert_base_dir):
+    return {'txt_backbone': bert_base_dir, 'path_vt': '', 'size_vocab': 1000}
+
+
+KINDS = {'pretrain': 'pretrain', 'qamc': 'qamc', 'qaoe': 'qaoe', 'retrieval': 'retrieval'}
+
+
+@pytest.fixture(scope='module')
+def golden_models(bert_base_dir, tmp_path_factory):
+    """Each full-size model with the golden weights loaded through load_ckpt from a file."""
+    out = {}
+    for kind in KINDS:
+        m = model.MODELS[kind](full_args(bert_base_dir)).eval()
+        path = tmp_path_factory.mktemp('ckpt') / f'golden_{kind}.pt'
+        torch.save(gw.golden_state_dict(kind), path)
+        not_loaded, unexpected = m.load_ckpt(str(path))
+        assert not_loaded == [] and unexpected == []
+        out[kind] = m
+    return out
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_key_layout_equals_original(kind, golden_models):
+    own = {k: (tuple(v.shape), str(v.dtype).removeprefix('torch.')) for k, v in golden_models[kind].state_dict().items()}
+    ref = {name: (shape, dtype) for name, shape, dtype in gw.read_keys(kind)}
+    assert own == ref
+
+
+def golden(case):
+    g = np.load(os.path.join(gw.HERE, f'{case}.npz'))
+    return {k: torch.from_numpy(v) for k, v in g.items()}
+
+
+def close(a, b, tol=1e-4):
+    assert a.shape == b.shape
+    assert (a - b).abs().max().item() < tol
+
+
+@pytest.mark.parametrize('case', ['g64', 'g224'])
+def test_golden_parity(case, golden_models):
+    g = golden(case)
+    img, txt, mask = g['in_img'], g['in_txt'], g['in_mask']
+    pre = golden_models['pretrain']
+    with torch.no_grad():
+        feat_img, mask_img, feat_txt, mask_txt = pre.go_feat(img, txt, mask)
+        close(feat_img, g['feat_img']), close(feat_txt, g['feat_txt'])
+        assert torch.equal(mask_img, g['mask_img'])
+        cross, att = pre.go_cross(feat_img, mask_img, feat_txt, mask_txt)
+        assert att is None
+        close(cross, g['cross'])
+        close(pre.get_att(img, txt, mask), g['att'])
+
+        out_mtm, out_mvm, out_vtm, ans_vtm = pre(img, txt, mask)
+        for out, name in [(out_mtm, 'mtm'), (out_mvm, 'mvm')]:
+            close(out[..., :64], g[f'{name}_logits_head'])
+            close(out.logsumexp(-1), g[f'{name}_logsumexp'])
+            assert torch.equal(out.argmax(-1), g[f'{name}_argmax'])
+        close(out_vtm, g['vtm'], 1e-3)  # logits / 0.05 magnify the 1e-5 agreement 20 times
+        assert torch.equal(ans_vtm, torch.zeros(2, dtype=torch.long))
+
+        qamc_mask = (g['qamc_txt'] != 0).long()
+        close(golden_models['qamc'](img, g['qamc_txt'], qamc_mask), g['qamc'])
+        qaoe = golden_models['qaoe'](img, txt, mask)
+        close(qaoe, g['qaoe'])
+        assert torch.equal(qaoe.argmax(-1), torch.from_numpy(np.load(os.path.join(gw.HERE, f'{case}.npz'))['qaoe']).argmax(-1))
+        out, ans = golden_models['retrieval'](img, txt, mask)
+        close(out, g['retrieval'], 1e-3)
+        assert torch.equal(ans, torch.arange(2))
+
+
+def small_batch(B=3, T=3, S=64, X=8):
+    torch.manual_seed(0)
+    img = torch.rand(B, T, 3, S, S)
+    txt = torch.randint(1000, 2000, (B, X))
+    txt[:, 0], txt[:, -1] = 101, 102
+    return img, txt, torch.ones_like(txt)
+
+
+def assert_grads(m, loss):
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    bad = [n for n, p in m.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad
+    return missing
+
+
+def test_heads_backpropagate():
+    img, txt, mask = small_batch()
+    ce = torch.nn.functional.cross_entropy
+    m = model.VIOLET_Pretrain(SMALL).train()
+    mtm, mvm, vtm, ans = m(img, txt, mask)
+    missing = assert_grads(m, ce(mtm.flatten(0, 1), txt.flatten()) + ce(mvm.flatten(0, 1), torch.zeros(mvm.shape[:2], dtype=torch.long).flatten()) + ce(vtm, ans))
+    # emb_pos rows beyond 1+h*w and token types other than 0 are never used
+    assert missing == []
+    m = model.VIOLET_QAMC(SMALL).train()
+    assert assert_grads(m, ce(m(img, txt[:, None].repeat(1, 5, 1), mask[:, None].repeat(1, 5, 1)), torch.tensor([0, 1, 2]))) == []
+    m = model.VIOLET_QAOE(SMALL).train()
+    assert assert_grads(m, ce(m(img, txt, mask), torch.tensor([0, 6, 3]))) == []
+    m = model.VIOLET_Retrieval(SMALL).train()
+    assert assert_grads(m, ce(*m(img, txt, mask))) == []
+
+
+def test_sdpa_equals_explicit_attention_and_grad_ckpt():
+    img, txt, mask = small_batch()
+    mask[1, 5:] = 0
+    m = model.VIOLET_Pretrain(SMALL).eval()
+    with torch.no_grad():
+        f = m.go_feat(img, txt, mask)
+        a, _ = m.go_cross(*f)
+        b, att = m.go_cross(*f, output_attentions=True)
+    assert (a - b).abs().max() < 1e-5 and len(att) == 2 and att[0].shape == (3, 2, a.shape[1], a.shape[1])
+    assert att[0][1, :, :, -3:].abs().max() == 0  # padded text is never attended
+    # activation checkpointing changes memory, not numbers
+    m.train()
+    torch.manual_seed(1)
+    out1 = m(img, txt, mask)[0]
+    m.args['grad_ckpt'] = True
+    for layer in m.enc_img.swin.layers:
+        layer.grad_ckpt = True
+    torch.manual_seed(1)
+    out2 = m(img, txt, mask)[0]
+    out2.sum().backward()
+    assert torch.allclose(out1, out2, atol=1e-5)
+
+
+def test_projection_when_widths_differ():
+    args = {**SMALL, 'vt_dim': 8}  # VT out 64, BERT hidden 128
+    m = model.VIOLET_Retrieval(args)
+    assert m.enc_img.proj.weight.shape == (128, 64)
+    img, txt, mask = small_batch()
+    assert m.go_feat(img, txt, mask)[0].shape == (3, 3 * 5, 128)
+    assert not hasattr(model.VIOLET_Retrieval(SMALL).enc_img, 'proj')
+
+
+def test_pixel_mvm_head():
+    m = model.VIOLET_Pretrain({**SMALL, 'mvm_target': 'pixel'})
+    assert m.fc_mvm[3].out_features == 3 * 32 * 32
+
+
+@pytest.mark.parametrize('shape, txt_b, msg', [
+    ((1, 7, 3, 64, 64), 1, 'at most 6'),
+    ((1, 2, 3, 64, 80), 1, 'multiple of 32'),
+    ((1, 2, 3, 480, 64), 1, 'at most 448'),
+    ((2, 2, 3, 64, 64), 3, 'batch mismatch'),
+    ((2, 3, 64, 64), 2, r'\[B, T, 3, H, W\]'),
+])
+def test_bad_input_is_named(shape, txt_b, msg):
+    m = model.VIOLET_QAOE(SMALL)
+    txt = torch.ones(txt_b, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=msg):
+        m(torch.rand(shape), txt, txt)
+
+
+def test_load_ckpt_reports_and_errors(tmp_path):
+    m = model.VIOLET_Retrieval(SMALL)
+    with pytest.raises(FileNotFoundError, match='checkpoint not found: .*nope.pt'):
+        m.load_ckpt(str(tmp_path / 'nope.pt'))
+    pre = model.VIOLET_Pretrain(SMALL)
+    sd = pre.state_dict()
+    sd['enc_txt.emb_txt.position_ids'] = torch.arange(512)[None]  # what old checkpoints carry
+    torch.save(sd, tmp_path / 'pre.pt')
+    not_loaded, unexpected = m.load_ckpt(str(tmp_path / 'pre.pt'))
+    assert not_loaded == [] and all(k.startswith(('fc_mtm.', 'fc_mvm.')) for k in unexpected) and unexpected
+    assert torch.equal(m.trsfr.layer[0].attention.self.query.weight, pre.trsfr.layer[0].attention.self.query.weight)
+    assert torch.equal(m.fc[1].weight, pre.fc[1].weight)  # the VTM head initialises the retrieval head
+    qaoe = model.VIOLET_QAOE({**SMALL, 'size_vocab': 5})
+    not_loaded, _ = qaoe.load_ckpt(str(tmp_path / 'pre.pt'))
+    assert not_loaded == ['fc.3.bias', 'fc.3.weight']  # shape differs: the model keeps its own
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name.replace('-', '_'), os.path.join('_tools', f'{name}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_convert_video_swin_and_path_vt(tmp_path, capsys):
+    swin = model.SwinTransformer3D(16, [2, 2, 2, 2], [1, 2, 4, 8])
+    mm = {'meta': {'epoch': 30}, 'state_dict': {**{'backbone.' + k: v for k, v in swin.state_dict().items()},
+                                                'cls_head.fc_cls.weight': torch.rand(400, 128)}}
+    torch.save(mm, tmp_path / 'k400.pth')
+    out = load_tool('convert_video-swin').convert(str(tmp_path / 'k400.pth'), str(tmp_path / 'vt.pt'))
+    assert set(out) == set(swin.state_dict())
+    m = model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'vt.pt')})
+    for k, v in swin.state_dict().items():
+        assert torch.equal(m.enc_img.swin.state_dict()[k], v)
+    assert 'VT: loaded' in capsys.readouterr().out
+    model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'absent.pt')})
+    assert "no Video Swin weights at '" in capsys.readouterr().out
+    bad = model.SwinTransformer3D(8, [2, 2, 2, 2], [1, 2, 4, 8]).state_dict()
+    torch.save(bad, tmp_path / 'bad.pt')
+    with pytest.raises(ValueError, match='do not fit the configured VT'):
+        model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'bad.pt')})
