@@ -1,0 +1,93 @@
+"""DALL-E dVAE tokens of every frame: X.pkl (or X.tsv + X.lineidx) -> X_vq.pkl = {video_id: int16 [T, h, w]}
+(violet-spec 2). Each frame is padded to square and resized as the training input (spec 3.1), but to
+frame//32*8 px, mapped by map_pixels (x*(1-2*0.1)+0.1), encoded, argmax over the 8192 logits: h = w = frame//32,
+one token per 32x32 patch of the training input.
+
+    python _tools/extract_vq.py --path=_data/img_webvid2.5m_train_0 --frame=224 --encoder=_snapshot/encoder.pkl
+
+The encoder is the original's https://cdn.openai.com/dall-e/encoder.pkl (see the DALL-E package README,
+https://github.com/openai/DALL-E).
+"""
+import argparse, os, pickle, sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataset import b64_to_img  # noqa: E402  the same pad + resize as training
+from extract_tsv import read_tsv  # noqa: E402
+
+LOGIT_LAPLACE_EPS = 0.1
+
+
+def load_encoder(path, device='cpu'):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'DALL-E encoder not found at {path}: the original obtains it from '
+                                'https://cdn.openai.com/dall-e/encoder.pkl (DALL-E package README, '
+                                'https://github.com/openai/DALL-E); download it there and pass --encoder')
+    import dall_e  # noqa: F401  the pickle refers to dall_e's classes
+    # encoder.pkl is a pickled nn.Module, not a state dict: unpickling runs code, so load only trusted files
+    enc = torch.load(path, map_location=device, weights_only=False)
+    return enc.to(device).eval()
+
+
+@torch.no_grad()
+def encode_frames(encoder, frames_b64, frame=224, device='cpu', batch=64):
+    """[b64] -> int16 [len, frame//32, frame//32] token ids."""
+    size = frame // 32 * 8
+    out = []
+    for i in range(0, len(frames_b64), batch):
+        x = torch.stack([b64_to_img(b, size) for b in frames_b64[i:i + batch]]).to(device)
+        x = (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS  # dall_e.map_pixels
+        out.append(encoder(x).argmax(1).cpu())
+    return torch.cat(out).numpy().astype(np.int16)
+
+
+def encode_videos(encoder, pkl, frame=224, device='cpu', batch=64, progress=True):
+    """{vid: [b64] x T} -> {vid: int16 [T, h, w]}; frames of several videos share a batch."""
+    vids = list(pkl)
+    out, bar = {}, tqdm(total=len(vids), ascii=True, disable=not progress)
+    group = max(1, batch // max(1, len(pkl[vids[0]]) if vids else 1))
+    for i in range(0, len(vids), group):
+        chunk = vids[i:i + group]
+        flat = [b for v in chunk for b in pkl[v]]
+        tokens = encode_frames(encoder, flat, frame, device, batch)
+        k = 0
+        for v in chunk:
+            out[v] = tokens[k:k + len(pkl[v])]
+            k += len(pkl[v])
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--path', required=True, help='X: reads X.pkl (else X.tsv + X.lineidx), writes X_vq.pkl')
+    parser.add_argument('--frame', type=int, default=224, help='the training size_img')
+    parser.add_argument('--encoder', default='encoder.pkl')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch', type=int, default=64, help='frames per encoder call')
+    parser.add_argument('--out', default=None, help='output file (default X_vq.pkl)')
+    args = parser.parse_args()
+    try:
+        encoder = load_encoder(args.encoder, args.device)
+    except FileNotFoundError as e:
+        sys.exit(str(e))
+    if os.path.isfile(args.path + '.pkl'):
+        with open(args.path + '.pkl', 'rb') as f:
+            pkl = pickle.load(f)
+    elif os.path.isfile(args.path + '.tsv') and os.path.isfile(args.path + '.lineidx'):
+        pkl = read_tsv(args.path + '.tsv', args.path + '.lineidx')
+    else:
+        sys.exit(f'missing {args.path}.pkl (or {args.path}.tsv + .lineidx)')
+    vq = encode_videos(encoder, pkl, args.frame, args.device, args.batch)
+    path_out = args.out or args.path + '_vq.pkl'
+    with open(path_out, 'wb') as f:
+        pickle.dump(vq, f)
+    print(f'{path_out}: {len(vq)} videos, tokens [T, {args.frame // 32}, {args.frame // 32}]')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,257 @@
+"""Synthetic video-language corpus, small enough to learn on a CPU in minutes, written through the real tools
+(extract_video-frame, extract_tsv, and extract_vq when --encoder is given) in the release formats.
+
+    python _tools/make_toy.py --out _data/toy --seed 0 [--size_img 64] [--encoder encoder.pkl]
+
+Clips: a large coloured shape (5 colours x 3 shapes) moving left / right / up / down on black, 16 frames of
+80x64 (not square: exercises padding), mp4 (mp4v). Images: one 64x80 frame (portrait) with a shape in one of
+4 corners. See the README.txt it writes for the files. Deterministic for a seed.
+
+Without --encoder, the VQ targets come from a deterministic stand-in for the DALL-E tokenizer: for each 32x32
+patch of the training input (padded + resized to size_img like dataset.py), its mean colour quantised to
+5 bits red, 4 bits green, 4 bits blue -> token r<<8 | g<<4 | b in 0..8191; same layout as extract_vq
+(int16 [T, size_img//32, size_img//32]).
+"""
+import argparse, importlib.util, itertools, json, os, pickle, shutil, sys, time
+from multiprocessing import Pool
+
+import cv2
+import numpy as np
+import torch
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TOOLS)
+sys.path.insert(0, os.path.dirname(TOOLS))
+from dataset import b64_to_img  # noqa: E402
+from extract_tsv import write_tsv  # noqa: E402
+
+
+def load_frame_tool():
+    """_tools/extract_video-frame.py (a hyphen in its name: imported by path, registered for the worker pool)."""
+    if 'extract_video_frame' not in sys.modules:
+        spec = importlib.util.spec_from_file_location('extract_video_frame', os.path.join(TOOLS, 'extract_video-frame.py'))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules['extract_video_frame'] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules['extract_video_frame']
+
+
+COLOURS = {'red': (230, 30, 30), 'green': (30, 200, 40), 'blue': (40, 90, 255), 'yellow': (240, 230, 20),
+           'white': (235, 235, 235)}  # RGB
+SHAPES = ['square', 'circle', 'triangle']
+DIRECTIONS = {'left': (-1, 0), 'right': (1, 0), 'up': (0, -1), 'down': (0, 1)}
+CORNERS = {'top left': (0, 0), 'top right': (1, 0), 'bottom left': (0, 1), 'bottom right': (1, 1)}
+COMBOS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))  # 60 (colour, shape, direction)
+CLIP_W, CLIP_H, CLIP_T = 80, 64, 16
+IMG_W, IMG_H = 64, 80
+SIZE = 26  # shape side / diameter in px
+MOVE = {'x': 36, 'y': 26}  # px travelled over a clip
+CAPTION = ['a {c} {s} moves {d}', 'the {c} {s} is moving {d}', 'a {c} {s} going {d}']
+
+
+def draw(canvas, shape, rgb, cx, cy):
+    bgr, r = tuple(int(v) for v in rgb[::-1]), SIZE // 2
+    cx, cy = int(round(cx)), int(round(cy))
+    if shape == 'square':
+        cv2.rectangle(canvas, (cx - r, cy - r), (cx + r, cy + r), bgr, -1)
+    elif shape == 'circle':
+        cv2.circle(canvas, (cx, cy), r, bgr, -1, cv2.LINE_AA)
+    else:
+        pts = np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], dtype=np.int32)
+        cv2.fillPoly(canvas, [pts], bgr, cv2.LINE_AA)
+
+
+def clip_spec(rng, colour, shape, direction):
+    """Start and end centre of a shape moving in `direction`, kept inside the frame."""
+    dx, dy = DIRECTIONS[direction]
+    r, m = SIZE // 2 + 1, MOVE['x'] if dx else MOVE['y']
+    lo_x, hi_x = r + (m if dx < 0 else 0), CLIP_W - r - (m if dx > 0 else 0)
+    lo_y, hi_y = r + (m if dy < 0 else 0), CLIP_H - r - (m if dy > 0 else 0)
+    x0, y0 = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
+    return dict(colour=colour, shape=shape, direction=direction, start=(x0, y0), end=(x0 + dx * m, y0 + dy * m))
+
+
+def write_clip(job):
+    path, spec = job
+    cv2.setNumThreads(1)
+    if 'corner' in spec:  # an image: one frame
+        frames, (w, h) = [spec['centre']], (IMG_W, IMG_H)
+    else:
+        (x0, y0), (x1, y1) = spec['start'], spec['end']
+        frames, (w, h) = [(x0 + (x1 - x0) * k / (CLIP_T - 1), y0 + (y1 - y0) * k / (CLIP_T - 1)) for k in range(CLIP_T)], (CLIP_W, CLIP_H)
+    out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*'mp4v'), 8, (w, h))
+    if not out.isOpened():
+        raise RuntimeError(f'cv2.VideoWriter cannot write {path} (mp4v)')
+    for cx, cy in frames:
+        canvas = np.zeros((h, w, 3), np.uint8)
+        draw(canvas, spec['shape'], COLOURS[spec['colour']], cx, cy)
+        out.write(canvas)
+    out.release()
+
+
+def image_spec(rng, colour, shape, corner):
+    ix, iy = CORNERS[corner]
+    r = SIZE // 2 + 2
+    cx = rng.uniform(r, IMG_W / 2 - 2) if ix == 0 else rng.uniform(IMG_W / 2 + 2, IMG_W - r)
+    cy = rng.uniform(r, IMG_H / 2 - 2) if iy == 0 else rng.uniform(IMG_H / 2 + 2, IMG_H - r)
+    return dict(colour=colour, shape=shape, corner=corner, centre=(cx, cy))
+
+
+def standin_vq(frames_b64, size_img):
+    """Stand-in for the DALL-E tokens: quantised mean colour of each 32x32 patch -> int16 [T, h, w]."""
+    img = torch.stack([b64_to_img(b, size_img) for b in frames_b64])
+    mean = torch.nn.functional.avg_pool2d(img, 32)  # [T, 3, h, w]
+    r, g, b = [(mean[:, c] * n).long().clamp(max=n - 1) for c, n in ((0, 32), (1, 16), (2, 16))]
+    return ((r << 8) | (g << 4) | b).numpy().astype(np.int16)
+
+
+def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_images=120, n_down=240,
+             n_down_eval=60, workers=None, progress=False, keep_videos=False):
+    """Write the corpus into `out`; -> dict of counts."""
+    t0 = time.time()
+    workers = workers or os.cpu_count() or 1
+    frame_tool = load_frame_tool()
+    rng = np.random.default_rng(seed)
+    os.makedirs(out, exist_ok=True)
+    scratch = os.path.join(out, '_videos')
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    def pick_combo(i, order):
+        return COMBOS[order[i % len(COMBOS)]]
+
+    # every set: name -> (specs by video id, number of frames to sample)
+    sets = {}
+    for name, n in [('img_toyvid_train_0', n_videos), ('img_toyvid_train_1', n_videos), ('img_toyvid_val', n_val)]:
+        sets[name] = ({f'{name[4:]}_{i:05d}': clip_spec(rng, *COMBOS[rng.integers(len(COMBOS))]) for i in range(n)}, 4)
+    for name, n in [('img_toyimg_train_0', n_images), ('img_toyimg_train_1', n_images), ('img_toyimg_val', n_val)]:
+        sets[name] = ({f'{name[4:]}_{i:05d}': image_spec(rng, rng.choice(list(COLOURS)), rng.choice(SHAPES),
+                                                         rng.choice(list(CORNERS))) for i in range(n)}, 1)
+    down = {}  # downstream: each split cycles through shuffled combos, so eval captions are unique up to 60
+    for split, n in [('train', n_down), ('val', n_down_eval), ('test', n_down_eval)]:
+        order = np.concatenate([rng.permutation(len(COMBOS)) for _ in range(n // len(COMBOS) + 1)])
+        down[split] = {f'toy_{split}_{i:05d}': clip_spec(rng, *pick_combo(i, order)) for i in range(n)}
+    sets['img_toy'] = ({v: s for split in down for v, s in down[split].items()}, 5)
+
+    jobs = []
+    for name, (specs, _) in sets.items():
+        os.makedirs(os.path.join(scratch, '_' + name), exist_ok=True)
+        jobs += [(os.path.join(scratch, '_' + name, vid + '.mp4'), spec) for vid, spec in specs.items()]
+    with Pool(workers) as pool:
+        pool.map(write_clip, jobs, chunksize=16)
+
+    # the real tools: frames -> pkl (downstream) or tsv + lineidx (pretraining)
+    frames = {}
+    for name, (specs, sample) in sets.items():
+        pkl, bad = frame_tool.extract_dir(os.path.join(scratch, '_' + name), sample,
+                                          os.path.join(out, name + '.pkl') if name == 'img_toy' else None,
+                                          workers=workers, progress=progress)
+        if bad or len(pkl) != len(specs):
+            raise RuntimeError(f'toy videos could not be read back: {bad}')
+        if name != 'img_toy':
+            write_tsv(pkl, os.path.join(out, name + '.tsv'), os.path.join(out, name + '.lineidx'))
+            frames.update(pkl)
+    if not keep_videos:
+        shutil.rmtree(scratch)
+
+    # VQ targets of the pretraining sets
+    if encoder:
+        import extract_vq
+        enc = extract_vq.load_encoder(encoder)
+    for d in ['toyvid', 'toyimg']:
+        vids = [v for v in frames if v.startswith(d)]
+        if encoder:
+            vq = extract_vq.encode_videos(enc, {v: frames[v] for v in vids}, size_img, progress=progress)
+        else:
+            vq = {v: standin_vq(frames[v], size_img) for v in vids}
+        with open(os.path.join(out, f'vq_{d}.pkl'), 'wb') as f:
+            pickle.dump(vq, f)
+
+    # texts
+    def caption(s):
+        return str(rng.choice(CAPTION)).format(c=s['colour'], s=s['shape'], d=s['direction'])
+
+    def dump(name, obj):
+        with open(os.path.join(out, name), 'w') as f:
+            json.dump(obj, f, indent=0)
+
+    for d in ['toyvid', 'toyimg']:
+        txt = {'train': {}, 'val': {}}
+        for name, (specs, _) in sets.items():
+            if name.startswith(f'img_{d}_'):
+                for vid, s in specs.items():
+                    cap = caption(s) if d == 'toyvid' else f'a {s["colour"]} {s["shape"]} in the {s["corner"]}'
+                    txt['val' if name.endswith('_val') else 'train'][vid] = [cap]
+        dump(f'txt_{d}.json', txt)
+
+    options = list(DIRECTIONS) + ['stays still']
+    vocab = list(COLOURS) + SHAPES + list(DIRECTIONS)
+    retrieval, qamc, qaoe = {}, {}, {'vocab': vocab}
+    for split, specs in down.items():
+        retrieval[split], qamc[split], qaoe[split] = [], [], []
+        for vid, s in specs.items():
+            c, sh, d = s['colour'], s['shape'], s['direction']
+            retrieval[split].append({'video': vid, 'caption': f'a {c} {sh} moves {d}'})
+            opts = [options[i] for i in rng.permutation(len(options))]
+            qamc[split].append({'video': vid, 'question': f'where does the {c} {sh} move?',
+                                **{f'option_{i}': o for i, o in enumerate(opts)}, 'answer': opts.index(d)})
+            kind = int(rng.integers(3))
+            q, a = [(f'what color is the {sh}?', c), (f'what shape is the {c} thing?', sh),
+                    (f'where does the {c} {sh} move?', d)][kind]
+            qaoe[split].append({'video': vid, 'question': q, 'answer': vocab.index(a)})
+    dump('txt_toy-retrieval.json', retrieval)
+    dump('txt_toy-qamc.json', qamc)
+    dump('txt_toy-qaoe.json', qaoe)
+
+    counts = {name: len(specs) for name, (specs, _) in sets.items()}
+    with open(os.path.join(out, 'README.txt'), 'w') as f:
+        f.write(README.format(seed=seed, size_img=size_img, hw=size_img // 32, counts=json.dumps(counts, indent=1),
+                              vq='the DALL-E encoder ' + encoder if encoder else
+                              'the stand-in tokenizer (mean colour of each 32x32 patch, 5/4/4 bits RGB -> r<<8|g<<4|b)'))
+    counts['seconds'] = round(time.time() - t0, 1)
+    return counts
+
+
+README = """Toy VIOLET corpus (synthetic), written by _tools/make_toy.py --seed {seed} --size_img {size_img}.
+
+Clips: 16 frames of 80x64 (mp4v) showing one large shape (red/green/blue/yellow/white x square/circle/triangle)
+moving left/right/up/down on black. Images: one 64x80 frame with a shape in a corner ("top left", ...).
+Frames were sampled by _tools/extract_video-frame.py (4 per pretraining clip, 5 per downstream clip, 1 per image)
+and stored as base64 JPEG.
+
+Pretraining (dataset.Dataset_Pretrain):
+  toyvid (4 frames): txt_toyvid.json {{"train": {{vid: [caption]}}, "val": ...}}, vq_toyvid.pkl,
+    img_toyvid_train_0/1.tsv + .lineidx, img_toyvid_val.tsv + .lineidx. Captions: "a red square moves left".
+  toyimg (1 frame): same files for toyimg. Captions: "a blue circle in the top left".
+  VQ targets: int16 [T, {hw}, {hw}] per video from {vq}.
+Downstream (dataset `toy`, 5 frames, img_toy.pkl; train / val / test):
+  txt_toy-retrieval.json: {{"video", "caption": "a red square moves left"}}; val and test each hold distinct
+    (colour, shape, direction) captions while they number at most 60.
+  txt_toy-qamc.json: "where does the red square move?" with options left/right/up/down/stays still (shuffled),
+    "answer" = index of the true direction.
+  txt_toy-qaoe.json: colour, shape or direction questions; "answer" indexes "vocab" (12 words).
+Videos per set:
+{counts}
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', default='_data/toy')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--size_img', type=int, default=64, help='training input size the VQ targets are made for')
+    parser.add_argument('--encoder', default=None, help='DALL-E encoder.pkl (default: the stand-in tokenizer)')
+    parser.add_argument('--n_videos', type=int, default=240, help='pretraining clips per train part')
+    parser.add_argument('--n_val', type=int, default=60, help='pretraining val clips / images')
+    parser.add_argument('--n_images', type=int, default=120, help='pretraining images per train part')
+    parser.add_argument('--n_down', type=int, default=240, help='downstream train videos')
+    parser.add_argument('--n_down_eval', type=int, default=60, help='downstream val and test videos (each)')
+    parser.add_argument('--workers', type=int, default=None)
+    parser.add_argument('--keep_videos', action='store_true', help='keep the mp4s in OUT/_videos')
+    a = parser.parse_args()
+    counts = make_toy(a.out, a.seed, a.size_img, a.encoder, a.n_videos, a.n_val, a.n_images, a.n_down, a.n_down_eval,
+                      a.workers, progress=True, keep_videos=a.keep_videos)
+    print(f'{a.out}: {counts}')
+
+
+if __name__ == '__main__':
+    main()

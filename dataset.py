@@ -1,0 +1,336 @@
+"""Datasets of VIOLET (violet-spec 2 and 3.1): frames as base64 JPEG strings in .pkl or .tsv+.lineidx,
+texts in txt_<name>.json, VQ targets in vq_<dataset>.pkl.
+
+Frame counts. Every sample of a dataset must have the same number of frames T (batches are stacked):
+  - pretraining: T is taken from the first entry of vq_<dataset>.pkl;
+  - downstream: T is args['size_frame'] when it is > 0, else the frame count of the first video of
+    img_<dataset>.pkl / .tsv (5 for the released sets).
+A video with another count is a bad sample, never truncated or padded.
+
+Bad samples (corrupt base64 or image, video id missing from frames / texts / vq, a lineidx offset that
+is not a line start, a wrong frame count, an item without a required key, an answer out of range)
+raise BadSample (a ValueError; KeyError too for missing keys) naming the file and the video id or line.
+With args['skip_bad'] = True, __getitem__ returns None instead, and collate_skip counts them.
+Missing files raise FileNotFoundError naming the path, always.
+"""
+import base64, binascii, io, json, os, pickle
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TVF
+from torch.utils.data import default_collate
+try:  # torchvision 0.29 deprecates its image decoders (a DeprecationWarning per call, silent outside tests)
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # a torchvision without them: every image goes through PIL
+    decode_jpeg = None
+from PIL import Image, UnidentifiedImageError
+
+DEFAULTS = dict(path_data='./_data', skip_bad=False, size_img=224, size_txt=32,
+                txt_backbone='bert-base-uncased', size_frame=0, size_option=5)
+
+
+class BadSample(ValueError):
+    """One unusable sample; skipped (counted) under args['skip_bad'], raised otherwise."""
+
+
+class BadKey(BadSample, KeyError):
+    """A required key is missing from a sample's entry."""
+    __str__ = BaseException.__str__  # KeyError would quote the message
+
+
+def b64_to_img(b64, size):
+    """base64 image -> float [3, size, size] in [0, 1], as the reference: PIL RGB, zero-pad the short side
+    by (long-short)//2 on both ends (TV.transforms.Pad, so an odd difference stays 1 px non-square),
+    bilinear resize to size x size (PIL-like, antialiased), ToTensor. JPEGs take the fast tensor path
+    (within 1/255 mean of PIL, tested), anything else goes through PIL."""
+    raw = base64.b64decode(b64.strip(), validate=True)
+    if raw[:2] == b'\xff\xd8' and decode_jpeg is not None:
+        img = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    else:
+        img = torch.from_numpy(np.array(Image.open(io.BytesIO(raw)).convert('RGB'))).permute(2, 0, 1)
+    h, w = img.shape[1:]
+    if w > h:
+        img = F.pad(img, (0, 0, (w - h) // 2, (w - h) // 2))
+    else:
+        img = F.pad(img, ((h - w) // 2, (h - w) // 2, 0, 0))
+    img = TVF.resize(img, [size, size], interpolation=TVF.InterpolationMode.BILINEAR, antialias=True)
+    return img.float() / 255
+
+
+_TOKENIZERS = {}
+
+
+def get_tokenizer(name):
+    if name not in _TOKENIZERS:
+        import transformers
+        _TOKENIZERS[name] = transformers.BertTokenizerFast.from_pretrained(name)
+    return _TOKENIZERS[name]
+
+
+def need_file(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'missing data file: {path}')
+    return path
+
+
+def load_json(path):
+    with open(need_file(path), 'r') as f:
+        return json.load(f)
+
+
+def load_pickle(path):
+    with open(need_file(path), 'rb') as f:
+        return pickle.load(f)
+
+
+def json_key(obj, key, path):
+    if key not in obj:
+        raise KeyError(f'{path}: no key "{key}" (has {sorted(obj)[:10]})')
+    return obj[key]
+
+
+def read_lineidx(path):
+    with open(need_file(path), 'r') as f:
+        return [int(line) for line in f if line.strip()]
+
+
+def collate_skip(batch):
+    """-> (default_collate of the non-None samples or None if all were bad, number of None samples)."""
+    good = [b for b in batch if b is not None]
+    return (default_collate(good) if good else None), len(batch) - len(good)
+
+
+class TSV:
+    """Random access to the lines of a .tsv by byte offset. The file opens lazily in each process (DataLoader
+    workers, DDP ranks), and is never pickled."""
+
+    def __init__(self, path):
+        self.path, self.f, self.pid = need_file(path), None, None
+
+    def __getstate__(self):
+        return dict(path=self.path, f=None, pid=None)
+
+    def read(self, offset):
+        """-> the fields of the line starting at byte `offset`."""
+        if self.pid != os.getpid():
+            self.f, self.pid = open(self.path, 'rb'), os.getpid()
+        self.f.seek(max(offset - 1, 0))
+        before = self.f.read(1) if offset > 0 else b'\n'
+        line = self.f.readline()
+        if not line:
+            raise BadSample(f'{self.path}: offset {offset} is past the end of the file')
+        if before != b'\n':
+            raise BadSample(f'{self.path}: offset {offset} is not the start of a line')
+        return line.decode('utf-8').rstrip('\n').split('\t')
+
+    def first_field(self, offset):
+        """-> the first field (video id) of the line at `offset`, reading only up to its first tab."""
+        if self.pid != os.getpid():
+            self.f, self.pid = open(self.path, 'rb'), os.getpid()
+        self.f.seek(offset)
+        head = b''
+        while b'\t' not in head and b'\n' not in head:
+            chunk = self.f.read(256)
+            if not chunk:
+                break
+            head += chunk
+        return head.split(b'\t')[0].split(b'\n')[0].decode('utf-8')
+
+
+class Dataset_Base(torch.utils.data.Dataset):
+    def __init__(self, args):
+        self.args = {**DEFAULTS, **args}
+        self.size_img, self.size_txt = self.args['size_img'], self.args['size_txt']
+        self.path_data = self.args['path_data']
+        self.tokzr = get_tokenizer(self.args['txt_backbone'])
+        self.frames, self.path_frames, self.size_frame = None, None, None
+
+    def path(self, name):
+        return os.path.join(self.path_data, name)
+
+    def str2img(self, b64):
+        return b64_to_img(b64, self.size_img)
+
+    def str2txt(self, s):
+        txt = self.tokzr.encode(s, padding='max_length', max_length=self.size_txt, truncation=True)
+        txt = np.array(txt, dtype=np.int64)
+        return txt, (txt != 0).astype(np.int64)
+
+    def open_frames(self, dataset):
+        """Frames of img_<dataset>.pkl (loaded whole) or, when absent, img_<dataset>.tsv + .lineidx
+        (vid -> offset map built from each line's first field; frames read on demand)."""
+        path_pkl, path_tsv = self.path(f'img_{dataset}.pkl'), self.path(f'img_{dataset}.tsv')
+        if os.path.isfile(path_pkl):
+            self.frames, self.path_frames = load_pickle(path_pkl), path_pkl
+        elif os.path.isfile(path_tsv):
+            self.tsv, self.path_frames = TSV(path_tsv), path_tsv
+            self.frames = {self.tsv.first_field(o): o for o in read_lineidx(self.path(f'img_{dataset}.lineidx'))}
+        else:
+            raise FileNotFoundError(f'missing data file: {path_pkl} (or {path_tsv} + .lineidx)')
+        if len(self.frames) == 0:
+            raise ValueError(f'{self.path_frames}: no videos')
+
+    def frames_b64(self, vid):
+        if vid not in self.frames:
+            raise BadSample(f'{self.path_frames}: no video "{vid}"')
+        if self.path_frames.endswith('.pkl'):
+            return self.frames[vid]
+        fields = self.tsv.read(self.frames[vid])
+        if fields[0] != vid:
+            raise BadSample(f'{self.path_frames}: line at offset {self.frames[vid]} is "{fields[0]}", not "{vid}"')
+        return fields[1:]
+
+    def decode_frames(self, b64s, vid, where):
+        if len(b64s) != self.size_frame:
+            raise BadSample(f'{where}: video "{vid}" has {len(b64s)} frames, expected {self.size_frame}')
+        img = []
+        for i, b in enumerate(b64s):
+            try:
+                img.append(self.str2img(b))
+            except (binascii.Error, RuntimeError, OSError, UnidentifiedImageError, ValueError) as e:
+                raise BadSample(f'{where}: video "{vid}" frame {i}: cannot decode image ({e})') from e
+        return torch.stack(img)
+
+    def get_img(self, vid):
+        """-> float [T, 3, S, S] in [0, 1] (downstream frames file)."""
+        return self.decode_frames(self.frames_b64(vid), vid, self.path_frames)
+
+    def __getitem__(self, idx):
+        try:
+            return self.get_item(idx)
+        except BadSample:
+            if self.args['skip_bad']:
+                return None
+            raise
+
+
+class Dataset_Pretrain(Dataset_Base):
+    """-> (img [T,3,S,S], txt [X], mask [X], vq [T*(1+h*w)] int64 with -1 at each frame's cls slot)."""
+
+    def __init__(self, args, dataset, split, part=None):
+        super().__init__(args)
+        self.dataset, self.split = dataset, split
+        path_txt = self.path(f'txt_{dataset}.json')
+        self.path_txt = path_txt
+        self.txt = json_key(load_json(path_txt), split, path_txt)
+        self.path_vq = self.path(f'vq_{dataset}.pkl')
+        self.vq = load_pickle(self.path_vq)
+        if len(self.vq) == 0:
+            raise ValueError(f'{self.path_vq}: empty')
+        first = np.asarray(next(iter(self.vq.values())))
+        hw = self.size_img // 32
+        if first.ndim != 3 or first.shape[1:] != (hw, hw):
+            raise ValueError(f'{self.path_vq}: VQ tokens of shape {first.shape}, expected [T, {hw}, {hw}] for '
+                             f'size_img {self.size_img} (extract with _tools/extract_vq.py --frame={self.size_img})')
+        self.size_frame = first.shape[0]
+        name = f'img_{dataset}_{split}_{part}' if split == 'train' else f'img_{dataset}_{split}'
+        self.tsv = TSV(self.path(name + '.tsv'))
+        self.path_lineidx = self.path(name + '.lineidx')
+        self.lineidx = read_lineidx(self.path_lineidx)
+
+    def __len__(self):
+        return len(self.lineidx)
+
+    def get_item(self, idx):
+        fields = self.tsv.read(self.lineidx[idx])
+        vid = fields[0]
+        where = f'{self.tsv.path} line {idx} (offset {self.lineidx[idx]})'
+        img = self.decode_frames(fields[1:], vid, where)
+        if vid not in self.txt:
+            raise BadSample(f'{self.path_txt}["{self.split}"]: no caption for video "{vid}" ({where})')
+        caps = self.txt[vid]
+        if isinstance(caps, str):
+            caps = [caps]
+        if len(caps) == 0:
+            raise BadSample(f'{self.path_txt}["{self.split}"]: empty caption list for video "{vid}"')
+        txt, mask = self.str2txt(caps[0])
+        if vid not in self.vq:
+            raise BadSample(f'{self.path_vq}: no VQ tokens for video "{vid}" ({where})')
+        vq = [np.asarray(v, dtype=np.int64) for v in self.vq[vid]]  # an array [T,h,w] or a list of T [h,w]
+        hw = self.size_img // 32
+        if len(vq) != self.size_frame or any(v.shape != (hw, hw) for v in vq):
+            raise BadSample(f'{self.path_vq}: video "{vid}" has VQ shapes {[v.shape for v in vq]}, '
+                            f'expected {self.size_frame} x {(hw, hw)}')
+        vq = np.stack(vq)
+        vq = np.concatenate([np.full((self.size_frame, 1), -1, dtype=np.int64), vq.reshape(self.size_frame, -1)], 1)
+        return img, txt, mask, vq.reshape(-1)
+
+
+def count_parts(args, dataset):
+    """Number of training parts img_<dataset>_train_<k>.tsv present, k = 0, 1, ... (contiguous)."""
+    path_data = {**DEFAULTS, **args}['path_data']
+    k = 0
+    while os.path.isfile(os.path.join(path_data, f'img_{dataset}_train_{k}.tsv')):
+        k += 1
+    return k
+
+
+class Dataset_Downstream(Dataset_Base):
+    """Frames of args['dataset'], items txt_<args['task']>.json[split]."""
+
+    def __init__(self, args, split):
+        super().__init__(args)
+        self.split = split
+        self.path_txt = self.path(f'txt_{self.args["task"]}.json')
+        self.json = load_json(self.path_txt)
+        self.txt = json_key(self.json, split, self.path_txt)
+        self.open_frames(self.args['dataset'])
+        self.size_frame = self.args['size_frame'] or len(self.frames_b64(next(iter(self.frames))))
+
+    def __len__(self):
+        return len(self.txt)
+
+    def item(self, idx, *keys):
+        item = self.txt[idx]
+        for k in keys:
+            if k not in item:
+                raise BadKey(f'{self.path_txt}["{self.split}"][{idx}]: no key "{k}"')
+        return item
+
+    def answer(self, idx, item, n):
+        a = item['answer']
+        if not isinstance(a, (int, np.integer)) or isinstance(a, bool) or not 0 <= a < n:
+            raise BadSample(f'{self.path_txt}["{self.split}"][{idx}] (video "{item["video"]}"): '
+                            f'answer {a!r} not in 0..{n - 1}')
+        return int(a)
+
+
+class Dataset_QAMC(Dataset_Downstream):
+    """-> (img [T,3,S,S], txt [O,X], mask [O,X], answer); text i = question + ' ' + option_i, i < size_option."""
+
+    def __init__(self, args, split):
+        super().__init__(args, split)
+        self.size_option = self.args['size_option']
+
+    def get_item(self, idx):
+        keys = ['video', 'question', 'answer'] + [f'option_{i}' for i in range(self.size_option)]
+        item = self.item(idx, *keys)
+        answer = self.answer(idx, item, self.size_option)
+        img = self.get_img(item['video'])
+        txt, mask = zip(*[self.str2txt(item['question'] + ' ' + item[f'option_{i}']) for i in range(self.size_option)])
+        return img, np.stack(txt), np.stack(mask), answer
+
+
+class Dataset_QAOE(Dataset_Downstream):
+    """-> (img, txt, mask, answer) with answer < size_vocab (args['size_vocab'], else len of the json's "vocab")."""
+
+    def __init__(self, args, split):
+        super().__init__(args, split)
+        self.vocab = json_key(self.json, 'vocab', self.path_txt)
+        self.size_vocab = self.args.get('size_vocab') or len(self.vocab)
+
+    def get_item(self, idx):
+        item = self.item(idx, 'video', 'question', 'answer')
+        answer = self.answer(idx, item, self.size_vocab)
+        txt, mask = self.str2txt(item['question'])
+        return self.get_img(item['video']), txt, mask, answer
+
+
+class Dataset_Retrieval(Dataset_Downstream):
+    """-> (img, txt, mask) of item i; .txt is the list of {"video", "caption"} (eval_retrieval uses it)."""
+
+    def get_item(self, idx):
+        item = self.item(idx, 'video', 'caption')
+        txt, mask = self.str2txt(item['caption'])
+        return self.get_img(item['video']), txt, mask

@@ -1,0 +1,461 @@
+"""Data side: offline tools (_tools/), dataset.py, the toy corpus. Small and CPU-only."""
+import base64, io, json, os, pickle, shutil, subprocess, sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as TV
+from PIL import Image
+import cv2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, '_tools')
+sys.path.insert(0, TOOLS)
+import dataset  # noqa: E402
+import extract_tsv  # noqa: E402
+import extract_vq  # noqa: E402
+import make_toy  # noqa: E402
+
+frame_tool = make_toy.load_frame_tool()
+pytestmark = pytest.mark.filterwarnings('ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning')
+
+
+def run_tool(*argv, cwd=ROOT):
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def tok_dir(tmp_path_factory):
+    """The repo's tiny BERT tokenizer (vocab.txt), else the bert-base-uncased vocab copied to a tmp dir."""
+    d = os.path.join(ROOT, '_data', 'bert-tiny')
+    if os.path.isfile(os.path.join(d, 'vocab.txt')):
+        return d
+    d = str(tmp_path_factory.mktemp('tok'))
+    shutil.copy('/work/shared/vocab/bert-base-uncased-vocab.txt', os.path.join(d, 'vocab.txt'))
+    return d
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('toy'))
+    counts = make_toy.make_toy(out, seed=0, size_img=64, n_videos=6, n_val=4, n_images=5, n_down=8, n_down_eval=4,
+                               workers=2)
+    return out, counts
+
+
+@pytest.fixture
+def args(toy, tok_dir):
+    return dict(path_data=toy[0], txt_backbone=tok_dir, size_img=64, size_txt=16)
+
+
+def write_clip(path, colours, size=(80, 64)):
+    """One solid-colour frame per entry of `colours` (BGR)."""
+    out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*'mp4v'), 8, size)
+    for c in colours:
+        out.write(np.full((size[1], size[0], 3), c, np.uint8))
+    out.release()
+
+
+def b64_to_array(b):
+    return np.array(Image.open(io.BytesIO(base64.b64decode(b))).convert('RGB'))
+
+
+# ---- extract_video-frame
+
+def test_frame_indices_on_numbered_frames(tmp_path):
+    assert frame_tool.frame_indices(16, 5) == [2, 5, 8, 10, 13]
+    for n_frames, sample in [(16, 5), (13, 4), (7, 1), (3, 4)]:
+        path = str(tmp_path / f'v{n_frames}.mp4')
+        write_clip(path, [(k * 16, k * 16, k * 16) for k in range(n_frames)])  # frame k has grey level 16k
+        frames = frame_tool.extract_video(path, sample)
+        got = [int(round(b64_to_array(b).mean() / 16)) for b in frames]
+        n = n_frames / (sample + 1)
+        assert got == [int(n * (i + 1)) for i in range(sample)]
+    # RGB order: a red BGR frame comes out red
+    write_clip(str(tmp_path / 'red.mp4'), [(0, 0, 255)] * 4)
+    r, g, b = b64_to_array(frame_tool.extract_video(str(tmp_path / 'red.mp4'), 1)[0]).mean((0, 1))
+    assert r > 200 and g < 50 and b < 50
+
+
+def test_extract_cli_skips_unreadable_and_fails_when_nothing_read(tmp_path):
+    vids = tmp_path / '_clips'
+    vids.mkdir()
+    write_clip(str(vids / 'a.mp4'), [(k * 20,) * 3 for k in range(10)])
+    write_clip(str(vids / 'b.mp4'), [(k * 20,) * 3 for k in range(12)])
+    (vids / 'broken.mp4').write_bytes(b'not a video' * 10)
+    (vids / 'empty.mp4').write_bytes(b'')
+    r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), f'--path={tmp_path}/clips', '--sample=5', '--workers=2')
+    assert r.returncode == 0, r.stderr
+    assert 'broken.mp4' in r.stderr and 'empty.mp4' in r.stderr and '2 unreadable' in r.stdout
+    with open(tmp_path / 'clips.pkl', 'rb') as f:
+        pkl = pickle.load(f)
+    assert sorted(pkl) == ['a', 'b'] and all(len(v) == 5 and isinstance(v[0], str) for v in pkl.values())
+    pkl2, bad = frame_tool.extract_dir(str(vids), 5, workers=1, progress=False)  # serial path, same result
+    assert pkl2 == pkl and [os.path.basename(p) for p in bad] == ['broken.mp4', 'empty.mp4']
+
+    bad_dir = tmp_path / '_junk'
+    bad_dir.mkdir()
+    (bad_dir / 'x.mp4').write_bytes(b'junk')
+    r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), f'--path={tmp_path}/junk', '--sample=5',
+                 f'--out={tmp_path}/junk_out.pkl')
+    assert r.returncode != 0 and 'no video could be read' in r.stderr
+
+
+# ---- extract_tsv
+
+def test_tsv_lineidx_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    pkl = {f'vid_{i}': [base64.b64encode(rng.bytes(int(rng.integers(1, 300)))).decode() for _ in range(3)]
+           for i in range(20)}
+    with open(tmp_path / 'x.pkl', 'wb') as f:
+        pickle.dump(pkl, f)
+    r = run_tool(os.path.join(TOOLS, 'extract_tsv.py'), f'--path={tmp_path}/x')
+    assert r.returncode == 0, r.stderr
+    assert extract_tsv.read_tsv(str(tmp_path / 'x.tsv'), str(tmp_path / 'x.lineidx')) == pkl
+    data = (tmp_path / 'x.tsv').read_bytes()
+    offsets = [int(x) for x in (tmp_path / 'x.lineidx').read_text().split()]
+    assert offsets == [0] + [i + 1 for i, c in enumerate(data) if c == ord('\n')][:-1]
+    assert data.decode().splitlines()[3] == '\t'.join(['vid_3'] + pkl['vid_3'])
+
+
+# ---- dataset.str2img / str2txt
+
+def pil_reference(b64, size):
+    """The original's pipeline (PIL + torchvision transforms on the PIL image)."""
+    img = Image.open(io.BytesIO(base64.b64decode(b64))).convert('RGB')
+    w, h = img.size
+    return TV.Compose([TV.Pad([0, (w - h) // 2] if w > h else [(h - w) // 2, 0]), TV.Resize([size, size]),
+                       TV.ToTensor()])(img)
+
+
+def smooth_image(rng, h, w):
+    x = Image.fromarray(rng.integers(0, 256, (h // 6 + 2, w // 6 + 2, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
+    x = np.array(x)
+    x[h // 4:h // 2, w // 5:w // 2] = [250, 20, 20]  # a sharp edge too
+    return Image.fromarray(x)
+
+
+@pytest.mark.parametrize('h,w', [(64, 80), (80, 64), (64, 81), (81, 64), (33, 50), (100, 100), (240, 320), (201, 120)])
+@pytest.mark.parametrize('fmt', ['JPEG', 'PNG'])
+def test_str2img_matches_pil_pipeline(h, w, fmt):
+    rng = np.random.default_rng(h * 1000 + w)
+    buf = io.BytesIO()
+    smooth_image(rng, h, w).save(buf, format=fmt)
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    for size in (64, 224):
+        ours, ref = dataset.b64_to_img(b64, size), pil_reference(b64, size)
+        assert ours.shape == ref.shape == (3, size, size) and ours.dtype == torch.float32
+        assert (ours - ref).abs().mean().item() < 1 / 255, (h, w, size)
+
+
+def test_str2txt(tok_dir):
+    ds = dataset.Dataset_Base(dict(txt_backbone=tok_dir, size_txt=10))
+    txt, mask = ds.str2txt('A Red Square moves LEFT')
+    assert txt.dtype == mask.dtype == np.int64 and txt.shape == mask.shape == (10,)
+    assert txt[0] == 101 and list(txt).index(102) == 6 and (txt[7:] == 0).all()
+    assert (mask == (txt != 0)).all() and mask.sum() == 7
+    txt, mask = ds.str2txt('word ' * 50)  # truncated, still ends with [SEP]
+    assert txt[-1] == 102 and mask.all()
+
+
+# ---- datasets on the toy corpus
+
+def loaders(ds, batch):
+    for workers in (0, 2):
+        yield torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=dataset.collate_skip)
+
+
+def test_toy_corpus_files(toy):
+    out, counts = toy
+    for d in ['toyvid', 'toyimg']:
+        for name in [f'img_{d}_train_0', f'img_{d}_train_1', f'img_{d}_val']:
+            assert os.path.isfile(f'{out}/{name}.tsv') and os.path.isfile(f'{out}/{name}.lineidx')
+        for name in [f'txt_{d}.json', f'vq_{d}.pkl']:
+            assert os.path.isfile(f'{out}/{name}')
+    for name in ['img_toy.pkl', 'txt_toy-retrieval.json', 'txt_toy-qamc.json', 'txt_toy-qaoe.json', 'README.txt']:
+        assert os.path.isfile(f'{out}/{name}')
+    assert not os.path.exists(f'{out}/_videos')
+    with open(f'{out}/vq_toyvid.pkl', 'rb') as f:
+        vq = pickle.load(f)
+    v = next(iter(vq.values()))
+    assert v.dtype == np.int16 and v.shape == (4, 2, 2) and 0 <= v.min() and v.max() < 8192
+    with open(f'{out}/img_toy.pkl', 'rb') as f:
+        frames = pickle.load(f)
+    assert len(frames) == 16 and all(len(v) == 5 for v in frames.values())
+    assert b64_to_array(frames['toy_train_00000'][0]).shape == (64, 80, 3)  # not square
+    qaoe = json.load(open(f'{out}/txt_toy-qaoe.json'))
+    assert len(qaoe['vocab']) == 12 and all(0 <= it['answer'] < 12 for s in ('train', 'val', 'test') for it in qaoe[s])
+    caps = [it['caption'] for it in json.load(open(f'{out}/txt_toy-retrieval.json'))['test']]
+    assert len(set(caps)) == len(caps)
+
+
+def test_toy_is_deterministic(toy, tmp_path):
+    make_toy.make_toy(str(tmp_path), seed=0, size_img=64, n_videos=6, n_val=4, n_images=5, n_down=8, n_down_eval=4,
+                      workers=1)
+    for name in sorted(os.listdir(toy[0])):
+        if name != 'README.txt':
+            assert (tmp_path / name).read_bytes() == open(os.path.join(toy[0], name), 'rb').read(), name
+
+
+def test_pretrain_datasets(args):
+    assert dataset.count_parts(args, 'toyvid') == 2 and dataset.count_parts(args, 'toyimg') == 2
+    assert dataset.count_parts(args, 'nothing') == 0
+    for d, T in [('toyvid', 4), ('toyimg', 1)]:
+        for split, part in [('train', 0), ('train', 1), ('val', None)]:
+            ds = dataset.Dataset_Pretrain(args, d, split, part)
+            for loader in loaders(ds, 3):
+                n = 0
+                for (img, txt, mask, vq), skipped in loader:
+                    B = img.shape[0]
+                    assert img.shape == (B, T, 3, 64, 64) and txt.shape == mask.shape == (B, 16)
+                    assert vq.shape == (B, T * 5) and vq.dtype == torch.int64 and skipped == 0
+                    assert (vq[:, ::5] == -1).all() and (vq.reshape(B, T, 5)[:, :, 1:] >= 0).all()
+                    n += B
+                assert n == len(ds)
+    ds = dataset.Dataset_Pretrain(args, 'toyvid', 'val')
+    img, txt, mask, vq = ds[0]
+    vid = ds.tsv.read(ds.lineidx[0])[0]
+    cap = json.load(open(os.path.join(args['path_data'], 'txt_toyvid.json')))['val'][vid][0]
+    assert (txt == ds.str2txt(cap)[0]).all()
+    assert (vq[1:5] == ds.vq[vid][0].reshape(-1)).all() and (vq[6:10] == ds.vq[vid][1].reshape(-1)).all()
+
+
+def test_downstream_datasets(args):
+    a = dict(args, dataset='toy')
+    for split, n in [('train', 8), ('val', 4), ('test', 4)]:
+        mc = dataset.Dataset_QAMC(dict(a, task='toy-qamc'), split)
+        oe = dataset.Dataset_QAOE(dict(a, task='toy-qaoe'), split)
+        rt = dataset.Dataset_Retrieval(dict(a, task='toy-retrieval'), split)
+        assert len(mc) == len(oe) == len(rt) == n and rt.txt[0].keys() == {'video', 'caption'}
+        for loader in loaders(mc, 3):
+            for (img, txt, mask, ans), skipped in loader:
+                assert img.shape[1:] == (5, 3, 64, 64) and txt.shape[1:] == mask.shape[1:] == (5, 16)
+                assert ans.dtype == torch.int64 and skipped == 0
+        for loader in loaders(oe, 3):
+            for (img, txt, mask, ans), skipped in loader:
+                assert img.shape[1:] == (5, 3, 64, 64) and txt.shape[1:] == (16,) and (ans < 12).all()
+        for loader in loaders(rt, 3):
+            for (img, txt, mask), skipped in loader:
+                assert img.shape[1:] == (5, 3, 64, 64) and txt.shape[1:] == (16,)
+    item = mc.txt[0]
+    _, txt, _, ans = mc[0]
+    assert ans == item['answer'] and (txt[2] == mc.str2txt(item['question'] + ' ' + item['option_2'])[0]).all()
+
+
+def test_downstream_frames_from_tsv(args, tmp_path):
+    """Without img_toy.pkl, img_toy.tsv + .lineidx gives the same samples."""
+    src = args['path_data']
+    for name in ['txt_toy-retrieval.json']:
+        shutil.copy(os.path.join(src, name), tmp_path / name)
+    with open(os.path.join(src, 'img_toy.pkl'), 'rb') as f:
+        frames = pickle.load(f)
+    extract_tsv.write_tsv(frames, str(tmp_path / 'img_toy.tsv'), str(tmp_path / 'img_toy.lineidx'))
+    a = dict(args, dataset='toy', task='toy-retrieval')
+    from_pkl = dataset.Dataset_Retrieval(a, 'val')
+    from_tsv = dataset.Dataset_Retrieval(dict(a, path_data=str(tmp_path)), 'val')
+    assert from_tsv.path_frames.endswith('.tsv') and set(from_tsv.frames) == set(frames)
+    for i in range(len(from_pkl)):
+        assert torch.equal(from_pkl[i][0], from_tsv[i][0])
+    for loader in loaders(from_tsv, 2):
+        assert sum(len(b[0][0]) for b in loader) == len(from_tsv)
+
+
+# ---- bad data
+
+@pytest.fixture
+def bad_copy(toy, tmp_path):
+    """A writable copy of the toy corpus to damage."""
+    shutil.copytree(toy[0], tmp_path / 'd')
+    return str(tmp_path / 'd')
+
+
+def edit_pickle(path, fn):
+    with open(path, 'rb') as f:
+        obj = pickle.load(f)
+    fn(obj)
+    with open(path, 'wb') as f:
+        pickle.dump(obj, f)
+
+
+def edit_json(path, fn):
+    obj = json.load(open(path))
+    fn(obj)
+    json.dump(obj, open(path, 'w'))
+
+
+def jpeg_garbage():
+    return base64.b64encode(b'\xff\xd8\xff\xe0' + b'\x00garbage' * 20).decode()
+
+
+def test_bad_frames_downstream(args, bad_copy):
+    a = dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval')
+    items = json.load(open(f'{bad_copy}/txt_toy-retrieval.json'))['val']
+    v0, v1, v2, v3 = [it['video'] for it in items]
+
+    def damage(frames):
+        frames[v0] = frames[v0][:1] + ['#not base64!'] + frames[v0][2:]
+        frames[v1] = frames[v1][:3] + [jpeg_garbage()] + frames[v1][4:]
+        frames[v2] = frames[v2][:4]
+        del frames[v3]
+    edit_pickle(f'{bad_copy}/img_toy.pkl', damage)
+    ds = dataset.Dataset_Retrieval(a, 'val')
+    with pytest.raises(ValueError, match=f'img_toy.pkl: video "{v0}" frame 1: cannot decode'):
+        ds[0]
+    with pytest.raises(ValueError, match=f'img_toy.pkl: video "{v1}" frame 3: cannot decode'):
+        ds[1]
+    with pytest.raises(ValueError, match=f'img_toy.pkl: video "{v2}" has 4 frames, expected 5'):
+        ds[2]
+    with pytest.raises(ValueError, match=f'img_toy.pkl: no video "{v3}"'):
+        ds[3]
+    # a non-JPEG that is no image either goes through PIL and fails the same way
+    with pytest.raises(ValueError, match='cannot decode'):
+        ds.decode_frames([base64.b64encode(b'plain junk').decode()] * 5, 'x', 'here')
+    # skip_bad: every sample is bad here, all counted, nothing raised
+    ds = dataset.Dataset_Retrieval(dict(a, skip_bad=True), 'val')
+    for loader in loaders(ds, 3):
+        assert [n for _, n in loader] == [3, 1] and all(b is None for b, _ in loader)
+    # size_frame fixes the expected count: 4 frames wanted -> now only v2 is fine
+    ds = dataset.Dataset_Retrieval(dict(a, skip_bad=True, size_frame=4), 'val')
+    assert [ds[i] is None for i in range(4)] == [True, True, False, True]
+
+
+def test_bad_lines_pretrain(args, bad_copy):
+    name = f'{bad_copy}/img_toyvid_train_0'
+    lines = open(name + '.tsv', 'rb').read().split(b'\n')[:-1]
+    vids = [ln.split(b'\t')[0].decode() for ln in lines]
+    lines[1] = b'\t'.join(lines[1].split(b'\t')[:3])  # 2 frames, not 4
+    lines[2] = b'\t'.join(lines[2].split(b'\t')[:2] + [b'@@@'] + lines[2].split(b'\t')[3:])
+    with open(name + '.tsv', 'wb') as f:
+        f.write(b'\n'.join(lines) + b'\n')
+    offsets = np.cumsum([0] + [len(ln) + 1 for ln in lines])[:-1].tolist()
+    offsets[3] += 5  # not a line start
+    offsets.append(offsets[-1] + 10 ** 6)  # past the end
+    open(name + '.lineidx', 'w').write(''.join(f'{o}\n' for o in offsets))
+    edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.pop(vids[4]))
+    edit_json(f'{bad_copy}/txt_toyvid.json', lambda t: t['train'].pop(vids[5]))
+
+    a = dict(args, path_data=bad_copy)
+    ds = dataset.Dataset_Pretrain(a, 'toyvid', 'train', 0)
+    ds[0]
+    with pytest.raises(ValueError, match=f'img_toyvid_train_0.tsv line 1 .*: video "{vids[1]}" has 2 frames, expected 4'):
+        ds[1]
+    with pytest.raises(ValueError, match=f'line 2 .*: video "{vids[2]}" frame 1: cannot decode'):
+        ds[2]
+    with pytest.raises(ValueError, match=f'img_toyvid_train_0.tsv: offset {offsets[3]} is not the start of a line'):
+        ds[3]
+    with pytest.raises(ValueError, match=f'vq_toyvid.pkl: no VQ tokens for video "{vids[4]}"'):
+        ds[4]
+    with pytest.raises(ValueError, match=f'txt_toyvid.json\\["train"\\]: no caption for video "{vids[5]}"'):
+        ds[5]
+    with pytest.raises(ValueError, match='past the end'):
+        ds[6]
+    ds = dataset.Dataset_Pretrain(dict(a, skip_bad=True), 'toyvid', 'train', 0)
+    for loader in loaders(ds, 4):
+        batches = list(loader)
+        assert sum(n for _, n in batches) == 6 and sum(len(b[0]) for b, _ in batches if b is not None) == 1
+
+
+def test_bad_texts_and_answers(args, bad_copy):
+    a = dict(args, path_data=bad_copy, dataset='toy')
+
+    def damage_mc(t):
+        t['val'][0]['answer'] = 5
+        del t['val'][1]['option_4']
+        t['val'][2]['answer'] = 'left'
+        del t['test']
+    edit_json(f'{bad_copy}/txt_toy-qamc.json', damage_mc)
+    mc = dataset.Dataset_QAMC(dict(a, task='toy-qamc'), 'val')
+    vid = mc.txt[0]['video']
+    with pytest.raises(ValueError, match=rf'txt_toy-qamc.json\["val"\]\[0\] \(video "{vid}"\): answer 5 not in 0..4'):
+        mc[0]
+    with pytest.raises(KeyError, match=r'txt_toy-qamc.json\["val"\]\[1\]: no key "option_4"'):
+        mc[1]
+    with pytest.raises(ValueError, match="answer 'left' not in"):
+        mc[2]
+    mc[3]
+    assert dataset.Dataset_QAMC(dict(a, task='toy-qamc', size_option=4), 'val')[1] is not None  # option_4 unused
+    with pytest.raises(KeyError, match='txt_toy-qamc.json: no key "test"'):
+        dataset.Dataset_QAMC(dict(a, task='toy-qamc'), 'test')
+
+    def damage_oe(t):
+        t['val'][0]['answer'] = 12
+        del t['val'][1]['question']
+    edit_json(f'{bad_copy}/txt_toy-qaoe.json', damage_oe)
+    oe = dataset.Dataset_QAOE(dict(a, task='toy-qaoe'), 'val')
+    with pytest.raises(ValueError, match=r'answer 12 not in 0..11'):
+        oe[0]
+    with pytest.raises(KeyError, match='no key "question"'):
+        oe[1]
+    assert dataset.Dataset_QAOE(dict(a, task='toy-qaoe', size_vocab=20), 'val')[0][3] == 12
+    oe = dataset.Dataset_QAOE(dict(a, task='toy-qaoe', skip_bad=True), 'val')
+    assert dataset.collate_skip([oe[i] for i in range(4)])[1] == 2
+
+    edit_json(f'{bad_copy}/txt_toy-qaoe.json', lambda t: t.pop('vocab'))
+    with pytest.raises(KeyError, match='txt_toy-qaoe.json: no key "vocab"'):
+        dataset.Dataset_QAOE(dict(a, task='toy-qaoe'), 'val')
+
+
+def test_missing_files(args, bad_copy):
+    a = dict(args, path_data=bad_copy)
+    with pytest.raises(FileNotFoundError, match='txt_nope-qamc.json'):
+        dataset.Dataset_QAMC(dict(a, dataset='toy', task='nope-qamc'), 'val')
+    with pytest.raises(FileNotFoundError, match='img_nope.pkl'):
+        dataset.Dataset_QAMC(dict(a, dataset='nope', task='toy-qamc'), 'val')
+    with pytest.raises(FileNotFoundError, match='img_toyvid_train_7.tsv'):
+        dataset.Dataset_Pretrain(a, 'toyvid', 'train', 7)
+    os.remove(f'{bad_copy}/vq_toyimg.pkl')
+    with pytest.raises(FileNotFoundError, match='vq_toyimg.pkl'):
+        dataset.Dataset_Pretrain(a, 'toyimg', 'val')
+    with pytest.raises(ValueError, match=r'vq_toyvid.pkl: VQ tokens of shape \(4, 2, 2\), expected \[T, 7, 7\]'):
+        dataset.Dataset_Pretrain(dict(a, size_img=224), 'toyvid', 'val')
+
+
+def test_vq_list_layout(args, bad_copy):
+    """Some releases store a list of T arrays [h, w]: read the same."""
+    ref = dataset.Dataset_Pretrain(dict(args), 'toyvid', 'val')
+    edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.update({k: list(v) for k, v in vq.items()}))
+    ds = dataset.Dataset_Pretrain(dict(args, path_data=bad_copy), 'toyvid', 'val')
+    assert all((ds[i][3] == ref[i][3]).all() for i in range(len(ds)))
+
+
+# ---- extract_vq
+
+def test_extract_vq_with_random_small_encoder(toy, tmp_path, monkeypatch):
+    from dall_e import Encoder
+    torch.manual_seed(0)
+    path = str(tmp_path / 'encoder.pkl')
+    torch.save(Encoder(n_hid=64, n_blk_per_group=1, vocab_size=8192), path)  # pickled module, like encoder.pkl
+    enc = extract_vq.load_encoder(path)
+    frames = extract_tsv.read_tsv(f'{toy[0]}/img_toyvid_val.tsv', f'{toy[0]}/img_toyvid_val.lineidx')
+    vq = extract_vq.encode_videos(enc, frames, frame=64, batch=5, progress=False)
+    again = extract_vq.encode_videos(enc, frames, frame=64, batch=64, progress=False)
+    assert list(vq) == list(frames)
+    for v in vq:
+        assert vq[v].dtype == np.int16 and vq[v].shape == (4, 2, 2)
+        assert 0 <= vq[v].min() and vq[v].max() < 8192 and (vq[v] == again[v]).all()
+
+    # the CLI (in-process: a subprocess would spend seconds importing torch) on X.tsv + X.lineidx -> X_vq.pkl
+    for ext in ['tsv', 'lineidx']:
+        shutil.copy(f'{toy[0]}/img_toyvid_val.{ext}', tmp_path / f'x.{ext}')
+    argv = ['extract_vq.py', f'--path={tmp_path}/x', '--frame=64', f'--encoder={path}', '--device=cpu']
+    monkeypatch.setattr(sys, 'argv', argv)
+    extract_vq.main()
+    with open(tmp_path / 'x_vq.pkl', 'rb') as f:
+        cli = pickle.load(f)
+    assert all((cli[v] == vq[v]).all() for v in vq)
+
+    with pytest.raises(FileNotFoundError, match='cdn.openai.com/dall-e/encoder.pkl'):
+        extract_vq.load_encoder(str(tmp_path / 'missing.pkl'))
+    monkeypatch.setattr(sys, 'argv', argv[:3] + [f'--encoder={tmp_path}/missing.pkl'])
+    with pytest.raises(SystemExit, match='cdn.openai.com/dall-e/encoder.pkl'):
+        extract_vq.main()
+
+
+def test_standin_vq_tokens(toy):
+    frames = extract_tsv.read_tsv(f'{toy[0]}/img_toyimg_val.tsv', f'{toy[0]}/img_toyimg_val.lineidx')
+    for v, f in frames.items():
+        tok = make_toy.standin_vq(f, 64)
+        assert tok.dtype == np.int16 and tok.shape == (1, 2, 2) and 0 <= tok.min() and tok.max() < 8192
+    black = base64.b64encode(cv2.imencode('.jpg', np.zeros((64, 64, 3), np.uint8))[1].tobytes()).decode()
+    white = base64.b64encode(cv2.imencode('.jpg', np.full((64, 64, 3), 255, np.uint8))[1].tobytes()).decode()
+    assert (make_toy.standin_vq([black], 64) == 0).all() and (make_toy.standin_vq([white], 64) == 8191).all()
