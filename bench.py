@@ -1,0 +1,229 @@
+"""Throughput of VIOLET on one device: training steps of every task (the scripts' own step code on synthetic
+inputs of the config's shapes), retrieval pair scoring vs the bare cross-encoder, frame decoding, peak memory
+and, on CUDA, model FLOP utilisation.
+
+    python bench.py [CONFIG] [--set KEY=VALUE ...] [--device cpu|cuda] [--steps N]
+    python bench.py                                   (toy model on CPU: _data/toy/args_pretrain.json)
+    python bench.py _data/args_pretrain.json --device cuda --set path_vt=   (full size: bert-base-uncased from
+        the HF cache, or txt_backbone=DIR holding its config.json; random VT)
+
+Prints a short table, then the JSON (also written to --out when given).
+"""
+import argparse
+import json
+import resource
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import agent
+import dataset
+import eval_retrieval
+import main_pretrain
+import main_qamc
+import main_qaoe
+import main_retrieval
+import model as violet
+
+TASKS = {'pretrain': (main_pretrain.Pretrain, 4), 'qamc': (main_qamc.QAMC, 5), 'qaoe': (main_qaoe.QAOE, 5),
+         'retrieval': (main_retrieval.Retrieval, 5)}  # task -> (script's Task, frames per video)
+PEAK_TFLOPS_BF16 = [('H200', 989), ('H100 PCIe', 756), ('H100 NVL', 835), ('H100', 989), ('A100', 312)]  # dense
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def peak_mem_mb(device):
+    """CUDA: peak allocated since the last reset; CPU: the process's peak RSS so far (never reset)."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_tflops(device, given):
+    if given or device.type != 'cuda':
+        return given or None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS_BF16 if k in name), None)
+
+
+def random_text(shape, X, gen):
+    """[CLS] random words [SEP] then padding, lengths uniform in X//2..X. -> (txt, mask) int64."""
+    n = torch.randint(max(X // 2, 2), X + 1, shape, generator=gen)
+    pos = torch.arange(X)
+    txt = torch.randint(1000, 30000, (*shape, X), generator=gen)
+    txt = torch.where(pos == 0, 101, torch.where(pos == n[..., None] - 1, 102, txt))
+    txt = txt.masked_fill(pos >= n[..., None], 0)
+    return txt, (txt != 0).long()
+
+
+def synthetic_batch(name, args, T, gen):
+    """One batch of the task's shapes, as its DataLoader would give it."""
+    B, S, X = args['size_batch'], args['size_img'], args['size_txt']
+    img = torch.rand(B, T, 3, S, S, generator=gen)
+    if name == 'pretrain':
+        hw = (S // 32) ** 2
+        vq = torch.randint(0, 8192, (B, T, hw), generator=gen)
+        vq = torch.cat([torch.full((B, T, 1), -1), vq], 2).flatten(1)
+        return [img, *random_text((B,), X, gen), vq]
+    if name == 'qamc':
+        O = args['size_option']
+        return [img, *random_text((B, O), X, gen), torch.randint(0, O, (B,), generator=gen)]
+    if name == 'qaoe':
+        return [img, *random_text((B,), X, gen), torch.randint(0, args['size_vocab'], (B,), generator=gen)]
+    return [img, *random_text((B,), X, gen)]
+
+
+def bench_train(name, args, device, steps, tflops):
+    """samples/s of full training steps (forward incl. masking, backward, optimiser) through agent.Trainer."""
+    Task, T = TASKS[name]
+    args = {**args, 'type': name, 'path_ckpt': '', 'dataset': args['dataset'] or 'bench',
+            'task': args['task'] or 'bench', 'size_vocab': args['size_vocab'] or 1000}
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = agent.Trainer(Task(args), device)
+    trainer.model.train()
+    batch = [x.to(device) for x in synthetic_batch(name, args, T, torch.Generator().manual_seed(0))]
+
+    def step(i):
+        with trainer.autocast():
+            loss, _, _ = trainer.task.step(trainer.model, batch, agent.generator(device, 0, 0, i, 0))
+        trainer.scaler.scale(loss).backward()
+        trainer.optimiser_step()
+        trainer.optim.zero_grad(set_to_none=True)
+
+    for i in range(2):  # warm-up: allocator, autotuning, lazy inits
+        step(i)
+    with FlopCounterMode(display=False) as counter:
+        step(2)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(3 + i)
+    sync(device)
+    sec = (time.perf_counter() - t0) / steps
+    flops = counter.get_total_flops()
+    res = dict(samples_per_s=args['size_batch'] / sec, sec_per_step=sec, batch=args['size_batch'], frames=T,
+               gflops_per_step=flops / 1e9, achieved_tflops=flops / sec / 1e12, precision=trainer.precision,
+               peak_mem_mb=peak_mem_mb(device))
+    if tflops:
+        res['mfu'] = res['achieved_tflops'] / tflops
+    del trainer
+    return res
+
+
+@torch.no_grad()
+def bench_pairs(mdl, size_img, size_txt, device, n_vid=16, n_txt=16, size_pair=64, reps=5, T=5):
+    """eval_retrieval.score_pairs (features -> every (text, video) pair scored) vs the bare cross-encoder
+    (go_cross + fc on one pre-stacked batch of size_pair pairs, run as many times), both in pairs/s.
+    Interleaved repetitions, best of each, so background noise hits both alike."""
+    gen = torch.Generator().manual_seed(0)
+    L_img, D = T * (1 + (size_img // 32) ** 2), mdl.hidden_size
+    feat_img = torch.randn(n_vid, L_img, D, generator=gen).to(device)
+    mask_img = torch.ones(n_vid, L_img, dtype=torch.long, device=device)
+    feat_txt = torch.randn(n_txt, size_txt, D, generator=gen).to(device)
+    mask_txt = random_text((n_txt,), size_txt, gen)[1].to(device)
+    n_pair = n_vid * n_txt
+    n_block = -(-n_pair // size_pair)
+    v, t = torch.arange(size_pair, device=device) % n_vid, torch.arange(size_pair, device=device) // n_vid % n_txt
+    stacked = (feat_img[v], mask_img[v], feat_txt[t], mask_txt[t])
+
+    def bare():
+        for _ in range(n_block):
+            with eval_retrieval.autocast(device):
+                out, _ = mdl.go_cross(*stacked)
+            mdl.fc(out[:, L_img].float())
+
+    def pairs():
+        eval_retrieval.score_pairs(mdl, feat_img, mask_img, feat_txt, mask_txt, size_pair)
+
+    best = {'bare': float('inf'), 'pairs': float('inf')}
+    for r in range(reps + 1):
+        for name, fn in (('bare', bare), ('pairs', pairs)):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r > 0:  # the first round warms up
+                best[name] = min(best[name], time.perf_counter() - t0)
+    res = dict(pairs_per_s=n_pair / best['pairs'], bare_pairs_per_s=n_block * size_pair / best['bare'],
+               size_pair=size_pair, n_pair=n_pair, reps=reps)
+    res['ratio'] = res['pairs_per_s'] / res['bare_pairs_per_s']
+    return res
+
+
+def bench_data(config, n_items, data_dir=''):
+    """Frames decoded per second by one process (what each DataLoader worker delivers): get_img over n videos."""
+    args = agent.load_args(config, [f'path_data={data_dir}'] if data_dir else [])
+    try:
+        ds = dataset.Dataset_Retrieval(args, 'train')
+    except FileNotFoundError as e:
+        return dict(skipped=f'{e} (make the toy corpus: python _tools/make_toy.py --out _data/toy)')
+    vids = list(dict.fromkeys(item['video'] for item in ds.txt))[:n_items]
+    ds.get_img(vids[0])  # warm-up (tokenizer, decoder libraries)
+    t0 = time.perf_counter()
+    n_frames = sum(ds.get_img(v).shape[0] for v in vids)
+    sec = time.perf_counter() - t0
+    return dict(frames_per_s=n_frames / sec, videos=len(vids), frames=n_frames, size_img=args['size_img'],
+                config=config, path_data=args['path_data'])
+
+
+def main():
+    p = argparse.ArgumentParser(description='VIOLET throughput benchmark')
+    p.add_argument('config', nargs='?', default='./_data/toy/args_pretrain.json',
+                   help='model keys and shapes (size_img, size_txt, size_batch) to measure')
+    p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
+    p.add_argument('--steps', type=int, default=3, help='timed training steps per task (after 3 untimed)')
+    p.add_argument('--tasks', nargs='+', default=list(TASKS), choices=list(TASKS))
+    p.add_argument('--size_pair', type=int, default=0, help='pairs per scoring batch (0: 512 CUDA, 64 CPU)')
+    p.add_argument('--pair_items', type=int, default=0,
+                   help='videos = texts in the pair benchmark (0: 64 on CUDA, 16 on CPU)')
+    p.add_argument('--reps', type=int, default=5, help='repetitions of the pair benchmark (best is kept)')
+    p.add_argument('--data', default='./_data/toy/args_toy-retrieval.json', help='config whose train split is decoded')
+    p.add_argument('--data_dir', default='', help="decode this dir's files instead (names from the --data config)")
+    p.add_argument('--data_items', type=int, default=32, help='videos decoded in the data benchmark')
+    p.add_argument('--peak_tflops', type=float, default=0, help='device peak (default: table for H100/H200/A100 bf16)')
+    p.add_argument('--out', default='', help='also write the JSON here')
+    opt = p.parse_args()
+
+    args = agent.load_args(opt.config, opt.set)
+    device = torch.device(opt.device)
+    tflops = peak_tflops(device, opt.peak_tflops)
+    cuda = device.type == 'cuda'
+    res = dict(config=opt.config, set=opt.set, device=torch.cuda.get_device_name(device) if cuda else 'cpu',
+               threads=torch.get_num_threads(), peak_tflops=tflops, train={})
+    for name in opt.tasks:
+        res['train'][name] = bench_train(name, args, device, opt.steps, tflops)
+        print(f"train {name}: {res['train'][name]['samples_per_s']:.2f} samples/s", flush=True)
+
+    agent.seed_all(0)
+    mdl = violet.VIOLET_Retrieval(args).to(device).eval()
+    size_pair = opt.size_pair or (512 if cuda else 64)
+    n = opt.pair_items or (64 if cuda else 16)
+    res['eval_pairs'] = bench_pairs(mdl, args['size_img'], args['size_txt'], device, n, n, size_pair, opt.reps)
+    del mdl
+    res['data'] = bench_data(opt.data, opt.data_items, opt.data_dir)
+    res['peak_mem_mb'] = peak_mem_mb(device)
+
+    print(f"\n{'task':<10} {'samples/s':>10} {'s/step':>8} {'GFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} {'mem MB':>8}")
+    for name, r in res['train'].items():
+        mfu = f"{r['mfu'] * 100:5.1f}%" if 'mfu' in r else '     -'
+        print(f"{name:<10} {r['samples_per_s']:10.2f} {r['sec_per_step']:8.3f} {r['gflops_per_step']:11.1f} "
+              f"{r['achieved_tflops']:8.3f} {mfu:>6} {r['peak_mem_mb']:8.0f}")
+    e = res['eval_pairs']
+    print(f"eval pairs: {e['pairs_per_s']:.0f} pairs/s vs bare cross-encoder {e['bare_pairs_per_s']:.0f} pairs/s "
+          f"(ratio {e['ratio']:.2f}, {e['size_pair']} pairs per batch)")
+    d = res['data']
+    print(f"data: {d['frames_per_s']:.0f} frames/s per worker ({d['size_img']} px)" if 'frames_per_s' in d
+          else f"data: skipped: {d['skipped']}")
+    print(json.dumps(res, indent=2))
+    if opt.out:
+        agent.save_json(res, opt.out)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,194 @@
+"""Text-to-video retrieval evaluation (violet-spec 3.4), fast and exact.
+
+Every caption is ranked against every video of the split by the raw fc score of the fused CLS.
+Features are computed once per unique video and once per caption; the N_text x N_video fusion then
+runs as large batches of (video, text) pairs gathered on the device, sharded over torchrun ranks.
+
+  python eval_retrieval.py _data/args_msrvtt-retrieval.json [--ckpt PATH] [--zero-shot] [--set k=v ...]
+  torchrun --nproc_per_node 4 eval_retrieval.py ...   (same numbers, split over the GPUs)
+
+Ranks use the raw score (a sigmoid in float32 saturates to 1.0 and turns a clear ranking into ties) and count
+ties pessimistically: the true video comes after every video scoring the same. Writes eval_retrieval.json
+(R@1/5/10 as fractions, median and mean rank, every caption's rank) and args.json into --out, else the
+config's path_output, else _snapshot/_eval_retrieval_<timestamp>/.
+"""
+import argparse
+import contextlib
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import agent
+import dataset
+import model as violet
+
+
+def rank_metrics(score, true_video):
+    """score [N_text, N_video] raw scores, true_video [N_text] index of each text's own video.
+    Rank = 1 + number of OTHER videos scoring >= the true one (ties count against us); NaN is worst."""
+    score = torch.nan_to_num(score.float(), nan=-math.inf)
+    true = score.gather(1, true_video.long()[:, None])
+    ranks = (score >= true).sum(1)  # counts the true video itself, hence the "1 +"
+    r = ranks.double()
+    # median of an even count: the mean of the middle two
+    return dict(r1=(r <= 1).double().mean().item(), r5=(r <= 5).double().mean().item(),
+                r10=(r <= 10).double().mean().item(), median=r.quantile(0.5).item(), mean=r.mean().item(),
+                ranks=ranks.tolist())
+
+
+def autocast(device):
+    """bf16 on CUDA for the encoders (SDPA attention inside the model); plain fp32 on CPU."""
+    if device.type == 'cuda':
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair=256, rank=0, world=1, progress=False):
+    """Raw score of every (text, video) pair -> [N_text, N_video], identical on every rank.
+    The flat pair space (text-major) is cut into blocks of size_pair; block b runs on rank b % world, so a
+    block's batch is the same whatever the world size (sharded ranks == single-process ranks, bit for bit)."""
+    n_txt, n_vid = feat_txt.shape[0], feat_img.shape[0]
+    n_pair = n_txt * n_vid
+    n_block = (n_pair + size_pair - 1) // size_pair
+    mine = list(range(rank, n_block, world))
+    per_rank = (n_block + world - 1) // world
+    out = torch.full((per_rank, size_pair), math.nan, device=feat_img.device)
+    for k, b in enumerate(tqdm(mine, disable=not progress, desc='pairs', unit='block')):
+        idx = torch.arange(b * size_pair, min(n_pair, (b + 1) * size_pair), device=feat_img.device)
+        t, v = idx // n_vid, idx % n_vid
+        # model.score, with its fc kept in fp32: bf16 scores (3 significant digits) would make ties
+        with autocast(feat_img.device):
+            hidden, _ = model.go_cross(feat_img[v], mask_img[v], feat_txt[t], mask_txt[t])
+        out[k, :len(idx)] = model.fc(hidden[:, feat_img.shape[1]].float()).squeeze(-1)
+    if world > 1:
+        parts = [torch.empty_like(out) for _ in range(world)]
+        dist.all_gather(parts, out)
+        out = torch.stack(parts, 1)  # [per_rank, world, size_pair]: block k*world + r sits at [k, r]
+    return out.reshape(-1)[:n_pair].reshape(n_txt, n_vid)
+
+
+class Videos(torch.utils.data.Dataset):
+    """Decoded frames of each unique video (decoding is the costly part, hence the DataLoader workers)."""
+    def __init__(self, ds, vids):
+        self.ds, self.vids = ds, vids
+
+    def __len__(self):
+        return len(self.vids)
+
+    def __getitem__(self, i):
+        return self.ds.get_img(self.vids[i])
+
+
+def gather_rows(x, world):
+    """all_gather equal-shaped shards and concatenate them along dim 0 (rank order)."""
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def extract(model, ds, args, device, rank=0, world=1):
+    """Features of every unique video (sharded over ranks, then gathered) and of every caption.
+    Returns feat_img, mask_img [N_video, ...], feat_txt, mask_txt [N_text, ...], true_video [N_text], vids."""
+    vids = list(dict.fromkeys(item['video'] for item in ds.txt))  # unique, in order of first appearance
+    chunk = (len(vids) + world - 1) // world
+    padded = vids + vids[-1:] * (chunk * world - len(vids))  # equal shards for all_gather
+    mine = Videos(ds, padded[rank * chunk:(rank + 1) * chunk])
+    loader = torch.utils.data.DataLoader(mine, batch_size=args['size_batch'], num_workers=args['num_workers'],
+                                         pin_memory=device.type == 'cuda')
+    feats, masks = [], []
+    for img in tqdm(loader, disable=rank != 0, desc='videos', unit='batch'):
+        with autocast(device):
+            f, m = model.enc_img(img.to(device, non_blocking=True))
+        feats.append(f.float())
+        masks.append(m)
+    feat_img, mask_img = torch.cat(feats), torch.cat(masks)
+    if world > 1:
+        feat_img, mask_img = gather_rows(feat_img, world)[:len(vids)], gather_rows(mask_img, world)[:len(vids)]
+
+    # text features are one embedding lookup: every rank computes all of them
+    txt, mask = zip(*[ds.str2txt(item['caption']) for item in ds.txt])
+    txt, mask = torch.as_tensor(np.stack(txt), device=device), torch.as_tensor(np.stack(mask), device=device)
+    feat_txt = []
+    for i in range(0, len(txt), 1024):
+        with autocast(device):
+            feat_txt.append(model.enc_txt(txt[i:i + 1024]).float())
+    index = {vid: i for i, vid in enumerate(vids)}
+    true_video = torch.as_tensor([index[item['video']] for item in ds.txt])
+    return feat_img, mask_img, torch.cat(feat_txt), mask, true_video, vids
+
+
+def evaluate(model, args, split, device, rank=0, world=1, size_pair=256):
+    """Rank every caption of `split` against every video; returns the metrics dict (same on every rank)."""
+    ds = dataset.Dataset_Retrieval(args, split)
+    if not ds.txt:
+        raise SystemExit(f'{ds.path_txt}: split "{split}" has no captions')
+    was_training = model.training
+    model.eval()
+    t0 = time.time()
+    feat_img, mask_img, feat_txt, mask_txt, true_video, vids = extract(model, ds, args, device, rank, world)
+    t1 = time.time()
+    score = score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair, rank, world, progress=rank == 0)
+    t2 = time.time()
+    model.train(was_training)
+    res = rank_metrics(score.cpu(), true_video)
+    res.update(split=split, n_text=len(ds.txt), n_video=len(vids), sec_feat=t1 - t0, sec_pair=t2 - t1,
+               pairs_per_s=score.numel() / max(t2 - t1, 1e-9))
+    return res
+
+
+def main():
+    parser = argparse.ArgumentParser(description='text-to-video retrieval evaluation (R@1/5/10, median/mean rank)')
+    parser.add_argument('config', nargs='?', default='./_data/args_msrvtt-retrieval.json')
+    parser.add_argument('--ckpt', default=None, help="checkpoint to score with (default: the config's path_ckpt)")
+    parser.add_argument('--zero-shot', action='store_true', help='pretraining checkpoint, scored with its VTM head')
+    parser.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
+                        help='override config keys (VALUE parsed as JSON when possible)')
+    parser.add_argument('--splits', nargs='+', default=['val', 'test'])
+    parser.add_argument('--size_pair', type=int, default=0,
+                        help='(video, text) pairs per fused batch (0: 512 on CUDA, 64 on CPU)')
+    parser.add_argument('--out', default='', help='output dir (default: _snapshot/_eval_retrieval_<timestamp>)')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=None)  # torchrun's LOCAL_RANK env wins
+    opt = parser.parse_args()
+
+    args = agent.load_args(opt.config, opt.set)
+    rank, world, device = agent.init_dist(opt.local_rank)
+    agent.seed_all(args['seed'])  # same random init on every rank when no checkpoint is given
+
+    model = (violet.VIOLET_Pretrain if opt.zero_shot else violet.VIOLET_Retrieval)(args)
+    path_ckpt = args['path_ckpt'] if opt.ckpt is None else opt.ckpt
+    not_loaded, unexpected = model.load_ckpt(path_ckpt)
+    if rank == 0:
+        print(f'checkpoint {path_ckpt or "(none: random init)"}: {len(not_loaded)} model keys not loaded, '
+              f'{len(unexpected)} unexpected keys')
+    model.to(device).eval()
+    size_pair = opt.size_pair or (512 if device.type == 'cuda' else 64)
+
+    results = {}
+    for split in opt.splits:
+        res = evaluate(model, args, split, device, rank, world, size_pair)
+        results[split] = res
+        if rank == 0:
+            print(f"{split}: R@1 {res['r1'] * 100:.1f}  R@5 {res['r5'] * 100:.1f}  R@10 {res['r10'] * 100:.1f}  "
+                  f"MdR {res['median']:g}  MnR {res['mean']:.1f}  ({res['n_text']} texts x {res['n_video']} videos, "
+                  f"{res['pairs_per_s']:.0f} pairs/s)")
+
+    if rank == 0:
+        out = opt.out or args['path_output'] or time.strftime('./_snapshot/_eval_retrieval_%Y%m%d%H%M%S')
+        os.makedirs(out, exist_ok=True)
+        run = dict(config=opt.config, ckpt=path_ckpt, zero_shot=opt.zero_shot, world=world, size_pair=size_pair)
+        agent.save_json(dict(run=run, **results), os.path.join(out, 'eval_retrieval.json'))
+        agent.save_json(args, os.path.join(out, 'args.json'))
+        print(f'wrote {out}/eval_retrieval.json')
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
