@@ -1,0 +1,594 @@
+"""What main_pretrain.py, main_qamc.py, main_qaoe.py and main_retrieval.py share: config loading and
+validation, distributed setup, loaders, THE training loop, checkpoints, exact resume and logs.
+
+A script defines a Task (datasets, model class, step -> loss and metrics) and calls
+`main(TaskClass, default_config)`:
+
+    python main_X.py [CONFIG.json] [--set KEY=VALUE ...] [--resume DIR_OR_FILE]
+    torchrun --nproc_per_node=N main_X.py ...          (also: python -m torch.distributed.launch ...)
+
+Helpers other tools import: load_args(path, sets) -> args; init_dist() -> (rank, world, device);
+get_rank(), get_world(), is_main(), say(), all_sum(); save_json() / save_torch() (atomic writes).
+"""
+import argparse
+import contextlib
+import difflib
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import dataset
+import model as violet
+
+# training keys (model.DEFAULTS and dataset.DEFAULTS hold the others); every config key must be in one of the three
+DEFAULTS = dict(
+    type='',             # 'pretrain' | 'qamc' | 'qaoe' | 'retrieval' (must match the script; '' = the script's)
+    dataset='',          # downstream frames: img_<dataset>.pkl
+    task='',             # downstream texts: txt_<task>.json; names the output dir and checkpoints
+    size_option=5,       # QA-MC options per question
+    size_vocab=0,        # QA-OE answer classes (0: the length of the json's "vocab")
+    size_epoch=5, size_batch=12,  # size_batch is per process
+    lr=2e-5, decay=1e-3,          # AdamW(lr, betas (0.9, 0.98), weight_decay=decay), constant lr
+    path_ckpt='',        # initial weights (pretraining or official checkpoint); '' = none
+    datasets=['webvid2.5m', 'cc3m'],  # pretraining datasets, in order; each trains on its parts found on disk
+    seed=0,
+    num_workers=4,       # DataLoader workers per process
+    precision='auto',    # 'auto' (fp16 on CUDA, fp32 on CPU) | 'fp16' (GradScaler) | 'bf16' | 'fp32'
+    max_grad_norm=0.0,   # > 0: clip the global gradient norm
+    grad_accum=1,        # batches per optimiser step
+    path_output='',      # '' = _snapshot/_<task>_<timestamp>
+    max_nonfinite=10,    # stop after this many consecutive non-finite losses
+    save_every=0,        # > 0: also write resume.pt every this many steps within a part / epoch
+    stop_after_steps=0,  # > 0: stop (resumable) after this many training steps of this invocation
+)
+CHOICES = dict(precision=('auto', 'fp16', 'bf16', 'fp32'), mvm_target=('vq', 'pixel'),
+               type=('', 'pretrain', 'qamc', 'qaoe', 'retrieval'))
+POSITIVE = ('size_batch', 'size_epoch', 'grad_accum', 'max_nonfinite', 'size_img', 'size_txt')
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+def schema():
+    return {**violet.DEFAULTS, **dataset.DEFAULTS, **DEFAULTS}
+
+
+def config_error(msg):
+    return SystemExit(f'config error: {msg}')
+
+
+def check_keys(given, where):
+    """Unknown key, wrong type or bad value -> SystemExit with one line naming the key."""
+    known = schema()
+    for k, v in given.items():
+        if k not in known:
+            near = difflib.get_close_matches(k, known, n=1)
+            raise config_error(f"unknown key '{k}' ({where})" + (f"; did you mean '{near[0]}'?" if near else ''))
+        d = known[k]
+        ok = (d is None or (type(d) is float and type(v) in (int, float)) or type(v) is type(d))
+        if not ok:
+            raise config_error(f"key '{k}' must be {type(d).__name__}, got {type(v).__name__} {v!r} ({where})")
+        if k in CHOICES and v not in CHOICES[k]:
+            raise config_error(f"key '{k}' must be one of {list(CHOICES[k])}, got {v!r} ({where})")
+        if k in POSITIVE and v < 1:
+            raise config_error(f"key '{k}' must be >= 1, got {v!r} ({where})")
+
+
+def parse_value(s):
+    """--set values are JSON when they parse (numbers, true, lists, "quoted"), else plain strings."""
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+
+def load_args(path='', sets=(), base=None):
+    """All defaults, then the config file at `path` (or `base`, a saved run's args), then --set KEY=VALUE
+    overrides; every key validated. -> args dict."""
+    args = schema()
+    if base is None and path:
+        if not os.path.isfile(path):
+            raise config_error(f'no config file {path}')
+        with open(path) as f:
+            try:
+                base = json.load(f)
+            except json.JSONDecodeError as e:
+                raise config_error(f'{path} is not valid JSON ({e})') from e
+        if not isinstance(base, dict):
+            raise config_error(f'{path} must hold a JSON object')
+    check_keys(base or {}, path or 'saved args')
+    args.update(base or {})
+    for kv in sets:
+        k, eq, v = kv.partition('=')
+        if not eq:
+            raise config_error(f"--set takes KEY=VALUE, got '{kv}'")
+        check_keys({k: parse_value(v)}, '--set')
+        args[k] = parse_value(v)
+    return args
+
+
+def parse_cli(default_config, argv=None):
+    p = argparse.ArgumentParser(description='VIOLET training (see agent.py for the config keys)')
+    p.add_argument('config', nargs='?', default=default_config, help=f'JSON config (default {default_config})')
+    p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
+                   help='override config keys; VALUE parsed as JSON when possible, else a string')
+    p.add_argument('--resume', default='', metavar='DIR_OR_FILE',
+                   help="continue a stopped run (its output dir or resume.pt) in the same dir; the run's saved "
+                        'args are used, --set still applies')
+    p.add_argument('--local_rank', '--local-rank', type=int, default=None,
+                   help='set by torch.distributed.launch; the LOCAL_RANK env var wins')
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed
+
+def init_dist(local_rank=None):
+    """Join the process group when launched by torchrun / torch.distributed.launch (WORLD_SIZE > 1; multi-node
+    through torchrun's rendezvous); a plain `python script.py` runs alone without one.
+    NCCL on CUDA, gloo on CPU. -> (rank, world, device)."""
+    local_rank = int(os.environ.get('LOCAL_RANK', local_rank or 0))
+    if torch.cuda.is_available():
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device('cpu')
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return get_rank(), get_world(), device
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def say(*msg):
+    if is_main():
+        print(*msg, flush=True)
+
+
+def all_reduce(values, op=None):
+    """Sum (or `op`) a list of numbers over ranks -> list of floats; no-op alone."""
+    if get_world() == 1:
+        return [float(v) for v in values]
+    dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_sum(values):
+    return all_reduce(values)
+
+
+def gather_objects(obj):
+    """-> list of every rank's obj (rank order)."""
+    if get_world() == 1:
+        return [obj]
+    out = [None] * get_world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# ----------------------------------------------------------------------------------------------
+# files: written to a tmp file in the same dir, then renamed, so a crash never leaves half a file
+
+def _atomic(path, write):
+    tmp = f'{path}.tmp{os.getpid()}'
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_json(obj, path):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=2)
+    _atomic(path, write)
+
+
+def save_torch(obj, path):
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+# ----------------------------------------------------------------------------------------------
+# randomness: global RNGs (dropout, VTM negatives) are saved in resume states; masking and loaders use
+# generators seeded from the position, so a resumed run replays exactly what an unbroken one does
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    s = dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        s['cuda'] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s):
+    random.setstate(s['python'])
+    name, keys, pos, has_gauss, gauss = s['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(s['torch'])
+    if 'cuda' in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s['cuda'])
+
+
+def seed_of(*position):
+    """A 63-bit seed from a tuple of ints (deterministic: int tuples hash the same in every process)."""
+    return hash(tuple(position)) & (2**63 - 1)
+
+
+def generator(device, *position):
+    return torch.Generator(device).manual_seed(seed_of(*position))
+
+
+# ----------------------------------------------------------------------------------------------
+# losses and metrics
+
+def ce_hits(out, ans):
+    """Cross-entropy over the targets != -1 (0 when there are none, so a batch with nothing masked is no NaN)
+    and argmax hits. -> (loss, (n_correct, n_targets))."""
+    out, ans = out.flatten(0, -2).float(), ans.flatten()
+    keep = ans != -1
+    n = keep.sum()
+    loss = F.cross_entropy(out, ans, ignore_index=-1, reduction='sum') / n.clamp(min=1)
+    return loss, (((out.argmax(-1) == ans) & keep).sum(), n)
+
+
+# ----------------------------------------------------------------------------------------------
+# tasks: what differs between the scripts
+
+class Task:
+    """What one script defines; Trainer calls:
+      build_model() -> nn.Module built from self.args
+      units() -> list of dicts with 'epoch' (1-based) and 'name': each is train -> evaluate -> checkpoint, in order
+      train_set(unit) -> Dataset;  eval_sets(unit) -> {tag: Dataset} evaluated after the unit
+      step(model, batch, gen) -> (loss to minimise, {name: loss tensor} to log, {metric: (n_correct, n_count)});
+          batch is on the device, gen a torch.Generator seeded from (seed, unit, step, rank)
+      new_log() -> dict;  record(log, unit, mean losses, {tag: {metric: accuracy}}) appends to it
+      ckpt_name(unit) -> file name (unit None: the checkpoint written before training)
+    type: the config 'type' it trains; losses, metrics: the keys of step()'s losses and hits; name: of the output dir."""
+    type = ''
+    metrics = ()
+    losses = ()
+
+    def __init__(self, args):
+        self.args = args
+
+    @property
+    def name(self):
+        return self.type
+
+
+class Downstream(Task):
+    """Fine-tuning (violet-spec 3.3): epochs of train -> val and test accuracy -> ckpt_violet_<task>_<epoch>.pt."""
+    Model = Dataset = None
+    losses, metrics = ('tr',), ('ac',)
+
+    def __init__(self, args):
+        super().__init__(args)
+        if not args['task'] or not args['dataset']:
+            raise config_error(f"{self.type} needs the keys 'task' and 'dataset'")
+        self.sets = {}
+
+    @property
+    def name(self):
+        return self.args['task']
+
+    def build_model(self):
+        return self.Model(self.args)
+
+    def split(self, split):
+        if split not in self.sets:
+            self.sets[split] = self.Dataset(self.args, split)
+        return self.sets[split]
+
+    def units(self):
+        return [dict(epoch=e, name=f'epoch {e}') for e in range(1, self.args['size_epoch'] + 1)]
+
+    def train_set(self, unit):
+        return self.split('train')
+
+    def eval_sets(self, unit):
+        return {'vl': self.split('val'), 'ts': self.split('test')}
+
+    def step(self, model, batch, gen):
+        img, txt, mask, ans = batch
+        loss, hits = ce_hits(model(img, txt, mask), ans)
+        return loss, {'tr': loss}, {'ac': hits}
+
+    def new_log(self):
+        return {'ls_tr': [], 'ac_vl': [], 'ac_ts': []}
+
+    def record(self, log, unit, losses, accs):
+        log['ls_tr'].append(losses['tr'])
+        log['ac_vl'].append(accs['vl']['ac'])
+        log['ac_ts'].append(accs['ts']['ac'])
+
+    def ckpt_name(self, unit):
+        return f'ckpt_violet_{self.args["task"]}_{unit["epoch"] if unit else 0}.pt'
+
+
+# ----------------------------------------------------------------------------------------------
+# the training loop
+
+class Trainer:
+    def __init__(self, task, device, state=None):
+        self.task, self.args, self.device = task, task.args, device
+        self.rank, self.world = get_rank(), get_world()
+        args = self.args
+        self.precision = args['precision']
+        if self.precision == 'auto':
+            self.precision = 'fp16' if device.type == 'cuda' else 'fp32'
+
+        seed_all(args['seed'])  # the same initial weights on every rank
+        self.raw = task.build_model().to(device)
+        if state is None:
+            self.not_loaded, _ = self.raw.load_ckpt(args['path_ckpt'])
+        else:
+            self.raw.load_state_dict(state['model'])
+            self.not_loaded = state['log'].get('not_loaded', [])
+        self.model = self.raw
+        if self.world > 1:
+            # broadcast_buffers off: the buffers are constants, and a rank may skip a forward (empty batch)
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.raw, device_ids=[device.index] if device.type == 'cuda' else None,
+                find_unused_parameters=True, broadcast_buffers=False)
+        self.optim = torch.optim.AdamW(self.raw.parameters(), lr=args['lr'], betas=(0.9, 0.98),
+                                       weight_decay=args['decay'], fused=device.type in ('cuda', 'cpu'))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == 'fp16')
+        self.log = task.new_log()
+        self.log.update(n_skipped=0, n_nonfinite=0, not_loaded=self.not_loaded)
+        self.unit, self.step = 0, 0       # position: next unit, batches of it already done
+        self.nonfinite_run = 0            # consecutive non-finite steps (same on every rank)
+        self.local = self.fresh_local()   # this rank's running sums of the current unit
+        if state is None:
+            seed_all(args['seed'] * 1000 + self.rank)  # dropout differs per rank
+        else:
+            self.load_state(state)
+
+    def fresh_local(self):
+        return dict(sums={}, n=0, n_skipped=0)
+
+    def autocast(self):
+        if self.precision in ('fp16', 'bf16'):
+            return torch.autocast(self.device.type, dtype=torch.float16 if self.precision == 'fp16' else torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loader(self, ds, indices, *position):
+        # its own generator: creating an iterator never touches the global RNG (exact resume)
+        return torch.utils.data.DataLoader(
+            ds, batch_size=self.args['size_batch'], sampler=indices, num_workers=self.args['num_workers'],
+            collate_fn=dataset.collate_skip, pin_memory=self.device.type == 'cuda',
+            generator=torch.Generator().manual_seed(seed_of(*position)))
+
+    def to_device(self, batch):
+        return [x.to(self.device, non_blocking=True) for x in batch]
+
+    # ---- one unit of training
+    def train_unit(self, u, unit):
+        """Train on the unit's data from batch self.step on. -> mean losses, or None when stopped early."""
+        args, B = self.args, self.args['size_batch']
+        ds = self.task.train_set(unit)
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                                      seed=args['seed'])
+        sampler.set_epoch(unit['epoch'])
+        indices = list(sampler)
+        n_batch = math.ceil(len(indices) / B)
+        loader = self.loader(ds, indices[self.step * B:], args['seed'], u, self.step, self.rank)
+        self.model.train()
+        accum = args['grad_accum']
+        pending = 0  # backward passes since the last optimiser step
+        t0, n_samples = time.time(), 0
+        bar = tqdm(loader, total=n_batch, initial=self.step, disable=not is_main(), ascii=True, desc=unit['name'])
+        for i, (batch, n_skip) in enumerate(bar, start=self.step):
+            self.local['n_skipped'] += n_skip
+            last_of_window = (i + 1) % accum == 0 or i + 1 == n_batch
+            loss = losses = None
+            if batch is not None:
+                batch = self.to_device(batch)
+                n_samples += len(batch[0])
+                with self.autocast():
+                    loss, losses, _ = self.task.step(self.model, batch, generator(self.device, args['seed'], u, i, self.rank))
+            present = batch is not None
+            finite = present and bool(torch.isfinite(loss))
+            present, finite = all_reduce([present, finite], dist.ReduceOp.MIN if self.world > 1 else None)
+            if present and not finite:
+                self.log['n_nonfinite'] += 1
+                self.nonfinite_run += 1
+                say(f'\nnon-finite loss at {unit["name"]} step {i}: step skipped '
+                    f'({self.nonfinite_run} in a row, {self.log["n_nonfinite"]} in all)')
+                if self.nonfinite_run >= args['max_nonfinite']:
+                    raise SystemExit(f'stopping: {self.nonfinite_run} consecutive non-finite losses '
+                                     f'(max_nonfinite={args["max_nonfinite"]}) at {unit["name"]} step {i}; '
+                                     f'try precision bf16/fp32, a lower lr or max_grad_norm')
+            if present and finite:
+                self.nonfinite_run = 0
+                sync = last_of_window or self.world == 1
+                with contextlib.nullcontext() if sync else self.model.no_sync():
+                    self.scaler.scale(loss / accum).backward()
+                pending += 1
+                for k, v in losses.items():
+                    self.local['sums'][k] = self.local['sums'].get(k, 0.0) + v.item()
+                self.local['n'] += 1
+                if is_main():
+                    bar.set_postfix(loss=f'{loss.item():.3f}')
+            elif last_of_window and self.world > 1:
+                pending = 0  # the window's DDP all-reduce never ran (its last backward was skipped): drop it
+            if last_of_window:
+                if pending:
+                    self.optimiser_step()
+                self.optim.zero_grad(set_to_none=True)
+                pending = 0
+                self.step = i + 1
+                self.steps_run += 1
+                if args['save_every'] and self.step % args['save_every'] == 0 and self.step < n_batch:
+                    self.save_resume()
+                if self.step < n_batch and self.stopping():
+                    self.save_resume()
+                    return None
+        bar.close()
+        sec = time.time() - t0
+        keys = self.task.losses  # fixed names: a rank without a finite step still sends every sum
+        tot = all_sum([self.local['sums'].get(k, 0.0) for k in keys] + [self.local['n'], self.local['n_skipped'], n_samples])
+        self.log['n_skipped'] += int(tot[-2])
+        self.speed = tot[-1] / max(sec, 1e-9)
+        return {k: tot[j] / max(tot[-3], 1) for j, k in enumerate(keys)}
+
+    def optimiser_step(self):
+        if self.args['max_grad_norm'] > 0:
+            self.scaler.unscale_(self.optim)
+            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.args['max_grad_norm'])
+        self.scaler.step(self.optim)
+        self.scaler.update()
+
+    @torch.no_grad()
+    def evaluate(self, u, tag, ds):
+        """Accuracy over the whole split: each rank takes every world-th sample (no padding), hits summed."""
+        loader = self.loader(ds, list(range(self.rank, len(ds), self.world)), self.args['seed'], u, -1, self.rank)
+        self.raw.eval()
+        metrics = self.task.metrics
+        sums, n_skipped = [0.0] * (2 * len(metrics)), 0
+        for i, (batch, n_skip) in enumerate(tqdm(loader, disable=not is_main(), ascii=True, desc=f'eval {tag}')):
+            n_skipped += n_skip
+            if batch is None:
+                continue
+            with self.autocast():
+                _, _, hits = self.task.step(self.raw, self.to_device(batch),
+                                            generator(self.device, self.args['seed'], u, i, self.rank, 1))
+            for j, k in enumerate(metrics):
+                sums[2*j] += float(hits[k][0])
+                sums[2*j+1] += float(hits[k][1])
+        tot = all_sum(sums + [n_skipped])
+        self.log['n_skipped'] += int(tot[-1])
+        return {k: tot[2*j] / max(tot[2*j+1], 1) for j, k in enumerate(metrics)}
+
+    # ---- checkpoints, resume, log
+    def save_resume(self):
+        """resume.pt: weights, optimiser, scaler, position, log and every rank's RNG states and running sums.
+        Collective: every rank calls it at the same point; rank 0 writes."""
+        ranks = gather_objects(dict(rng=rng_state(), **self.local))
+        if is_main():
+            save_torch(dict(model=self.raw.state_dict(), optim=self.optim.state_dict(), scaler=self.scaler.state_dict(),
+                            unit=self.unit, step=self.step, nonfinite_run=self.nonfinite_run, log=self.log,
+                            ranks=ranks, world=self.world, args=self.args), os.path.join(self.out, 'resume.pt'))
+
+    def load_state(self, state):
+        self.optim.load_state_dict(state['optim'])
+        if state['scaler']:
+            self.scaler.load_state_dict(state['scaler'])
+        self.unit, self.step, self.nonfinite_run, self.log = state['unit'], state['step'], state['nonfinite_run'], state['log']
+        if state['world'] == self.world:
+            mine = state['ranks'][self.rank]
+            set_rng_state(mine['rng'])
+            self.local = {k: mine[k] for k in ('sums', 'n', 'n_skipped')}
+        elif state['step'] == 0:  # at a unit boundary another process count is fine, only not bit-exact
+            say(f'resuming a {state["world"]}-process run with {self.world}: RNG states reseeded')
+            seed_all(self.args['seed'] * 1000 + self.rank + 7919 * self.unit)
+        else:
+            raise SystemExit(f'resume: the run stopped inside a unit with {state["world"]} processes; resume it with '
+                             f'the same number (this has {self.world}), or from a unit boundary')
+
+    def save_unit(self, name):
+        if is_main():
+            save_torch(self.raw.state_dict(), os.path.join(self.out, name))  # plain state dict: the original loads it
+            save_json(self.log, os.path.join(self.out, 'log.json'))
+
+    def fit(self, out):
+        self.out, self.steps_run = out, 0
+        units = self.task.units()
+        if self.unit == 0 and self.step == 0:
+            self.save_unit(self.task.ckpt_name(None))
+        while self.unit < len(units):
+            unit = units[self.unit]
+            losses = self.train_unit(self.unit, unit)
+            if losses is None:
+                return False
+            accs = {tag: self.evaluate(self.unit, tag, ds) for tag, ds in self.task.eval_sets(unit).items()}
+            self.task.record(self.log, unit, losses, accs)
+            self.save_unit(self.task.ckpt_name(unit))
+            self.unit, self.step, self.local = self.unit + 1, 0, self.fresh_local()
+            self.save_resume()
+            say(f'{unit["name"]}: loss {fmt(losses)} | ' + ' | '.join(f'{t} {fmt(a)}' for t, a in accs.items()) +
+                f' | {self.speed:.1f} samples/s | skipped {self.log["n_skipped"]} non-finite {self.log["n_nonfinite"]}')
+            if self.stopping() and self.unit < len(units):
+                return False
+        return True
+
+    def stopping(self):
+        if self.args['stop_after_steps'] and self.steps_run >= self.args['stop_after_steps']:
+            say(f'stopped after {self.steps_run} steps (stop_after_steps); continue with --resume {self.out}')
+            return True
+        return False
+
+
+def fmt(d):
+    return ' '.join(f'{k} {v:.4f}' for k, v in d.items())
+
+
+def main(task_cls, default_config, argv=None):
+    """The whole run of one script: config, process group, model, data, training, files."""
+    cli = parse_cli(default_config, argv)
+    state = None
+    if cli.resume:
+        path = os.path.join(cli.resume, 'resume.pt') if os.path.isdir(cli.resume) else cli.resume
+        if not os.path.isfile(path):
+            raise SystemExit(f'resume: no resume state at {path}')
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        args = load_args(sets=cli.set, base=state['args'])
+        args['path_output'] = os.path.dirname(os.path.abspath(path))
+        state['args'] = args
+    else:
+        args = load_args(cli.config, cli.set)
+    if args['type'] not in ('', task_cls.type):
+        raise config_error(f"key 'type' is '{args['type']}', but this script trains '{task_cls.type}'")
+    args['type'] = task_cls.type
+
+    rank, world, device = init_dist(cli.local_rank)
+    if device.type == 'cpu':  # CPU index_put with repeated indices (the VT's bias-table lookup) accumulates
+        torch.use_deterministic_algorithms(True, warn_only=True)  # in a racy order: needed for exact resume
+    task = task_cls(args)
+    out = [args['path_output'] or os.path.join('_snapshot', f'_{task.name}_{time.strftime("%Y%m%d%H%M%S")}')]
+    if world > 1:
+        dist.broadcast_object_list(out)  # rank 0's timestamp
+    args['path_output'] = out = out[0]
+    if is_main():
+        os.makedirs(out, exist_ok=True)
+        print(f'{task.name}: {world} process(es) on {device}, output {out}', flush=True)
+    trainer = Trainer(task, device, state)
+    if is_main():
+        save_json(args, os.path.join(out, 'args.json'))  # after the task filled in what it derives (size_vocab)
+        if state is None:
+            print(f'precision {trainer.precision}; not loaded from {args["path_ckpt"] or "(no checkpoint)"}: '
+                  f'{trainer.not_loaded}', flush=True)
+    done = trainer.fit(out)
+    if done:
+        say(f'done: {out}')
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return out

@@ -1,0 +1,117 @@
+"""Fine-tuning scripts under a 2-process torchrun, initialisation from a pretraining checkpoint, config errors."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, '_tools'))
+import agent  # noqa: E402
+import model as violet  # noqa: E402
+from make_toy import make_toy  # noqa: E402
+
+TINY = f'{REPO}/_data/bert-tiny'
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('toy'))
+    make_toy(out, seed=0, n_videos=4, n_val=4, n_images=4, n_down=16, n_down_eval=8, workers=2)
+    return out
+
+
+@pytest.fixture(scope='module')
+def ckpt_pretrain(tmp_path_factory):
+    """A pretraining checkpoint of the tiny model (plain state dict, as main_pretrain.py writes)."""
+    args = agent.load_args(f'{REPO}/_data/toy/args_pretrain.json', [f'txt_backbone={TINY}'])
+    path = str(tmp_path_factory.mktemp('ckpt') / 'ckpt_violet_pretrain.pt')
+    torch.save(violet.VIOLET_Pretrain(args).state_dict(), path)
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def expected_not_loaded(cls, args, path):
+    """Keys of cls that the pretraining checkpoint cannot fill: absent there, or another shape."""
+    own, src = cls(args).state_dict(), torch.load(path, weights_only=True)
+    return sorted(k for k, v in own.items()
+                  if (k not in src or src[k].shape != v.shape) and not k.endswith('relative_position_index'))
+
+
+@pytest.mark.parametrize('task,script,launcher', [
+    ('qamc', 'main_qamc.py', 'torchrun'),
+    ('qaoe', 'main_qaoe.py', 'launch'),  # the legacy launcher passes --local-rank
+    ('retrieval', 'main_retrieval.py', 'torchrun'),
+])
+def test_two_process_epoch(toy, ckpt_pretrain, tmp_path, task, script, launcher):
+    out = str(tmp_path / task)
+    config = f'{REPO}/_data/toy/args_toy-{task}.json'
+    if launcher == 'torchrun':
+        cmd = ['torchrun', '--standalone', '--nproc_per_node=2', script]
+    else:
+        cmd = [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2', f'--master_port={free_port()}', script]
+    sets = [f'path_data={toy}', f'txt_backbone={TINY}', f'path_output={out}', f'path_ckpt={ckpt_pretrain}',
+            'size_epoch=1', 'size_batch=4']
+    r = subprocess.run(cmd + [config, '--set', *sets], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, f'{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
+    files = set(os.listdir(out))
+    assert {f'ckpt_violet_toy-{task}_0.pt', f'ckpt_violet_toy-{task}_1.pt', 'log.json', 'args.json', 'resume.pt'} <= files
+    log = json.load(open(os.path.join(out, 'log.json')))
+    assert len(log['ls_tr']) == len(log['ac_vl']) == len(log['ac_ts']) == 1
+    assert all(0 <= log[k][0] <= 1 for k in ('ac_vl', 'ac_ts'))
+    # accuracy over the whole split: a multiple of 1/len(split) (8 items), not a mean of batch means
+    assert all(abs(log[k][0] * 8 - round(log[k][0] * 8)) < 1e-9 for k in ('ac_vl', 'ac_ts'))
+    # everything the pretraining checkpoint holds was loaded: only the head keys it lacks (or shapes) are not
+    args = json.load(open(os.path.join(out, 'args.json')))
+    cls = violet.MODELS[task]
+    assert log['not_loaded'] == expected_not_loaded(cls, args, ckpt_pretrain)
+    if task == 'qaoe':
+        assert log['not_loaded'] == ['fc.3.bias', 'fc.3.weight']  # 12 answer classes vs the VTM head's 1 output
+    else:
+        assert log['not_loaded'] == []
+    sd = torch.load(os.path.join(out, f'ckpt_violet_toy-{task}_1.pt'), weights_only=True)
+    assert sd.keys() == cls(args).state_dict().keys()
+
+
+def test_load_ckpt_reports_only_head_keys(ckpt_pretrain):
+    args = agent.load_args(f'{REPO}/_data/toy/args_toy-qaoe.json', [f'txt_backbone={TINY}'])
+    not_loaded, unexpected = violet.VIOLET_QAOE(args).load_ckpt(ckpt_pretrain)
+    assert not_loaded == ['fc.3.bias', 'fc.3.weight']
+    assert set(unexpected) == {k for k in torch.load(ckpt_pretrain, weights_only=True)
+                               if k.startswith(('fc_mtm.', 'fc_mvm.', 'fc.3.'))}
+
+
+def error_of(*sets, path=f'{REPO}/_data/args_tgif-action.json'):
+    with pytest.raises(SystemExit) as e:
+        agent.load_args(path, sets)
+    return str(e.value)
+
+
+def test_config_errors(tmp_path):
+    assert error_of('lrr=1e-4') == "config error: unknown key 'lrr' (--set); did you mean 'lr'?"
+    assert error_of('lr=fast') == "config error: key 'lr' must be float, got str 'fast' (--set)"
+    assert error_of('size_batch=2.5') == "config error: key 'size_batch' must be int, got float 2.5 (--set)"
+    assert error_of('skip_bad=1') == "config error: key 'skip_bad' must be bool, got int 1 (--set)"
+    assert error_of('precision=fp8') == "config error: key 'precision' must be one of ['auto', 'fp16', 'bf16', 'fp32'], got 'fp8' (--set)"
+    assert error_of('lr') == "config error: --set takes KEY=VALUE, got 'lr'"
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps({'type': 'qamc', 'size_epochs': 3}))
+    assert error_of(path=str(bad)) == f"config error: unknown key 'size_epochs' ({bad}); did you mean 'size_epoch'?"
+    args = agent.load_args(f'{REPO}/_data/args_tgif-action.json', ['lr=3', 'vt_depths=[2,2,2,2]', 'task=x y'])
+    assert args['lr'] == 3 and args['vt_depths'] == [2, 2, 2, 2] and args['task'] == 'x y' and args['size_option'] == 5
+    # the script names the key on stderr and exits non-zero before starting anything
+    r = subprocess.run([sys.executable, 'main_qamc.py', '_data/args_tgif-action.json', '--set', 'size_optoin=4'],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().endswith("config error: unknown key 'size_optoin' (--set); did you mean 'size_option'?")
+    r = subprocess.run([sys.executable, 'main_qaoe.py', '_data/args_tgif-action.json'],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "config error: key 'type' is 'qamc', but this script trains 'qaoe'" in r.stderr

@@ -1,0 +1,234 @@
+"""Pretraining: masking statistics (violet-spec 3.2), learning on the toy corpus, a 2-process torchrun run,
+and exact resume."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, '_tools'))
+import agent  # noqa: E402
+import dataset  # noqa: E402
+import main_pretrain as mp  # noqa: E402
+from make_toy import make_toy  # noqa: E402
+
+TOY_CONFIG = os.path.join(REPO, '_data/toy/args_pretrain.json')
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('toy'))
+    make_toy(out, seed=0, n_videos=16, n_val=8, n_images=16, n_down=8, n_down_eval=4, workers=2)
+    return out
+
+
+def toy_sets(toy, extra=()):
+    return ['--set', f'path_data={toy}', f'txt_backbone={REPO}/_data/bert-tiny', *extra]
+
+
+def run(cmd, timeout=300):
+    # one thread per process: on a shared 2-core machine OpenMP threads fighting for cores are several times slower
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, f'{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
+    return r
+
+
+# ---------------------------------------------------------------------------------------------- masking
+
+def batch(B=400, T=4, S=224, X=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = w = S // 32
+    img = torch.rand(B, T, 3, S, S, generator=g) * 0.9 + 0.1  # no zero pixel before masking
+    txt = torch.randint(1000, 2000, (B, X), generator=g)
+    n_words = torch.randint(3, X - 1, (B,), generator=g)
+    ar = torch.arange(X)
+    txt = torch.where(ar > n_words[:, None], 0, txt)  # [PAD]
+    txt[:, 0] = 101
+    txt.scatter_(1, n_words[:, None], 102)
+    vq = torch.arange(T * (1 + h * w)).expand(B, -1).clone()  # the target at position p is p itself
+    vq[:, ::1 + h * w] = -1
+    return img, txt, vq
+
+
+def never_called():
+    raise AssertionError('get_att must not be called when every sample is blockwise')
+
+
+def test_blockwise_text_ratio_and_specials():
+    img, txt, vq = batch()
+    special = (txt == 101) | (txt == 102) | (txt == 0)
+    _, txt_m, ans_mtm, _, _ = mp.mask_batch(img, txt, vq, torch.Generator().manual_seed(1), never_called, p_block=1.0)
+    masked = ans_mtm != -1
+    assert not (masked & special).any()
+    assert torch.equal(txt_m[masked], torch.full_like(txt_m[masked], 103)) and torch.equal(ans_mtm[masked], txt[masked])
+    assert torch.equal(txt_m[~masked], txt[~masked])
+    ratio = masked.sum() / (~special).sum()
+    assert abs(ratio - 0.15) < 0.01, ratio
+
+
+def test_block_sides_and_shapes():
+    g = torch.Generator().manual_seed(2)
+
+    def rand(*shape):
+        return torch.rand(shape, generator=g)
+    assert set(mp.block_sides(4, (5000,), rand).tolist()) == {1, 2, 3}   # T = 4: t in [1, 3]
+    assert set(mp.block_sides(7 * 2 // 3, (5000,), rand).tolist()) == {1, 2, 3}  # 224 px: h in [1, 3]
+    assert set(mp.block_sides(1, (100,), rand).tolist()) == {1}          # T = 1, and 64 px (h*2//3 = 1)
+    # one frame: one block, so the covered set is one rectangle with sides within [1, h*2//3 - 1]
+    cov = mp.blockwise(3000, 1, 7, 7, rand)[:, 0]
+    rows, cols = cov.any(2), cov.any(1)
+    n_r, n_c = rows.sum(1), cols.sum(1)
+    assert torch.equal(cov.sum((1, 2)), n_r * n_c)
+    assert n_r.min() == 1 and n_r.max() == 3 and n_c.min() == 1 and n_c.max() == 3
+    assert set(rows.float().argmax(1).tolist()) == set(range(7))  # first row: every start 0..6 occurs
+    cov = mp.blockwise(2000, 4, 2, 2, rand)  # 64 px: blocks of 1 x 1 patch, 1..3 frames
+    assert cov.sum((1, 2, 3)).max() <= 4 * 3 and cov.flatten(1).any(1).all()
+
+
+def test_attended_count_specials_and_weights():
+    img, txt, vq = batch(B=300, T=2)
+    B, L_img = txt.shape[0], vq.shape[1]
+    L = L_img + txt.shape[1]
+    att = torch.rand(B, L, generator=torch.Generator().manual_seed(3)) + 0.01
+    att[:, L_img + 1] = 1e4  # the first word (never special): drawn almost always
+    _, _, ans_mtm, ans_mvm, is_mvm = mp.mask_batch(img, txt, vq, torch.Generator().manual_seed(4), lambda: att, p_block=0.0)
+    n = (ans_mtm != -1).sum(1) + is_mvm.sum(1)
+    assert (n == int(0.15 * L)).all()
+    assert not ((ans_mtm != -1) & ((txt == 101) | (txt == 102) | (txt == 0))).any()
+    assert not is_mvm[:, ::1 + 7 * 7].any()  # video cls slots
+    assert (ans_mtm[:, 1] != -1).float().mean() > 0.99
+    # fewer non-zero weights than asked for: take all of them
+    att = torch.zeros(B, L)
+    att[:, [5, 7, L_img + 1]] = 1.0
+    _, _, ans_mtm, _, is_mvm = mp.mask_batch(img, txt, vq, torch.Generator().manual_seed(5), lambda: att, p_block=0.0)
+    assert is_mvm[:, [5, 7]].all() and is_mvm.sum() == 2 * B and (ans_mtm != -1).sum() == B
+
+
+@pytest.mark.parametrize('p_block', [1.0, 0.0, 0.5])
+def test_pixels_zeroed_exactly_at_masked_patches(p_block):
+    T, S = 3, 224
+    img, txt, vq = batch(B=40, T=T, S=S)
+    h = w = S // 32
+    att = torch.rand(40, vq.shape[1] + txt.shape[1], generator=torch.Generator().manual_seed(6))
+    img_m, _, _, ans_mvm, is_mvm = mp.mask_batch(img, txt, vq, torch.Generator().manual_seed(7), lambda: att, p_block)
+    assert is_mvm.any()
+    # a 32x32 block is all zero in the masked image iff its patch is masked; other pixels unchanged
+    zero = (img_m == 0).all(2).view(40, T, h, 32, w, 32).permute(0, 1, 2, 4, 3, 5).flatten(4).all(4)  # [B,T,h,w]
+    untouched = (img_m == img).all(2).view(40, T, h, 32, w, 32).permute(0, 1, 2, 4, 3, 5).flatten(4).all(4)
+    per_frame = is_mvm.view(40, T, 1 + h * w)
+    assert not per_frame[:, :, 0].any()
+    assert torch.equal(zero, per_frame[:, :, 1:].view(40, T, h, w)) and torch.equal(untouched, ~zero)
+    # the target of patch (t, r, c) is the VQ token at t*(1+h*w) + 1 + r*w + c (vq[p] == p here)
+    t, r, c = zero.nonzero()[:, 1:].unbind(1)
+    b = zero.nonzero()[:, 0]
+    assert torch.equal(ans_mvm[b, t * (1 + h * w) + 1 + r * w + c], t * (1 + h * w) + 1 + r * w + c)
+    assert (ans_mvm != -1).sum() == zero.sum()
+
+
+def test_pixel_targets():
+    img = torch.rand(2, 2, 3, 64, 64)
+    tgt = mp.pixel_targets(img)
+    assert tgt.shape == (2, 2 * 5, 3 * 32 * 32)
+    assert (tgt[:, 0] == 0).all() and (tgt[:, 5] == 0).all()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    patch = (img[1, 1, :, 32:64, 0:32] - mean[:, None, None]) / std[:, None, None]  # frame 1, row 1, col 0
+    assert torch.allclose(tgt[1, 5 + 1 + 1 * 2 + 0], patch.flatten())
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def test_losses_go_down(toy):
+    """A tiny direct loop through the Pretrain task on the toy images: MLM, MVM and VTM losses fall (VTM from its
+    initial over-confident value, /0.05, to about chance at this length; real alignment takes longer)."""
+    args = agent.load_args(TOY_CONFIG, toy_sets(toy)[1:] + ['size_txt=12'])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine one thread is several times faster
+    torch.manual_seed(0)
+    task = mp.Pretrain(args)
+    model = task.build_model()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=1e-3)
+    items = [d[i] for d in [dataset.Dataset_Pretrain(args, 'toyimg', 'train', p) for p in (0, 1)] for i in range(len(d))]
+    hist = []
+    for s in range(120):
+        idx = torch.randperm(len(items), generator=torch.Generator().manual_seed(s))[:8]
+        b, _ = dataset.collate_skip([items[i] for i in idx])
+        loss, losses, _ = task.step(model, b, agent.generator('cpu', 0, s))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hist.append({k: v.item() for k, v in losses.items()})
+    torch.set_num_threads(threads)
+    for k in ('mtm', 'mvm', 'vtm'):
+        first = sum(h[k] for h in hist[:20]) / 20
+        last = sum(h[k] for h in hist[-20:]) / 20
+        assert last < first * 0.85, (k, first, last)
+
+
+def test_torchrun_two_processes(toy, tmp_path):
+    out = str(tmp_path / 'run')
+    run(['torchrun', '--standalone', '--nproc_per_node=2', 'main_pretrain.py', TOY_CONFIG,
+         *toy_sets(toy, [f'path_output={out}', 'size_batch=4', 'grad_accum=2', 'max_grad_norm=1.0'])])
+    files = set(os.listdir(out))
+    for d in ('toyvid', 'toyimg'):
+        for p in (0, 1):
+            ckpt = f'ckpt_violet_pretrain_{d}_{p}_1.pt'
+            assert ckpt in files
+    assert {'args.json', 'log.json', 'resume.pt', 'ckpt_violet_pretrain_0.pt'} <= files
+    sd = torch.load(os.path.join(out, 'ckpt_violet_pretrain_toyimg_1_1.pt'), weights_only=True)
+    assert 'fc_mtm.predictions.decoder.weight' in sd and not any(k.startswith('module.') for k in sd)
+    log = json.load(open(os.path.join(out, 'log.json')))
+    for d in ('toyvid', 'toyimg'):
+        assert set(log[d]) == {f'{a}_{k}' for a in ('ls', 'ac') for k in ('mtm', 'mvm', 'vtm')}
+        assert all(len(v) == 2 for v in log[d].values())
+        assert all(0 <= a <= 1 for k, v in log[d].items() if k.startswith('ac') for a in v)
+    assert log['n_skipped'] == 0 and log['n_nonfinite'] == 0
+    assert json.load(open(os.path.join(out, 'args.json')))['path_output'] == out
+
+
+def test_resume_is_exact(toy, tmp_path):
+    """Stopped inside the first part, then resumed: the same weights and log as a run never stopped."""
+    common = [TOY_CONFIG, *toy_sets(toy, ['datasets=["toyimg"]', 'size_batch=8', 'save_every=1'])]
+    whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
+    run([sys.executable, 'main_pretrain.py', *common, f'path_output={whole}'])
+    r = run([sys.executable, 'main_pretrain.py', *common, f'path_output={parts}', 'stop_after_steps=1'])
+    assert 'stopped after 1 steps' in r.stdout
+    assert not os.path.exists(os.path.join(parts, 'ckpt_violet_pretrain_toyimg_0_1.pt'))
+    assert torch.load(os.path.join(parts, 'resume.pt'), weights_only=True)['step'] == 1  # inside part 0 (2 steps)
+    run([sys.executable, 'main_pretrain.py', '--resume', parts, '--set', 'stop_after_steps=0'])
+    names = sorted(f for f in os.listdir(whole) if f.startswith('ckpt_'))
+    assert names == sorted(f for f in os.listdir(parts) if f.startswith('ckpt_')) and len(names) == 3
+    for name in names:
+        a = torch.load(os.path.join(whole, name), weights_only=True)
+        b = torch.load(os.path.join(parts, name), weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.load(open(os.path.join(whole, 'log.json'))) == json.load(open(os.path.join(parts, 'log.json')))
+
+
+def test_nonfinite_steps_are_skipped_then_stop(toy, tmp_path):
+    out = str(tmp_path / 'nan')
+    cmd = [sys.executable, 'main_pretrain.py', TOY_CONFIG,
+           *toy_sets(toy, [f'path_output={out}', 'datasets=["toyimg"]', 'lr=1e30', 'max_nonfinite=2'])]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 1
+    assert 'non-finite loss at ep 1 toyimg part 0 step 1: step skipped (1 in a row, 1 in all)' in r.stdout
+    assert r.stderr.strip().endswith('stopping: 2 consecutive non-finite losses (max_nonfinite=2) at ep 1 toyimg part 1 '
+                                     'step 0; try precision bf16/fp32, a lower lr or max_grad_norm')
+    assert json.load(open(os.path.join(out, 'log.json')))['n_nonfinite'] == 1  # as of the last finished part
+
+
+def test_pixel_target_step(toy):
+    """mvm_target 'pixel': fc_mvm regresses 3*32*32 values; L1 over the masked patches; 'accuracy' = -L1."""
+    args = agent.load_args(TOY_CONFIG, toy_sets(toy)[1:] + ['mvm_target=pixel'])
+    torch.manual_seed(0)
+    task = mp.Pretrain(args)
+    model = task.build_model()
+    ds = dataset.Dataset_Pretrain(args, 'toyvid', 'val')
+    b, _ = dataset.collate_skip([ds[i] for i in range(4)])
+    loss, losses, hits = task.step(model, b, agent.generator('cpu', 0, 0))
+    assert model.fc_mvm[-1].out_features == 3 * 32 * 32 and torch.isfinite(loss)
+    neg_sum, n = hits['mvm']
+    assert n > 0 and torch.allclose(-neg_sum / n, losses['mvm'])
