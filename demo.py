@@ -1,0 +1,106 @@
+"""The whole pipeline on CPU on a self-made toy corpus: build the corpus with the real tools, pretrain a small
+VIOLET (MLM + MVM + VTM, both maskings), fine-tune retrieval, QA-MC and QA-OE from that checkpoint, evaluate
+retrieval, print one table with chance levels; exit 1 if the model did not learn.
+
+    python demo.py [--out _snapshot/demo] [--keep]      (bash demo.sh installs the requirements first)
+"""
+import argparse
+import collections
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+DATA = './_data/toy'
+
+
+def run(*cmd):
+    print('\n$ ' + ' '.join(cmd), flush=True)
+    t = time.time()
+    subprocess.run([sys.executable, *cmd], check=True)
+    return time.time() - t
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def majority(values):
+    return collections.Counter(values).most_common(1)[0][1] / len(values)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--out', default='_snapshot/demo')
+    ap.add_argument('--keep', action='store_true', help='reuse an existing toy corpus')
+    opt = ap.parse_args()
+    shutil.rmtree(opt.out, ignore_errors=True)
+    secs = {}
+
+    if not (opt.keep and os.path.isfile(os.path.join(DATA, 'img_toy.pkl'))):
+        secs['corpus'] = run('_tools/make_toy.py', '--out', DATA, '--seed', '0')
+
+    pre = os.path.join(opt.out, 'pretrain')
+    secs['pretrain'] = run('main_pretrain.py', f'{DATA}/args_pretrain.json', '--set', f'path_output={pre}')
+    args_pre = load(os.path.join(pre, 'args.json'))
+    last = f'ckpt_violet_pretrain_{args_pre["datasets"][-1]}_'
+    ckpt_pre = max((f for f in os.listdir(pre) if f.startswith(last)), key=lambda f: os.path.getmtime(os.path.join(pre, f)))
+    ckpt_pre = os.path.join(pre, ckpt_pre)
+
+    logs = {}
+    for script, task in [('main_retrieval.py', 'toy-retrieval'), ('main_qamc.py', 'toy-qamc'), ('main_qaoe.py', 'toy-qaoe')]:
+        out = os.path.join(opt.out, task)
+        secs[task] = run(script, f'{DATA}/args_{task}.json', '--set', f'path_ckpt={ckpt_pre}', f'path_output={out}')
+        logs[task] = load(os.path.join(out, 'log.json'))
+    args_ret = load(os.path.join(opt.out, 'toy-retrieval', 'args.json'))
+    ckpt_ret = os.path.join(opt.out, 'toy-retrieval', f'ckpt_violet_toy-retrieval_{args_ret["size_epoch"]}.pt')
+    out_eval = os.path.join(opt.out, 'eval')
+    secs['eval_retrieval'] = run('eval_retrieval.py', f'{DATA}/args_toy-retrieval.json', '--ckpt', ckpt_ret,
+                                 '--out', out_eval)
+    ev = load(os.path.join(out_eval, 'eval_retrieval.json'))['test']
+
+    # chance levels from the corpus itself
+    log_pre = load(os.path.join(pre, 'log.json'))
+    with open(os.path.join(DATA, 'vq_toyvid.pkl'), 'rb') as f:
+        tokens = [int(t) for v in pickle.load(f).values() for t in np.asarray(v).ravel()]
+    qaoe_test = load(os.path.join(DATA, 'txt_toy-qaoe.json'))['test']
+    chance = dict(mtm=1 / 30522, mvm=majority(tokens), vtm=1 / 4, r1=1 / ev['n_video'], qamc=1 / 5,
+                  qaoe=majority([q['answer'] for q in qaoe_test]))
+
+    rows, ok = [], True
+
+    def row(name, value, ch, passed, note=''):
+        nonlocal ok
+        ok &= passed
+        rows.append((name, value, ch, 'ok' if passed else 'FAILED', note))
+
+    d = args_pre['datasets'][0]
+    for k in ('mtm', 'mvm', 'vtm'):
+        acc = log_pre[d][f'ac_{k}']
+        row(f'pretrain {d} val {k.upper()} acc', acc[-1], chance[k], acc[-1] > max(acc[0], chance[k]) or acc[-1] > 2 * chance[k],
+            'per part: ' + ' -> '.join(f'{a:.3f}' for a in acc))
+    row('retrieval test R@1 (eval_retrieval)', ev['r1'], chance['r1'], ev['r1'] >= 3 * chance['r1'],
+        f"R@5 {ev['r5']:.3f} R@10 {ev['r10']:.3f} MdR {ev['median']:g}")
+    for task, key in [('toy-qamc', 'qamc'), ('toy-qaoe', 'qaoe')]:
+        acc = logs[task]['ac_ts'][-1]
+        row(f'{task} test acc', acc, chance[key], acc >= chance[key] + 0.25 * (1 - chance[key]),
+            'val per epoch: ' + ' -> '.join(f'{a:.3f}' for a in logs[task]['ac_vl']))
+
+    print('\n' + '=' * 100)
+    print(f'{"result":42s} {"value":>7s} {"chance":>7s}  {"":6s} notes')
+    for name, value, ch, flag, note in rows:
+        print(f'{name:42s} {value:7.3f} {ch:7.3f}  {flag:6s} {note}')
+    print('time (s): ' + ', '.join(f'{k} {v:.0f}' for k, v in secs.items()) + f', total {sum(secs.values()):.0f}')
+    print(f'outputs: {opt.out}')
+    if not ok:
+        sys.exit('demo: the model did not learn what it should (rows marked FAILED)')
+
+
+if __name__ == '__main__':
+    main()
