@@ -24,6 +24,7 @@ DEFAULTS = {
     'vt_drop_path': 0.2,
     'grad_ckpt': False,  # activation checkpointing in VT and CT (saves memory, costs a recompute)
     'mvm_target': 'vq',  # 'vq': 8192 DALL-E tokens; 'pixel': regress the 3x32x32 normalised RGB patch
+    'head_dropout': 0.1,  # dropout before each MLP head (the original's 0.1); a tiny model learns only without it
 }
 MAX_FRAMES, MAX_SIDE = 6, 448  # emb_len has 6 rows, emb_pos 1+14*14
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -270,7 +271,7 @@ class VIOLET_Base(nn.Module):
 
     def make_head(self, n_out):
         D = self.hidden_size
-        return nn.Sequential(nn.Dropout(0.1), nn.Linear(D, D*2), nn.ReLU(inplace=True), nn.Linear(D*2, n_out))
+        return nn.Sequential(nn.Dropout(self.args['head_dropout']), nn.Linear(D, D*2), nn.ReLU(inplace=True), nn.Linear(D*2, n_out))
 
     def go_feat(self, img, txt, mask):
         check_inputs(img, txt, mask)

@@ -44,8 +44,8 @@ CORNERS = {'top left': (0, 0), 'top right': (1, 0), 'bottom left': (0, 1), 'bott
 COMBOS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))  # 60 (colour, shape, direction)
 CLIP_W, CLIP_H, CLIP_T = 80, 64, 16
 IMG_W, IMG_H = 64, 80
-SIZE = 26  # shape side / diameter in px
-MOVE = {'x': 36, 'y': 26}  # px travelled over a clip
+SIZE = 40  # shape side / diameter in px: about half the frame, so colour and shape fill the 32x32 tokens
+MOVE = {'x': 36, 'y': 20}  # px travelled over a clip (the most that fits the frame at this SIZE)
 CAPTION = ['a {c} {s} moves {d}', 'the {c} {s} is moving {d}', 'a {c} {s} going {d}']
 
 
@@ -183,7 +183,16 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
                     txt['val' if name.endswith('_val') else 'train'][vid] = [cap]
         dump(f'txt_{d}.json', txt)
 
-    options = list(DIRECTIONS) + ['stays still']
+    def mc_options(c, sh, d):
+        """The true caption and 4 distractors: the same shape moving another way, another colour, another
+        shape, and another (colour, shape, direction) altogether; shuffled."""
+        other = lambda keys, x: str(rng.choice([k for k in keys if k != x]))
+        wrong = [(c, sh, other(DIRECTIONS, d)), (other(COLOURS, c), sh, d), (c, other(SHAPES, sh), d)]
+        rest = [k for k in COMBOS if k != (c, sh, d) and k not in wrong]
+        wrong.append(rest[rng.integers(len(rest))])
+        opts = [(c, sh, d)] + wrong
+        return [f'a {o[0]} {o[1]} moves {o[2]}' for o in (opts[i] for i in rng.permutation(len(opts)))]
+
     vocab = list(COLOURS) + SHAPES + list(DIRECTIONS)
     retrieval, qamc, qaoe = {}, {}, {'vocab': vocab}
     for split, specs in down.items():
@@ -191,9 +200,9 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
         for vid, s in specs.items():
             c, sh, d = s['colour'], s['shape'], s['direction']
             retrieval[split].append({'video': vid, 'caption': f'a {c} {sh} moves {d}'})
-            opts = [options[i] for i in rng.permutation(len(options))]
-            qamc[split].append({'video': vid, 'question': f'where does the {c} {sh} move?',
-                                **{f'option_{i}': o for i, o in enumerate(opts)}, 'answer': opts.index(d)})
+            opts = mc_options(c, sh, d)
+            qamc[split].append({'video': vid, 'question': 'what does the video show?',
+                                **{f'option_{i}': o for i, o in enumerate(opts)}, 'answer': opts.index(f'a {c} {sh} moves {d}')})
             kind = int(rng.integers(3))
             q, a = [(f'what color is the {sh}?', c), (f'what shape is the {c} thing?', sh),
                     (f'where does the {c} {sh} move?', d)][kind]
@@ -226,8 +235,8 @@ Pretraining (dataset.Dataset_Pretrain):
 Downstream (dataset `toy`, 5 frames, img_toy.pkl; train / val / test):
   txt_toy-retrieval.json: {{"video", "caption": "a red square moves left"}}; val and test each hold distinct
     (colour, shape, direction) captions while they number at most 60.
-  txt_toy-qamc.json: "where does the red square move?" with options left/right/up/down/stays still (shuffled),
-    "answer" = index of the true direction.
+  txt_toy-qamc.json: "what does the video show?" with 5 captions (shuffled): the true one, the same shape moving
+    another way, another colour, another shape, another (colour, shape, direction); "answer" = its index.
   txt_toy-qaoe.json: colour, shape or direction questions; "answer" indexes "vocab" (12 words).
 Videos per set:
 {counts}

@@ -156,6 +156,12 @@ def test_projection_when_widths_differ():
     assert not hasattr(model.VIOLET_Retrieval(SMALL).enc_img, 'proj')
 
 
+def test_head_dropout_key():
+    assert model.VIOLET_QAOE(SMALL).fc[0].p == 0.1  # the original's
+    m = model.VIOLET_Pretrain({**SMALL, 'head_dropout': 0.0})
+    assert m.fc[0].p == 0.0 and m.fc_mvm[0].p == 0.0
+
+
 def test_pixel_mvm_head():
     m = model.VIOLET_Pretrain({**SMALL, 'mvm_target': 'pixel'})
     assert m.fc_mvm[3].out_features == 3 * 32 * 32

@@ -171,7 +171,7 @@ def test_losses_go_down(toy):
 def test_torchrun_two_processes(toy, tmp_path):
     out = str(tmp_path / 'run')
     run(['torchrun', '--standalone', '--nproc_per_node=2', 'main_pretrain.py', TOY_CONFIG,
-         *toy_sets(toy, [f'path_output={out}', 'size_batch=4', 'grad_accum=2', 'max_grad_norm=1.0'])])
+         *toy_sets(toy, [f'path_output={out}', 'size_epoch=1', 'size_batch=4', 'grad_accum=2', 'max_grad_norm=1.0'])])
     files = set(os.listdir(out))
     for d in ('toyvid', 'toyimg'):
         for p in (0, 1):
@@ -191,7 +191,7 @@ def test_torchrun_two_processes(toy, tmp_path):
 
 def test_resume_is_exact(toy, tmp_path):
     """Stopped inside the first part, then resumed: the same weights and log as a run never stopped."""
-    common = [TOY_CONFIG, *toy_sets(toy, ['datasets=["toyimg"]', 'size_batch=8', 'save_every=1'])]
+    common = [TOY_CONFIG, *toy_sets(toy, ['datasets=["toyimg"]', 'size_epoch=1', 'size_batch=8', 'save_every=1'])]
     whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
     run([sys.executable, 'main_pretrain.py', *common, f'path_output={whole}'])
     r = run([sys.executable, 'main_pretrain.py', *common, f'path_output={parts}', 'stop_after_steps=1'])
