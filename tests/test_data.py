@@ -25,14 +25,9 @@ def run_tool(*argv, cwd=ROOT):
 
 
 @pytest.fixture(scope='module')
-def tok_dir(tmp_path_factory):
-    """The repo's tiny BERT tokenizer (vocab.txt), else the bert-base-uncased vocab copied to a tmp dir."""
-    d = os.path.join(ROOT, '_data', 'bert-tiny')
-    if os.path.isfile(os.path.join(d, 'vocab.txt')):
-        return d
-    d = str(tmp_path_factory.mktemp('tok'))
-    shutil.copy('/work/shared/vocab/bert-base-uncased-vocab.txt', os.path.join(d, 'vocab.txt'))
-    return d
+def tok_dir():
+    """The repo's tiny BERT tokenizer dir (the real bert-base-uncased vocab.txt)."""
+    return os.path.join(ROOT, '_data', 'bert-tiny')
 
 
 @pytest.fixture(scope='module')
