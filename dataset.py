@@ -106,15 +106,20 @@ class TSV:
     workers, DDP ranks), and is never pickled."""
 
     def __init__(self, path):
-        self.path, self.f, self.pid = need_file(path), None, None
+        self.path, self._f, self.pid = need_file(path), None, None
 
     def __getstate__(self):
-        return dict(path=self.path, f=None, pid=None)
+        return dict(path=self.path, _f=None, pid=None)
+
+    @property
+    def f(self):
+        """This process's handle (a forked worker or DDP rank opens its own on first use)."""
+        if self.pid != os.getpid():
+            self._f, self.pid = open(self.path, 'rb'), os.getpid()
+        return self._f
 
     def read(self, offset):
         """-> the fields of the line starting at byte `offset`."""
-        if self.pid != os.getpid():
-            self.f, self.pid = open(self.path, 'rb'), os.getpid()
         self.f.seek(max(offset - 1, 0))
         before = self.f.read(1) if offset > 0 else b'\n'
         line = self.f.readline()
@@ -126,8 +131,6 @@ class TSV:
 
     def first_field(self, offset):
         """-> the first field (video id) of the line at `offset`, reading only up to its first tab."""
-        if self.pid != os.getpid():
-            self.f, self.pid = open(self.path, 'rb'), os.getpid()
         self.f.seek(offset)
         head = b''
         while b'\t' not in head and b'\n' not in head:

@@ -62,10 +62,8 @@ def score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair=256, ra
     for k, b in enumerate(tqdm(mine, disable=not progress, desc='pairs', unit='block')):
         idx = torch.arange(b * size_pair, min(n_pair, (b + 1) * size_pair), device=feat_img.device)
         t, v = idx // n_vid, idx % n_vid
-        # model.score, with its fc kept in fp32: bf16 scores (3 significant digits) would make ties
-        with autocast(feat_img.device):
-            hidden, _ = model.go_cross(feat_img[v], mask_img[v], feat_txt[t], mask_txt[t])
-        out[k, :len(idx)] = model.fc(hidden[:, feat_img.shape[1]].float()).squeeze(-1)
+        with autocast(feat_img.device):  # the fc head itself stays in fp32 (model.score)
+            out[k, :len(idx)] = model.score(feat_img[v], mask_img[v], feat_txt[t], mask_txt[t])
     if world > 1:
         parts = [torch.empty_like(out) for _ in range(world)]
         dist.all_gather(parts, out)

@@ -291,9 +291,11 @@ class VIOLET_Base(nn.Module):
         return x, (tuple(atts) if output_attentions else None)
 
     def score(self, feat_img, mask_img, feat_txt, mask_txt):
-        """Raw fc score of N aligned (video, text) pairs on the fused CLS (the text's [CLS])."""
+        """Raw fc score of N aligned (video, text) pairs on the fused CLS (the text's [CLS]). The head runs in
+        fp32 even under autocast: half-precision scores (3 significant digits) turn rankings into ties."""
         out, _ = self.go_cross(feat_img, mask_img, feat_txt, mask_txt)
-        return self.fc(out[:, feat_img.shape[1]]).squeeze(-1)
+        with torch.autocast(out.device.type, enabled=False):
+            return self.fc(out[:, feat_img.shape[1]].float()).squeeze(-1)
 
     def load_ckpt(self, path):
         """Copy every key present in the model with the same shape; keep the model's own value for the rest.
