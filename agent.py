@@ -35,6 +35,8 @@ DEFAULTS = dict(
     task='',             # downstream texts: txt_<task>.json; names the output dir and checkpoints
     size_option=5,       # QA-MC options per question
     size_vocab=0,        # QA-OE answer classes (0: the length of the json's "vocab")
+    retrieval_loss='v2t',  # retrieval training: 'v2t' (the original: each video's softmax over the batch's texts)
+                           # | 'both' (mean of that and each text's softmax over the batch's videos)
     size_epoch=5, size_batch=12,  # size_batch is per process
     lr=2e-5, decay=1e-3,          # AdamW(lr, betas (0.9, 0.98), weight_decay=decay), constant lr
     path_ckpt='',        # initial weights (pretraining or official checkpoint); '' = none
@@ -50,7 +52,7 @@ DEFAULTS = dict(
     stop_after_steps=0,  # > 0: stop (resumable) after this many training steps of this invocation
 )
 CHOICES = dict(precision=('auto', 'fp16', 'bf16', 'fp32'), mvm_target=('vq', 'pixel'),
-               type=('', 'pretrain', 'qamc', 'qaoe', 'retrieval'))
+               type=('', 'pretrain', 'qamc', 'qaoe', 'retrieval'), retrieval_loss=('v2t', 'both'))
 POSITIVE = ('size_batch', 'size_epoch', 'grad_accum', 'max_nonfinite', 'size_img', 'size_txt')
 
 

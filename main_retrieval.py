@@ -1,6 +1,9 @@
 """VIOLET fine-tuning for text-to-video retrieval (violet-spec 3.3): all B x B (video, text) pairs of a batch,
 score / 0.05, cross-entropy with target i for video i. "Accuracy" = argmax of the row is its own text; the
-real retrieval metrics come from eval_retrieval.py.
+real retrieval metrics come from eval_retrieval.py. retrieval_loss='both' adds the text-to-video direction
+(each text's softmax over the batch's videos): the original's loss never compares one text's scores across
+videos, which is what evaluation ranks, and a small model trained from scratch learns a per-video score offset
+that its text-to-video ranking never recovers from.
 
     python main_retrieval.py [_data/args_msrvtt-retrieval.json] [--set KEY=VALUE ...] [--resume DIR]
     torchrun --nproc_per_node=N main_retrieval.py ...      (size_batch is per process; negatives are in-process)
@@ -18,6 +21,8 @@ class Retrieval(agent.Downstream):
         img, txt, mask = batch
         out, ans = model(img, txt, mask)
         loss, hits = agent.ce_hits(out, ans)
+        if self.args['retrieval_loss'] == 'both':
+            loss = (loss + agent.ce_hits(out.t(), ans)[0]) / 2
         return loss, {'tr': loss}, {'ac': hits}
 
 

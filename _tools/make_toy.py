@@ -38,7 +38,9 @@ def load_frame_tool():
 
 COLOURS = {'red': (230, 30, 30), 'green': (30, 200, 40), 'blue': (40, 90, 255), 'yellow': (240, 230, 20),
            'white': (235, 235, 235)}  # RGB
-SHAPES = ['square', 'circle', 'triangle']
+# shapes that differ in how much of a 32x32 token they fill: the small random VT tells them apart in minutes,
+# where square / circle / triangle (same extent, different outline) stayed at chance
+SHAPES = ['square', 'bar', 'dot']
 DIRECTIONS = {'left': (-1, 0), 'right': (1, 0), 'up': (0, -1), 'down': (0, 1)}
 CORNERS = {'top left': (0, 0), 'top right': (1, 0), 'bottom left': (0, 1), 'bottom right': (1, 1)}
 COMBOS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))  # 60 (colour, shape, direction)
@@ -54,11 +56,10 @@ def draw(canvas, shape, rgb, cx, cy):
     cx, cy = int(round(cx)), int(round(cy))
     if shape == 'square':
         cv2.rectangle(canvas, (cx - r, cy - r), (cx + r, cy + r), bgr, -1)
-    elif shape == 'circle':
-        cv2.circle(canvas, (cx, cy), r, bgr, -1, cv2.LINE_AA)
-    else:
-        pts = np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], dtype=np.int32)
-        cv2.fillPoly(canvas, [pts], bgr, cv2.LINE_AA)
+    elif shape == 'bar':
+        cv2.rectangle(canvas, (cx - r, cy - r // 3), (cx + r, cy + r // 3), bgr, -1)
+    else:  # dot
+        cv2.circle(canvas, (cx, cy), r // 3, bgr, -1, cv2.LINE_AA)
 
 
 def clip_spec(rng, colour, shape, direction):
@@ -105,7 +106,7 @@ def standin_vq(frames_b64, size_img):
     return ((r << 8) | (g << 4) | b).numpy().astype(np.int16)
 
 
-def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_images=120, n_down=240,
+def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_images=120, n_down=480,
              n_down_eval=60, workers=None, progress=False, keep_videos=False):
     """Write the corpus into `out`; -> dict of counts."""
     t0 = time.time()
@@ -222,7 +223,7 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
 
 README = """Toy VIOLET corpus (synthetic), written by _tools/make_toy.py --seed {seed} --size_img {size_img}.
 
-Clips: 16 frames of 80x64 (mp4v) showing one large shape (red/green/blue/yellow/white x square/circle/triangle)
+Clips: 16 frames of 80x64 (mp4v) showing one large shape (red/green/blue/yellow/white x square/bar/dot)
 moving left/right/up/down on black. Images: one 64x80 frame with a shape in a corner ("top left", ...).
 Frames were sampled by _tools/extract_video-frame.py (4 per pretraining clip, 5 per downstream clip, 1 per image)
 and stored as base64 JPEG.
@@ -230,7 +231,7 @@ and stored as base64 JPEG.
 Pretraining (dataset.Dataset_Pretrain):
   toyvid (4 frames): txt_toyvid.json {{"train": {{vid: [caption]}}, "val": ...}}, vq_toyvid.pkl,
     img_toyvid_train_0/1.tsv + .lineidx, img_toyvid_val.tsv + .lineidx. Captions: "a red square moves left".
-  toyimg (1 frame): same files for toyimg. Captions: "a blue circle in the top left".
+  toyimg (1 frame): same files for toyimg. Captions: "a blue dot in the top left".
   VQ targets: int16 [T, {hw}, {hw}] per video from {vq}.
 Downstream (dataset `toy`, 5 frames, img_toy.pkl; train / val / test):
   txt_toy-retrieval.json: {{"video", "caption": "a red square moves left"}}; val and test each hold distinct
@@ -252,7 +253,7 @@ def main():
     parser.add_argument('--n_videos', type=int, default=240, help='pretraining clips per train part')
     parser.add_argument('--n_val', type=int, default=60, help='pretraining val clips / images')
     parser.add_argument('--n_images', type=int, default=120, help='pretraining images per train part')
-    parser.add_argument('--n_down', type=int, default=240, help='downstream train videos')
+    parser.add_argument('--n_down', type=int, default=480, help='downstream train videos')
     parser.add_argument('--n_down_eval', type=int, default=60, help='downstream val and test videos (each)')
     parser.add_argument('--workers', type=int, default=None)
     parser.add_argument('--keep_videos', action='store_true', help='keep the mp4s in OUT/_videos')

@@ -115,3 +115,29 @@ def test_config_errors(tmp_path):
     r = subprocess.run([sys.executable, 'main_qaoe.py', '_data/args_tgif-action.json'],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "config error: key 'type' is 'qamc', but this script trains 'qaoe'" in r.stderr
+
+
+def test_retrieval_loss_directions():
+    """'v2t' (the original) is each video's CE over the batch's texts; 'both' averages in each text's CE over
+    the batch's videos."""
+    import main_retrieval
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(0)
+    img = torch.rand(3, 5, 3, 64, 64, generator=gen)
+    txt = torch.tensor([[101, 1037, 2417, 2675, 102], [101, 1037, 2630, 11089, 102], [101, 1996, 3756, 3347, 102]])
+    mask = torch.ones_like(txt)
+    losses = {}
+    for how in ('v2t', 'both'):
+        args = agent.load_args(f'{REPO}/_data/toy/args_toy-retrieval.json', [f'txt_backbone={TINY}', f'retrieval_loss={how}'])
+        torch.manual_seed(0)
+        mdl = violet.VIOLET_Retrieval(args).eval()
+        with torch.no_grad():  # a head that spreads the scores (at initialisation they are all about equal)
+            mdl.fc[-1].weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+        losses[how] = main_retrieval.Retrieval(args).step(mdl, [img, txt, mask], None)[0]
+    out, ans = mdl(img, txt, mask)
+    v2t, t2v = F.cross_entropy(out, ans), F.cross_entropy(out.t(), ans)
+    assert abs(v2t - t2v) > 1e-3  # the two directions differ on these scores, so the checks below can fail
+    assert torch.allclose(losses['v2t'], v2t, atol=1e-6)
+    assert torch.allclose(losses['both'], (v2t + t2v) / 2, atol=1e-6)
+    assert error_of('retrieval_loss=t2v') == ("config error: key 'retrieval_loss' must be one of ['v2t', 'both'], "
+                                              "got 't2v' (--set)")
