@@ -3,7 +3,7 @@
 
     python _tools/make_toy.py --out _data/toy --seed 0 [--size_img 64] [--encoder encoder.pkl]
 
-Clips: a large coloured shape (5 colours x 3 shapes) moving left / right / up / down on black, 16 frames of
+Clips: a coloured shape (5 colours x square, bar, dot) moving left / right / up / down on black, 16 frames of
 80x64 (not square: exercises padding), mp4 (mp4v). Images: one 64x80 frame (portrait) with a shape in one of
 4 corners. See the README.txt it writes for the files. Deterministic for a seed.
 
@@ -46,7 +46,7 @@ CORNERS = {'top left': (0, 0), 'top right': (1, 0), 'bottom left': (0, 1), 'bott
 COMBOS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))  # 60 (colour, shape, direction)
 CLIP_W, CLIP_H, CLIP_T = 80, 64, 16
 IMG_W, IMG_H = 64, 80
-SIZE = 40  # shape side / diameter in px: about half the frame, so colour and shape fill the 32x32 tokens
+SIZE = 40  # square side and bar length in px (about half the frame); the bar is a third as tall, the dot a third as wide
 MOVE = {'x': 36, 'y': 20}  # px travelled over a clip (the most that fits the frame at this SIZE)
 CAPTION = ['a {c} {s} moves {d}', 'the {c} {s} is moving {d}', 'a {c} {s} going {d}']
 
@@ -223,7 +223,7 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
 
 README = """Toy VIOLET corpus (synthetic), written by _tools/make_toy.py --seed {seed} --size_img {size_img}.
 
-Clips: 16 frames of 80x64 (mp4v) showing one large shape (red/green/blue/yellow/white x square/bar/dot)
+Clips: 16 frames of 80x64 (mp4v) showing one shape (red/green/blue/yellow/white x square/bar/dot)
 moving left/right/up/down on black. Images: one 64x80 frame with a shape in a corner ("top left", ...).
 Frames were sampled by _tools/extract_video-frame.py (4 per pretraining clip, 5 per downstream clip, 1 per image)
 and stored as base64 JPEG.
