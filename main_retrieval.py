@@ -2,8 +2,8 @@
 score / 0.05, cross-entropy with target i for video i. "Accuracy" = argmax of the row is its own text; the
 real retrieval metrics come from eval_retrieval.py. retrieval_loss='both' adds the text-to-video direction
 (each text's softmax over the batch's videos): the original's loss never compares one text's scores across
-videos, which is what evaluation ranks, and a small model trained from scratch learns a per-video score offset
-that its text-to-video ranking never recovers from.
+videos, which is what evaluation ranks; on the toy corpus a model trained from scratch learnt a per-video score
+offset under it (text-to-video R@1 0.03 vs video-to-text 0.15 on the same scores).
 
     python main_retrieval.py [_data/args_msrvtt-retrieval.json] [--set KEY=VALUE ...] [--resume DIR]
     torchrun --nproc_per_node=N main_retrieval.py ...      (size_batch is per process; negatives are in-process)
