@@ -7,9 +7,13 @@ runs as large batches of (video, text) pairs gathered on the device, sharded ove
   python eval_retrieval.py _data/args_msrvtt-retrieval.json [--ckpt PATH] [--zero-shot] [--set k=v ...]
   torchrun --nproc_per_node 4 eval_retrieval.py ...   (same numbers, split over the GPUs)
 
+Precision: the config's `precision` key. 'fp32' (and 'auto') run everything in float32, as the original
+evaluated; 'bf16' or 'fp16' autocast the encoders (the fast path on a GPU; the fc head stays in fp32).
+
 Ranks use the raw score (a sigmoid in float32 saturates to 1.0 and turns a clear ranking into ties) and count
 ties pessimistically: the true video comes after every video scoring the same. Writes eval_retrieval.json
-(R@1/5/10 as fractions, median and mean rank, every caption's rank) and args.json into --out, else the
+(R@1/5/10 as fractions, the original's median rank int(np.median(ranks)), the interpolated median
+`median_interp`, mean rank, every caption's rank) and args.json into --out, else the
 config's path_output, else _snapshot/_eval_retrieval_<timestamp>/.
 """
 import argparse
@@ -35,21 +39,23 @@ def rank_metrics(score, true_video):
     true = score.gather(1, true_video.long()[:, None])
     ranks = (score >= true).sum(1)  # counts the true video itself, hence the "1 +"
     r = ranks.double()
-    # median of an even count: the mean of the middle two
+    # median: the original's int(np.median(ranks)) (an even count's middle two averaged, then truncated);
+    # median_interp keeps the average itself
     return dict(r1=(r <= 1).double().mean().item(), r5=(r <= 5).double().mean().item(),
-                r10=(r <= 10).double().mean().item(), median=r.quantile(0.5).item(), mean=r.mean().item(),
-                ranks=ranks.tolist())
+                r10=(r <= 10).double().mean().item(), median=int(np.median(ranks.numpy())),
+                median_interp=float(np.median(ranks.numpy())), mean=r.mean().item(), ranks=ranks.tolist())
 
 
-def autocast(device):
-    """bf16 on CUDA for the encoders (SDPA attention inside the model); plain fp32 on CPU."""
-    if device.type == 'cuda':
-        return torch.autocast('cuda', dtype=torch.bfloat16)
+def autocast(device, precision='fp32'):
+    """'bf16' / 'fp16': autocast (the fast path); 'fp32' and 'auto': plain float32, the original's numbers."""
+    if precision in ('bf16', 'fp16'):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
-def score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair=256, rank=0, world=1, progress=False):
+def score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair=256, rank=0, world=1, progress=False,
+                precision='fp32'):
     """Raw score of every (text, video) pair -> [N_text, N_video], identical on every rank.
     The flat pair space (text-major) is cut into blocks of size_pair; block b runs on rank b % world, so a
     block's batch is the same whatever the world size (sharded ranks == single-process ranks, bit for bit)."""
@@ -62,7 +68,7 @@ def score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair=256, ra
     for k, b in enumerate(tqdm(mine, disable=not progress, desc='pairs', unit='block')):
         idx = torch.arange(b * size_pair, min(n_pair, (b + 1) * size_pair), device=feat_img.device)
         t, v = idx // n_vid, idx % n_vid
-        with autocast(feat_img.device):  # the fc head itself stays in fp32 (model.score)
+        with autocast(feat_img.device, precision):  # the fc head itself stays in fp32 (model.score)
             out[k, :len(idx)] = model.score(feat_img[v], mask_img[v], feat_txt[t], mask_txt[t])
     if world > 1:
         parts = [torch.empty_like(out) for _ in range(world)]
@@ -91,7 +97,7 @@ def gather_rows(x, world):
 
 
 @torch.no_grad()
-def extract(model, ds, args, device, rank=0, world=1):
+def extract(model, ds, args, device, rank=0, world=1, precision='fp32'):
     """Features of every unique video (sharded over ranks, then gathered) and of every caption.
     Returns feat_img, mask_img [N_video, ...], feat_txt, mask_txt [N_text, ...], true_video [N_text], vids."""
     vids = list(dict.fromkeys(item['video'] for item in ds.txt))  # unique, in order of first appearance
@@ -102,7 +108,7 @@ def extract(model, ds, args, device, rank=0, world=1):
                                          pin_memory=device.type == 'cuda')
     feats, masks = [], []
     for img in tqdm(loader, disable=rank != 0, desc='videos', unit='batch'):
-        with autocast(device):
+        with autocast(device, precision):
             f, m = model.enc_img(img.to(device, non_blocking=True))
         feats.append(f.float())
         masks.append(m)
@@ -115,7 +121,7 @@ def extract(model, ds, args, device, rank=0, world=1):
     txt, mask = torch.as_tensor(np.stack(txt), device=device), torch.as_tensor(np.stack(mask), device=device)
     feat_txt = []
     for i in range(0, len(txt), 1024):
-        with autocast(device):
+        with autocast(device, precision):
             feat_txt.append(model.enc_txt(txt[i:i + 1024]).float())
     index = {vid: i for i, vid in enumerate(vids)}
     true_video = torch.as_tensor([index[item['video']] for item in ds.txt])
@@ -130,14 +136,16 @@ def evaluate(model, args, split, device, rank=0, world=1, size_pair=256):
     was_training = model.training
     model.eval()
     t0 = time.time()
-    feat_img, mask_img, feat_txt, mask_txt, true_video, vids = extract(model, ds, args, device, rank, world)
+    precision = args.get('precision', 'fp32')
+    feat_img, mask_img, feat_txt, mask_txt, true_video, vids = extract(model, ds, args, device, rank, world, precision)
     t1 = time.time()
-    score = score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair, rank, world, progress=rank == 0)
+    score = score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair, rank, world, progress=rank == 0,
+                        precision=precision)
     t2 = time.time()
     model.train(was_training)
     res = rank_metrics(score.cpu(), true_video)
-    res.update(split=split, n_text=len(ds.txt), n_video=len(vids), sec_feat=t1 - t0, sec_pair=t2 - t1,
-               pairs_per_s=score.numel() / max(t2 - t1, 1e-9))
+    res.update(split=split, precision=precision, n_text=len(ds.txt), n_video=len(vids), sec_feat=t1 - t0,
+               sec_pair=t2 - t1, pairs_per_s=score.numel() / max(t2 - t1, 1e-9))
     return res
 
 
@@ -180,7 +188,8 @@ def main():
     if rank == 0:
         out = opt.out or args['path_output'] or time.strftime('./_snapshot/_eval_retrieval_%Y%m%d%H%M%S')
         os.makedirs(out, exist_ok=True)
-        run = dict(config=opt.config, ckpt=path_ckpt, zero_shot=opt.zero_shot, world=world, size_pair=size_pair)
+        run = dict(config=opt.config, ckpt=path_ckpt, zero_shot=opt.zero_shot, world=world, size_pair=size_pair,
+                   precision=args['precision'])
         agent.save_json(dict(run=run, **results), os.path.join(out, 'eval_retrieval.json'))
         agent.save_json(args, os.path.join(out, 'args.json'))
         print(f'wrote {out}/eval_retrieval.json')

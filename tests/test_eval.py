@@ -44,8 +44,19 @@ def test_rank_metrics_hand_made():
     assert res['ranks'] == [1, 3, 3, 4, 1]
     assert res['r1'] == pytest.approx(2 / 5) and res['r5'] == 1.0 and res['r10'] == 1.0
     assert res['median'] == 3 and res['mean'] == pytest.approx(12 / 5)
-    even = eval_retrieval.rank_metrics(score[:4], torch.tensor([0, 1, 3, 0]))  # ranks 1 3 3 4
-    assert even['median'] == 3 and even['mean'] == pytest.approx(11 / 4)
+
+
+def test_median_rank_is_the_originals():
+    """An even count with distinct middle ranks: the original's int(np.median(ranks)) = int((2 + 5) / 2) = 3,
+    not the lower (2) or upper (5) middle rank; median_interp keeps 3.5."""
+    score = torch.zeros(4, 6)
+    for i, rank in enumerate([1, 2, 5, 6]):  # the true video (0) scores 1, rank - 1 others score 2
+        score[i, 0], score[i, 1:rank] = 1.0, 2.0
+    res = eval_retrieval.rank_metrics(score, torch.zeros(4, dtype=torch.long))
+    assert res['ranks'] == [1, 2, 5, 6]
+    assert res['median'] == 3 and type(res['median']) is int and res['median_interp'] == 3.5
+    odd = eval_retrieval.rank_metrics(score[:3], torch.zeros(3, dtype=torch.long))  # ranks 1 2 5
+    assert odd['median'] == 2 and odd['median_interp'] == 2.0
 
 
 def test_rank_metrics_matches_definition_with_many_ties():
@@ -57,7 +68,31 @@ def test_rank_metrics_matches_definition_with_many_ties():
     ranks = brute_ranks(score, true_video)
     assert res['ranks'] == ranks
     assert res['r10'] == pytest.approx(sum(r <= 10 for r in ranks) / 60)
-    assert res['median'] == pytest.approx(float(torch.tensor(ranks, dtype=torch.float64).quantile(0.5)))
+    assert res['median'] == int(sorted(ranks)[29] + sorted(ranks)[30]) // 2  # 60 ranks: the middle two, truncated
+
+
+def test_precision_key():
+    """fp32 (and auto) evaluate in plain float32, as the original, on CUDA too; bf16 / fp16 autocast."""
+    import contextlib
+    for dev in ('cpu', 'cuda'):
+        for p in ('fp32', 'auto'):
+            assert isinstance(eval_retrieval.autocast(torch.device(dev), p), contextlib.nullcontext)
+    cast = eval_retrieval.autocast(torch.device('cpu'), 'bf16')
+    assert isinstance(cast, torch.autocast) and cast.fast_dtype == torch.bfloat16
+    assert eval_retrieval.autocast(torch.device('cpu'), 'fp16').fast_dtype == torch.float16
+    # score_pairs honours it: bf16 = the model's own score under bf16 autocast, and differs from fp32
+    mdl = small_model()
+    gen = torch.Generator().manual_seed(2)
+    feats = (torch.randn(3, 25, mdl.hidden_size, generator=gen), torch.ones(3, 25, dtype=torch.long),
+             torch.randn(2, 16, mdl.hidden_size, generator=gen), torch.ones(2, 16, dtype=torch.long))
+    with torch.no_grad():
+        mdl.fc[-1].weight.normal_(0, 1, generator=gen)  # spread the scores
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            ref = torch.stack([mdl.score(feats[0], feats[1], feats[2][t:t + 1].expand(3, -1, -1),
+                                         feats[3][t:t + 1].expand(3, -1)) for t in range(2)])
+    fp32 = eval_retrieval.score_pairs(mdl, *feats, size_pair=3)
+    bf16 = eval_retrieval.score_pairs(mdl, *feats, size_pair=3, precision='bf16')
+    assert torch.equal(bf16, ref) and not torch.equal(bf16, fp32) and torch.allclose(bf16, fp32, atol=0.1)
 
 
 def small_model(cls=violet.VIOLET_Retrieval):
