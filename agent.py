@@ -124,7 +124,7 @@ def parse_cli(default_config, argv=None):
                    help='override config keys; VALUE parsed as JSON when possible, else a string')
     p.add_argument('--resume', default='', metavar='DIR_OR_FILE',
                    help="continue a stopped run (its output dir or resume.pt) in the same dir; the run's saved "
-                        'args are used, --set still applies')
+                        'args are used (except stop_after_steps), --set still applies')
     p.add_argument('--local_rank', '--local-rank', type=int, default=None,
                    help='set by torch.distributed.launch; the LOCAL_RANK env var wins')
     return p.parse_args(argv)
@@ -562,7 +562,8 @@ def main(task_cls, default_config, argv=None):
         if not os.path.isfile(path):
             raise SystemExit(f'resume: no resume state at {path}')
         state = torch.load(path, map_location='cpu', weights_only=True)
-        args = load_args(sets=cli.set, base=state['args'])
+        # stop_after_steps belongs to the invocation that sets it: a resumed run goes on to the end unless --set asks again
+        args = load_args(sets=cli.set, base={**state['args'], 'stop_after_steps': 0})
         args['path_output'] = os.path.dirname(os.path.abspath(path))
         state['args'] = args
     else:
