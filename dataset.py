@@ -27,7 +27,9 @@ except ImportError:  # a torchvision without them: every image goes through PIL
 from PIL import Image, UnidentifiedImageError
 
 DEFAULTS = dict(path_data='./_data', skip_bad=False, size_img=224, size_txt=32,
-                txt_backbone='bert-base-uncased', size_frame=0, size_option=5)
+                txt_backbone='bert-base-uncased', txt_vocab='', size_frame=0, size_option=5)
+# bert-base-uncased's special token ids: padding (mask = txt != 0) and masking (main_pretrain.py) rely on them
+SPECIAL_IDS = {'[CLS]': 101, '[SEP]': 102, '[PAD]': 0, '[MASK]': 103}
 
 
 class BadSample(ValueError):
@@ -61,11 +63,32 @@ def b64_to_img(b64, size):
 _TOKENIZERS = {}
 
 
-def get_tokenizer(name):
-    if name not in _TOKENIZERS:
+def get_tokenizer(backbone, vocab=''):
+    """The BERT tokenizer of `vocab` (a vocab.txt file or a tokenizer directory) or, when it is '', of `backbone`
+    (a transformers id or directory). It must fit the model: the vocabulary size of backbone's BERT config and
+    the special ids of SPECIAL_IDS; anything else is a ValueError naming the source and what is wrong (a
+    directory without vocabulary would otherwise give a 5-token tokenizer that maps every word to [UNK])."""
+    if (backbone, vocab) not in _TOKENIZERS:
         import transformers
-        _TOKENIZERS[name] = transformers.BertTokenizerFast.from_pretrained(name)
-    return _TOKENIZERS[name]
+        src = vocab or backbone
+        if vocab and not os.path.exists(vocab):
+            raise FileNotFoundError(f'txt_vocab: no vocabulary at {vocab} (a vocab.txt or a tokenizer directory)')
+        if os.path.isdir(src) and not any(os.path.isfile(os.path.join(src, f)) for f in ('vocab.txt', 'tokenizer.json')):
+            raise ValueError(f'{src} has no tokenizer vocabulary (vocab.txt or tokenizer.json): put the model\'s '
+                             f'vocab.txt there, or name it with the config key txt_vocab (a vocab.txt or tokenizer dir)')
+        if os.path.isfile(src):
+            tok = transformers.BertTokenizer(vocab=src)
+        else:
+            tok = transformers.BertTokenizer.from_pretrained(src)
+        n_vocab = transformers.BertConfig.from_pretrained(backbone).vocab_size
+        wrong = [f'{t} is id {tok.convert_tokens_to_ids(t)}, expected {i}' for t, i in SPECIAL_IDS.items()
+                 if tok.convert_tokens_to_ids(t) != i]
+        if len(tok) != n_vocab:
+            wrong.insert(0, f'{len(tok)} tokens, but the BERT config of {backbone} has vocab_size {n_vocab}')
+        if wrong:
+            raise ValueError(f'tokenizer {src} does not fit the model: ' + '; '.join(wrong))
+        _TOKENIZERS[backbone, vocab] = tok
+    return _TOKENIZERS[backbone, vocab]
 
 
 def need_file(path):
@@ -146,7 +169,7 @@ class Dataset_Base(torch.utils.data.Dataset):
         self.args = {**DEFAULTS, **args}
         self.size_img, self.size_txt = self.args['size_img'], self.args['size_txt']
         self.path_data = self.args['path_data']
-        self.tokzr = get_tokenizer(self.args['txt_backbone'])
+        self.tokzr = get_tokenizer(self.args['txt_backbone'], self.args['txt_vocab'])
         self.frames, self.path_frames, self.size_frame = None, None, None
 
     def path(self, name):

@@ -153,6 +153,30 @@ def test_str2txt(tok_dir):
     assert txt[-1] == 102 and mask.all()
 
 
+def test_tokenizer_must_fit_the_model(tok_dir, tmp_path):
+    """A directory without vocabulary is an error (transformers would build a 5-token tokenizer mapping every
+    word to [UNK]); txt_vocab gives the vocabulary separately; size and special ids are checked."""
+    import transformers
+    cfg_only = tmp_path / 'cfg'
+    transformers.BertConfig.from_pretrained(tok_dir).save_pretrained(cfg_only)
+    with pytest.raises(ValueError, match=f'^{cfg_only} has no tokenizer vocabulary .*txt_vocab'):
+        dataset.Dataset_Base(dict(txt_backbone=str(cfg_only)))
+    for vocab in (f'{tok_dir}/vocab.txt', tok_dir):  # a vocab.txt, or a tokenizer directory
+        ds = dataset.Dataset_Base(dict(txt_backbone=str(cfg_only), txt_vocab=vocab, size_txt=8))
+        assert ds.str2txt('a man is talking')[0].tolist() == [101, 1037, 2158, 2003, 3331, 102, 0, 0]
+    with pytest.raises(FileNotFoundError, match=f'txt_vocab: no vocabulary at {tmp_path}/nope.txt'):
+        dataset.Dataset_Base(dict(txt_backbone=str(cfg_only), txt_vocab=str(tmp_path / 'nope.txt')))
+    words = open(f'{tok_dir}/vocab.txt').read().splitlines()
+    (tmp_path / 'short.txt').write_text('\n'.join(words[:1000]) + '\n')
+    with pytest.raises(ValueError, match=f'tokenizer {tmp_path}/short.txt does not fit the model: 1000 tokens, '
+                                         f'but the BERT config of {cfg_only} has vocab_size 30522$'):
+        dataset.Dataset_Base(dict(txt_backbone=str(cfg_only), txt_vocab=str(tmp_path / 'short.txt')))
+    words[103], words[104] = words[104], words[103]  # [MASK] one id off
+    (tmp_path / 'moved.txt').write_text('\n'.join(words) + '\n')
+    with pytest.raises(ValueError, match=r'does not fit the model: \[MASK\] is id 104, expected 103$'):
+        dataset.Dataset_Base(dict(txt_backbone=str(cfg_only), txt_vocab=str(tmp_path / 'moved.txt')))
+
+
 # ---- datasets on the toy corpus
 
 def loaders(ds, batch):
