@@ -164,11 +164,13 @@ def main():
     opt = parser.parse_args()
 
     args = agent.load_args(opt.config, opt.set)
+    if opt.ckpt is not None:
+        args['path_ckpt'] = opt.ckpt  # the model's VT may come from it (model.load_vt)
     rank, world, device = agent.init_dist(opt.local_rank)
     agent.seed_all(args['seed'])  # same random init on every rank when no checkpoint is given
 
     model = (violet.VIOLET_Pretrain if opt.zero_shot else violet.VIOLET_Retrieval)(args)
-    path_ckpt = args['path_ckpt'] if opt.ckpt is None else opt.ckpt
+    path_ckpt = args['path_ckpt']
     not_loaded, unexpected = model.load_ckpt(path_ckpt)
     if rank == 0:
         print(f'checkpoint {path_ckpt or "(none: random init)"}: {len(not_loaded)} model keys not loaded, '

@@ -19,7 +19,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 
 DEFAULTS = {
     'txt_backbone': 'bert-base-uncased',  # transformers id, or a local dir (config.json only -> random init)
-    'path_vt': './_snapshot/ckpt_video-swin.pt',  # Video Swin weights; '' or absent -> random VT
+    'path_vt': './_snapshot/ckpt_video-swin.pt',  # Video Swin weights; '' -> random VT; missing -> error
     'vt_dim': 96, 'vt_depths': [2, 2, 18, 2], 'vt_heads': [3, 6, 12, 24], 'vt_window': [8, 7, 7],
     'vt_drop_path': 0.2,
     'grad_ckpt': False,  # activation checkpointing in VT and CT (saves memory, costs a recompute)
@@ -195,7 +195,7 @@ class EncImg(nn.Module):
         super().__init__()
         self.swin = SwinTransformer3D(args['vt_dim'], args['vt_depths'], args['vt_heads'], args['vt_window'],
                                       args['vt_drop_path'], args['grad_ckpt'])
-        load_vt(self.swin, args['path_vt'])
+        load_vt(self.swin, args['path_vt'], args.get('path_ckpt', ''))
         if self.swin.num_features != hidden:  # only in non-default configs: keeps the default key layout
             self.proj = nn.Linear(self.swin.num_features, hidden)
         self.emb_cls = nn.Parameter(0.02 * torch.randn(1, 1, 1, hidden))
@@ -227,10 +227,33 @@ class EncTxt(nn.Module):
         return self.emb_txt(input_ids=txt)
 
 
-def load_vt(swin, path):
-    if not path or not os.path.isfile(path):
-        print(f'VT: no Video Swin weights at {path!r}; the video encoder starts random')
+def read_ckpt(path):
+    """A checkpoint file -> its state dict (a plain one, or the 'model' of our resume files)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict):  # our resume files
+        ckpt = ckpt['model']
+    return ckpt
+
+
+def load_vt(swin, path, path_ckpt=''):
+    """Video Swin weights from `path` (_tools/convert_video-swin.py's output). Only path '' gives a random VT. A
+    missing file is an error, unless `path_ckpt` (load_ckpt fills the model from it later) holds every
+    enc_img.swin.* weight, as the official downstream checkpoints do."""
+    if not path:
+        print('VT: path_vt is "": the video encoder starts random')
         return
+    if not os.path.isfile(path):
+        ckpt = read_ckpt(path_ckpt) if path_ckpt else {}
+        lacking = [k for k, v in swin.state_dict().items() if not k.endswith('relative_position_index')
+                   and getattr(ckpt.get('enc_img.swin.' + k), 'shape', None) != v.shape]
+        if not lacking:
+            print(f'VT: no file at {path}; the Video Swin weights come from {path_ckpt}')
+            return
+        raise FileNotFoundError(f'path_vt: no Video Swin weights at {path} (convert the Kinetics-400 checkpoint with '
+                                f'_tools/convert_video-swin.py; path_vt "" starts the video encoder random)' +
+                                (f'; path_ckpt {path_ckpt} lacks {len(lacking)} of them, e.g. {lacking[0]}' if path_ckpt else ''))
     sd = torch.load(path, map_location='cpu', weights_only=True)
     sd = {k.removeprefix('enc_img.swin.'): v for k, v in sd.items()}
     own = swin.state_dict()
@@ -303,11 +326,7 @@ class VIOLET_Base(nn.Module):
         if not path:
             print('===== Init VIOLET (no checkpoint) =====')
             return [], []
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'checkpoint not found: {path}')
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict):  # our resume files
-            ckpt = ckpt['model']
+        ckpt = read_ckpt(path)
         own = self.state_dict()
         loaded = set()
         for k, v in ckpt.items():

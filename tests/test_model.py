@@ -216,8 +216,21 @@ def test_convert_video_swin_and_path_vt(tmp_path, capsys):
     for k, v in swin.state_dict().items():
         assert torch.equal(m.enc_img.swin.state_dict()[k], v)
     assert 'VT: loaded' in capsys.readouterr().out
-    model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'absent.pt')})
-    assert "no Video Swin weights at '" in capsys.readouterr().out
+    # a path that is set but missing stops the run; only '' asks for a random VT
+    absent = str(tmp_path / 'absent.pt')
+    with pytest.raises(FileNotFoundError, match=f'^path_vt: no Video Swin weights at {absent} .*_tools/convert_video-swin.py'):
+        model.VIOLET_Retrieval({**SMALL, 'path_vt': absent})
+    model.VIOLET_Retrieval(SMALL)
+    assert 'VT: path_vt is "": the video encoder starts random' in capsys.readouterr().out
+    # ... unless path_ckpt holds every enc_img.swin.* weight (official downstream checkpoints): then it fills the VT
+    full = model.VIOLET_Retrieval(SMALL).state_dict()
+    torch.save(full, tmp_path / 'full.pt')
+    m = model.VIOLET_Retrieval({**SMALL, 'path_vt': absent, 'path_ckpt': str(tmp_path / 'full.pt')})
+    assert f'no file at {absent}; the Video Swin weights come from' in capsys.readouterr().out
+    assert m.load_ckpt(str(tmp_path / 'full.pt'))[0] == []
+    torch.save({k: v for k, v in full.items() if k != 'enc_img.swin.norm.weight'}, tmp_path / 'part.pt')
+    with pytest.raises(FileNotFoundError, match=f'no Video Swin weights at {absent} .* lacks 1 of them, e.g. norm.weight$'):
+        model.VIOLET_Retrieval({**SMALL, 'path_vt': absent, 'path_ckpt': str(tmp_path / 'part.pt')})
     bad = model.SwinTransformer3D(8, [2, 2, 2, 2], [1, 2, 4, 8]).state_dict()
     torch.save(bad, tmp_path / 'bad.pt')
     with pytest.raises(ValueError, match='do not fit the configured VT'):
