@@ -15,6 +15,7 @@ Missing files raise FileNotFoundError naming the path, always.
 """
 import base64, binascii, io, json, os, pickle
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,53 @@ SPECIAL_IDS = {'[CLS]': 101, '[SEP]': 102, '[PAD]': 0, '[MASK]': 103}
 
 class BadSample(ValueError):
     """One unusable sample; skipped (counted) under args['skip_bad'], raised otherwise."""
+
+
+class BadVideo(ValueError):
+    """A video file that cannot be read: not a video, no frame, or fewer frames decoded than sampled."""
+
+
+def sample_inside(count, n):
+    """The original extraction's frame choice (violet-spec 2): of `count` frames, with s = count / (n+1),
+    frames int(s*(i+1)) for i < n (evenly inside, never the first or the last; repeats when count < n)."""
+    s = count / (n + 1)
+    return [int(s * (i + 1)) for i in range(n)]
+
+
+def read_video(path, n_frames):
+    """-> `n_frames` RGB uint8 arrays [H, W, 3] of the video file at `path`, chosen by sample_inside over all
+    its decoded frames (OpenCV). Raises BadVideo naming the file."""
+    if n_frames < 1:
+        raise ValueError(f'n_frames must be >= 1, got {n_frames}')
+    if not os.path.isfile(path):
+        raise BadVideo(f'{path}: no such file')
+    cap = cv2.VideoCapture(path)
+    try:
+        if not cap.isOpened():
+            raise BadVideo(f'{path}: not a video (cannot be opened)')
+        count = 0  # first pass counts: container frame counts are not trusted
+        while cap.grab():
+            count += 1
+    finally:
+        cap.release()
+    if count == 0:
+        raise BadVideo(f'{path}: no frames')
+    wanted = sample_inside(count, n_frames)
+    cap, kept, k = cv2.VideoCapture(path), {}, 0
+    try:
+        while k <= wanted[-1] and cap.grab():
+            if k in wanted:
+                ok, bgr = cap.retrieve()
+                if not ok:
+                    break
+                kept[k] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            k += 1
+    finally:
+        cap.release()
+    missing = [i for i in wanted if i not in kept]
+    if missing:
+        raise BadVideo(f'{path}: fewer frames than asked (frame {missing[0]} of {count} could not be decoded)')
+    return [kept[i] for i in wanted]
 
 
 class BadKey(BadSample, KeyError):

@@ -3,8 +3,8 @@
     python _tools/extract_video-frame.py --path=_data/msrvtt --sample=5 [--workers 8] [--out FILE]
 
 reads _data/_msrvtt/*.mp4 and writes _data/msrvtt.pkl. Of F decoded frames, with n = F / (N+1), frames
-int(n*(i+1)) for i < N are kept (evenly inside, never the first or the last), encoded as RGB JPEG with
-PIL's defaults, base64 ASCII. Decoding is OpenCV's. An unreadable or empty video is named, skipped and
+int(n*(i+1)) for i < N are kept (evenly inside, never the first or the last; dataset.read_video), encoded as
+RGB JPEG with PIL's defaults, base64 ASCII. An unreadable or empty video is named, skipped and
 counted; the exit status is non-zero when no video could be read.
 """
 import argparse, base64, glob, io, os, pickle, sys
@@ -14,10 +14,8 @@ import cv2
 from PIL import Image
 from tqdm import tqdm
 
-
-def frame_indices(n_frames, sample):
-    n = n_frames / (sample + 1)
-    return [int(n * (i + 1)) for i in range(sample)]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataset import BadVideo, read_video  # noqa: E402
 
 
 def jpeg_b64(rgb):
@@ -27,28 +25,12 @@ def jpeg_b64(rgb):
 
 
 def extract_video(path, sample):
-    """-> [base64 JPEG] of the `sample` chosen frames, or None when the video cannot be read or has no frame.
-    Two passes (count, then keep the chosen frames) so that only `sample` frames are ever held."""
-    cap = cv2.VideoCapture(path)
-    n_frames = 0
-    while cap.isOpened() and cap.grab():
-        n_frames += 1
-    cap.release()
-    if n_frames == 0:
+    """-> [base64 JPEG] of the `sample` chosen frames (dataset.read_video), or None when the video cannot be read."""
+    try:
+        return [jpeg_b64(rgb) for rgb in read_video(path, sample)]
+    except BadVideo as e:
+        tqdm.write(f'skipped: {e}', file=sys.stderr)
         return None
-    wanted = frame_indices(n_frames, sample)
-    cap, kept, k = cv2.VideoCapture(path), {}, 0
-    while k <= wanted[-1] and cap.grab():
-        if k in wanted:
-            ok, bgr = cap.retrieve()
-            if not ok:
-                break
-            kept[k] = jpeg_b64(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-        k += 1
-    cap.release()
-    if len(kept) != len(set(wanted)):
-        return None
-    return [kept[i] for i in wanted]
 
 
 def _work(job):
@@ -66,7 +48,6 @@ def extract_dir(dir_in, sample, path_out=None, workers=1, progress=True):
         for path, frames in pool.imap_unordered(_work, jobs, chunksize=4):
             if frames is None:
                 bad.append(path)
-                tqdm.write(f'unreadable or empty video, skipped: {path}', file=sys.stderr)
             else:
                 pkl[os.path.basename(path)[:-len('.mp4')]] = frames
             bar.update(1)

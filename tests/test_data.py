@@ -58,7 +58,8 @@ def b64_to_array(b):
 # ---- extract_video-frame
 
 def test_frame_indices_on_numbered_frames(tmp_path):
-    assert frame_tool.frame_indices(16, 5) == [2, 5, 8, 10, 13]
+    assert dataset.sample_inside(16, 5) == [2, 5, 8, 10, 13]
+    assert dataset.sample_inside(3, 4) == [0, 1, 1, 2]  # fewer frames than asked: repeats, as the original
     for n_frames, sample in [(16, 5), (13, 4), (7, 1), (3, 4)]:
         path = str(tmp_path / f'v{n_frames}.mp4')
         write_clip(path, [(k * 16, k * 16, k * 16) for k in range(n_frames)])  # frame k has grey level 16k
@@ -70,6 +71,18 @@ def test_frame_indices_on_numbered_frames(tmp_path):
     write_clip(str(tmp_path / 'red.mp4'), [(0, 0, 255)] * 4)
     r, g, b = b64_to_array(frame_tool.extract_video(str(tmp_path / 'red.mp4'), 1)[0]).mean((0, 1))
     assert r > 200 and g < 50 and b < 50
+
+
+def test_read_video_names_the_bad_file(tmp_path):
+    write_clip(str(tmp_path / 'grey.mp4'), [(k * 16,) * 3 for k in range(9)], size=(48, 32))
+    frames = dataset.read_video(str(tmp_path / 'grey.mp4'), 3)
+    assert len(frames) == 3 and all(f.dtype == np.uint8 and f.shape == (32, 48, 3) for f in frames)
+    assert [int(round(f.mean() / 16)) for f in frames] == [2, 4, 6]  # 9 / 4 = 2.25 -> 2, 4, 6
+    (tmp_path / 'junk.mp4').write_bytes(b'not a video' * 10)
+    (tmp_path / 'empty.mp4').write_bytes(b'')
+    for name in ['junk.mp4', 'empty.mp4', 'missing.mp4']:
+        with pytest.raises(dataset.BadVideo, match=f'{tmp_path / name}: (not a video|no frames|no such file)'):
+            dataset.read_video(str(tmp_path / name), 3)
 
 
 def test_extract_cli_skips_unreadable_and_fails_when_nothing_read(tmp_path):
