@@ -2,7 +2,8 @@
 texts in txt_<name>.json, VQ targets in vq_<dataset>.pkl.
 
 Frame counts. Every sample of a dataset must have the same number of frames T (batches are stacked):
-  - pretraining: T is taken from the first entry of vq_<dataset>.pkl;
+  - pretraining: T is taken from the first entry of vq_<dataset>.pkl (mvm_target 'vq'), or from the first video
+    of the split's TSV (mvm_target 'pixel', which reads no VQ file);
   - downstream: T is args['size_frame'] when it is > 0, else the frame count of the first video of
     img_<dataset>.pkl / .tsv (5 for the released sets).
 A video with another count is a bad sample, never truncated or padded.
@@ -280,7 +281,8 @@ class Dataset_Base(torch.utils.data.Dataset):
 
 
 class Dataset_Pretrain(Dataset_Base):
-    """-> (img [T,3,S,S], txt [X], mask [X], vq [T*(1+h*w)] int64 with -1 at each frame's cls slot)."""
+    """-> (img [T,3,S,S], txt [X], mask [X], vq [T*(1+h*w)] int64 with -1 at each frame's cls slot; 0 at every
+    patch under mvm_target 'pixel')."""
 
     def __init__(self, args, dataset, split, part=None):
         super().__init__(args)
@@ -288,7 +290,15 @@ class Dataset_Pretrain(Dataset_Base):
         path_txt = self.path(f'txt_{dataset}.json')
         self.path_txt = path_txt
         self.txt = json_key(load_json(path_txt), split, path_txt)
+        name = f'img_{dataset}_{split}_{part}' if split == 'train' else f'img_{dataset}_{split}'
+        self.tsv = TSV(self.path(name + '.tsv'))
+        self.path_lineidx = self.path(name + '.lineidx')
+        self.lineidx = read_lineidx(self.path_lineidx)
         self.path_vq = self.path(f'vq_{dataset}.pkl')
+        if self.args.get('mvm_target', 'vq') == 'pixel':  # the targets come from the frames: no VQ file is read
+            self.vq = None
+            self.size_frame = len(self.tsv.read(self.lineidx[0])) - 1 if self.lineidx else 0
+            return
         self.vq = load_pickle(self.path_vq)
         if len(self.vq) == 0:
             raise ValueError(f'{self.path_vq}: empty')
@@ -298,10 +308,6 @@ class Dataset_Pretrain(Dataset_Base):
             raise ValueError(f'{self.path_vq}: VQ tokens of shape {first.shape}, expected [T, {hw}, {hw}] for '
                              f'size_img {self.size_img} (extract with _tools/extract_vq.py --frame={self.size_img})')
         self.size_frame = first.shape[0]
-        name = f'img_{dataset}_{split}_{part}' if split == 'train' else f'img_{dataset}_{split}'
-        self.tsv = TSV(self.path(name + '.tsv'))
-        self.path_lineidx = self.path(name + '.lineidx')
-        self.lineidx = read_lineidx(self.path_lineidx)
 
     def __len__(self):
         return len(self.lineidx)
@@ -319,14 +325,17 @@ class Dataset_Pretrain(Dataset_Base):
         if len(caps) == 0:
             raise BadSample(f'{self.path_txt}["{self.split}"]: empty caption list for video "{vid}"')
         txt, mask = self.str2txt(caps[0])
-        if vid not in self.vq:
-            raise BadSample(f'{self.path_vq}: no VQ tokens for video "{vid}" ({where})')
-        vq = [np.asarray(v, dtype=np.int64) for v in self.vq[vid]]  # an array [T,h,w] or a list of T [h,w]
         hw = self.size_img // 32
-        if len(vq) != self.size_frame or any(v.shape != (hw, hw) for v in vq):
-            raise BadSample(f'{self.path_vq}: video "{vid}" has VQ shapes {[v.shape for v in vq]}, '
-                            f'expected {self.size_frame} x {(hw, hw)}')
-        vq = np.stack(vq)
+        if self.vq is None:  # pixel targets: a placeholder token 0 per patch
+            vq = np.zeros((self.size_frame, hw, hw), dtype=np.int64)
+        elif vid not in self.vq:
+            raise BadSample(f'{self.path_vq}: no VQ tokens for video "{vid}" ({where})')
+        else:
+            vq = [np.asarray(v, dtype=np.int64) for v in self.vq[vid]]  # an array [T,h,w] or a list of T [h,w]
+            if len(vq) != self.size_frame or any(v.shape != (hw, hw) for v in vq):
+                raise BadSample(f'{self.path_vq}: video "{vid}" has VQ shapes {[v.shape for v in vq]}, '
+                                f'expected {self.size_frame} x {(hw, hw)}')
+            vq = np.stack(vq)
         vq = np.concatenate([np.full((self.size_frame, 1), -1, dtype=np.int64), vq.reshape(self.size_frame, -1)], 1)
         return img, txt, mask, vq.reshape(-1)
 

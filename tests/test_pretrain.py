@@ -1,7 +1,9 @@
 """Pretraining: masking statistics (violet-spec 3.2), learning on the toy corpus, a 2-process torchrun run,
 and exact resume."""
+import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -220,15 +222,49 @@ def test_nonfinite_steps_are_skipped_then_stop(toy, tmp_path):
     assert json.load(open(os.path.join(out, 'log.json')))['n_nonfinite'] == 1  # as of the last finished part
 
 
-def test_pixel_target_step(toy):
-    """mvm_target 'pixel': fc_mvm regresses 3*32*32 values; L1 over the masked patches; 'accuracy' = -L1."""
-    args = agent.load_args(TOY_CONFIG, toy_sets(toy)[1:] + ['mvm_target=pixel'])
+def test_pixel_target_step(toy, tmp_path):
+    """mvm_target 'pixel' on a corpus without any vq_*.pkl (the frame count comes from the frames). The MVM loss,
+    from hand-made outputs, equals an independent computation: per masked patch (t, r, c), the L1 between the
+    output at position t*(1+h*w) + 1 + r*w + c and the ImageNet-normalised RGB of that patch of the UNMASKED
+    frame, mean over the 3*32*32 values, then over the masked patches; its 'accuracy' is minus that."""
+    data = str(tmp_path / 'novq')
+    shutil.copytree(toy, data)
+    for d in ('toyvid', 'toyimg'):
+        os.remove(os.path.join(data, f'vq_{d}.pkl'))
+    args = agent.load_args(TOY_CONFIG, ['path_data=' + data] + toy_sets(toy)[2:] + ['mvm_target=pixel'])
+    assert dataset.Dataset_Pretrain(args, 'toyimg', 'train', 0).size_frame == 1
+    ds = dataset.Dataset_Pretrain(args, 'toyvid', 'val')
+    assert ds.size_frame == 4
+    b, _ = dataset.collate_skip([ds[i] for i in range(4)])
+    img, txt, mask, vq = b
+    B, T, h, w = 4, 4, 2, 2
+    assert torch.equal(vq, torch.tensor([-1, 0, 0, 0, 0] * T).expand(B, -1))
+
+    gen = torch.Generator().manual_seed(0)
+    out_mvm = torch.randn(B, T * (1 + h * w), 3 * 32 * 32, generator=gen)
+    att = torch.rand(B, T * (1 + h * w) + txt.shape[1], generator=gen)
+
+    class Stub(torch.nn.Module):  # returns the hand-made outputs
+        def get_att(self, img, txt, mask):
+            return att
+
+        def forward(self, img, txt, mask):
+            return torch.zeros(B, txt.shape[1], 30522), out_mvm, torch.zeros(B, 4), torch.zeros(B, dtype=torch.long)
+    _, losses, hits = mp.Pretrain(args).step(Stub(), b, agent.generator('cpu', 0, 0))
+    is_mvm = mp.mask_batch(img, txt, vq, agent.generator('cpu', 0, 0), lambda: att)[4]  # the same draw
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    errs = []
+    for i, t, r, c in itertools.product(range(B), range(T), range(h), range(w)):
+        p = t * (1 + h * w) + 1 + r * w + c
+        if is_mvm[i, p]:
+            target = (img[i, t, :, 32 * r:32 * r + 32, 32 * c:32 * c + 32] - mean) / std
+            errs.append((out_mvm[i, p] - target.flatten()).abs().mean())
+    assert len(errs) == is_mvm.sum() > 0
+    assert torch.allclose(losses['mvm'], torch.stack(errs).mean(), atol=1e-6)
+    assert hits['mvm'][1] == len(errs) and torch.allclose(hits['mvm'][0], -torch.stack(errs).sum(), atol=1e-4)
+    # and the real model's step on that corpus
     torch.manual_seed(0)
     task = mp.Pretrain(args)
     model = task.build_model()
-    ds = dataset.Dataset_Pretrain(args, 'toyvid', 'val')
-    b, _ = dataset.collate_skip([ds[i] for i in range(4)])
-    loss, losses, hits = task.step(model, b, agent.generator('cpu', 0, 0))
+    loss, losses, _ = task.step(model, b, agent.generator('cpu', 0, 0))
     assert model.fc_mvm[-1].out_features == 3 * 32 * 32 and torch.isfinite(loss)
-    neg_sum, n = hits['mvm']
-    assert n > 0 and torch.allclose(-neg_sum / n, losses['mvm'])
