@@ -40,6 +40,7 @@ DEFAULTS = dict(
     size_epoch=5, size_batch=12,  # size_batch is per process
     lr=2e-5, decay=1e-3,          # AdamW(lr, betas (0.9, 0.98), weight_decay=decay), constant lr
     path_ckpt='',        # initial weights (pretraining or official checkpoint); '' = none
+    init_partial=False,  # true: path_ckpt may lack encoder keys (else every enc_img/enc_txt/trsfr key must load)
     datasets=['webvid2.5m', 'cc3m'],  # pretraining datasets, in order; each trains on its parts found on disk
     seed=0,
     num_workers=4,       # DataLoader workers per process
@@ -351,7 +352,7 @@ class Trainer:
         seed_all(args['seed'])  # the same initial weights on every rank
         self.raw = task.build_model().to(device)
         if state is None:
-            self.not_loaded, _ = self.raw.load_ckpt(args['path_ckpt'])
+            self.not_loaded, _ = self.raw.load_ckpt(args['path_ckpt'], 'any' if args['init_partial'] else 'encoders')
         else:
             self.raw.load_state_dict(state['model'])
             self.not_loaded = state['log'].get('not_loaded', [])
@@ -561,7 +562,10 @@ def main(task_cls, default_config, argv=None):
         path = os.path.join(cli.resume, 'resume.pt') if os.path.isdir(cli.resume) else cli.resume
         if not os.path.isfile(path):
             raise SystemExit(f'resume: no resume state at {path}')
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            state = violet.read_checkpoint(path)
+        except violet.CheckpointError as e:
+            raise SystemExit(f'resume: {e}') from e
         # stop_after_steps belongs to the invocation that sets it: a resumed run goes on to the end unless --set asks again
         args = load_args(sets=cli.set, base={**state['args'], 'stop_after_steps': 0})
         args['path_output'] = os.path.dirname(os.path.abspath(path))
@@ -583,7 +587,10 @@ def main(task_cls, default_config, argv=None):
     if is_main():
         os.makedirs(out, exist_ok=True)
         print(f'{task.name}: {world} process(es) on {device}, output {out}', flush=True)
-    trainer = Trainer(task, device, state)
+    try:
+        trainer = Trainer(task, device, state)
+    except violet.CheckpointError as e:
+        raise SystemExit(f'path_ckpt: {e}') from e
     if is_main():
         save_json(args, os.path.join(out, 'args.json'))  # after the task filled in what it derives (size_vocab)
         if state is None:

@@ -169,9 +169,12 @@ def main():
     rank, world, device = agent.init_dist(opt.local_rank)
     agent.seed_all(args['seed'])  # same random init on every rank when no checkpoint is given
 
-    model = (violet.VIOLET_Pretrain if opt.zero_shot else violet.VIOLET_Retrieval)(args)
     path_ckpt = args['path_ckpt']
-    not_loaded, unexpected = model.load_ckpt(path_ckpt)
+    try:
+        model = (violet.VIOLET_Pretrain if opt.zero_shot else violet.VIOLET_Retrieval)(args)
+        not_loaded, unexpected = model.load_ckpt(path_ckpt, 'all')  # every model key, or an error
+    except violet.CheckpointError as e:
+        raise SystemExit(f'eval_retrieval: {e}') from e
     if rank == 0:
         print(f'checkpoint {path_ckpt or "(none: random init)"}: {len(not_loaded)} model keys not loaded, '
               f'{len(unexpected)} unexpected keys')

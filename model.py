@@ -5,8 +5,10 @@ Shapes and quirks are those of ../shared/violet-spec.md section 1.
 """
 import copy
 import functools
+import json
 import math
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -229,11 +231,11 @@ class EncTxt(nn.Module):
 
 def read_ckpt(path):
     """A checkpoint file -> its state dict (a plain one, or the 'model' of our resume files)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict):  # our resume files
         ckpt = ckpt['model']
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'{path}: holds a {type(ckpt).__name__}, not a state dict of tensors')
     return ckpt
 
 
@@ -254,7 +256,7 @@ def load_vt(swin, path, path_ckpt=''):
         raise FileNotFoundError(f'path_vt: no Video Swin weights at {path} (convert the Kinetics-400 checkpoint with '
                                 f'_tools/convert_video-swin.py; path_vt "" starts the video encoder random)' +
                                 (f'; path_ckpt {path_ckpt} lacks {len(lacking)} of them, e.g. {lacking[0]}' if path_ckpt else ''))
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+    sd = read_checkpoint(path)
     sd = {k.removeprefix('enc_img.swin.'): v for k, v in sd.items()}
     own = swin.state_dict()
     misfit = sorted(k for k in own.keys() | sd.keys() if k not in sd or k not in own or sd[k].shape != own[k].shape)
@@ -279,6 +281,7 @@ def load_bert(name):
 
 class VIOLET_Base(nn.Module):
     keeps_mlm_head = False  # VIOLET_Pretrain takes BERT's MLM head as fc_mtm
+    task_type = ''  # the config 'type' it serves (named when a checkpoint comes from another task)
 
     def __init__(self, args):
         super().__init__()
@@ -320,25 +323,96 @@ class VIOLET_Base(nn.Module):
         with torch.autocast(out.device.type, enabled=False):
             return self.fc(out[:, feat_img.shape[1]].float()).squeeze(-1)
 
-    def load_ckpt(self, path):
+    def load_ckpt(self, path, need='any'):
         """Copy every key present in the model with the same shape; keep the model's own value for the rest.
+        need: 'all' (evaluation, prediction: every model key must come from the file, the buffers of
+        NOT_NEEDED aside), 'encoders' (training from a checkpoint: every enc_img.*, enc_txt.*, trsfr.* key; head
+        keys may be new, and are reported) or 'any' (a deliberate partial load, init_partial). A need not met
+        raises CheckpointError naming the file and the keys, before the model is touched.
         Returns (model keys not loaded, file keys the model does not use)."""
+        if need not in ('all', 'encoders', 'any'):
+            raise ValueError(f"load_ckpt: need must be 'all', 'encoders' or 'any', got {need!r}")
         if not path:
             print('===== Init VIOLET (no checkpoint) =====')
             return [], []
         ckpt = read_ckpt(path)
         own = self.state_dict()
-        loaded = set()
+        loaded, misfit = set(), {}
         for k, v in ckpt.items():
-            if k in own and own[k].shape == v.shape:
-                own[k] = v
-                loaded.add(k)
+            if k in own and isinstance(v, torch.Tensor):
+                if own[k].shape == v.shape:
+                    own[k] = v
+                    loaded.add(k)
+                else:
+                    misfit[k] = f'{list(v.shape)} in the file, {list(own[k].shape)} in the model'
+        not_loaded = sorted(k for k in own if k not in loaded and not k.endswith(NOT_NEEDED))
+        required = {'all': not_loaded, 'any': [],
+                    'encoders': [k for k in not_loaded if k.startswith(ENCODERS)]}[need]
+        if required:
+            shown = ', '.join(f'{k} ({misfit.get(k, "missing")})' for k in required[:8])
+            more = f', ... and {len(required) - 8} more' if len(required) > 8 else ''
+            hint = ('set init_partial: true to start from a partial checkpoint on purpose' if need == 'encoders'
+                    else 'it does not hold this model (another task, size_vocab or VT/BERT size?)')
+            raise CheckpointError(f'{path}: {len(required)} of the model\'s {len(own)} keys are missing from the file '
+                                  f'or of another shape (need={need}): {shown}{more}; {hint}')
         self.load_state_dict(own)
-        # relative_position_index is a constant of the architecture; position_ids a buffer old checkpoints carry
-        not_loaded = sorted(k for k in own if k not in loaded and not k.endswith('relative_position_index'))
-        unexpected = sorted(k for k in ckpt if k not in loaded and not k.endswith('position_ids'))
+        unexpected = sorted(k for k in ckpt if k not in loaded and not k.endswith(NOT_NEEDED))
         print(f'===== Loaded {path}: {len(loaded)} keys; not loaded: {not_loaded}; unused from file: {unexpected} =====')
+        if need == 'all':
+            warn_other_task(path, self.task_type, self.args.get('task', ''))
         return not_loaded, unexpected
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or that does not hold what the model needs from it."""
+
+
+# constants of the architecture (relative_position_index) and a buffer old checkpoints carry (position_ids):
+# never needed from a checkpoint, never reported
+NOT_NEEDED = ('relative_position_index', 'position_ids')
+ENCODERS = ('enc_img.', 'enc_txt.', 'trsfr.')
+TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # torch.save before 1.6: a pickled magic number
+
+
+def read_checkpoint(path):
+    """The one reader of checkpoint files (initial weights, Video Swin weights, resume states): what torch.save
+    wrote, tensors and plain containers only (weights_only: reading never runs code from the file).
+    Anything else is a CheckpointError naming the file and what was expected."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    with open(path, 'rb') as f:
+        head = f.read(len(TORCH_LEGACY_MAGIC))
+    if not head.startswith(b'PK\x03\x04') and head != TORCH_LEGACY_MAGIC:
+        what = 'an empty file' if not head else 'a raw pickle' if head[:1] == b'\x80' else f'it starts with {head[:8]!r}'
+        raise CheckpointError(f'{path}: not a PyTorch checkpoint (expected a file written by torch.save; {what})')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f'{path}: holds objects other than tensors and plain containers, which are not read '
+                              f'(reading them could run code): {str(e).strip().splitlines()[-1]}') from e
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:
+        raise CheckpointError(f'{path}: truncated or corrupt PyTorch checkpoint (was its writing interrupted?): '
+                              f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e
+
+
+def warn_other_task(path, type_, task):
+    """Where a checkpoint's origin can be told (the args.json its run wrote beside it), warn when it comes from
+    another task than the one it is used for."""
+    origin = os.path.join(os.path.dirname(os.path.abspath(path)), 'args.json')
+    if not os.path.isfile(origin):
+        return
+    try:
+        with open(origin) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return
+    if not isinstance(saved, dict):
+        return
+    was = (saved.get('type', ''), saved.get('task', '') if saved.get('type') != 'pretrain' else '')
+    now = (type_, task if type_ != 'pretrain' else '')
+    if was[0] and (was[0] != now[0] or (was[1] and now[1] and was[1] != now[1])):
+        print(f'warning: {path} comes from a {" ".join(filter(None, was))} run ({origin}), '
+              f'used here for {" ".join(filter(None, now))}')
 
 
 def bert_layer(layer, x, keep, output_attentions):
@@ -386,6 +460,7 @@ def vtm_pairs(B, O, device):
 
 
 class VIOLET_Pretrain(VIOLET_Base):
+    task_type = 'pretrain'
     keeps_mlm_head = True
 
     def __init__(self, args):
@@ -413,6 +488,7 @@ class VIOLET_Pretrain(VIOLET_Base):
 
 
 class VIOLET_QAMC(VIOLET_Base):
+    task_type = 'qamc'
     def __init__(self, args):
         super().__init__(args)
         self.fc = self.make_head(1)
@@ -428,6 +504,7 @@ class VIOLET_QAMC(VIOLET_Base):
 
 
 class VIOLET_QAOE(VIOLET_Base):
+    task_type = 'qaoe'
     def __init__(self, args):
         super().__init__(args)
         if 'size_vocab' not in self.args:
@@ -441,6 +518,7 @@ class VIOLET_QAOE(VIOLET_Base):
 
 
 class VIOLET_Retrieval(VIOLET_Base):
+    task_type = 'retrieval'
     def __init__(self, args):
         super().__init__(args)
         self.fc = self.make_head(1)

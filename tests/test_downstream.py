@@ -141,3 +141,22 @@ def test_retrieval_loss_directions():
     assert torch.allclose(losses['both'], (v2t + t2v) / 2, atol=1e-6)
     assert error_of('retrieval_loss=t2v') == ("config error: key 'retrieval_loss' must be one of ['v2t', 'both'], "
                                               "got 't2v' (--set)")
+
+
+def test_training_refuses_a_checkpoint_without_the_encoders(toy, tmp_path):
+    """path_ckpt whose encoder tensors do not fit stops the run (it used to train from random weights with
+    'not loaded: [...165 keys]'); init_partial: true allows it on purpose."""
+    import main_qamc
+    args = agent.load_args(f'{REPO}/_data/toy/args_toy-qamc.json', [f'txt_backbone={TINY}', f'path_data={toy}'])
+    sd = violet.VIOLET_QAMC(args).state_dict()
+    torch.save({k: torch.zeros(*v.shape, 2) for k, v in sd.items()}, tmp_path / 'wrong.pt')
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        agent.main(main_qamc.QAMC, '', [f'{REPO}/_data/toy/args_toy-qamc.json', '--set', f'txt_backbone={TINY}',
+                                        f'path_data={toy}', f'path_ckpt={tmp_path / "wrong.pt"}', f'path_output={out}'])
+    assert str(e.value).startswith(f"path_ckpt: {tmp_path / 'wrong.pt'}: ")
+    assert 'set init_partial: true to start from a partial checkpoint on purpose' in str(e.value)
+    assert not os.path.exists(out / 'ckpt_violet_toy-qamc_0.pt')
+    trainer = agent.Trainer(main_qamc.QAMC(dict(args, path_ckpt=str(tmp_path / 'wrong.pt'), init_partial=True)),
+                            torch.device('cpu'))
+    assert len(trainer.not_loaded) == sum(not k.endswith('relative_position_index') for k in sd)

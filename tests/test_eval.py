@@ -233,3 +233,18 @@ def test_bench_cli_small(toy, tmp_path):
     for r in res['train'].values():
         assert r['samples_per_s'] > 0 and r['gflops_per_step'] > 0 and r['peak_mem_mb'] > 0
     assert res['eval_pairs']['ratio'] > 0 and res['data']['frames_per_s'] > 0
+
+
+def test_checkpoint_that_does_not_fit_is_refused(toy, tmp_path):
+    """A checkpoint whose tensors all have another shape used to be 'loaded' (0 keys) and the random model
+    evaluated with exit 0; now it is an error naming the file, and nothing is written."""
+    args = json.load(open(toy[1]))
+    sd = violet.VIOLET_Retrieval(args).state_dict()
+    torch.save({k: torch.zeros(*v.shape, 2) for k, v in sd.items()}, tmp_path / 'wrong.pt')
+    p = subprocess.run([sys.executable, 'eval_retrieval.py', toy[1], '--ckpt', str(tmp_path / 'wrong.pt'),
+                        '--out', str(tmp_path / 'out')], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1].startswith(
+        f"eval_retrieval: {tmp_path / 'wrong.pt'}: {sum(not k.endswith('relative_position_index') for k in sd)} of the "
+        f"model's {len(sd)} keys are missing from the file or of another shape (need=all): ")
+    assert not os.path.exists(tmp_path / 'out')

@@ -235,3 +235,61 @@ def test_convert_video_swin_and_path_vt(tmp_path, capsys):
     torch.save(bad, tmp_path / 'bad.pt')
     with pytest.raises(ValueError, match='do not fit the configured VT'):
         model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'bad.pt')})
+
+
+def test_load_ckpt_need(tmp_path, capsys):
+    """need='all' (evaluation) wants every key, 'encoders' (training) every encoder key, 'any' whatever fits;
+    a need not met is an error listing the keys, and the model is left untouched."""
+    m = model.VIOLET_Retrieval(SMALL)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    wrong = {k: torch.zeros(*v.shape, 2) for k, v in m.state_dict().items()}  # every tensor of another shape
+    torch.save(wrong, tmp_path / 'wrong.pt')
+    n = sum(not k.endswith('relative_position_index') for k in wrong)
+    for need in ('all', 'encoders'):
+        with pytest.raises(model.CheckpointError) as e:
+            m.load_ckpt(str(tmp_path / 'wrong.pt'), need)
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / 'wrong.pt'}: ")
+        assert 'enc_img.emb_cls (' in msg and 'in the file, [1, 1, 1, 128] in the model)' in msg
+        assert f'... and {(n if need == "all" else n - 4) - 8} more' in msg  # 'encoders': the 4 fc keys aside
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert m.load_ckpt(str(tmp_path / 'wrong.pt'), 'any') == (sorted(k for k in wrong if not k.endswith('relative_position_index')),
+                                                              sorted(k for k in wrong if not k.endswith('relative_position_index')))
+    # a checkpoint without the head: fine for training (reported), an error for evaluation
+    no_head = {k: v for k, v in model.VIOLET_Retrieval(SMALL).state_dict().items() if not k.startswith('fc.')}
+    torch.save(no_head, tmp_path / 'no_head.pt')
+    assert m.load_ckpt(str(tmp_path / 'no_head.pt'), 'encoders')[0] == ['fc.1.bias', 'fc.1.weight', 'fc.3.bias', 'fc.3.weight']
+    with pytest.raises(model.CheckpointError, match=r"no_head.pt: 4 of the model's \d+ keys are missing from the file "
+                                                    r"or of another shape \(need=all\): fc.1.bias \(missing\), "):
+        m.load_ckpt(str(tmp_path / 'no_head.pt'), 'all')
+    capsys.readouterr()
+    # a checkpoint whose run folder says it comes from another task: loaded, with a warning naming both
+    (tmp_path / 'args.json').write_text('{"type": "qamc", "task": "tgif-action"}')
+    torch.save(model.VIOLET_QAMC(SMALL).state_dict(), tmp_path / 'qamc.pt')
+    assert model.VIOLET_Retrieval({**SMALL, 'task': 'msrvtt-retrieval'}).load_ckpt(str(tmp_path / 'qamc.pt'), 'all') == ([], [])
+    assert (f"warning: {tmp_path / 'qamc.pt'} comes from a qamc tgif-action run ({tmp_path / 'args.json'}), "
+            'used here for retrieval msrvtt-retrieval') in capsys.readouterr().out
+    model.VIOLET_QAMC({**SMALL, 'task': 'tgif-action'}).load_ckpt(str(tmp_path / 'qamc.pt'), 'all')
+    assert 'warning' not in capsys.readouterr().out
+
+
+def test_unreadable_checkpoints_are_named(tmp_path):
+    m = model.VIOLET_Retrieval(SMALL)
+    torch.save(m.state_dict(), tmp_path / 'good.pt')
+    raw = (tmp_path / 'good.pt').read_bytes()
+    (tmp_path / 'cut.pt').write_bytes(raw[:len(raw) // 2])
+    (tmp_path / 'junk.pt').write_bytes(b'<html>not found</html>')
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    (tmp_path / 'raw.pkl').write_bytes(__import__('pickle').dumps({'fc.1.weight': [1.0]}))
+    torch.save({'model': m.state_dict(), 'obj': np.random.default_rng(0)}, tmp_path / 'object.pt')
+    cases = {'cut.pt': 'truncated or corrupt PyTorch checkpoint (was its writing interrupted?): RuntimeError: ',
+             'junk.pt': "not a PyTorch checkpoint (expected a file written by torch.save; it starts with b'<html>no')",
+             'empty.pt': 'not a PyTorch checkpoint (expected a file written by torch.save; an empty file)',
+             'raw.pkl': 'not a PyTorch checkpoint (expected a file written by torch.save; a raw pickle)',
+             'object.pt': 'holds objects other than tensors and plain containers, which are not read'}
+    for name, msg in cases.items():
+        with pytest.raises(model.CheckpointError) as e:
+            m.load_ckpt(str(tmp_path / name), 'any')
+        assert str(e.value).startswith(f'{tmp_path / name}: {msg}'), str(e.value)
+    with pytest.raises(model.CheckpointError, match=r'cut.pt: truncated'):
+        model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'cut.pt')})  # the Video Swin weights too
