@@ -16,7 +16,7 @@ Missing files raise FileNotFoundError naming the path, always.
 """
 import base64, binascii, io, json, os, pickle
 
-import cv2
+import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ class BadSample(ValueError):
 
 
 class BadVideo(ValueError):
-    """A video file that cannot be read: not a video, no frame, or fewer frames decoded than sampled."""
+    """A video file that cannot be read: missing, not a video, or without frames."""
 
 
 def sample_inside(count, n):
@@ -50,39 +50,72 @@ def sample_inside(count, n):
 
 
 def read_video(path, n_frames):
-    """-> `n_frames` RGB uint8 arrays [H, W, 3] of the video file at `path`, chosen by sample_inside over all
-    its decoded frames (OpenCV). Raises BadVideo naming the file."""
+    """-> `n_frames` RGB uint8 arrays [H, W, 3] of the video file at `path`: frames sample_inside(count, n_frames)
+    of its first video stream, count = all its frames. Raises BadVideo naming the file.
+
+    Decodes only what it returns (PyAV, one thread: parallelism belongs to the caller). The frame count and
+    each frame's timestamp come from the packet index (demuxing reads no pixels; the container's header count
+    is not trusted); each chosen frame is reached by seeking to the keyframe before it and decoding forward to
+    its exact timestamp. A file without timestamps, or one where a chosen timestamp is not found, is decoded
+    in full instead (same frames, tested)."""
     if n_frames < 1:
         raise ValueError(f'n_frames must be >= 1, got {n_frames}')
     if not os.path.isfile(path):
         raise BadVideo(f'{path}: no such file')
-    cap = cv2.VideoCapture(path)
     try:
-        if not cap.isOpened():
-            raise BadVideo(f'{path}: not a video (cannot be opened)')
-        count = 0  # first pass counts: container frame counts are not trusted
-        while cap.grab():
-            count += 1
-    finally:
-        cap.release()
-    if count == 0:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise BadVideo(f'{path}: not a video (no video stream)')
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            packets = [(p.pts, p.dts, p.is_keyframe) for p in container.demux(stream) if p.size and not p.is_discard]
+            if not packets:
+                raise BadVideo(f'{path}: no frames')
+            frames = None
+            if all(pts is not None for pts, _, _ in packets):
+                pts = sorted(pts for pts, _, _ in packets)
+                keys = sorted((pts, pts if dts is None else dts) for pts, dts, key in packets if key)
+                frames = _seek_decode(container, stream, [pts[i] for i in sample_inside(len(pts), n_frames)], keys)
+            if frames is None:  # no usable index: decode everything, as the original did
+                frames = _decode_all(container, stream, n_frames, path)
+    except av.FFmpegError as e:
+        raise BadVideo(f'{path}: not a video ({e})') from e
+    return frames
+
+
+def _decode_all(container, stream, n_frames, path):
+    container.seek(0)
+    frames = [f.to_ndarray(format='rgb24') for f in container.decode(stream)]
+    if not frames:
         raise BadVideo(f'{path}: no frames')
-    wanted = sample_inside(count, n_frames)
-    cap, kept, k = cv2.VideoCapture(path), {}, 0
-    try:
-        while k <= wanted[-1] and cap.grab():
-            if k in wanted:
-                ok, bgr = cap.retrieve()
-                if not ok:
-                    break
-                kept[k] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            k += 1
-    finally:
-        cap.release()
-    missing = [i for i in wanted if i not in kept]
-    if missing:
-        raise BadVideo(f'{path}: fewer frames than asked (frame {missing[0]} of {count} could not be decoded)')
-    return [kept[i] for i in wanted]
+    return [frames[i] for i in sample_inside(len(frames), n_frames)]
+
+
+def _seek_decode(container, stream, targets, keys):
+    """-> the RGB frames with timestamps `targets` (ascending), or None when one is not where the index says.
+    `keys` = (pts, dts) of the keyframes, ascending. Seeks only when the next target's keyframe lies beyond
+    what has been decoded, and to the keyframe's decoding timestamp: demuxers that index by dts (AVI) would
+    land on a later keyframe if given its presentation timestamp. On the way to a target the decoder skips
+    non-reference frames: no other frame depends on them, so what it returns is unchanged."""
+    codec, want, out, packets, last = stream.codec_context, set(targets), {}, None, None
+    for t in targets:
+        if t in out:
+            continue
+        key_pts, key_dts = max([k for k in keys if k[0] <= t], default=keys[0])
+        if packets is None or last is None or key_pts > last:
+            container.seek(key_dts, stream=stream, backward=True)
+            packets = container.demux(stream)
+        for packet in packets:
+            codec.skip_frame = 'DEFAULT' if packet.pts in want else 'NONREF'
+            for f in codec.decode(packet):
+                last = f.pts
+                if f.pts in want:
+                    out[f.pts] = f.to_ndarray(format='rgb24')
+            if t in out:
+                break
+        else:
+            return None
+    return [out[t] for t in targets]
 
 
 class BadKey(BadSample, KeyError):

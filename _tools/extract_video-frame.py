@@ -10,7 +10,6 @@ counted; the exit status is non-zero when no video could be read.
 import argparse, base64, glob, io, os, pickle, sys
 from multiprocessing import Pool
 
-import cv2
 from PIL import Image
 from tqdm import tqdm
 
@@ -35,7 +34,6 @@ def extract_video(path, sample):
 
 def _work(job):
     path, sample = job
-    cv2.setNumThreads(1)  # parallelism comes from the process pool
     return path, extract_video(path, sample)
 
 

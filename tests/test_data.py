@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision.transforms as TV
 from PIL import Image
+import av
 import cv2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +72,55 @@ def test_frame_indices_on_numbered_frames(tmp_path):
     write_clip(str(tmp_path / 'red.mp4'), [(0, 0, 255)] * 4)
     r, g, b = b64_to_array(frame_tool.extract_video(str(tmp_path / 'red.mp4'), 1)[0]).mean((0, 1))
     assert r > 200 and g < 50 and b < 50
+
+
+def write_av_clip(path, n, codec, options=None, size=(96, 64)):
+    """A PyAV-encoded clip: frame k is grey level 7k mod 256 with a white band k px wide (every frame distinct)."""
+    with av.open(path, 'w') as c:
+        s = c.add_stream(codec, rate=25, options=options or {})
+        s.width, s.height, s.pix_fmt = size[0], size[1], 'yuv420p'
+        for k in range(n):
+            img = np.full((size[1], size[0], 3), k * 7 % 256, np.uint8)
+            img[:, :k % size[0]] = 255
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def full_decode(path):
+    """Every frame, decoded in order by OpenCV (the original's decoder), RGB."""
+    cap, out = cv2.VideoCapture(path), []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            return out
+        out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
+@pytest.mark.parametrize('name, codec, options', [
+    ('ocv.mp4', None, None),  # OpenCV's mp4v writer: every frame a keyframe
+    ('x264.mp4', 'libx264', {'x264-params': 'bframes=3:keyint=10:b-adapt=0:scenecut=0'}),  # B-frames, GOPs of 10
+    ('long_gop.mkv', 'libx264', {'x264-params': 'bframes=2:keyint=40'}),
+    ('mpeg4.avi', 'mpeg4', {'bf': '2', 'g': '7'})])
+def test_read_video_seeks_to_the_frames_of_a_full_decode(tmp_path, monkeypatch, name, codec, options):
+    path = str(tmp_path / name)
+    if codec is None:
+        write_clip(path, [(k * 5,) * 3 for k in range(45)])
+    else:
+        write_av_clip(path, 61, codec, options)
+    every = full_decode(path)
+    assert len(every) in (45, 61)
+    monkeypatch.setattr(dataset, '_decode_all', None)  # the fallback must not be what makes this pass
+    for n in [1, 2, 3, 5, 8, 16, 50, 70]:
+        got = dataset.read_video(path, n)
+        assert len(got) == n
+        for k, (a, i) in enumerate(zip(got, dataset.sample_inside(len(every), n))):
+            assert np.array_equal(a, every[i]), f'{name}: n={n}, sample {k} is not frame {i}'
+    monkeypatch.undo()  # the full-decode fallback (files without timestamps) gives the same frames
+    monkeypatch.setattr(dataset, '_seek_decode', lambda *a: None)
+    got = dataset.read_video(path, 5)
+    assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), 5)))
 
 
 def test_read_video_names_the_bad_file(tmp_path):
