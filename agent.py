@@ -289,7 +289,7 @@ class Task:
 
 
 class Downstream(Task):
-    """Fine-tuning (violet-spec 3.3): epochs of train -> val and test accuracy -> ckpt_violet_<task>_<epoch>.pt."""
+    """Fine-tuning (docs/violet.md#losses): epochs of train -> val and test accuracy -> ckpt_violet_<task>_<epoch>.pt."""
     Model = Dataset = None
     losses, metrics = ('tr',), ('ac',)
 

@@ -1,4 +1,4 @@
-"""Datasets of VIOLET (violet-spec 2 and 3.1): frames as base64 JPEG strings in .pkl or .tsv+.lineidx,
+"""Datasets of VIOLET (docs/violet.md#data-formats): frames as base64 JPEG strings in .pkl or .tsv+.lineidx,
 texts in txt_<name>.json, VQ targets in vq_<dataset>.pkl.
 
 Frame counts. Every sample of a dataset must have the same number of frames T (batches are stacked):
@@ -43,7 +43,7 @@ class BadVideo(ValueError):
 
 
 def sample_inside(count, n):
-    """The original extraction's frame choice (violet-spec 2): of `count` frames, with s = count / (n+1),
+    """The original extraction's frame choice (docs/violet.md#data-formats): of `count` frames, with s = count / (n+1),
     frames int(s*(i+1)) for i < n (evenly inside, never the first or the last; repeats when count < n)."""
     s = count / (n + 1)
     return [int(s * (i + 1)) for i in range(n)]

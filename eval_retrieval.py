@@ -1,4 +1,4 @@
-"""Text-to-video retrieval evaluation (violet-spec 3.4), fast and exact.
+"""Text-to-video retrieval evaluation (docs/violet.md#retrieval-metrics), fast and exact.
 
 Every caption is ranked against every video of the split by the raw fc score of the fused CLS.
 Features are computed once per unique video and once per caption; the N_text x N_video fusion then

@@ -1,4 +1,4 @@
-"""VIOLET pretraining (violet-spec 3.2): MLM + MVM + VTM with blockwise / attended masking.
+"""VIOLET pretraining (docs/violet.md#masking, #losses): MLM + MVM + VTM with blockwise / attended masking.
 
     python main_pretrain.py [_data/args_pretrain.json] [--set KEY=VALUE ...] [--resume DIR]
     torchrun --nproc_per_node=N main_pretrain.py ...
@@ -51,7 +51,8 @@ def attended(att, special, n, gen):
 
 
 def mask_batch(img, txt, vq, gen, get_att, p_block=0.5):
-    """violet-spec 3.2 masking, vectorised over the batch; per sample, blockwise (prob p_block) or attended.
+    """The masking of docs/violet.md#masking, vectorised over the batch; per sample blockwise (prob p_block) or
+    attended.
     img [B,T,3,H,W] in [0,1], txt [B,X], vq [B,T*(1+h*w)] (-1 at each frame's cls slot), gen a torch.Generator on
     img's device, get_att() -> [B, T*(1+h*w)+X] attention statistic of the unmasked inputs (called only when some
     sample draws attended masking).
@@ -80,8 +81,8 @@ def mask_batch(img, txt, vq, gen, get_att, p_block=0.5):
 
     ans_mtm = torch.where(mask_txt, txt, -1)
     txt = txt.masked_fill(mask_txt, ID_MASK)
-    # patch (t, r, c) sits at sequence position t*(1+h*w) + 1 + r*w + c, after its frame's cls slot (spec 3.2).
-    # The original code wrote its target at (1+h*w)*t + r*w + c, one slot early; we follow the spec.
+    # patch (t, r, c) sits at sequence position t*(1+h*w) + 1 + r*w + c, after its frame's cls slot, as in the
+    # original release (docs/violet.md#masking)
     is_mvm = F.pad(cov.flatten(2), (1, 0)).flatten(1)
     ans_mvm = torch.where(is_mvm, vq, -1)
     pixels = cov.repeat_interleave(32, dim=2).repeat_interleave(32, dim=3)  # [B, T, H, W]

@@ -1,4 +1,4 @@
-"""VIOLET fine-tuning for multiple-choice video QA (violet-spec 3.3): a score per (video, question + option),
+"""VIOLET fine-tuning for multiple-choice video QA (docs/violet.md#losses): a score per (video, question + option),
 cross-entropy over the options.
 
     python main_qamc.py [_data/args_tgif-action.json] [--set KEY=VALUE ...] [--resume DIR]

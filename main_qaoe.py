@@ -1,4 +1,4 @@
-"""VIOLET fine-tuning for open-ended video QA (violet-spec 3.3): cross-entropy over size_vocab answer classes
+"""VIOLET fine-tuning for open-ended video QA (docs/violet.md#losses): cross-entropy over size_vocab answer classes
 on the fused CLS.
 
     python main_qaoe.py [_data/args_msvd-qa.json] [--set KEY=VALUE ...] [--resume DIR]

@@ -1,4 +1,4 @@
-"""VIOLET fine-tuning for text-to-video retrieval (violet-spec 3.3): all B x B (video, text) pairs of a batch,
+"""VIOLET fine-tuning for text-to-video retrieval (docs/violet.md#losses): all B x B (video, text) pairs of a batch,
 score / 0.05, cross-entropy with target i for video i. "Accuracy" = argmax of the row is its own text; the
 real retrieval metrics come from eval_retrieval.py. retrieval_loss='both' adds the text-to-video direction
 (each text's softmax over the batch's videos): the original's loss never compares one text's scores across

@@ -1,7 +1,7 @@
 """VIOLET: Video Swin (VT) + BERT embeddings (LE) + cross-modal BERT encoder (CT), and the task heads.
 
 Parameter names follow the original release exactly, so its checkpoints load unchanged.
-Shapes and quirks are those of ../shared/violet-spec.md section 1.
+Shapes and quirks: docs/violet.md#architecture.
 """
 import copy
 import functools
@@ -426,8 +426,10 @@ def bert_layer(layer, x, keep, output_attentions):
     if output_attentions:
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-        att = scores.softmax(dim=-1)
-        ctx = F.dropout(att, p_drop, layer.training) @ v
+        # after attention dropout, as transformers returns them: in train mode the original's attended masking
+        # drew from these dropped-out probabilities
+        att = F.dropout(scores.softmax(dim=-1), p_drop, layer.training)
+        ctx = att @ v
     else:
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p_drop)
     ctx = rearrange(ctx, 'b h l d -> b l (h d)')

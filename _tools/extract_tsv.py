@@ -1,5 +1,5 @@
 """X.pkl = {video_id: [base64, ...]} -> X.tsv (`video_id\\tb64\\tb64...\\n` per video) and X.lineidx (the byte
-offset of each line, one decimal number per line) (violet-spec 2).
+offset of each line, one decimal number per line) (docs/violet.md#data-formats).
 
     python _tools/extract_tsv.py --path=_data/img_webvid2.5m_train_0
 """

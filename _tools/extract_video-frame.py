@@ -1,4 +1,4 @@
-"""Sample N frames of every video _X/*.mp4 into X.pkl = {video_id: [base64 JPEG, ...]} (violet-spec 2).
+"""Sample N frames of every video _X/*.mp4 into X.pkl = {video_id: [base64 JPEG, ...]} (docs/violet.md#data-formats).
 
     python _tools/extract_video-frame.py --path=_data/msrvtt --sample=5 [--workers 8] [--out FILE]
 

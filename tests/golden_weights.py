@@ -1,4 +1,6 @@
-"""The deterministic weight formula of ../shared/golden/README.md, and the key lists of the original classes."""
+"""The deterministic weight formula that filled the original model for tests/golden/ (docs/violet.md#golden-outputs):
+each float parameter from a hash of its name, uniform with std 0.02 (+1 for LayerNorm weights); and the key lists
+of the original classes."""
 import os
 import zlib
 

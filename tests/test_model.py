@@ -147,6 +147,32 @@ def test_sdpa_equals_explicit_attention_and_grad_ckpt():
     assert torch.allclose(out1, out2, atol=1e-5)
 
 
+def test_train_mode_attention_is_after_dropout(tmp_path):
+    """In train mode the attention probabilities (attended masking's statistic) are the ones after attention
+    dropout, as transformers' own eager attention returns them: same seed, same numbers."""
+    from transformers.models.bert import modeling_bert
+    cfg = transformers.BertConfig.from_pretrained('./_data/bert-tiny')
+    cfg.attention_probs_dropout_prob = 0.3
+    cfg.save_pretrained(tmp_path)
+    m = model.VIOLET_Pretrain({**SMALL, 'txt_backbone': str(tmp_path)}).train()
+    img, txt, mask = small_batch()
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        f = m.go_feat(img, txt, mask)
+        torch.manual_seed(5)
+        _, att = m.go_cross(*f, output_attentions=True)
+        sa = m.trsfr.layer[0].attention.self
+        x = torch.cat([f[0], f[2]], 1)
+        q, k, v = (lin(x).view(3, x.shape[1], 2, -1).transpose(1, 2) for lin in (sa.query, sa.key, sa.value))
+        keep = torch.cat([f[1], f[3]], 1)[:, None, None, :].bool()
+        additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+        torch.manual_seed(5)
+        _, ref = modeling_bert.eager_attention_forward(sa, q, k, v, additive, dropout=0.3, scaling=q.shape[-1] ** -0.5)
+    dropped = (ref == 0) & keep.expand_as(ref)
+    assert 0.2 < dropped.float().mean() < 0.4  # dropout was active
+    assert torch.allclose(att[0], ref, atol=1e-6)
+
+
 def test_projection_when_widths_differ():
     args = {**SMALL, 'vt_dim': 8}  # VT out 64, BERT hidden 128
     m = model.VIOLET_Retrieval(args)
