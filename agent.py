@@ -5,10 +5,11 @@ A script defines a Task (datasets, model class, step -> loss and metrics) and ca
 `main(TaskClass, default_config)`:
 
     python main_X.py [CONFIG.json] [--set KEY=VALUE ...] [--resume DIR_OR_FILE]
+    python main_X.py [CONFIG.json] --eval --set path_ckpt=CKPT     (evaluation only: val and test, no training)
     torchrun --nproc_per_node=N main_X.py ...          (also: python -m torch.distributed.launch ...)
 
 Helpers other tools import: load_args(path, sets) -> args; init_dist() -> (rank, world, device);
-get_rank(), get_world(), is_main(), say(), all_sum(); save_json() / save_torch() (atomic writes).
+get_rank(), get_world(), is_main(), say(), all_sum(); save_json() / save_torch() / save_safetensors() (atomic).
 """
 import argparse
 import contextlib
@@ -20,6 +21,7 @@ import random
 import time
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -51,6 +53,7 @@ DEFAULTS = dict(
     max_nonfinite=10,    # stop after this many consecutive non-finite losses
     save_every=0,        # > 0: also write resume.pt every this many steps within a part / epoch
     stop_after_steps=0,  # > 0: stop (resumable) after this many training steps of this invocation
+    save_safetensors=False,  # also write each checkpoint as .safetensors (shareable; loading it runs no code)
 )
 CHOICES = dict(precision=('auto', 'fp16', 'bf16', 'fp32'), mvm_target=('vq', 'pixel'),
                type=('', 'pretrain', 'qamc', 'qaoe', 'retrieval'), retrieval_loss=('v2t', 'both'))
@@ -126,6 +129,9 @@ def parse_cli(default_config, argv=None):
     p.add_argument('--resume', default='', metavar='DIR_OR_FILE',
                    help="continue a stopped run (its output dir or resume.pt) in the same dir; the run's saved "
                         'args are used (except stop_after_steps), --set still applies')
+    p.add_argument('--eval', action='store_true',
+                   help="evaluation only: the val and test splits with the weights of path_ckpt (every model key "
+                        "must come from it), no optimiser step; writes eval.json beside args.json")
     p.add_argument('--local_rank', '--local-rank', type=int, default=None,
                    help='set by torch.distributed.launch; the LOCAL_RANK env var wins')
     return p.parse_args(argv)
@@ -213,6 +219,12 @@ def save_torch(obj, path):
     _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def save_safetensors(state_dict, path):
+    # safetensors refuses tensors that share memory (BERT's MLM head ties two biases): each key gets its own copy
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    _atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+
+
 # ----------------------------------------------------------------------------------------------
 # randomness: global RNGs (dropout, VTM negatives) are saved in resume states; masking and loaders use
 # generators seeded from the position, so a resumed run replays exactly what an unbroken one does
@@ -275,6 +287,8 @@ class Task:
           batch is on the device, gen a torch.Generator seeded from (seed, unit, step, rank)
       new_log() -> dict;  record(log, unit, mean losses, {tag: {metric: accuracy}}) appends to it
       ckpt_name(unit) -> file name (unit None: the checkpoint written before training)
+      evaluate_only(trainer) -> {split: metrics} (--eval: no training)
+      run_files() -> {file name: JSON object} written into the run dir beside the checkpoints (QA-OE: vocab.json)
     type: the config 'type' it trains; losses, metrics: the keys of step()'s losses and hits; name: of the output dir."""
     type = ''
     metrics = ()
@@ -286,6 +300,12 @@ class Task:
     @property
     def name(self):
         return self.type
+
+    def evaluate_only(self, trainer):
+        raise SystemExit(f'{self.type} has no evaluation-only mode')
+
+    def run_files(self):
+        return {}
 
 
 class Downstream(Task):
@@ -326,12 +346,16 @@ class Downstream(Task):
         return loss, {'tr': loss}, {'ac': hits}
 
     def new_log(self):
-        return {'ls_tr': [], 'ac_vl': [], 'ac_ts': []}
+        return {'ls_tr': [], **{f'{m}_{t}': [] for m in self.metrics for t in ('vl', 'ts')}}
 
     def record(self, log, unit, losses, accs):
         log['ls_tr'].append(losses['tr'])
-        log['ac_vl'].append(accs['vl']['ac'])
-        log['ac_ts'].append(accs['ts']['ac'])
+        for m in self.metrics:
+            for t in ('vl', 'ts'):
+                log[f'{m}_{t}'].append(accs[t][m])
+
+    def evaluate_only(self, trainer):
+        return {split: trainer.evaluate(0, split, self.split(split)) for split in ('val', 'test')}
 
     def ckpt_name(self, unit):
         return f'ckpt_violet_{self.args["task"]}_{unit["epoch"] if unit else 0}.pt'
@@ -341,7 +365,8 @@ class Downstream(Task):
 # the training loop
 
 class Trainer:
-    def __init__(self, task, device, state=None):
+    def __init__(self, task, device, state=None, need=None):
+        """need: what path_ckpt must fill (model.load_ckpt); None: 'encoders', or 'any' under init_partial."""
         self.task, self.args, self.device = task, task.args, device
         self.rank, self.world = get_rank(), get_world()
         args = self.args
@@ -352,12 +377,13 @@ class Trainer:
         seed_all(args['seed'])  # the same initial weights on every rank
         self.raw = task.build_model().to(device)
         if state is None:
-            self.not_loaded, _ = self.raw.load_ckpt(args['path_ckpt'], 'any' if args['init_partial'] else 'encoders')
+            need = need or ('any' if args['init_partial'] else 'encoders')
+            self.not_loaded, self.unused = self.raw.load_ckpt(args['path_ckpt'], need)
         else:
             self.raw.load_state_dict(state['model'])
-            self.not_loaded = state['log'].get('not_loaded', [])
+            self.not_loaded, self.unused = state['log'].get('not_loaded', []), []
         self.model = self.raw
-        if self.world > 1:
+        if self.world > 1 and need != 'all':  # need 'all': evaluation only, no DDP
             # broadcast_buffers off: the buffers are constants, and a rank may skip a forward (empty batch)
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.raw, device_ids=[device.index] if device.type == 'cuda' else None,
@@ -520,6 +546,8 @@ class Trainer:
     def save_unit(self, name):
         if is_main():
             save_torch(self.raw.state_dict(), os.path.join(self.out, name))  # plain state dict: the original loads it
+            if self.args['save_safetensors']:
+                save_safetensors(self.raw.state_dict(), os.path.join(self.out, name.removesuffix('.pt') + '.safetensors'))
             save_json(self.log, os.path.join(self.out, 'log.json'))
 
     def fit(self, out):
@@ -554,6 +582,23 @@ def fmt(d):
     return ' '.join(f'{k} {v:.4f}' for k, v in d.items())
 
 
+def evaluate_only(task, trainer, out):
+    """--eval: the task's val and test metrics with the checkpoint's weights -> eval.json beside args.json.
+    A pretraining checkpoint (it holds the MLM head) evaluated by a task whose head it fills is zero-shot: its VTM
+    head scores the pairs (QA-MC: each question + option, the best option wins; retrieval: each caption)."""
+    t0 = time.time()
+    results = task.evaluate_only(trainer)
+    zero_shot = any(k.startswith('fc_mtm.') for k in trainer.unused)
+    if is_main():
+        run = dict(ckpt=trainer.args['path_ckpt'], task=task.type, world=trainer.world, precision=trainer.precision,
+                   zero_shot=zero_shot, head='VTM head of the pretraining checkpoint' if zero_shot else 'fine-tuned',
+                   n_skipped=trainer.log['n_skipped'], sec=time.time() - t0)
+        save_json(dict(run=run, **results), os.path.join(out, 'eval.json'))
+        for split, res in results.items():
+            print(f'{split}: ' + ' '.join(f'{k} {v:.4f}' for k, v in res.items() if isinstance(v, float)), flush=True)
+        print(f'wrote {out}/eval.json', flush=True)
+
+
 def main(task_cls, default_config, argv=None):
     """The whole run of one script: config, process group, model, data, training, files."""
     cli = parse_cli(default_config, argv)
@@ -572,6 +617,8 @@ def main(task_cls, default_config, argv=None):
         state['args'] = args
     else:
         args = load_args(cli.config, cli.set)
+    if cli.eval and (cli.resume or not args['path_ckpt']):
+        raise SystemExit('--eval evaluates the weights of a checkpoint: --set path_ckpt=FILE (not --resume)')
     if args['type'] not in ('', task_cls.type):
         raise config_error(f"key 'type' is '{args['type']}', but this script trains '{task_cls.type}'")
     args['type'] = task_cls.type
@@ -580,7 +627,8 @@ def main(task_cls, default_config, argv=None):
     if device.type == 'cpu':  # CPU index_put with repeated indices (the VT's bias-table lookup) accumulates
         torch.use_deterministic_algorithms(True, warn_only=True)  # in a racy order: needed for exact resume
     task = task_cls(args)
-    out = [args['path_output'] or os.path.join('_snapshot', f'_{task.name}_{time.strftime("%Y%m%d%H%M%S")}')]
+    kind = '_eval' if cli.eval else ''
+    out = [args['path_output'] or os.path.join('_snapshot', f'_{task.name}{kind}_{time.strftime("%Y%m%d%H%M%S")}')]
     if world > 1:
         dist.broadcast_object_list(out)  # rank 0's timestamp
     args['path_output'] = out = out[0]
@@ -588,16 +636,21 @@ def main(task_cls, default_config, argv=None):
         os.makedirs(out, exist_ok=True)
         print(f'{task.name}: {world} process(es) on {device}, output {out}', flush=True)
     try:
-        trainer = Trainer(task, device, state)
+        trainer = Trainer(task, device, state, need='all' if cli.eval else None)
     except violet.CheckpointError as e:
         raise SystemExit(f'path_ckpt: {e}') from e
     if is_main():
         save_json(args, os.path.join(out, 'args.json'))  # after the task filled in what it derives (size_vocab)
-        if state is None:
+        for name, obj in task.run_files().items():
+            save_json(obj, os.path.join(out, name))
+        if cli.eval:
+            print(f'evaluation only, precision {trainer.precision}, weights {args["path_ckpt"]}', flush=True)
+        elif state is None:
             print(f'precision {trainer.precision}; not loaded from {args["path_ckpt"] or "(no checkpoint)"}: '
                   f'{trainer.not_loaded}', flush=True)
-    done = trainer.fit(out)
-    if done:
+    if cli.eval:
+        evaluate_only(task, trainer, out)
+    elif trainer.fit(out):
         say(f'done: {out}')
     if dist.is_initialized():
         dist.destroy_process_group()

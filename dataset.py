@@ -404,8 +404,11 @@ class Dataset_Downstream(Dataset_Base):
                 raise BadKey(f'{self.path_txt}["{self.split}"][{idx}]: no key "{k}"')
         return item
 
-    def answer(self, idx, item, n):
+    def answer(self, idx, item, n, unknown_ok=False):
+        """The int answer of item idx in 0..n-1; with unknown_ok, also -1 (QA-OE: not in the answer vocabulary)."""
         a = item['answer']
+        if unknown_ok and a == -1 and not isinstance(a, bool):
+            return -1
         if not isinstance(a, (int, np.integer)) or isinstance(a, bool) or not 0 <= a < n:
             raise BadSample(f'{self.path_txt}["{self.split}"][{idx}] (video "{item["video"]}"): '
                             f'answer {a!r} not in 0..{n - 1}')
@@ -428,17 +431,34 @@ class Dataset_QAMC(Dataset_Downstream):
         return img, np.stack(txt), np.stack(mask), answer
 
 
+def answer_texts(vocab, where):
+    """A "vocab" entry of a txt_*.json -> the answer texts by class index. A list is that already; a dict maps
+    answer -> index."""
+    if isinstance(vocab, dict):
+        texts = [None] * len(vocab)
+        for a, i in vocab.items():
+            if not isinstance(i, int) or not 0 <= i < len(vocab) or texts[i] is not None:
+                raise ValueError(f'{where}: "vocab" maps {a!r} to {i!r}, not a distinct index in 0..{len(vocab) - 1}')
+            texts[i] = a
+        return texts
+    if not isinstance(vocab, list):
+        raise ValueError(f'{where}: "vocab" must be a list of answers (or answer -> index), got {type(vocab).__name__}')
+    return [str(a) for a in vocab]
+
+
 class Dataset_QAOE(Dataset_Downstream):
-    """-> (img, txt, mask, answer) with answer < size_vocab (args['size_vocab'], else len of the json's "vocab")."""
+    """-> (img, txt, mask, answer) with answer < size_vocab (args['size_vocab'], else len of the json's "vocab"),
+    or -1: an answer outside the vocabulary (no loss in training, wrong in evaluation)."""
 
     def __init__(self, args, split):
         super().__init__(args, split)
         self.vocab = json_key(self.json, 'vocab', self.path_txt)
+        self.answers = answer_texts(self.vocab, self.path_txt)
         self.size_vocab = self.args.get('size_vocab') or len(self.vocab)
 
     def get_item(self, idx):
         item = self.item(idx, 'video', 'question', 'answer')
-        answer = self.answer(idx, item, self.size_vocab)
+        answer = self.answer(idx, item, self.size_vocab, unknown_ok=True)
         txt, mask = self.str2txt(item['question'])
         return self.get_img(item['video']), txt, mask, answer
 

@@ -33,14 +33,26 @@ import model as violet
 
 
 def rank_metrics(score, true_video):
-    """score [N_text, N_video] raw scores, true_video [N_text] index of each text's own video.
+    """Text-to-video. score [N_text, N_video] raw scores, true_video [N_text] index of each text's own video.
     Rank = 1 + number of OTHER videos scoring >= the true one (ties count against us); NaN is worst."""
     score = torch.nan_to_num(score.float(), nan=-math.inf)
     true = score.gather(1, true_video.long()[:, None])
-    ranks = (score >= true).sum(1)  # counts the true video itself, hence the "1 +"
+    return summarise((score >= true).sum(1))  # counts the true video itself, hence the "1 +"
+
+
+def v2t_metrics(score, true_video):
+    """Video-to-text on the same scores: every caption of a video is a match of it, so a video's rank is that of
+    its best-scoring caption, 1 + number of captions of OTHER videos scoring >= it (ties against us, NaN worst)."""
+    score = torch.nan_to_num(score.float(), nan=-math.inf).t()  # [N_video, N_text]
+    own = true_video.long()[None, :] == torch.arange(score.shape[0])[:, None]
+    best = score.masked_fill(~own, -math.inf).max(1, keepdim=True).values
+    return summarise(1 + ((score >= best) & ~own).sum(1))
+
+
+def summarise(ranks):
+    """R@1/5/10 (fractions), median rank (the original's int(np.median(ranks)): an even count's middle two
+    averaged, then truncated; median_interp keeps the average itself), mean rank, and every rank."""
     r = ranks.double()
-    # median: the original's int(np.median(ranks)) (an even count's middle two averaged, then truncated);
-    # median_interp keeps the average itself
     return dict(r1=(r <= 1).double().mean().item(), r5=(r <= 5).double().mean().item(),
                 r10=(r <= 10).double().mean().item(), median=int(np.median(ranks.numpy())),
                 median_interp=float(np.median(ranks.numpy())), mean=r.mean().item(), ranks=ranks.tolist())
@@ -144,16 +156,25 @@ def evaluate(model, args, split, device, rank=0, world=1, size_pair=256):
     t2 = time.time()
     model.train(was_training)
     res = rank_metrics(score.cpu(), true_video)
+    res['v2t'] = v2t_metrics(score.cpu(), true_video)
     res.update(split=split, precision=precision, n_text=len(ds.txt), n_video=len(vids), sec_feat=t1 - t0,
                sec_pair=t2 - t1, pairs_per_s=score.numel() / max(t2 - t1, 1e-9))
     return res
+
+
+def report(split, res):
+    """Two lines: text-to-video and video-to-text."""
+    line = lambda m: (f"R@1 {m['r1'] * 100:.1f}  R@5 {m['r5'] * 100:.1f}  R@10 {m['r10'] * 100:.1f}  "
+                      f"MdR {m['median']:g}  MnR {m['mean']:.1f}")
+    return (f"{split} t2v: {line(res)}  ({res['n_text']} texts x {res['n_video']} videos, {res['pairs_per_s']:.0f} "
+            f"pairs/s)\n{split} v2t: {line(res['v2t'])}")
 
 
 def main():
     parser = argparse.ArgumentParser(description='text-to-video retrieval evaluation (R@1/5/10, median/mean rank)')
     parser.add_argument('config', nargs='?', default='./_data/args_msrvtt-retrieval.json')
     parser.add_argument('--ckpt', default=None, help="checkpoint to score with (default: the config's path_ckpt)")
-    parser.add_argument('--zero-shot', action='store_true', help='pretraining checkpoint, scored with its VTM head')
+    parser.add_argument('--zero-shot', action='store_true', help='pretraining checkpoint scored with its VTM head: the zero-shot numbers')
     parser.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                         help='override config keys (VALUE parsed as JSON when possible)')
     parser.add_argument('--splits', nargs='+', default=['val', 'test'])
@@ -186,9 +207,7 @@ def main():
         res = evaluate(model, args, split, device, rank, world, size_pair)
         results[split] = res
         if rank == 0:
-            print(f"{split}: R@1 {res['r1'] * 100:.1f}  R@5 {res['r5'] * 100:.1f}  R@10 {res['r10'] * 100:.1f}  "
-                  f"MdR {res['median']:g}  MnR {res['mean']:.1f}  ({res['n_text']} texts x {res['n_video']} videos, "
-                  f"{res['pairs_per_s']:.0f} pairs/s)")
+            print(report(split, res))
 
     if rank == 0:
         out = opt.out or args['path_output'] or time.strftime('./_snapshot/_eval_retrieval_%Y%m%d%H%M%S')

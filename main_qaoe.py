@@ -1,7 +1,14 @@
 """VIOLET fine-tuning for open-ended video QA (docs/violet.md#losses): cross-entropy over size_vocab answer classes
 on the fused CLS.
 
+A question whose answer is not in the answer vocabulary has "answer": -1 in txt_<task>.json. Training gives it
+no loss (never an error); evaluation counts it as wrong. `ac` is the accuracy over ALL questions (the main
+number, VIOLETv2's protocol: dropping such questions inflates it), `ac_iv` the accuracy over the in-vocabulary
+questions only. The run writes vocab.json (the answer texts, by class index) beside its checkpoints; predict.py
+reads it to answer in words.
+
     python main_qaoe.py [_data/args_msvd-qa.json] [--set KEY=VALUE ...] [--resume DIR]
+    python main_qaoe.py CONFIG --eval --set path_ckpt=CKPT      (val and test accuracy, no training)
     torchrun --nproc_per_node=N main_qaoe.py ...      (size_batch is per process)
 """
 import agent
@@ -12,6 +19,15 @@ import model as violet
 class QAOE(agent.Downstream):
     type = 'qaoe'
     Model, Dataset = violet.VIOLET_QAOE, dataset.Dataset_QAOE
+    metrics = ('ac', 'ac_iv')
+
+    def step(self, model, batch, gen):
+        img, txt, mask, ans = batch
+        loss, (hits, n_in_vocab) = agent.ce_hits(model(img, txt, mask), ans)  # answer -1: no loss, no hit
+        return loss, {'tr': loss}, {'ac': (hits, ans.numel()), 'ac_iv': (hits, n_in_vocab)}
+
+    def run_files(self):
+        return {'vocab.json': self.split('train').answers[:self.args['size_vocab']]}
 
     def build_model(self):
         if self.args['size_vocab'] == 0:  # 0: as many classes as the json's "vocab" lists

@@ -7,8 +7,11 @@ offset under it (text-to-video R@1 0.03 vs video-to-text 0.15 on the same scores
 
     python main_retrieval.py [_data/args_msrvtt-retrieval.json] [--set KEY=VALUE ...] [--resume DIR]
     torchrun --nproc_per_node=N main_retrieval.py ...      (size_batch is per process; negatives are in-process)
+    python main_retrieval.py CONFIG --eval --set path_ckpt=CKPT   (eval_retrieval's ranking of val and test:
+        text-to-video and video-to-text R@1/5/10, median and mean rank; a pretraining checkpoint = zero-shot)
 """
 import agent
+import eval_retrieval
 import dataset
 import model as violet
 
@@ -24,6 +27,11 @@ class Retrieval(agent.Downstream):
         if self.args['retrieval_loss'] == 'both':
             loss = (loss + agent.ce_hits(out.t(), ans)[0]) / 2
         return loss, {'tr': loss}, {'ac': hits}
+
+    def evaluate_only(self, trainer):  # the real retrieval metrics, not the in-batch accuracy of training
+        size_pair = 512 if trainer.device.type == 'cuda' else 64
+        return {split: eval_retrieval.evaluate(trainer.raw, self.args, split, trainer.device, trainer.rank,
+                                               trainer.world, size_pair) for split in ('val', 'test')}
 
 
 if __name__ == '__main__':

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+import safetensors
+import safetensors.torch
 import transformers
 from einops import rearrange
 from timm.layers import DropPath, Mlp, trunc_normal_
@@ -376,10 +378,16 @@ TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # torch.save be
 
 def read_checkpoint(path):
     """The one reader of checkpoint files (initial weights, Video Swin weights, resume states): what torch.save
-    wrote, tensors and plain containers only (weights_only: reading never runs code from the file).
-    Anything else is a CheckpointError naming the file and what was expected."""
+    wrote, tensors and plain containers only (weights_only: reading never runs code from the file), or a
+    .safetensors file (tensors only, by design). Anything else is a CheckpointError naming the file and what
+    was expected."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):
+        try:
+            return safetensors.torch.load_file(path)
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CheckpointError(f'{path}: not a readable safetensors file: {e}') from e
     with open(path, 'rb') as f:
         head = f.read(len(TORCH_LEGACY_MAGIC))
     if not head.startswith(b'PK\x03\x04') and head != TORCH_LEGACY_MAGIC:

@@ -46,6 +46,33 @@ def test_rank_metrics_hand_made():
     assert res['median'] == 3 and res['mean'] == pytest.approx(12 / 5)
 
 
+def brute_v2t(score, true_video):
+    """The definition: a video's rank is its best caption's, 1 + captions of other videos scoring >= it."""
+    ranks = []
+    for v in range(score.shape[1]):
+        own = [s for s, t in zip(score[:, v].tolist(), true_video.tolist()) if t == v and not math.isnan(s)]
+        others = [s for s, t in zip(score[:, v].tolist(), true_video.tolist()) if t != v]
+        best = max(own) if own else -math.inf
+        ranks.append(1 + sum(1 for s in others if (not math.isnan(s) and s >= best) or (math.isnan(s) and not own)))
+    return ranks
+
+
+def test_v2t_every_caption_counts():
+    score = torch.tensor([[3., 1., 2.],     # text 0 (video 0)
+                          [0., 1., 5.],     # text 1 (video 0): worse than text 0 for video 0, best for video 2
+                          [1., 4., 1.],     # text 2 (video 1)
+                          [math.nan, 4., 3.]])  # text 3 (video 2): ties text 2 for video 1
+    res = eval_retrieval.v2t_metrics(score, torch.tensor([0, 0, 1, 2]))
+    # video 0: best own 3 (text 0), others 1, nan -> rank 1; video 1: own 4, text 3 ties -> 2;
+    # video 2: own 3, texts 0 and 1 of video 0 score 2 and 5 -> rank 2
+    assert res['ranks'] == [1, 2, 2] and res['r1'] == pytest.approx(1 / 3) and res['median'] == 2
+    gen = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 4, (50, 12), generator=gen).float()
+    score[7, 2] = math.nan
+    true_video = torch.arange(50) % 12
+    assert eval_retrieval.v2t_metrics(score, true_video)['ranks'] == brute_v2t(score, true_video)
+
+
 def test_median_rank_is_the_originals():
     """An even count with distinct middle ranks: the original's int(np.median(ranks)) = int((2 + 5) / 2) = 3,
     not the lower (2) or upper (5) middle rank; median_interp keeps 3.5."""
@@ -189,7 +216,8 @@ def test_cli_end_to_end_writes_json(cli_single):
         assert {'r1', 'r5', 'r10', 'median', 'mean', 'ranks', 'pairs_per_s'} <= set(r)
         assert 0 <= r['r1'] <= r['r5'] <= r['r10'] <= 1
         assert all(1 <= k <= r['n_video'] for k in r['ranks'])
-        assert f'{split}: R@1' in stdout
+        assert f'{split} t2v: R@1' in stdout and f'{split} v2t: R@1' in stdout
+        assert set(r['v2t']) >= {'r1', 'r5', 'r10', 'median', 'mean', 'ranks'} and len(r['v2t']['ranks']) == r['n_video']
 
 
 def test_every_caption_ranked(cli_single):
