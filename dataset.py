@@ -2,19 +2,24 @@
 texts in txt_<name>.json, VQ targets in vq_<dataset>.pkl.
 
 Frame counts. Every sample of a dataset must have the same number of frames T (batches are stacked):
-  - pretraining: T is taken from the first entry of vq_<dataset>.pkl (mvm_target 'vq'), or from the first video
+  - pretraining: T is taken from the first entry of vq_<dataset>.pkl (mvm_target 'vq'), or from the videos
     of the split's TSV (mvm_target 'pixel', which reads no VQ file);
-  - downstream: T is args['size_frame'] when it is > 0, else the frame count of the first video of
-    img_<dataset>.pkl / .tsv (5 for the released sets).
+  - downstream: T is args['size_frame'] when it is > 0, else the frame count of img_<dataset>.pkl / .tsv
+    (5 for the released sets).
+"From the videos" means the count most of a sample of them have (common_frame_count), so one short video
+cannot make every healthy one "bad"; the sampled videos that disagree are named.
 A video with another count is a bad sample, never truncated or padded.
 
 Bad samples (corrupt base64 or image, video id missing from frames / texts / vq, a lineidx offset that
-is not a line start, a wrong frame count, an item without a required key, an answer out of range)
+is not a line start, a wrong frame count, an item without a required key, a caption / question / option
+that is not a string, an answer out of range)
 raise BadSample (a ValueError; KeyError too for missing keys) naming the file and the video id or line.
 With args['skip_bad'] = True, __getitem__ returns None instead, and collate_skip counts them.
 Missing files raise FileNotFoundError naming the path, always.
+Pickled data files (img_*.pkl, vq_*.pkl, and the tools' inputs) are read by load_pickle, which refuses anything
+but containers, str, bytes, numbers and numpy arrays: reading a downloaded data file never runs code.
 """
-import base64, binascii, io, json, os, pickle
+import base64, binascii, collections, io, json, os, pickle
 
 import av
 import numpy as np
@@ -184,9 +189,40 @@ def load_json(path):
         return json.load(f)
 
 
+class UnsafePickle(pickle.UnpicklingError):
+    """A pickled data file refers to something other than plain data (a class, a function such as os.system)."""
+
+
+class DataUnpickler(pickle.Unpickler):
+    """Plain data only: the builtin containers, str, bytes and numbers are pickle opcodes; the only globals
+    allowed are those that rebuild numpy arrays, dtypes and scalars (and the helpers protocol 2 uses for bytes
+    and sets). Any other global is refused before it is looked up, so nothing in the file can run."""
+    ALLOWED = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for n in ('_reconstruct', 'scalar')} | {
+        ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'), ('numpy', 'ndarray'),
+        ('numpy', 'dtype'), ('_codecs', 'encode'), ('collections', 'OrderedDict')} | {
+        (m, n) for m in ('builtins', '__builtin__') for n in ('set', 'frozenset', 'bytearray', 'complex')}
+
+    def __init__(self, f, path):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise UnsafePickle(f'{self.path}: refused to unpickle {module}.{name}: a data file may hold only dicts, '
+                               f'lists, tuples, str, bytes, numbers and numpy arrays (reading anything else could run code)')
+        return super().find_class(module, name)
+
+
 def load_pickle(path):
+    """A pickled data file -> its object (plain data only, see DataUnpickler); errors name the file."""
     with open(need_file(path), 'rb') as f:
-        return pickle.load(f)
+        try:
+            return DataUnpickler(f, path).load()
+        except UnsafePickle:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
+            raise ValueError(f'{path}: not a readable pickle (truncated or another format?): '
+                             f'{type(e).__name__}: {e}') from e
 
 
 def json_key(obj, key, path):
@@ -198,6 +234,23 @@ def json_key(obj, key, path):
 def read_lineidx(path):
     with open(need_file(path), 'r') as f:
         return [int(line) for line in f if line.strip()]
+
+
+def common_frame_count(counts, where):
+    """{video: frame count} of a sample of videos -> the count most of them have. The sampled videos with another
+    count (bad samples later) are named in one line, so a short first video cannot make the healthy ones bad."""
+    (common, _), = collections.Counter(counts.values()).most_common(1)
+    odd = [v for v, c in counts.items() if c != common]
+    if odd:
+        print(f'{where}: {len(odd)} of {len(counts)} sampled videos do not have the common {common} frames: ' +
+              ', '.join(f'"{v}" ({counts[v]})' for v in odd[:5]) + (' ...' if len(odd) > 5 else ''), flush=True)
+    return common
+
+
+def spread(items, n=32):
+    """Up to n of items, evenly spread over them (a sample that is not only the start of a file)."""
+    items = list(items)
+    return items[::max(1, len(items) // n)][:n]
 
 
 def collate_skip(batch):
@@ -330,7 +383,13 @@ class Dataset_Pretrain(Dataset_Base):
         self.path_vq = self.path(f'vq_{dataset}.pkl')
         if self.args.get('mvm_target', 'vq') == 'pixel':  # the targets come from the frames: no VQ file is read
             self.vq = None
-            self.size_frame = len(self.tsv.read(self.lineidx[0])) - 1 if self.lineidx else 0
+            counts = {}
+            for i in spread(range(len(self.lineidx))):
+                try:
+                    counts[f'line {i}'] = len(self.tsv.read(self.lineidx[i])) - 1
+                except BadSample:
+                    continue  # named when the sample is read
+            self.size_frame = common_frame_count(counts, self.tsv.path) if counts else 0
             return
         self.vq = load_pickle(self.path_vq)
         if len(self.vq) == 0:
@@ -355,8 +414,9 @@ class Dataset_Pretrain(Dataset_Base):
         caps = self.txt[vid]
         if isinstance(caps, str):
             caps = [caps]
-        if len(caps) == 0:
-            raise BadSample(f'{self.path_txt}["{self.split}"]: empty caption list for video "{vid}"')
+        if not isinstance(caps, list) or len(caps) == 0 or not isinstance(caps[0], str):
+            raise BadSample(f'{self.path_txt}["{self.split}"]["{vid}"]: {caps!r:.60} is not a caption or a non-empty '
+                            f'list of captions ({where})')
         txt, mask = self.str2txt(caps[0])
         hw = self.size_img // 32
         if self.vq is None:  # pixel targets: a placeholder token 0 per patch
@@ -392,16 +452,33 @@ class Dataset_Downstream(Dataset_Base):
         self.json = load_json(self.path_txt)
         self.txt = json_key(self.json, split, self.path_txt)
         self.open_frames(self.args['dataset'])
-        self.size_frame = self.args['size_frame'] or len(self.frames_b64(next(iter(self.frames))))
+        self.size_frame = self.args['size_frame'] or self.frame_count()
+
+    def frame_count(self):
+        """The frame count most of a sample of the frames file's videos have."""
+        counts = {}
+        for vid in spread(self.frames):
+            try:
+                counts[vid] = len(self.frames_b64(vid))
+            except BadSample:
+                continue  # named when the sample is read
+        if not counts:
+            raise ValueError(f'{self.path_frames}: none of {len(spread(self.frames))} sampled videos could be read')
+        return common_frame_count(counts, self.path_frames)
 
     def __len__(self):
         return len(self.txt)
 
     def item(self, idx, *keys):
-        item = self.txt[idx]
+        """Item idx, which must have `keys`; every key but 'answer' must hold a string."""
+        item, where = self.txt[idx], f'{self.path_txt}["{self.split}"][{idx}]'
+        if not isinstance(item, dict):
+            raise BadSample(f'{where}: {type(item).__name__} {item!r:.60}, not an object')
         for k in keys:
             if k not in item:
-                raise BadKey(f'{self.path_txt}["{self.split}"][{idx}]: no key "{k}"')
+                raise BadKey(f'{where}: no key "{k}"')
+            if k != 'answer' and not isinstance(item[k], str):
+                raise BadSample(f'{where}: "{k}" is {type(item[k]).__name__} {item[k]!r:.60}, not a string')
         return item
 
     def answer(self, idx, item, n, unknown_ok=False):

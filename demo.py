@@ -8,13 +8,14 @@ import argparse
 import collections
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+import dataset
 
 DATA = './_data/toy'
 
@@ -68,8 +69,8 @@ def main():
     # chance levels from the corpus itself
     log_pre = load(os.path.join(pre, 'log.json'))
     def vq_majority(d):  # MVM chance: always predicting the most common VQ token of the dataset
-        with open(os.path.join(DATA, f'vq_{d}.pkl'), 'rb') as f:
-            return majority([int(t) for v in pickle.load(f).values() for t in np.asarray(v).ravel()])
+        vq = dataset.load_pickle(os.path.join(DATA, f'vq_{d}.pkl'))  # plain data only: never runs code
+        return majority([int(t) for v in vq.values() for t in np.asarray(v).ravel()])
     qaoe_test = load(os.path.join(DATA, 'txt_toy-qaoe.json'))['test']
     chance = dict(mtm=1 / 30522, vtm=1 / 4, r1=1 / ev['n_video'], qamc=1 / 5,
                   qaoe=majority([q['answer'] for q in qaoe_test]))

@@ -112,7 +112,8 @@ def gather_rows(x, world):
 def extract(model, ds, args, device, rank=0, world=1, precision='fp32'):
     """Features of every unique video (sharded over ranks, then gathered) and of every caption.
     Returns feat_img, mask_img [N_video, ...], feat_txt, mask_txt [N_text, ...], true_video [N_text], vids."""
-    vids = list(dict.fromkeys(item['video'] for item in ds.txt))  # unique, in order of first appearance
+    items = [ds.item(i, 'video', 'caption') for i in range(len(ds))]  # a bad item is an error naming it
+    vids = list(dict.fromkeys(item['video'] for item in items))  # unique, in order of first appearance
     chunk = (len(vids) + world - 1) // world
     padded = vids + vids[-1:] * (chunk * world - len(vids))  # equal shards for all_gather
     mine = Videos(ds, padded[rank * chunk:(rank + 1) * chunk])
@@ -129,14 +130,14 @@ def extract(model, ds, args, device, rank=0, world=1, precision='fp32'):
         feat_img, mask_img = gather_rows(feat_img, world)[:len(vids)], gather_rows(mask_img, world)[:len(vids)]
 
     # text features are one embedding lookup: every rank computes all of them
-    txt, mask = zip(*[ds.str2txt(item['caption']) for item in ds.txt])
+    txt, mask = zip(*[ds.str2txt(item['caption']) for item in items])
     txt, mask = torch.as_tensor(np.stack(txt), device=device), torch.as_tensor(np.stack(mask), device=device)
     feat_txt = []
     for i in range(0, len(txt), 1024):
         with autocast(device, precision):
             feat_txt.append(model.enc_txt(txt[i:i + 1024]).float())
     index = {vid: i for i, vid in enumerate(vids)}
-    true_video = torch.as_tensor([index[item['video']] for item in ds.txt])
+    true_video = torch.as_tensor([index[item['video']] for item in items])
     return feat_img, mask_img, torch.cat(feat_txt), mask, true_video, vids
 
 

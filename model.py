@@ -397,10 +397,16 @@ def read_checkpoint(path):
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f'{path}: holds objects other than tensors and plain containers, which are not read '
-                              f'(reading them could run code): {str(e).strip().splitlines()[-1]}') from e
+                              f'(reading them could run code): {weights_only_refusal(e)}') from e
     except (RuntimeError, EOFError, KeyError, ValueError) as e:
         raise CheckpointError(f'{path}: truncated or corrupt PyTorch checkpoint (was its writing interrupted?): '
                               f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e
+
+
+def weights_only_refusal(e):
+    """The line of torch's weights_only error that names what it refused."""
+    lines = [ln.strip() for ln in str(e).splitlines() if 'WeightsUnpickler error' in ln or 'Unsupported' in ln]
+    return (lines or [str(e).strip().splitlines()[0]])[0].split('. Please use')[0]
 
 
 def warn_other_task(path, type_, task):

@@ -3,9 +3,12 @@ offset of each line, one decimal number per line) (docs/violet.md#data-formats).
 
     python _tools/extract_tsv.py --path=_data/img_webvid2.5m_train_0
 """
-import argparse, os, pickle, sys
+import argparse, os, sys
 
 from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataset import load_pickle  # noqa: E402  plain data only: a downloaded pkl never runs code
 
 
 def write_tsv(pkl, path_tsv, path_lineidx, progress=False):
@@ -34,8 +37,7 @@ def main():
     args = parser.parse_args()
     if not os.path.isfile(args.path + '.pkl'):
         sys.exit(f'missing {args.path}.pkl')
-    with open(args.path + '.pkl', 'rb') as f:
-        pkl = pickle.load(f)
+    pkl = load_pickle(args.path + '.pkl')
     write_tsv(pkl, args.path + '.tsv', args.path + '.lineidx', progress=True)
     print(f'{args.path}.tsv, {args.path}.lineidx: {len(pkl)} lines')
 

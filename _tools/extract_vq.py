@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import b64_to_img  # noqa: E402  the same pad + resize as training
+from dataset import b64_to_img, load_pickle  # noqa: E402  the same pad + resize as training; plain-data pickles
 from extract_tsv import read_tsv  # noqa: E402
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -76,8 +76,7 @@ def main():
     except FileNotFoundError as e:
         sys.exit(str(e))
     if os.path.isfile(args.path + '.pkl'):
-        with open(args.path + '.pkl', 'rb') as f:
-            pkl = pickle.load(f)
+        pkl = load_pickle(args.path + '.pkl')
     elif os.path.isfile(args.path + '.tsv') and os.path.isfile(args.path + '.lineidx'):
         pkl = read_tsv(args.path + '.tsv', args.path + '.lineidx')
     else:

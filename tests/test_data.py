@@ -541,3 +541,90 @@ def test_standin_vq_tokens(toy):
     black = base64.b64encode(cv2.imencode('.jpg', np.zeros((64, 64, 3), np.uint8))[1].tobytes()).decode()
     white = base64.b64encode(cv2.imencode('.jpg', np.full((64, 64, 3), 255, np.uint8))[1].tobytes()).decode()
     assert (make_toy.standin_vq([black], 64) == 0).all() and (make_toy.standin_vq([white], 64) == 8191).all()
+
+
+# ---- issue 14: frame counts, non-string texts, pickles that would run code
+
+def test_frame_count_from_most_videos(args, bad_copy, capsys):
+    """A short first video used to set the expected count, so every healthy video became 'bad' (and the
+    error blamed a healthy one); now the count is the one most sampled videos have, and the odd one is named."""
+    a = dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval')
+    first = next(iter(dataset.load_pickle(f'{bad_copy}/img_toy.pkl')))
+    edit_pickle(f'{bad_copy}/img_toy.pkl', lambda frames: frames.update({first: frames[first][:3]}))
+    ds = dataset.Dataset_Retrieval(a, 'test')
+    assert ds.size_frame == 5
+    assert f'img_toy.pkl: 1 of 16 sampled videos do not have the common 5 frames: "{first}" (3)' in capsys.readouterr().out
+    idx = [it['video'] for it in ds.txt].index(first)
+    assert all(ds[i][0].shape[0] == 5 for i in range(len(ds)) if i != idx)
+    with pytest.raises(ValueError, match=f'video "{first}" has 3 frames, expected 5'):
+        ds[idx]
+    assert dataset.Dataset_Retrieval(dict(a, size_frame=3), 'test').size_frame == 3  # size_frame wins
+    # the same for frames in a TSV (line of the first video cut after its third frame)
+    frames = dataset.load_pickle(f'{bad_copy}/img_toy.pkl')
+    os.remove(f'{bad_copy}/img_toy.pkl')
+    extract_tsv.write_tsv(frames, f'{bad_copy}/img_toy.tsv', f'{bad_copy}/img_toy.lineidx')
+    assert dataset.Dataset_Retrieval(a, 'test').size_frame == 5
+
+
+def test_texts_must_be_strings(args, bad_copy):
+    """null or a list as caption / question / option crashed inside transformers; now a named bad sample."""
+    a = dict(args, path_data=bad_copy, dataset='toy')
+    edit_json(f'{bad_copy}/txt_toy-retrieval.json', lambda t: t['val'][1].update(caption=None))
+    edit_json(f'{bad_copy}/txt_toy-qamc.json', lambda t: (t['val'][0].update(question=['what', 'is']),
+                                                         t['val'][2].update(option_3=7)))
+    edit_json(f'{bad_copy}/txt_toy-qaoe.json', lambda t: t['val'].__setitem__(3, None))
+    rt = dataset.Dataset_Retrieval(dict(a, task='toy-retrieval'), 'val')
+    with pytest.raises(ValueError, match=r'txt_toy-retrieval.json\["val"\]\[1\]: "caption" is NoneType None, not a string'):
+        rt[1]
+    mc = dataset.Dataset_QAMC(dict(a, task='toy-qamc'), 'val')
+    with pytest.raises(ValueError, match=r'txt_toy-qamc.json\["val"\]\[0\]: "question" is list \[\'what\', \'is\'\], not a string'):
+        mc[0]
+    with pytest.raises(ValueError, match=r'txt_toy-qamc.json\["val"\]\[2\]: "option_3" is int 7, not a string'):
+        mc[2]
+    with pytest.raises(ValueError, match=r'txt_toy-qaoe.json\["val"\]\[3\]: NoneType None, not an object'):
+        dataset.Dataset_QAOE(dict(a, task='toy-qaoe'), 'val')[3]
+    mc = dataset.Dataset_QAMC(dict(a, task='toy-qamc', skip_bad=True), 'val')
+    assert dataset.collate_skip([mc[i] for i in range(4)])[1] == 2  # skippable
+    vids = [ln.split('\t')[0] for ln in open(f'{bad_copy}/img_toyvid_val.tsv')]
+    edit_json(f'{bad_copy}/txt_toyvid.json', lambda t: t['val'].update({vids[0]: [None], vids[1]: 3}))
+    pre = dataset.Dataset_Pretrain(args | dict(path_data=bad_copy), 'toyvid', 'val')
+    with pytest.raises(ValueError, match=rf'txt_toyvid.json\["val"\]\["{vids[0]}"\]: \[None\] is not a caption or a '
+                                         rf'non-empty list of captions \(.*img_toyvid_val.tsv line 0'):
+        pre[0]
+    with pytest.raises(ValueError, match=rf'\["{vids[1]}"\]: 3 is not a caption'):
+        pre[1]
+
+
+class RunsCommand:
+    """Unpickling this calls os.system(cmd): what a malicious data file could do."""
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return os.system, (self.cmd,)
+
+
+def test_pickles_that_would_run_code_are_refused(args, bad_copy, tmp_path):
+    marker = tmp_path / 'ran'
+    evil = RunsCommand(f'touch {marker}')
+    frames = dataset.load_pickle(f'{bad_copy}/img_toy.pkl')  # the real files read fine (numpy arrays in vq too)
+    vq = dataset.load_pickle(f'{bad_copy}/vq_toyvid.pkl')
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.int16 for v in vq.values())
+    with open(f'{bad_copy}/img_toy.pkl', 'wb') as f:
+        pickle.dump({**frames, 'x': evil}, f)
+    with open(f'{bad_copy}/vq_toyvid.pkl', 'wb') as f:
+        pickle.dump([evil], f, protocol=2)
+    refused = 'refused to unpickle posix.system: a data file may hold only dicts, lists, tuples, str, bytes, numbers and numpy arrays'
+    with pytest.raises(pickle.UnpicklingError, match=f'^{bad_copy}/img_toy.pkl: {refused}'):
+        dataset.Dataset_Retrieval(dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval'), 'val')
+    with pytest.raises(pickle.UnpicklingError, match=f'^{bad_copy}/vq_toyvid.pkl: {refused}'):
+        dataset.Dataset_Pretrain(dict(args, path_data=bad_copy), 'toyvid', 'val')
+    r = run_tool('_tools/extract_tsv.py', '--path', f'{bad_copy}/img_toy')
+    assert r.returncode == 1 and r.stderr.strip().endswith(f'{bad_copy}/img_toy.pkl: {refused} (reading anything else could run code)')
+    assert not marker.exists() and not os.path.exists(f'{bad_copy}/img_toy.tsv')
+    # the same payload through the plain pickle module does run: the test can fail
+    pickle.loads(pickle.dumps(evil))
+    assert marker.exists()
+    (tmp_path / 'cut.pkl').write_bytes(pickle.dumps(frames)[:100])
+    with pytest.raises(ValueError, match=f'^{tmp_path}/cut.pkl: not a readable pickle'):
+        dataset.load_pickle(str(tmp_path / 'cut.pkl'))

@@ -319,3 +319,19 @@ def test_unreadable_checkpoints_are_named(tmp_path):
         assert str(e.value).startswith(f'{tmp_path / name}: {msg}'), str(e.value)
     with pytest.raises(model.CheckpointError, match=r'cut.pt: truncated'):
         model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'cut.pt')})  # the Video Swin weights too
+
+
+def test_convert_video_swin_reads_without_running_code(tmp_path):
+    """weights_only first (numpy values in the metadata allowed); other objects only with --trust-pickle."""
+    import argparse
+    swin = model.SwinTransformer3D(16, [2, 2, 2, 2], [1, 2, 4, 8])
+    sd = {'backbone.' + k: v for k, v in swin.state_dict().items()}
+    tool = load_tool('convert_video-swin')
+    torch.save({'meta': {'epoch': 30, 'hook': np.float64(0.5), 'x': np.arange(3)}, 'state_dict': sd}, tmp_path / 'np.pth')
+    assert set(tool.convert(str(tmp_path / 'np.pth'), str(tmp_path / 'vt.pt'))) == set(swin.state_dict())
+    torch.save({'meta': {'cfg': argparse.Namespace(lr=1)}, 'state_dict': sd}, tmp_path / 'obj.pth')
+    with pytest.raises(SystemExit, match=r'obj.pth holds objects that weights_only does not read \(WeightsUnpickler '
+                                         r'error: Unsupported global: GLOBAL argparse.Namespace .*--trust-pickle'):
+        tool.convert(str(tmp_path / 'obj.pth'), str(tmp_path / 'vt2.pt'))
+    assert not os.path.exists(tmp_path / 'vt2.pt')
+    assert set(tool.convert(str(tmp_path / 'obj.pth'), str(tmp_path / 'vt2.pt'), trust_pickle=True)) == set(swin.state_dict())
