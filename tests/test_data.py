@@ -322,6 +322,17 @@ def test_downstream_datasets(args):
     item = mc.txt[0]
     _, txt, _, ans = mc[0]
     assert ans == item['answer'] and (txt[2] == mc.str2txt(item['question'] + ' ' + item['option_2'])[0]).all()
+    # each item's frames are its own video's, decoded from img_toy.pkl here
+    with open(os.path.join(a['path_data'], 'img_toy.pkl'), 'rb') as f:
+        frames = pickle.load(f)
+    for ds in (mc, oe, rt):
+        vids = [it['video'] for it in ds.txt]
+        assert len(set(vids)) > 1
+        for i, vid in enumerate(vids):
+            want = torch.stack([dataset.b64_to_img(b, 64) for b in frames[vid]])
+            assert torch.equal(ds[i][0], want), (type(ds).__name__, i, vid)
+            if vids[(i + 1) % len(vids)] != vid:  # the next item's video looks different
+                assert not torch.equal(ds[(i + 1) % len(vids)][0], want)
 
 
 def test_downstream_frames_from_tsv(args, tmp_path):

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import dataset
 import eval_retrieval
 import model as violet
 
@@ -233,11 +234,34 @@ def test_torchrun_two_ranks_same_ranks(toy, cli_single, tmp_path):
     assert res['val']['ranks'] == cli_single[0]['val']['ranks']
 
 
-def test_zero_shot_scores_with_pretrain_vtm_head(toy):
-    args = {**json.load(open(toy[1])), 'num_workers': 0}
-    mdl = small_model(violet.VIOLET_Pretrain)
-    res = eval_retrieval.evaluate(mdl, args, 'val', torch.device('cpu'), size_pair=64)
-    assert res['n_text'] == 16 and len(res['ranks']) == 16
+def test_zero_shot_cli_scores_with_pretrain_vtm_head(toy, tmp_path):
+    """--zero-shot: the pretraining checkpoint is loaded whole into the pretraining model (nothing unused, nothing
+    missing) and every caption's rank is what the VTM head's scores, computed here pair by pair, give. The VT
+    weights come from the checkpoint (path_vt points nowhere)."""
+    args = json.load(open(toy[1]))
+    torch.manual_seed(0)
+    pre = violet.VIOLET_Pretrain(args).eval()
+    with torch.no_grad():  # a head that spreads the scores: ranks without ties
+        pre.fc[-1].weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    torch.save(pre.state_dict(), tmp_path / 'pre.pt')
+    p = run_cli([toy[1], '--zero-shot', '--ckpt', str(tmp_path / 'pre.pt'), '--splits', 'val', '--out',
+                 str(tmp_path / 'out'), '--set', f'path_vt={tmp_path}/absent.pt'])
+    assert f'checkpoint {tmp_path}/pre.pt: 0 model keys not loaded, 0 unexpected keys' in p.stdout
+    res = json.load(open(tmp_path / 'out' / 'eval_retrieval.json'))
+    assert res['run']['zero_shot'] is True
+    ds = dataset.Dataset_Retrieval(args, 'val')
+    vids = list(dict.fromkeys(it['video'] for it in ds.txt))
+    score = torch.zeros(len(ds.txt), len(vids))
+    with torch.no_grad():
+        feat_img = {v: pre.enc_img(ds.get_img(v)[None]) for v in vids}
+        for t, it in enumerate(ds.txt):
+            txt, mask = (torch.as_tensor(x)[None] for x in ds.str2txt(it['caption']))
+            for j, v in enumerate(vids):
+                out, _ = pre.go_cross(*feat_img[v], pre.enc_txt(txt), mask)
+                score[t, j] = pre.fc(out[:, feat_img[v][0].shape[1]]).squeeze()
+    assert len(set(score.flatten().tolist())) == score.numel()
+    true_video = torch.tensor([vids.index(it['video']) for it in ds.txt])
+    assert res['val']['ranks'] == brute_ranks(score, true_video)
 
 
 def test_pair_scoring_near_bare_cross_encoder():

@@ -134,17 +134,48 @@ def test_sdpa_equals_explicit_attention_and_grad_ckpt():
         b, att = m.go_cross(*f, output_attentions=True)
     assert (a - b).abs().max() < 1e-5 and len(att) == 2 and att[0].shape == (3, 2, a.shape[1], a.shape[1])
     assert att[0][1, :, :, -3:].abs().max() == 0  # padded text is never attended
-    # activation checkpointing changes memory, not numbers
+    # activation checkpointing changes memory, not numbers: the same gradients in train mode with drop-path (the
+    # recomputation must replay the same random drops)
+    assert m.enc_img.swin.layers[0].blocks[1].drop_path.drop_prob > 0
     m.train()
-    torch.manual_seed(1)
-    out1 = m(img, txt, mask)[0]
-    m.args['grad_ckpt'] = True
-    for layer in m.enc_img.swin.layers:
-        layer.grad_ckpt = True
-    torch.manual_seed(1)
-    out2 = m(img, txt, mask)[0]
-    out2.sum().backward()
-    assert torch.allclose(out1, out2, atol=1e-5)
+    grads = []
+    for ckpt in (False, True):
+        m.args['grad_ckpt'] = ckpt
+        for layer in m.enc_img.swin.layers:
+            layer.grad_ckpt = ckpt
+        m.zero_grad()
+        torch.manual_seed(1)
+        out_mtm, out_mvm, out_vtm, _ = m(img, txt, mask)
+        (out_mtm.square().mean() + out_mvm.square().mean() + out_vtm.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(m.parameters()))
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4), n
+
+
+def test_vtm_pairs():
+    """For video i: text i first, then O-1 distinct other texts; the same pairs under the same seed."""
+    for B, O in ((3, 3), (4, 4), (9, 4)):
+        draws = []
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            i_img, i_txt = model.vtm_pairs(B, O, 'cpu')
+            assert torch.equal(i_img, torch.arange(B).repeat_interleave(O))
+            txt = i_txt.view(B, O)
+            assert torch.equal(txt[:, 0], torch.arange(B))
+            for i in range(B):
+                neg = txt[i, 1:].tolist()
+                assert i not in neg and len(set(neg)) == O - 1 and all(0 <= j < B for j in neg)
+            draws.append(txt)
+        assert torch.equal(draws[0], draws[1])
+    # every other text is drawn as a negative, none favoured much (O-1 of B-1 others, uniformly)
+    torch.manual_seed(2)
+    counts = torch.zeros(9, 9)
+    for _ in range(300):
+        txt = model.vtm_pairs(9, 4, 'cpu')[1].view(9, 4)
+        counts.scatter_add_(1, txt[:, 1:], torch.ones(9, 3))
+    off = counts[~torch.eye(9, dtype=torch.bool)]
+    assert counts.diag().sum() == 0 and (off - 300 * 3 / 8).abs().max() < 40
 
 
 def test_train_mode_attention_is_after_dropout(tmp_path):
