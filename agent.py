@@ -33,7 +33,7 @@ import model as violet
 # training keys (model.DEFAULTS and dataset.DEFAULTS hold the others); every config key must be in one of the three
 DEFAULTS = dict(
     type='',             # 'pretrain' | 'qamc' | 'qaoe' | 'retrieval' (must match the script; '' = the script's)
-    dataset='',          # downstream frames: img_<dataset>.pkl
+    dataset='',          # downstream frames: img_<dataset>.pkl (or .tsv, see dataset.find_layout)
     task='',             # downstream texts: txt_<task>.json; names the output dir and checkpoints
     size_option=5,       # QA-MC options per question
     size_vocab=0,        # QA-OE answer classes (0: the length of the json's "vocab")
@@ -56,7 +56,8 @@ DEFAULTS = dict(
     save_safetensors=False,  # also write each checkpoint as .safetensors (shareable; loading it runs no code)
 )
 CHOICES = dict(precision=('auto', 'fp16', 'bf16', 'fp32'), mvm_target=('vq', 'pixel'),
-               type=('', 'pretrain', 'qamc', 'qaoe', 'retrieval'), retrieval_loss=('v2t', 'both'))
+               type=('', 'pretrain', 'qamc', 'qaoe', 'retrieval'), retrieval_loss=('v2t', 'both'),
+               frame_layout=dataset.FRAME_LAYOUTS)
 POSITIVE = ('size_batch', 'size_epoch', 'grad_accum', 'max_nonfinite', 'size_img', 'size_txt')
 
 

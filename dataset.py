@@ -1,4 +1,5 @@
-"""Datasets of VIOLET (docs/violet.md#data-formats): frames as base64 JPEG strings in .pkl or .tsv+.lineidx,
+"""Datasets of VIOLET (docs/violet.md#data-formats): frames as base64 JPEG strings in .pkl or .tsv+.lineidx (or
+VIOLETv2's .tsv+.id2lineidx.pkl),
 texts in txt_<name>.json, VQ targets in vq_<dataset>.pkl.
 
 Frame counts. Every sample of a dataset must have the same number of frames T (batches are stacked):
@@ -8,7 +9,9 @@ Frame counts. Every sample of a dataset must have the same number of frames T (b
     (5 for the released sets).
 "From the videos" means the count most of a sample of them have (common_frame_count), so one short video
 cannot make every healthy one "bad"; the sampled videos that disagree are named.
-A video with another count is a bad sample, never truncated or padded.
+A video with another count is a bad sample, never truncated or padded. Except in VIOLETv2's downstream
+layout (find_layout), which stores more frames than are used: there size_frame must be set, and that many
+of each video's frames are sampled (sample_stored); a video with fewer is a bad sample.
 
 Bad samples (corrupt base64 or image, video id missing from frames / texts / vq, a lineidx offset that
 is not a line start, a wrong frame count, an item without a required key, a caption / question / option
@@ -19,7 +22,7 @@ Missing files raise FileNotFoundError naming the path, always.
 Pickled data files (img_*.pkl, vq_*.pkl, and the tools' inputs) are read by load_pickle, which refuses anything
 but containers, str, bytes, numbers and numpy arrays: reading a downloaded data file never runs code.
 """
-import base64, binascii, collections, io, json, os, pickle
+import base64, binascii, collections, io, json, math, os, pickle, random
 
 import av
 import numpy as np
@@ -34,7 +37,9 @@ except ImportError:  # a torchvision without them: every image goes through PIL
 from PIL import Image, UnidentifiedImageError
 
 DEFAULTS = dict(path_data='./_data', skip_bad=False, size_img=224, size_txt=32,
-                txt_backbone='bert-base-uncased', txt_vocab='', size_frame=0, size_option=5)
+                txt_backbone='bert-base-uncased', txt_vocab='', size_frame=0, size_option=5,
+                frame_layout='auto')
+FRAME_LAYOUTS = ('auto', 'pkl', 'tsv', 'v2')
 # bert-base-uncased's special token ids: padding (mask = txt != 0) and masking (main_pretrain.py) rely on them
 SPECIAL_IDS = {'[CLS]': 101, '[SEP]': 102, '[PAD]': 0, '[MASK]': 103}
 
@@ -52,6 +57,26 @@ def sample_inside(count, n):
     frames int(s*(i+1)) for i < n (evenly inside, never the first or the last; repeats when count < n)."""
     s = count / (n + 1)
     return [int(s * (i + 1)) for i in range(n)]
+
+
+def sample_even(start, end, n):
+    """VIOLETv2's `sampling`: n indices evenly from start to end, both included, each rounded by Python's
+    round (half to even); the middle one when n = 1."""
+    if n == 1:
+        return [int(round((start + end) / 2))]
+    step = (end - start) / (n - 1)
+    return [int(round(start + k * step)) for k in range(n)]
+
+
+def sample_stored(count, n, train, rng=random):
+    """Which n of a video's `count` stored frames VIOLETv2 uses (its `temporal_sample`; count >= n).
+    Evaluation: sample_even(0, count-1, n), over the whole video. Training: stride = ceil(count/n), a random
+    start in 0..stride-1, end = min(start + (n-1)*stride, count-1), then sample_even(start, end, n) (so a
+    clipped end spreads the n frames evenly up to the last frame, as VIOLETv2 does)."""
+    stride = math.ceil(count / n)
+    start = rng.randrange(stride) if train else 0
+    end = min(start + (n - 1) * stride, count - 1) if train else count - 1
+    return sample_even(start, end, n)
 
 
 def read_video(path, n_frames):
@@ -253,6 +278,33 @@ def spread(items, n=32):
     return items[::max(1, len(items) // n)][:n]
 
 
+LAYOUT_SUFFIXES = dict(pkl=['.pkl'], v2=['.tsv', '.id2lineidx.pkl'], tsv=['.tsv', '.lineidx'])
+
+
+def find_layout(prefix, layout='auto'):
+    """The frame files of a downstream set X = `prefix`, in one of three layouts:
+      'pkl': X.pkl = {vid: [b64, ...]} (the original's release);
+      'v2':  X.tsv rows `vid \t <unused> \t b64 \t b64 ...` + X.id2lineidx.pkl = {vid: byte offset of its row}
+             (VIOLETv2's release; more frames stored than used, see sample_stored);
+      'tsv': X.tsv rows `vid \t b64 \t b64 ...` + X.lineidx (the byte offset of each row, one per line).
+    'auto' takes the first whose files are all present, in that order. -> (layout, [paths])."""
+    if layout == 'auto':
+        layout = next((k for k, ends in LAYOUT_SUFFIXES.items() if all(os.path.isfile(prefix + e) for e in ends)), None)
+        if layout is None:
+            raise FileNotFoundError(f'missing data file: {prefix}.pkl (or {prefix}.tsv + .id2lineidx.pkl, '
+                                    f'or {prefix}.tsv + .lineidx)')
+    elif layout not in LAYOUT_SUFFIXES:
+        raise ValueError(f'frame_layout must be one of {list(FRAME_LAYOUTS)}, got {layout!r}')
+    return layout, [need_file(prefix + e) for e in LAYOUT_SUFFIXES[layout]]
+
+
+def load_id2lineidx(path):
+    id2lineidx = load_pickle(path)
+    if not isinstance(id2lineidx, dict) or not all(isinstance(o, int) for o in id2lineidx.values()):
+        raise ValueError(f'{path}: expected a dict video id -> byte offset (int)')
+    return id2lineidx
+
+
 def collate_skip(batch):
     """-> (default_collate of the non-None samples or None if all were bad, number of None samples)."""
     good = [b for b in batch if b is not None]
@@ -305,7 +357,7 @@ class Dataset_Base(torch.utils.data.Dataset):
         self.size_img, self.size_txt = self.args['size_img'], self.args['size_txt']
         self.path_data = self.args['path_data']
         self.tokzr = get_tokenizer(self.args['txt_backbone'], self.args['txt_vocab'])
-        self.frames, self.path_frames, self.size_frame = None, None, None
+        self.frames, self.path_frames, self.size_frame, self.layout = None, None, None, None
 
     def path(self, name):
         return os.path.join(self.path_data, name)
@@ -319,28 +371,29 @@ class Dataset_Base(torch.utils.data.Dataset):
         return txt, (txt != 0).astype(np.int64)
 
     def open_frames(self, dataset):
-        """Frames of img_<dataset>.pkl (loaded whole) or, when absent, img_<dataset>.tsv + .lineidx
-        (vid -> offset map built from each line's first field; frames read on demand)."""
-        path_pkl, path_tsv = self.path(f'img_{dataset}.pkl'), self.path(f'img_{dataset}.tsv')
-        if os.path.isfile(path_pkl):
-            self.frames, self.path_frames = load_pickle(path_pkl), path_pkl
-        elif os.path.isfile(path_tsv):
-            self.tsv, self.path_frames = TSV(path_tsv), path_tsv
-            self.frames = {self.tsv.first_field(o): o for o in read_lineidx(self.path(f'img_{dataset}.lineidx'))}
+        """The frames of img_<dataset> in its layout (find_layout; TSV rows are read on demand)."""
+        self.layout, paths = find_layout(self.path(f'img_{dataset}'), self.args['frame_layout'])
+        self.path_frames = paths[0]
+        if self.layout == 'pkl':
+            self.frames = load_pickle(paths[0])
+        elif self.layout == 'v2':
+            self.tsv, self.frames = TSV(paths[0]), load_id2lineidx(paths[1])
         else:
-            raise FileNotFoundError(f'missing data file: {path_pkl} (or {path_tsv} + .lineidx)')
+            self.tsv = TSV(paths[0])
+            self.frames = {self.tsv.first_field(o): o for o in read_lineidx(paths[1])}
         if len(self.frames) == 0:
             raise ValueError(f'{self.path_frames}: no videos')
 
     def frames_b64(self, vid):
+        """-> every frame stored for `vid` (base64 strings)."""
         if vid not in self.frames:
             raise BadSample(f'{self.path_frames}: no video "{vid}"')
-        if self.path_frames.endswith('.pkl'):
+        if self.layout == 'pkl':
             return self.frames[vid]
         fields = self.tsv.read(self.frames[vid])
         if fields[0] != vid:
             raise BadSample(f'{self.path_frames}: line at offset {self.frames[vid]} is "{fields[0]}", not "{vid}"')
-        return fields[1:]
+        return fields[2:] if self.layout == 'v2' else fields[1:]
 
     def decode_frames(self, b64s, vid, where):
         if len(b64s) != self.size_frame:
@@ -354,8 +407,15 @@ class Dataset_Base(torch.utils.data.Dataset):
         return torch.stack(img)
 
     def get_img(self, vid):
-        """-> float [T, 3, S, S] in [0, 1] (downstream frames file)."""
-        return self.decode_frames(self.frames_b64(vid), vid, self.path_frames)
+        """-> float [T, 3, S, S] in [0, 1] (downstream frames file). In the v2 layout, T = size_frame of the
+        stored frames, by sample_stored (the training rule for the 'train' split)."""
+        b64s = self.frames_b64(vid)
+        if self.layout == 'v2':
+            if len(b64s) < self.size_frame:
+                raise BadSample(f'{self.path_frames}: video "{vid}" has {len(b64s)} frames, '
+                                f'fewer than size_frame {self.size_frame}')
+            b64s = [b64s[i] for i in sample_stored(len(b64s), self.size_frame, train=self.split == 'train')]
+        return self.decode_frames(b64s, vid, self.path_frames)
 
     def __getitem__(self, idx):
         try:
@@ -452,6 +512,9 @@ class Dataset_Downstream(Dataset_Base):
         self.json = load_json(self.path_txt)
         self.txt = json_key(self.json, split, self.path_txt)
         self.open_frames(self.args['dataset'])
+        if self.layout == 'v2' and self.args['size_frame'] < 1:
+            raise ValueError(f'{self.path_frames}: the VIOLETv2 layout stores more frames than are used; '
+                             f'set size_frame (VIOLETv2 uses 5)')
         self.size_frame = self.args['size_frame'] or self.frame_count()
 
     def frame_count(self):

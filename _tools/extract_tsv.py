@@ -2,32 +2,52 @@
 offset of each line, one decimal number per line) (docs/violet.md#data-formats).
 
     python _tools/extract_tsv.py --path=_data/img_webvid2.5m_train_0
+
+write_tsv / read_tsv also handle VIOLETv2's layout (an index X.id2lineidx.pkl = {video_id: offset} and rows
+`video_id\\t<frame count>\\tb64...`); _tools/convert_layout.py converts between the layouts.
 """
-import argparse, os, sys
+import argparse, os, pickle, sys
 
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import load_pickle  # noqa: E402  plain data only: a downloaded pkl never runs code
+from dataset import load_id2lineidx, load_pickle, read_lineidx  # noqa: E402  plain data only: a downloaded pkl never runs code
 
 
-def write_tsv(pkl, path_tsv, path_lineidx, progress=False):
-    with open(path_tsv, 'wb') as tsv, open(path_lineidx, 'w') as lineidx:
+def is_v2(path_index):
+    return path_index.endswith('.id2lineidx.pkl')
+
+
+def write_tsv(pkl, path_tsv, path_index, progress=False):
+    """Rows of `pkl` in its order; the layout follows the index name (X.lineidx or X.id2lineidx.pkl). Both files
+    are written under a temporary name, then renamed (the index last): a crash never leaves a partial file."""
+    v2, offsets = is_v2(path_index), {}
+    with open(path_tsv + '.tmp', 'wb') as tsv:
         for vid, frames in tqdm(pkl.items(), ascii=True, disable=not progress):
             if '\t' in vid or '\n' in vid:
                 raise ValueError(f'video id {vid!r} holds a tab or a newline')
-            lineidx.write(f'{tsv.tell()}\n')
-            tsv.write(('\t'.join([vid] + list(frames)) + '\n').encode('utf-8'))
+            offsets[vid] = tsv.tell()
+            tsv.write(('\t'.join([vid] + ([str(len(frames))] if v2 else []) + list(frames)) + '\n').encode('utf-8'))
+    with open(path_index + '.tmp', 'wb') as f:
+        if v2:
+            pickle.dump(offsets, f)
+        else:
+            f.write(''.join(f'{o}\n' for o in offsets.values()).encode())
+    os.replace(path_tsv + '.tmp', path_tsv)
+    os.replace(path_index + '.tmp', path_index)
 
 
-def read_tsv(path_tsv, path_lineidx):
-    """-> {video_id: [b64, ...]} read back through the line offsets (the inverse of write_tsv)."""
+def read_tsv(path_tsv, path_index):
+    """-> {video_id: [b64, ...]} read back through the index (the inverse of write_tsv; for X.id2lineidx.pkl every
+    stored frame, from the row's third field on)."""
+    v2 = is_v2(path_index)
+    offsets = load_id2lineidx(path_index).values() if v2 else read_lineidx(path_index)
     out = {}
-    with open(path_tsv, 'rb') as tsv, open(path_lineidx) as lineidx:
-        for offset in lineidx:
-            tsv.seek(int(offset))
+    with open(path_tsv, 'rb') as tsv:
+        for offset in offsets:
+            tsv.seek(offset)
             vid, *frames = tsv.readline().decode('utf-8').rstrip('\n').split('\t')
-            out[vid] = frames
+            out[vid] = frames[1:] if v2 else frames
     return out
 
 

@@ -1,0 +1,225 @@
+"""Data as it exists today: VIOLETv2's downstream layout, layout conversion, annotation converters, extraction
+at scale. Every file here is written by the test itself, in the real formats. Small and CPU-only."""
+import base64, io, json, os, pickle, random, sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, '_tools')
+sys.path.insert(0, TOOLS)
+import dataset  # noqa: E402
+import convert_layout  # noqa: E402
+
+TOK = os.path.join(ROOT, '_data', 'bert-tiny')
+pytestmark = pytest.mark.filterwarnings('ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning')
+
+
+def cli(main, argv, capsys, monkeypatch):
+    """Run a tool's main() in-process (a subprocess would spend seconds importing torch) -> (exit code or
+    message, stdout)."""
+    monkeypatch.setattr(sys, 'argv', ['tool'] + argv)
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().out
+
+
+# ---- VIOLETv2 frame sampling, against hand-computed indices
+
+EVAL = {  # (count, n) -> indices: round(k * (count-1) / (n-1)), Python's round (half to even); middle when n = 1
+    (10, 5): [0, 2, 4, 7, 9],       # step 2.25: 4.5 -> 4
+    (16, 5): [0, 4, 8, 11, 15],     # step 3.75: 7.5 -> 8
+    (5, 5): [0, 1, 2, 3, 4],
+    (7, 3): [0, 3, 6],
+    (32, 4): [0, 10, 21, 31],       # step 10.33
+    (6, 4): [0, 2, 3, 5],           # step 1.67
+    (10, 1): [4],                   # (0 + 9) / 2 = 4.5 -> 4
+    (11, 1): [5],
+    (2, 2): [0, 1],
+}
+TRAIN = {  # (count, n, random start) -> indices; stride = ceil(count/n), end = min(start + (n-1)*stride, count-1)
+    (10, 5, 0): [0, 2, 4, 6, 8],    # stride 2, end 8
+    (10, 5, 1): [1, 3, 5, 7, 9],    # end 9
+    (10, 4, 0): [0, 3, 6, 9],       # stride 3, end 9
+    (10, 4, 1): [1, 4, 6, 9],       # end clipped 10 -> 9, step 8/3
+    (10, 4, 2): [2, 4, 7, 9],       # end clipped 11 -> 9, step 7/3
+    (16, 5, 0): [0, 4, 8, 11, 15],  # stride 4, end clipped 16 -> 15
+    (16, 5, 2): [2, 5, 8, 12, 15],  # step 13/4: 8.5 -> 8, 11.75 -> 12
+    (16, 5, 3): [3, 6, 9, 12, 15],
+    (5, 5, 0): [0, 1, 2, 3, 4],
+    (7, 1, 4): [4],                 # stride 7: one frame anywhere
+    (30, 8, 3): [3, 7, 10, 14, 18, 22, 25, 29],  # stride 4, end clipped 31 -> 29: step 26/7 = 3.71
+}
+
+
+class FixedStart:
+    def __init__(self, start, stride):
+        self.start, self.stride = start, stride
+
+    def randrange(self, k):
+        assert k == self.stride, f'random start drawn from range({k}), expected range({self.stride})'
+        return self.start
+
+
+def test_sample_stored_eval_rule():
+    for (count, n), want in EVAL.items():
+        assert dataset.sample_stored(count, n, train=False) == want, (count, n)
+
+
+def test_sample_stored_train_rule():
+    for (count, n, start), want in TRAIN.items():
+        got = dataset.sample_stored(count, n, train=True, rng=FixedStart(start, -(-count // n)))
+        assert got == want, (count, n, start)
+    rng = random.Random(0)  # the start covers 0 .. stride-1, nothing else
+    assert {dataset.sample_stored(10, 4, True, rng)[0] for _ in range(200)} == {0, 1, 2}
+
+
+# ---- a VIOLETv2 downstream set, written here
+
+def grey_jpeg(level, size=(32, 32)):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), level, np.uint8)).save(buf, format='JPEG', quality=95)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def stored_index(img):
+    """Which stored frame a decoded frame is: frame j is grey level 12*j."""
+    return int(round(float(img.mean()) * 255 / 12))
+
+
+COUNTS = {'v_a': 12, 'v_b': 12, 'v_c': 7, 'v_d': 20, 'v_short': 3}  # frames stored per video
+
+
+def write_v2_set(d, counts=COUNTS):
+    """img_msrvtt.tsv + img_msrvtt.id2lineidx.pkl as VIOLETv2 ships them (written by hand, not by our tools:
+    rows `vid \\t <second field> \\t b64 ...`), and a txt_<task>.json per task."""
+    offsets = {}
+    with open(os.path.join(d, 'img_msrvtt.tsv'), 'wb') as f:
+        for vid, n in counts.items():
+            offsets[vid] = f.tell()
+            f.write(('\t'.join([vid, json.dumps({'n': n})] + [grey_jpeg(12 * j) for j in range(n)]) + '\n').encode())
+    with open(os.path.join(d, 'img_msrvtt.id2lineidx.pkl'), 'wb') as f:
+        pickle.dump(dict(reversed(offsets.items())), f)  # order need not follow the rows
+    vids = ['v_a', 'v_b', 'v_c', 'v_d']
+    retrieval = {s: [{'video': v, 'caption': f'a video {v}'} for v in vids] for s in ['train', 'val', 'test']}
+    qaoe = {s: [{'video': v, 'question': 'what is it?', 'answer': i % 3} for i, v in enumerate(vids)]
+            for s in ['train', 'val', 'test']}
+    qaoe['vocab'] = ['x', 'y', 'z']
+    qamc = {s: [dict({'video': v, 'question': 'which?', 'answer': i % 5}, **{f'option_{k}': f'o{k}' for k in range(5)})
+                for i, v in enumerate(vids)] for s in ['train', 'val', 'test']}
+    for task, obj in [('msrvtt-retrieval', retrieval), ('msrvtt-qa', qaoe), ('msrvtt-mc', qamc)]:
+        with open(os.path.join(d, f'txt_{task}.json'), 'w') as f:
+            json.dump(obj, f)
+
+
+EVAL_5 = {'v_a': [0, 3, 6, 8, 11], 'v_b': [0, 3, 6, 8, 11],  # step 2.75: 5.5 -> 6
+          'v_c': [0, 2, 3, 4, 6],  # step 1.5: 1.5 -> 2, 4.5 -> 4
+          'v_d': [0, 5, 10, 14, 19]}  # step 4.75: 9.5 -> 10
+
+
+@pytest.fixture
+def v2_args(tmp_path):
+    write_v2_set(str(tmp_path))
+    return dict(path_data=str(tmp_path), dataset='msrvtt', txt_backbone=TOK, size_img=32, size_txt=8, size_frame=5)
+
+
+def test_v2_layout_all_tasks_eval_and_train_sampling(v2_args):
+    for cls, task in [(dataset.Dataset_Retrieval, 'msrvtt-retrieval'), (dataset.Dataset_QAOE, 'msrvtt-qa'),
+                      (dataset.Dataset_QAMC, 'msrvtt-mc')]:
+        for split in ['val', 'test']:
+            ds = cls(dict(v2_args, task=task), split)
+            assert ds.layout == 'v2' and ds.path_frames.endswith('img_msrvtt.tsv')
+            for i, item in enumerate(ds.txt):
+                img = ds[i][0]
+                assert img.shape == (5, 3, 32, 32)
+                assert [stored_index(f) for f in img] == EVAL_5[item['video']], (task, split, item['video'])
+        ds = cls(dict(v2_args, task=task), 'train')
+        random.seed(0)
+        starts = set()  # v_a, 12 frames: stride 3, start 0 (end 11, step 2.75), 1 (end 11, step 2.5), 2 (step 2.25)
+        for _ in range(12):
+            got = [stored_index(f) for f in ds[0][0]]  # v_a: 12 frames, stride 3
+            assert got in ([0, 3, 6, 8, 11], [1, 4, 6, 8, 11], [2, 4, 6, 9, 11])
+            starts.add(got[0])
+        assert starts == {0, 1, 2}
+
+
+def test_v2_layout_choice_and_errors(v2_args, tmp_path):
+    a = dict(v2_args, task='msrvtt-retrieval')
+    # the config key forces a layout; the files it needs must be there
+    with pytest.raises(FileNotFoundError, match='missing data file: .*img_msrvtt.lineidx'):
+        dataset.Dataset_Retrieval(dict(a, frame_layout='tsv'), 'val')
+    with pytest.raises(FileNotFoundError, match='missing data file: .*img_msrvtt.pkl'):
+        dataset.Dataset_Retrieval(dict(a, frame_layout='pkl'), 'val')
+    assert dataset.Dataset_Retrieval(dict(a, frame_layout='v2'), 'val').layout == 'v2'
+    with pytest.raises(ValueError, match='VIOLETv2 layout stores more frames than are used; set size_frame'):
+        dataset.Dataset_Retrieval(dict(a, size_frame=0), 'val')
+    # a video with fewer frames than size_frame, an unknown video, a wrong offset: bad samples, named
+    ds = dataset.Dataset_Retrieval(dict(a, size_frame=8), 'val')
+    with pytest.raises(dataset.BadSample, match='img_msrvtt.tsv: video "v_c" has 7 frames, fewer than size_frame 8'):
+        ds[2]
+    ds = dataset.Dataset_Retrieval(dict(a, size_frame=8, skip_bad=True), 'val')
+    assert ds[2] is None and ds[3][0].shape[0] == 8
+    ds = dataset.Dataset_Retrieval(a, 'val')
+    ds.txt[0] = {'video': 'v_zz', 'caption': 'x'}
+    with pytest.raises(dataset.BadSample, match='img_msrvtt.tsv: no video "v_zz"'):
+        ds[0]
+    ds.frames['v_a'] = ds.frames['v_b']
+    with pytest.raises(dataset.BadSample, match='is "v_b", not "v_a"'):
+        ds.get_img('v_a')
+    with open(tmp_path / 'img_msrvtt.id2lineidx.pkl', 'wb') as f:
+        pickle.dump(['not', 'a', 'dict'], f)
+    with pytest.raises(ValueError, match='img_msrvtt.id2lineidx.pkl: expected a dict video id -> byte offset'):
+        dataset.Dataset_Retrieval(a, 'val')
+    os.remove(tmp_path / 'img_msrvtt.id2lineidx.pkl')
+    with pytest.raises(FileNotFoundError, match=r'img_msrvtt.pkl \(or .*img_msrvtt.tsv \+ .id2lineidx.pkl'):
+        dataset.Dataset_Retrieval(a, 'val')
+
+
+# ---- layout conversion
+
+def test_convert_layout_round_trips(tmp_path, capsys, monkeypatch):
+    write_v2_set(str(tmp_path))
+    src = str(tmp_path / 'img_msrvtt')
+    _, stored = convert_layout.read_frames(src)
+    assert {v: len(b) for v, b in stored.items()} == COUNTS
+    # v2 -> pkl -> tsv -> v2 -> pkl: every stored frame, unchanged, in every layout
+    convert_layout.convert(src, str(tmp_path / 'a'), 'pkl')
+    convert_layout.convert(str(tmp_path / 'a'), str(tmp_path / 'b'), 'tsv')
+    convert_layout.convert(str(tmp_path / 'b'), str(tmp_path / 'c'), 'v2')
+    convert_layout.convert(str(tmp_path / 'c'), str(tmp_path / 'd'), 'pkl')
+    for prefix, layout in [('a', 'pkl'), ('b', 'tsv'), ('c', 'v2'), ('d', 'pkl')]:
+        assert convert_layout.read_frames(str(tmp_path / prefix)) == (layout, stored)
+    assert sorted(os.listdir(tmp_path)) == sorted(['a.pkl', 'b.tsv', 'b.lineidx', 'c.tsv', 'c.id2lineidx.pkl', 'd.pkl',
+                                                   'img_msrvtt.tsv', 'img_msrvtt.id2lineidx.pkl', 'txt_msrvtt-mc.json',
+                                                   'txt_msrvtt-qa.json', 'txt_msrvtt-retrieval.json'])  # no .tmp left
+    # our v2 rows: vid, frame count, frames; offsets point at row starts
+    data = (tmp_path / 'c.tsv').read_bytes()
+    with open(tmp_path / 'c.id2lineidx.pkl', 'rb') as f:
+        offsets = pickle.load(f)
+    assert data[offsets['v_c']:].split(b'\n')[0].split(b'\t')[:2] == [b'v_c', b'7']
+
+    # --sample 5: v2 -> the original's fixed count, by the evaluation rule; the dataset then reads the same frames
+    code, _ = cli(convert_layout.main, [f'--src={src}', '--to=pkl', f'--dst={tmp_path}/s', '--sample=5'], capsys, monkeypatch)
+    assert 'video "v_short" has 3 frames, fewer than --sample 5' in code
+    del stored['v_short']
+    convert_layout.write_frames(stored, str(tmp_path / 'img_ok'), 'v2')
+    code, out = cli(convert_layout.main, [f'--src={tmp_path}/img_ok', '--to=pkl', f'--dst={tmp_path}/img_five',
+                                          '--sample=5'], capsys, monkeypatch)
+    assert code == 0 and f'img_ok (v2) -> {tmp_path}/img_five (pkl): 4 videos' in out
+    with open(tmp_path / 'img_five.pkl', 'rb') as f:
+        five = pickle.load(f)
+    assert five == {v: [b[i] for i in dataset.sample_stored(len(b), 5, False)] for v, b in stored.items()}
+    code, _ = cli(convert_layout.main, [f'--src={tmp_path}/nothing', '--to=v2', f'--dst={tmp_path}/x'], capsys, monkeypatch)
+    assert f'missing data file: {tmp_path}/nothing.pkl' in code
+
+
+def test_frame_layout_config_key():
+    import agent
+    agent.check_keys({'frame_layout': 'v2'}, 'test')
+    with pytest.raises(SystemExit, match=r"key 'frame_layout' must be one of \['auto', 'pkl', 'tsv', 'v2'\], got 'v3'"):
+        agent.check_keys({'frame_layout': 'v3'}, 'test')
