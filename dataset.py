@@ -154,15 +154,21 @@ class BadKey(BadSample, KeyError):
 
 
 def b64_to_img(b64, size):
-    """base64 image -> float [3, size, size] in [0, 1], as the reference: PIL RGB, zero-pad the short side
-    by (long-short)//2 on both ends (TV.transforms.Pad, so an odd difference stays 1 px non-square),
-    bilinear resize to size x size (PIL-like, antialiased), ToTensor. JPEGs take the fast tensor path
-    (within 1/255 mean of PIL, tested), anything else goes through PIL."""
+    """base64 image -> float [3, size, size] in [0, 1] (pad_resize of the decoded RGB). JPEGs take the fast
+    tensor path (within 1/255 mean of PIL, tested), anything else goes through PIL."""
     raw = base64.b64decode(b64.strip(), validate=True)
     if raw[:2] == b'\xff\xd8' and decode_jpeg is not None:
         img = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     else:
         img = torch.from_numpy(np.array(Image.open(io.BytesIO(raw)).convert('RGB'))).permute(2, 0, 1)
+    return pad_resize(img, size)
+
+
+def pad_resize(img, size):
+    """RGB uint8 [3, H, W] -> float [3, size, size] in [0, 1], as the reference: zero-pad the short side by
+    (long-short)//2 on both ends (TV.transforms.Pad, so an odd difference stays 1 px non-square), bilinear
+    resize to size x size (PIL-like, antialiased), ToTensor. Every frame of training, evaluation and
+    prediction goes through it (the model normalises with the ImageNet mean and std itself)."""
     h, w = img.shape[1:]
     if w > h:
         img = F.pad(img, (0, 0, (w - h) // 2, (w - h) // 2))
@@ -170,6 +176,12 @@ def b64_to_img(b64, size):
         img = F.pad(img, ((h - w) // 2, (h - w) // 2, 0, 0))
     img = TVF.resize(img, [size, size], interpolation=TVF.InterpolationMode.BILINEAR, antialias=True)
     return img.float() / 255
+
+
+def tokenize(tokzr, s, size_txt):
+    """Text -> (token ids [size_txt] padded / truncated, mask [size_txt] = ids != [PAD]), int64 numpy."""
+    txt = np.array(tokzr.encode(s, padding='max_length', max_length=size_txt, truncation=True), dtype=np.int64)
+    return txt, (txt != 0).astype(np.int64)
 
 
 _TOKENIZERS = {}
@@ -366,9 +378,7 @@ class Dataset_Base(torch.utils.data.Dataset):
         return b64_to_img(b64, self.size_img)
 
     def str2txt(self, s):
-        txt = self.tokzr.encode(s, padding='max_length', max_length=self.size_txt, truncation=True)
-        txt = np.array(txt, dtype=np.int64)
-        return txt, (txt != 0).astype(np.int64)
+        return tokenize(self.tokzr, s, self.size_txt)
 
     def open_frames(self, dataset):
         """The frames of img_<dataset> in its layout (find_layout; TSV rows are read on demand)."""

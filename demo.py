@@ -1,6 +1,7 @@
 """The whole pipeline on CPU on a self-made toy corpus: build the corpus with the real tools, pretrain a small
 VIOLET (MLM + MVM + VTM, both maskings), fine-tune retrieval, QA-MC and QA-OE from that checkpoint, evaluate
-retrieval, print one table with chance levels; exit 1 if the model did not learn.
+retrieval, print one table with chance levels; exit 1 if the model did not learn. Then predict.py answers
+questions about two new toy videos (mp4 files) with the fine-tuned checkpoints.
 
     python demo.py [--out _snapshot/demo] [--keep]      (bash demo.sh installs the requirements first)
 """
@@ -108,6 +109,33 @@ def main():
     print(f'outputs: {opt.out}')
     if not ok:
         sys.exit('demo: the model did not learn what it should (rows marked FAILED)')
+    secs['predict'] = predict_new_videos(opt.out)
+    print(f'predict.py on two new videos: {secs["predict"]:.0f} s')
+
+
+def predict_new_videos(out):
+    """Two new toy videos as mp4 files, then predict.py with the fine-tuned QA-OE and QA-MC checkpoints (their
+    args.json and vocab.json beside them)."""
+    sys.path.insert(0, '_tools')
+    import make_toy
+    rng = np.random.default_rng(1)
+    clips = os.path.join(out, 'videos')
+    os.makedirs(clips, exist_ok=True)
+    truth = {'red_square_left': ('red', 'square', 'left'), 'blue_dot_up': ('blue', 'dot', 'up')}
+    for name, combo in truth.items():
+        make_toy.write_clip((os.path.join(clips, name + '.mp4'), make_toy.clip_spec(rng, *combo)))
+    qa = [dict(video=f'videos/{name}.mp4', question=q) for name, (c, sh, d) in truth.items()
+          for q in (f'what color is the {sh}?', f'where does the {c} {sh} move?')]
+    with open(os.path.join(out, 'questions.json'), 'w') as f:
+        json.dump(qa, f)
+    opts = [f'a {c} {sh} moves {d}' for c, sh, d in truth.values()] + ['a green bar moves right', 'a red dot moves down']
+    last = lambda task: os.path.join(out, task, f'ckpt_violet_{task}_{load(os.path.join(out, task, "args.json"))["size_epoch"]}.pt')
+    t = time.time()
+    run('predict.py', 'qaoe', '--ckpt', last('toy-qaoe'), '--list', os.path.join(out, 'questions.json'), '--top', '2')
+    run('predict.py', 'qamc', '--ckpt', last('toy-qamc'), '--video', clips, '--question', 'what does the video show?',
+        '--options', *opts)
+    print(f'(truth: {", ".join(f"{n}.mp4 = {c} {sh} moving {d}" for n, (c, sh, d) in truth.items())})')
+    return time.time() - t
 
 
 if __name__ == '__main__':

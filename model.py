@@ -528,7 +528,10 @@ class VIOLET_QAOE(VIOLET_Base):
         self.fc = self.make_head(self.args['size_vocab'])
 
     def forward(self, img, txt, mask):
-        feat_img, mask_img, feat_txt, mask_txt = self.go_feat(img, txt, mask)
+        return self.answer_logits(*self.go_feat(img, txt, mask))
+
+    def answer_logits(self, feat_img, mask_img, feat_txt, mask_txt):
+        """[B, size_vocab] answer logits from the fused CLS of already computed features."""
         out, _ = self.go_cross(feat_img, mask_img, feat_txt, mask_txt)
         return self.fc(out[:, feat_img.shape[1]])
 

@@ -1,0 +1,213 @@
+"""Use a checkpoint from Python: one loader and four calls. predict.py is built on exactly these.
+
+    import api
+    m = api.load('ckpt_violet_toy-qaoe_6.pt')         # the config: args.json beside it (a run's), NAME.json
+                                                     # (_tools/convert_ckpt.py's), or config=PATH_OR_DICT
+    m.score(['a.mp4', 'b.mp4'], ['a red dot moves up'])   # [n_videos, n_texts] raw scores (retrieval / VTM / QA-MC head)
+    m.answer('a.mp4', 'what color is the dot?')           # QA-OE: top answers as text, with probabilities
+    m.answer('a.mp4', 'what does the video show?', options=['...', '...'])   # QA-MC (or zero-shot with the VTM head)
+    m.embed_video('a.mp4')                                # (features [L, D], mask [L]): what --cache stores
+
+A video is a file path (frames sampled by dataset.read_video, as _tools/extract_video-frame.py samples them), a
+[T, H, W, 3] uint8 array or a list of PIL images (all T frames used). Frames go through dataset.pad_resize, the
+training pipeline; the model normalises them. Every model key must come from the checkpoint (need='all').
+"""
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import safetensors.torch
+import torch
+
+import agent
+import dataset
+import model as violet
+
+TEMPERATURE = {'qamc': 1.0, 'pretrain': 0.05, 'retrieval': 0.05}  # option probabilities: softmax(score / T), as trained
+
+
+def find_config(ckpt, config=None):
+    """-> (config dict, vocab list or None). config: a dict, a JSON file (a run's args.json, an _data/args_*.json
+    or convert_ckpt's NAME.json holding {"config", "vocab"}), or None: NAME.json, then args.json beside ckpt."""
+    if config is None:
+        for cand in (os.path.splitext(ckpt)[0] + '.json', os.path.join(os.path.dirname(os.path.abspath(ckpt)), 'args.json')):
+            if os.path.isfile(cand):
+                config = cand
+                break
+        else:
+            raise FileNotFoundError(f'{ckpt}: no config beside it (NAME.json or args.json); give one (--config: a '
+                                    f"run's args.json or _data/args_<task>.json)")
+    if isinstance(config, str):
+        with open(config) as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{config}: not valid JSON ({e})') from e
+    if 'config' in config:  # convert_ckpt's file
+        return config['config'], config.get('vocab')
+    return config, None
+
+
+def read_vocab(src):
+    """Answer texts by class index from a list, a vocab.json (a list) or a txt_<task>.json (its "vocab")."""
+    if isinstance(src, list):
+        return [str(a) for a in src]
+    with open(src) as f:
+        obj = json.load(f)
+    return dataset.answer_texts(obj['vocab'] if isinstance(obj, dict) else obj, src)
+
+
+def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=0, cache=None, sets=()):
+    """Build the model the config's type names (pretrain, qamc, qaoe, retrieval), fill every key from `ckpt`
+    (.pt or .safetensors). vocab: QA-OE answer texts (a list or a file; default the run's vocab.json beside the
+    checkpoint or convert_ckpt's). precision 'fp32' or 'bf16' (autocast). n_frames: frames sampled from a video
+    file (0: the config's size_frame, else 5, the released downstream sets; 4 for pretraining). cache: a folder
+    for per-video features. sets: KEY=VALUE config overrides. -> Violet."""
+    cfg, cfg_vocab = find_config(ckpt, config)
+    args = agent.load_args(sets=sets, base=cfg)
+    args['path_ckpt'] = ckpt  # the VT weights come from it (model.load_vt), not from path_vt
+    type_ = args['type'] or 'retrieval'
+    if vocab is None:
+        beside = os.path.join(os.path.dirname(os.path.abspath(ckpt)), 'vocab.json')
+        vocab = cfg_vocab or (beside if os.path.isfile(beside) else None)
+    vocab = read_vocab(vocab) if vocab is not None else None
+    if type_ == 'qaoe':
+        if not args['size_vocab']:
+            if vocab is None:
+                raise ValueError(f'{ckpt}: a QA-OE checkpoint needs its answer vocabulary (size_vocab is 0 and no '
+                                 f'vocab.json beside it): give the task\'s txt_<task>.json (--vocab)')
+            args['size_vocab'] = len(vocab)
+        if vocab is not None and len(vocab) < args['size_vocab']:
+            raise ValueError(f'{ckpt}: the answer vocabulary has {len(vocab)} entries, the model '
+                             f'{args["size_vocab"]} classes')
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    mdl = violet.MODELS[type_](args)
+    mdl.load_ckpt(ckpt, need='all')
+    n_frames = n_frames or args['size_frame'] or (4 if type_ == 'pretrain' else 5)
+    return Violet(mdl.to(device).eval(), args, type_, vocab, device, precision, n_frames, cache, ckpt)
+
+
+class Violet:
+    def __init__(self, mdl, args, type_, vocab, device, precision, n_frames, cache, ckpt):
+        if precision not in ('fp32', 'bf16'):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.model, self.args, self.type, self.vocab = mdl, args, type_, vocab
+        self.device, self.precision, self.n_frames, self.cache = device, precision, n_frames, cache
+        self.tokzr = dataset.get_tokenizer(args['txt_backbone'], args['txt_vocab'])
+        st = os.stat(ckpt)
+        # a cached feature belongs to these weights and this input shape
+        self.fingerprint = f'{os.path.abspath(ckpt)}|{st.st_size}|{st.st_mtime_ns}|{args["size_img"]}|{precision}'
+        self.memo = {}
+        self.pairs_per_s = None
+        if cache:
+            os.makedirs(cache, exist_ok=True)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == 'bf16')
+
+    # ---- inputs
+    def frames(self, video):
+        """-> float [T, 3, S, S] in [0, 1]: a path (n_frames sampled by dataset.read_video), a [T, H, W, 3] uint8
+        array or a list of PIL images, each frame through dataset.pad_resize."""
+        if isinstance(video, str):
+            rgb = dataset.read_video(video, self.n_frames)
+            if len({id(f) for f in rgb}) < len(rgb):  # read_video repeats a frame when the video has fewer
+                raise dataset.BadVideo(f'{video}: fewer frames than the {self.n_frames} asked for')
+        elif isinstance(video, np.ndarray):
+            if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+                raise ValueError(f'a video array must be uint8 [T, H, W, 3], got {video.dtype} {list(video.shape)}')
+            rgb = list(video)
+        elif isinstance(video, (list, tuple)) and video and all(hasattr(im, 'convert') for im in video):
+            rgb = [np.array(im.convert('RGB')) for im in video]
+        else:
+            raise TypeError(f'a video is a path, a [T, H, W, 3] uint8 array or a list of PIL images, got {type(video).__name__}')
+        size = self.args['size_img']
+        return torch.stack([dataset.pad_resize(torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1), size)
+                            for f in rgb])
+
+    def cache_file(self, video):
+        st = os.stat(video)
+        key = f'{self.fingerprint}|{os.path.abspath(video)}|{st.st_size}|{st.st_mtime_ns}|{self.n_frames}'
+        return os.path.join(self.cache, hashlib.sha256(key.encode()).hexdigest()[:32] + '.safetensors')
+
+    @torch.no_grad()
+    def embed_video(self, video):
+        """-> (features [L, D] float32, mask [L]) of the video encoder; computed once per file (memory, and the
+        cache folder when given)."""
+        key = video if isinstance(video, str) else None
+        if key is not None and key in self.memo:
+            return self.memo[key]
+        path = self.cache_file(video) if key is not None and self.cache else None
+        if path and os.path.isfile(path):
+            t = safetensors.torch.load_file(path, device=str(self.device))
+            out = t['feat'], t['mask']
+        else:
+            with self.autocast():
+                feat, mask = self.model.enc_img(self.frames(video)[None].to(self.device))
+            out = feat[0].float(), mask[0]
+            if path:
+                agent.save_safetensors({'feat': out[0], 'mask': out[1]}, path)
+        if key is not None:
+            self.memo[key] = out
+        return out
+
+    @torch.no_grad()
+    def embed_text(self, texts):
+        ids, mask = zip(*[dataset.tokenize(self.tokzr, t, self.args['size_txt']) for t in texts])
+        ids = torch.as_tensor(np.stack(ids), device=self.device)
+        with self.autocast():
+            feat = self.model.enc_txt(ids).float()
+        return feat, torch.as_tensor(np.stack(mask), device=self.device)
+
+    # ---- the calls
+    @torch.no_grad()
+    def score(self, videos, texts, size_pair=0):
+        """Raw head score of every (video, text) pair -> float numpy [len(videos), len(texts)]. Video features once
+        per video; the pairs then cost one cross-encoder pass each, in batches (self.pairs_per_s: their speed)."""
+        if self.type == 'qaoe':
+            raise ValueError('a QA-OE model has no pair score: use answer()')
+        feats = [self.embed_video(v) for v in videos]
+        feat_img, mask_img = torch.stack([f for f, _ in feats]), torch.stack([m for _, m in feats])
+        feat_txt, mask_txt = self.embed_text(texts)
+        n_v, n_t = len(videos), len(texts)
+        size_pair = size_pair or (512 if self.device.type == 'cuda' else 64)
+        out = torch.empty(n_v * n_t, device=self.device)
+        t0 = time.time()
+        for i in range(0, n_v * n_t, size_pair):
+            idx = torch.arange(i, min(i + size_pair, n_v * n_t), device=self.device)
+            v, t = idx // n_t, idx % n_t
+            with self.autocast():
+                out[idx] = self.model.score(feat_img[v], mask_img[v], feat_txt[t], mask_txt[t]).float()
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+        self.pairs_per_s = n_v * n_t / max(time.time() - t0, 1e-9)
+        return out.view(n_v, n_t).cpu().numpy()
+
+    @torch.no_grad()
+    def answer(self, video, question, options=None, top=5):
+        """options given (QA-MC; zero-shot with a pretraining or retrieval checkpoint): each question + ' ' +
+        option scored, probabilities softmax(score / temperature of its training) -> dict(answer, index, prob,
+        options=[{option, score, prob}]). No options (QA-OE): -> dict(answer, index, prob, top=[{answer, index, prob}])."""
+        if options is not None:
+            if self.type == 'qaoe':
+                raise ValueError('a QA-OE model answers from its vocabulary: call answer() without options')
+            s = self.score([video], [f'{question} {o}' for o in options])[0]
+            p = torch.softmax(torch.as_tensor(s, dtype=torch.float64) / TEMPERATURE[self.type], 0).numpy()
+            i = int(np.argmax(s))
+            return dict(answer=options[i], index=i, prob=float(p[i]),
+                        options=[dict(option=o, score=float(a), prob=float(b)) for o, a, b in zip(options, s, p)])
+        if self.type != 'qaoe':
+            raise ValueError(f'a {self.type} model chooses among options: give options')
+        if self.vocab is None:
+            raise ValueError('no answer vocabulary: load(..., vocab=txt_<task>.json) (the official checkpoints '
+                             'have none stored)')
+        feat_img, mask_img = self.embed_video(video)
+        feat_txt, mask_txt = self.embed_text([question])
+        with self.autocast():
+            logits = self.model.answer_logits(feat_img[None], mask_img[None], feat_txt, mask_txt)[0].float()
+        p = torch.softmax(logits.double(), 0)
+        best = p.topk(min(top, len(p)))
+        tops = [dict(answer=self.vocab[i], index=int(i), prob=float(q)) for q, i in zip(best.values, best.indices.tolist())]
+        return dict(answer=tops[0]['answer'], index=tops[0]['index'], prob=tops[0]['prob'], top=tops)

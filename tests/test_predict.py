@@ -1,0 +1,289 @@
+"""predict.py and api.py on tiny self-made videos (OpenCV VideoWriter) and the toy model: every mode, the same
+numbers as the extraction tool + dataset reader, bad inputs, the feature cache, list input, safetensors."""
+import csv
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import agent
+import api
+import dataset
+import model as violet
+import predict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = f'{REPO}/_data/bert-tiny'
+VOCAB = ['red', 'green', 'blue', 'yellow', 'purple', 'square', 'bar', 'dot', 'left', 'right', 'up', 'down']
+pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+
+
+def write_video(path, n, bgr, w=80, h=48):
+    """n frames of a coloured bar moving right over a grey background (odd width/height: padding is exercised)."""
+    out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*'mp4v'), 10, (w, h))
+    for i in range(n):
+        f = np.full((h, w, 3), 40, np.uint8)
+        f[10:30, 4 + 4 * i:20 + 4 * i] = bgr
+        out.write(f)
+    out.release()
+
+
+@pytest.fixture(scope='module')
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp('clips')
+    lib = d / '_lib'  # the extraction tool reads X/_NAME/*.mp4
+    lib.mkdir()
+    write_video(str(lib / 'red.mp4'), 12, (0, 0, 230))
+    write_video(str(lib / 'blue.mp4'), 14, (230, 80, 0))
+    write_video(str(lib / 'green.mp4'), 10, (0, 200, 0))
+    bad = d / 'mixed'
+    bad.mkdir()
+    write_video(str(bad / 'ok.mp4'), 12, (0, 0, 230))
+    write_video(str(bad / 'short.mp4'), 3, (0, 200, 0))  # fewer frames than the 5 asked for
+    (bad / 'notes.txt').write_text('not a video')
+    (bad / 'empty.mp4').write_bytes(b'')
+    return d
+
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+    """A checkpoint of each task (args.json beside it, as a run writes; vocab.json for QA-OE), heads spread so
+    that scores differ between inputs."""
+    out = {}
+    for t in ('pretrain', 'qamc', 'qaoe', 'retrieval'):
+        d = tmp_path_factory.mktemp(t)
+        cfg = f'{REPO}/_data/toy/args_pretrain.json' if t == 'pretrain' else f'{REPO}/_data/toy/args_toy-{t}.json'
+        args = agent.load_args(cfg, [f'txt_backbone={TINY}'])
+        torch.manual_seed(0)
+        m = violet.MODELS[t](args)
+        with torch.no_grad():
+            m.fc[-1].weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+        torch.save(m.state_dict(), d / 'ckpt.pt')
+        agent.save_json(args, str(d / 'args.json'))
+        if t == 'qaoe':
+            agent.save_json(VOCAB, str(d / 'vocab.json'))
+        out[t] = str(d / 'ckpt.pt')
+    return out
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name.replace('-', '_'), os.path.join(REPO, '_tools', f'{name}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def png_b64(rgb):
+    import base64
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format='PNG')
+    return base64.b64encode(buf.getvalue()).decode('ascii')
+
+
+def dataset_scores(clips, ckpt, lossless, monkeypatch):
+    """The training route: _tools/extract_video-frame.py -> img_lib.pkl -> Dataset_Retrieval -> the model."""
+    tool = load_tool('extract_video-frame')
+    if lossless:  # the same frames without the JPEG round-trip
+        monkeypatch.setattr(tool, 'jpeg_b64', png_b64)
+    data = clips / ('png' if lossless else 'jpeg')
+    data.mkdir(exist_ok=True)
+    pkl, bad = tool.extract_dir(str(clips / '_lib'), 5, str(data / 'img_lib.pkl'), workers=1, progress=False)
+    assert not bad
+    caps = ['a red bar moves right', 'a blue dot moves up']
+    items = [dict(video=v, caption=c) for v in sorted(pkl) for c in caps]
+    json.dump({'val': items}, open(data / 'txt_lib.json', 'w'))
+    args = json.load(open(os.path.join(os.path.dirname(ckpt), 'args.json')))
+    ds = dataset.Dataset_Retrieval({**args, 'path_data': str(data), 'dataset': 'lib', 'task': 'lib'}, 'val')
+    m = violet.VIOLET_Retrieval(args).eval()
+    m.load_ckpt(ckpt, need='all')
+    out = {}
+    with torch.no_grad():
+        for i, it in enumerate(items):
+            img, txt, mask = ds[i]
+            f = m.go_feat(img[None], torch.as_tensor(txt)[None], torch.as_tensor(mask)[None])
+            out[it['video'], it['caption']] = float(m.score(*f))
+    return out, caps, sorted(pkl)
+
+
+def test_predict_equals_extraction_tool_and_dataset(clips, ckpts, monkeypatch, capsys):
+    """Same frames (dataset.read_video), same pipeline (dataset.pad_resize): the same score to 1e-4 when the
+    tool stores the frames losslessly; the JPEG round-trip of the real files adds a small measured difference."""
+    m = api.load(ckpts['retrieval'])
+    for lossless in (True, False):
+        ref, caps, vids = dataset_scores(clips, ckpts['retrieval'], lossless, monkeypatch)
+        got = m.score([str(clips / '_lib' / f'{v}.mp4') for v in vids], caps)
+        diff = max(abs(got[i, k] - ref[v, c]) for i, v in enumerate(vids) for k, c in enumerate(caps))
+        spread = np.ptp(got)
+        if lossless:
+            assert diff < 1e-4
+        else:
+            with capsys.disabled():
+                print(f'\nJPEG round-trip: max |score difference| {diff:.2e} (scores span {spread:.2e})')
+            assert 0 < diff < 0.1 * spread  # the JPEG route differs, a little
+        monkeypatch.undo()
+
+
+def test_api_video_forms_and_checks(clips, ckpts):
+    m = api.load(ckpts['retrieval'])
+    path = str(clips / '_lib' / 'red.mp4')
+    rgb = dataset.read_video(path, 5)
+    f_path = m.embed_video(path)[0]
+    assert torch.equal(m.embed_video(np.stack(rgb))[0], f_path)
+    assert torch.equal(m.embed_video([Image.fromarray(x) for x in rgb])[0], f_path)
+    assert f_path.shape == (5 * (1 + 2 * 2), m.model.hidden_size)
+    with pytest.raises(ValueError, match=r'a video array must be uint8 \[T, H, W, 3\], got float32 \[5, 48, 80, 3\]'):
+        m.embed_video(np.stack(rgb).astype(np.float32))
+    with pytest.raises(dataset.BadVideo, match='short.mp4: fewer frames than the 5 asked for'):
+        m.embed_video(str(clips / 'mixed' / 'short.mp4'))
+    with pytest.raises(ValueError, match='a QA-OE model answers from its vocabulary'):
+        api.load(ckpts['qaoe']).answer(path, 'what?', options=['a', 'b'])
+
+
+def run_predict(capsys, *argv):
+    res = predict.main(list(argv))
+    return res, capsys.readouterr().out
+
+
+def test_retrieval_mode_ranks_folder_and_cache(clips, ckpts, capsys, tmp_path, monkeypatch):
+    out = tmp_path / 'r.json'
+    cache = tmp_path / 'cache'
+    texts = ['a red bar moves right', 'a blue bar moves right']
+    res, printed = run_predict(capsys, 'retrieval', '--ckpt', ckpts['retrieval'], '--videos', str(clips / '_lib'),
+                               '--text', *texts, '--out', str(out), '--cache', str(cache))
+    assert json.load(open(out)) == json.loads(json.dumps(res))
+    m = api.load(ckpts['retrieval'])
+    vids = [str(clips / '_lib' / f) for f in ('blue.mp4', 'green.mp4', 'red.mp4')]
+    s = m.score(vids, texts)
+    for k, r in enumerate(res['results']):
+        assert [x['video'] for x in r['ranking']] == [vids[i] for i in np.argsort(-s[:, k], kind='stable')]
+        assert np.allclose([x['score'] for x in r['ranking']], np.sort(s[:, k])[::-1], atol=1e-5)
+    assert f'"{texts[0]}"' in printed and 'pairs' in printed and res['pairs_per_s'] > 0
+    assert len(os.listdir(cache)) == 3
+    # a new text reuses the cached features: the video encoder is never run again
+    monkeypatch.setattr(violet.EncImg, 'forward', lambda *a: pytest.fail('video encoder ran despite the cache'))
+    res2, _ = run_predict(capsys, 'retrieval', '--ckpt', ckpts['retrieval'], '--videos', str(clips / '_lib'),
+                          '--text', texts[1], '--cache', str(cache))
+    got, ref = res2['results'][0]['ranking'], res['results'][1]['ranking']
+    assert [x['video'] for x in got] == [x['video'] for x in ref]
+    assert np.allclose([x['score'] for x in got], [x['score'] for x in ref], atol=1e-5)
+
+
+def test_folder_skips_bad_files_named_file_stops(clips, ckpts, capsys):
+    res, printed = run_predict(capsys, 'pretrain', '--ckpt', ckpts['pretrain'], '--video', str(clips / 'mixed'),
+                               '--text', 'a red bar moves right', '--frames', '5')
+    assert [r['video'] for r in res['results']] == [str(clips / 'mixed' / 'ok.mp4')]
+    skipped = {os.path.basename(s['video']): s['error'] for s in res['skipped']}
+    assert set(skipped) == {'empty.mp4', 'notes.txt', 'short.mp4'}
+    assert skipped['short.mp4'] == f'{clips}/mixed/short.mp4: fewer frames than the 5 asked for'
+    assert skipped['notes.txt'].startswith(f'{clips}/mixed/notes.txt: not a video')
+    assert 'skipped 3 unreadable' in printed
+    m = api.load(ckpts['pretrain'], n_frames=5)
+    assert res['results'][0]['score'] == pytest.approx(float(m.score([str(clips / 'mixed' / 'ok.mp4')],
+                                                                      ['a red bar moves right'])[0, 0]), abs=1e-5)
+    for name in ('notes.txt', 'short.mp4'):
+        with pytest.raises(SystemExit) as e:
+            predict.main(['pretrain', '--ckpt', ckpts['pretrain'], '--video', str(clips / 'mixed' / name), '--text', 'x',
+                          '--frames', '5'])
+        assert str(e.value).startswith(f'predict: {clips}/mixed/{name}: ')
+    with pytest.raises(SystemExit) as e:
+        predict.main(['pretrain', '--ckpt', ckpts['pretrain'], '--video', str(clips / 'nope.mp4'), '--text', 'x'])
+    assert str(e.value) == f'predict: {clips}/nope.mp4: no such file'
+
+
+def test_qamc_mode_and_zero_shot(clips, ckpts, capsys):
+    opts = ['a red bar moves right', 'a blue dot moves up', 'a green square moves left']
+    video = str(clips / '_lib' / 'red.mp4')
+    for kind in ('qamc', 'pretrain'):  # pretrain: zero-shot with the VTM head
+        res, printed = run_predict(capsys, 'qamc', '--ckpt', ckpts[kind], '--video', video, '--question',
+                                   'what does the video show?', '--options', *opts, '--frames', '5')
+        r = res['results'][0]
+        # independently: the model's own forward on the same frames
+        m = api.load(ckpts[kind], n_frames=5)
+        img = m.frames(video)[None]
+        txt, mask = zip(*[dataset.tokenize(m.tokzr, f'what does the video show? {o}', m.args['size_txt']) for o in opts])
+        txt, mask = torch.as_tensor(np.stack(txt)), torch.as_tensor(np.stack(mask))
+        with torch.no_grad():
+            if kind == 'qamc':
+                ref = m.model(img, txt[None], mask[None])[0]
+            else:
+                f_img, m_img, f_txt, m_txt = m.model.go_feat(img.expand(3, -1, -1, -1, -1), txt, mask)
+                ref = m.model.score(f_img, m_img, f_txt, m_txt)
+        assert np.allclose([o['score'] for o in r['options']], ref.numpy(), atol=1e-5)
+        t = 1.0 if kind == 'qamc' else 0.05
+        assert np.allclose([o['prob'] for o in r['options']], torch.softmax(ref.double() / t, 0).numpy(), atol=1e-6)
+        assert r['answer'] == opts[int(ref.argmax())] and f'* {r["prob"]:6.3f}  {r["answer"]}' in printed
+
+
+def test_qaoe_mode_answers_in_words(clips, ckpts, capsys, tmp_path):
+    video = str(clips / '_lib' / 'blue.mp4')
+    res, printed = run_predict(capsys, 'qaoe', '--ckpt', ckpts['qaoe'], '--video', video, '--question',
+                               'what color is the bar?', '--top', '3')
+    r = res['results'][0]
+    m = api.load(ckpts['qaoe'])
+    txt, mask = dataset.tokenize(m.tokzr, 'what color is the bar?', m.args['size_txt'])
+    with torch.no_grad():
+        p = torch.softmax(m.model(m.frames(video)[None], torch.as_tensor(txt)[None], torch.as_tensor(mask)[None])[0], 0)
+    order = p.argsort(descending=True)[:3].tolist()
+    assert [a['answer'] for a in r['top']] == [VOCAB[i] for i in order] and r['answer'] == VOCAB[order[0]]
+    assert np.allclose([a['prob'] for a in r['top']], p[order].numpy(), atol=1e-6)
+    assert f'{r["top"][0]["prob"]:6.3f}  {r["answer"]}' in printed
+    # an official-style checkpoint has no vocab.json: the task's txt_*.json supplies the words
+    bare = tmp_path / 'bare'
+    bare.mkdir()
+    torch.save(torch.load(ckpts['qaoe'], weights_only=True), bare / 'ckpt.pt')
+    cfg = json.load(open(os.path.join(os.path.dirname(ckpts['qaoe']), 'args.json')))
+    json.dump({**cfg, 'size_vocab': 0}, open(tmp_path / 'cfg.json', 'w'))
+    with pytest.raises(SystemExit, match=r"needs its answer vocabulary .*give the task's txt_<task>.json \(--vocab\)"):
+        predict.main(['qaoe', '--ckpt', str(bare / 'ckpt.pt'), '--config', str(tmp_path / 'cfg.json'),
+                      '--video', video, '--question', 'what color is the bar?'])
+    json.dump({'vocab': VOCAB, 'train': []}, open(tmp_path / 'txt_x.json', 'w'))
+    res2, _ = run_predict(capsys, 'qaoe', '--ckpt', str(bare / 'ckpt.pt'), '--config', str(tmp_path / 'cfg.json'),
+                          '--vocab', str(tmp_path / 'txt_x.json'), '--video', video, '--question', 'what color is the bar?',
+                          '--top', '3')
+    assert res2['results'][0]['top'] == r['top']
+    with pytest.raises(SystemExit, match='is a qaoe model; mode retrieval needs a pretrain, retrieval or qamc one'):
+        predict.main(['retrieval', '--ckpt', ckpts['qaoe'], '--video', video, '--text', 'x'])
+
+
+def test_list_input_csv_and_json_and_safetensors(clips, ckpts, capsys, tmp_path):
+    rows = [dict(video='_lib/red.mp4', question='what does the video show?', options='a red bar|a blue dot'),
+            dict(video='mixed/notes.txt', question='what does the video show?', options='a red bar|a blue dot'),
+            dict(video='_lib/blue.mp4', question='what does the video show?', options='a red bar|a blue dot')]
+    with open(clips / 'rows.csv', 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    json.dump([dict(r, options=r['options'].split('|')) for r in rows], open(clips / 'rows.json', 'w'))
+    res = {}
+    for ext in ('csv', 'json'):
+        res[ext], _ = run_predict(capsys, 'qamc', '--ckpt', ckpts['qamc'], '--list', str(clips / f'rows.{ext}'))
+        assert [os.path.basename(r['video']) for r in res[ext]['results']] == ['red.mp4', 'blue.mp4']
+        assert [os.path.basename(s['video']) for s in res[ext]['skipped']] == ['notes.txt']
+    assert res['csv']['results'] == res['json']['results']
+    # the same checkpoint as safetensors + JSON (_tools/convert_ckpt.py) answers the same
+    p = subprocess.run([sys.executable, '_tools/convert_ckpt.py', ckpts['qamc'], '--out', str(tmp_path / 'qamc.safetensors')],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    import hashlib
+    digest = hashlib.sha256(open(tmp_path / 'qamc.safetensors', 'rb').read()).hexdigest()
+    assert f'qamc.safetensors  sha256 {digest}' in p.stdout
+    meta = json.load(open(tmp_path / 'qamc.json'))
+    assert meta['sha256'] == digest and meta['config']['type'] == 'qamc'
+    res_st, _ = run_predict(capsys, 'qamc', '--ckpt', str(tmp_path / 'qamc.safetensors'), '--list', str(clips / 'rows.csv'))
+    assert res_st['results'] == res['csv']['results']
+
+
+def test_bf16_on_request(clips, ckpts):
+    """bf16 autocast (the CUDA fast path) runs here on CPU too; its scores stay near fp32's."""
+    vids = [str(clips / '_lib' / f) for f in ('red.mp4', 'blue.mp4')]
+    s32 = api.load(ckpts['retrieval'], device='cpu').score(vids, ['a red bar'])
+    s16 = api.load(ckpts['retrieval'], device='cpu', precision='bf16').score(vids, ['a red bar'])
+    assert np.abs(s16 - s32).max() < 0.05 * max(np.abs(s32).max(), 1)
