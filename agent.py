@@ -14,10 +14,14 @@ get_rank(), get_world(), is_main(), say(), all_sum(); save_json() / save_torch()
 import argparse
 import contextlib
 import difflib
+import fcntl
 import json
 import math
 import os
 import random
+import re
+import secrets
+import socket
 import time
 
 import numpy as np
@@ -51,6 +55,7 @@ DEFAULTS = dict(
     grad_accum=1,        # batches per optimiser step
     path_output='',      # '' = _snapshot/_<task>_<timestamp>
     max_nonfinite=10,    # stop after this many consecutive non-finite losses
+    max_skip_frac=0.01,  # stop when more than this fraction of a unit's (or an evaluation's) samples were skipped
     save_every=0,        # > 0: also write resume.pt every this many steps within a part / epoch
     stop_after_steps=0,  # > 0: stop (resumable) after this many training steps of this invocation
     save_safetensors=False,  # also write each checkpoint as .safetensors (shareable; loading it runs no code)
@@ -59,6 +64,11 @@ CHOICES = dict(precision=('auto', 'fp16', 'bf16', 'fp32'), mvm_target=('vq', 'pi
                type=('', 'pretrain', 'qamc', 'qaoe', 'retrieval'), retrieval_loss=('v2t', 'both'),
                frame_layout=dataset.FRAME_LAYOUTS)
 POSITIVE = ('size_batch', 'size_epoch', 'grad_accum', 'max_nonfinite', 'size_img', 'size_txt')
+NON_NEGATIVE = ('stop_after_steps', 'save_every', 'num_workers', 'size_frame', 'size_vocab', 'lr', 'decay',
+                'max_grad_norm', 'vt_drop_path', 'head_dropout', 'max_skip_frac')
+# list keys: (element type, length or None, smallest element or None); a list key not named here must hold
+# elements of its default's element type
+LISTS = dict(vt_depths=(int, 4, 1), vt_heads=(int, 4, 1), vt_window=(int, 3, 1), datasets=(str, None, None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +97,23 @@ def check_keys(given, where):
             raise config_error(f"key '{k}' must be one of {list(CHOICES[k])}, got {v!r} ({where})")
         if k in POSITIVE and v < 1:
             raise config_error(f"key '{k}' must be >= 1, got {v!r} ({where})")
+        if k in NON_NEGATIVE and v < 0:
+            raise config_error(f"key '{k}' must be >= 0, got {v!r} ({where})")
+        if type(d) is list:
+            check_list(k, v, d, where)
+
+
+def check_list(k, v, default, where):
+    elem, length, least = LISTS.get(k, (type(default[0]) if default else None, None, None))
+    if length is not None and len(v) != length:
+        raise config_error(f"key '{k}' must be a list of {length} {elem.__name__}s, got {len(v)}: {v!r} ({where})")
+    if not v and k in LISTS:
+        raise config_error(f"key '{k}' must not be empty ({where})")
+    for x in v:
+        if elem is not None and (type(x) is not elem):
+            raise config_error(f"key '{k}' must hold {elem.__name__}s, got {type(x).__name__} {x!r} in {v!r} ({where})")
+        if least is not None and x < least:
+            raise config_error(f"key '{k}' must hold values >= {least}, got {x!r} in {v!r} ({where})")
 
 
 def parse_value(s):
@@ -130,6 +157,8 @@ def parse_cli(default_config, argv=None):
     p.add_argument('--resume', default='', metavar='DIR_OR_FILE',
                    help="continue a stopped run (its output dir or resume.pt) in the same dir; the run's saved "
                         'args are used (except stop_after_steps), --set still applies')
+    p.add_argument('--overwrite', action='store_true',
+                   help="replace another run's files in path_output (without it such a folder is refused)")
     p.add_argument('--eval', action='store_true',
                    help="evaluation only: the val and test splits with the weights of path_ckpt (every model key "
                         "must come from it), no optimiser step; writes eval.json beside args.json")
@@ -204,9 +233,29 @@ def unwrap(model):
 # files: written to a tmp file in the same dir, then renamed, so a crash never leaves half a file
 
 def _atomic(path, write):
+    """write(tmp), flushed to disk (fsync), then renamed over path: after a crash or kill -9 at any moment path
+    holds the old file or the new one, whole; what a kill leaves is a stale tmp file (remove_stale_tmp)."""
     tmp = f'{path}.tmp{os.getpid()}'
     write(tmp)
+    with open(tmp, 'rb+') as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    if hasattr(os, 'O_DIRECTORY'):  # the rename itself reaches the disk with the directory's entry
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_tmp(folder):
+    """Remove the tmp files of writes a kill interrupted (X.tmp<pid>). Called by the run that holds the folder's
+    lock, so no other run of this folder is writing one."""
+    stale = sorted(f for f in os.listdir(folder) if re.fullmatch(r'.+\.tmp\d+', f))
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    if stale:
+        print(f'{folder}: removed {len(stale)} temporary file(s) of interrupted writes: {", ".join(stale)}', flush=True)
 
 
 def save_json(obj, path):
@@ -304,6 +353,12 @@ class Task:
 
     def evaluate_only(self, trainer):
         raise SystemExit(f'{self.type} has no evaluation-only mode')
+
+    def check_data(self):
+        """Open every dataset the run will read (a missing file or split stops it before the first step)."""
+        for unit in self.units():
+            self.train_set(unit)
+            self.eval_sets(unit)
 
     def run_files(self):
         return {}
@@ -403,7 +458,7 @@ class Trainer:
             self.load_state(state)
 
     def fresh_local(self):
-        return dict(sums={}, n=0, n_skipped=0)
+        return dict(sums={}, n=0, n_samples=0, n_skipped=0)  # n: finite steps, n_samples: samples trained on
 
     def autocast(self):
         if self.precision in ('fp16', 'bf16'):
@@ -447,7 +502,11 @@ class Trainer:
                     loss, losses, _ = self.task.step(self.model, batch, generator(self.device, args['seed'], u, i, self.rank))
             present = batch is not None
             finite = present and bool(torch.isfinite(loss))
-            present, finite = all_reduce([present, finite], dist.ReduceOp.MIN if self.world > 1 else None)
+            # one reduction: a step is trained on every rank or on none; -max of the ranks' skip counts
+            present, finite, most_skipped = all_reduce([present, finite, -self.local['n_skipped']],
+                                                       dist.ReduceOp.MIN if self.world > 1 else None)
+            if -most_skipped > args['max_skip_frac'] * len(ds):  # the sum over ranks is larger still
+                raise SystemExit(too_many_skipped(int(-most_skipped), len(ds), unit['name'], args['max_skip_frac'], 'at least '))
             if present and not finite:
                 self.log['n_nonfinite'] += 1
                 self.nonfinite_run += 1
@@ -466,6 +525,7 @@ class Trainer:
                 for k, v in losses.items():
                     self.local['sums'][k] = self.local['sums'].get(k, 0.0) + v.item()
                 self.local['n'] += 1
+                self.local['n_samples'] += len(batch[0])
                 if is_main():
                     bar.set_postfix(loss=f'{loss.item():.3f}')
             elif last_of_window and self.world > 1:
@@ -485,10 +545,17 @@ class Trainer:
         bar.close()
         sec = time.time() - t0
         keys = self.task.losses  # fixed names: a rank without a finite step still sends every sum
-        tot = all_sum([self.local['sums'].get(k, 0.0) for k in keys] + [self.local['n'], self.local['n_skipped'], n_samples])
-        self.log['n_skipped'] += int(tot[-2])
+        tot = all_sum([self.local['sums'].get(k, 0.0) for k in keys] +
+                      [self.local['n'], self.local['n_samples'], self.local['n_skipped'], n_samples])
+        n_steps, n_trained, n_skipped = tot[-4], int(tot[-3]), int(tot[-2])
+        if n_trained == 0:  # never a "done" run (and never a loss of 0.0) without data
+            raise SystemExit(f'stopping: {unit["name"]} trained on no sample ({n_skipped} of {len(ds)} skipped as bad, '
+                             f'the other steps non-finite); see the first error with skip_bad false')
+        if n_skipped > args['max_skip_frac'] * len(ds):
+            raise SystemExit(too_many_skipped(n_skipped, len(ds), unit['name'], args['max_skip_frac']))
+        self.log['n_skipped'] += n_skipped
         self.speed = tot[-1] / max(sec, 1e-9)
-        return {k: tot[j] / max(tot[-3], 1) for j, k in enumerate(keys)}
+        return {k: tot[j] / n_steps for j, k in enumerate(keys)}
 
     def optimiser_step(self):
         if self.args['max_grad_norm'] > 0:
@@ -503,20 +570,27 @@ class Trainer:
         loader = self.loader(ds, list(range(self.rank, len(ds), self.world)), self.args['seed'], u, -1, self.rank)
         self.raw.eval()
         metrics = self.task.metrics
-        sums, n_skipped = [0.0] * (2 * len(metrics)), 0
+        sums, n_skipped, n_samples = [0.0] * (2 * len(metrics)), 0, 0
         for i, (batch, n_skip) in enumerate(tqdm(loader, disable=not is_main(), ascii=True, desc=f'eval {tag}')):
             n_skipped += n_skip
             if batch is None:
                 continue
+            n_samples += len(batch[0])
             with self.autocast():
                 _, _, hits = self.task.step(self.raw, self.to_device(batch),
                                             generator(self.device, self.args['seed'], u, i, self.rank, 1))
             for j, k in enumerate(metrics):
                 sums[2*j] += float(hits[k][0])
                 sums[2*j+1] += float(hits[k][1])
-        tot = all_sum(sums + [n_skipped])
-        self.log['n_skipped'] += int(tot[-1])
-        return {k: tot[2*j] / max(tot[2*j+1], 1) for j, k in enumerate(metrics)}
+        tot = all_sum(sums + [n_skipped, n_samples])
+        n_skipped, n_samples = int(tot[-2]), int(tot[-1])
+        if n_samples == 0:
+            raise SystemExit(f'stopping: evaluation {tag} had no sample ({n_skipped} of {len(ds)} skipped as bad)')
+        if n_skipped > self.args['max_skip_frac'] * len(ds):
+            raise SystemExit(too_many_skipped(n_skipped, len(ds), f'evaluation {tag}', self.args['max_skip_frac']))
+        self.log['n_skipped'] += n_skipped
+        # a metric without any target is null, never 0.0
+        return {k: tot[2*j] / tot[2*j+1] if tot[2*j+1] else None for j, k in enumerate(metrics)}
 
     # ---- checkpoints, resume, log
     def save_resume(self):
@@ -536,7 +610,7 @@ class Trainer:
         if state['world'] == self.world:
             mine = state['ranks'][self.rank]
             set_rng_state(mine['rng'])
-            self.local = {k: mine[k] for k in ('sums', 'n', 'n_skipped')}
+            self.local = {**self.fresh_local(), **{k: mine[k] for k in ('sums', 'n', 'n_samples', 'n_skipped') if k in mine}}
         elif state['step'] == 0:  # at a unit boundary another process count is fine, only not bit-exact
             say(f'resuming a {state["world"]}-process run with {self.world}: RNG states reseeded')
             seed_all(self.args['seed'] * 1000 + self.rank + 7919 * self.unit)
@@ -580,7 +654,12 @@ class Trainer:
 
 
 def fmt(d):
-    return ' '.join(f'{k} {v:.4f}' for k, v in d.items())
+    return ' '.join(f'{k} {v:.4f}' if v is not None else f'{k} -' for k, v in d.items())
+
+
+def too_many_skipped(n_skipped, n, where, frac, bound=''):
+    return (f'stopping: {bound}{n_skipped} of the {n} samples of {where} were bad and skipped, more than max_skip_frac '
+            f'{frac} allows; run with skip_bad false to see the first error (or raise max_skip_frac)')
 
 
 def evaluate_only(task, trainer, out):
@@ -615,6 +694,11 @@ def main(task_cls, default_config, argv=None):
         # stop_after_steps belongs to the invocation that sets it: a resumed run goes on to the end unless --set asks again
         args = load_args(sets=cli.set, base={**state['args'], 'stop_after_steps': 0})
         args['path_output'] = os.path.dirname(os.path.abspath(path))
+        changed = [f"{k} {state['args'][k]} -> {args[k]}" for k in ('size_batch', 'grad_accum')
+                   if state['step'] and state['args'][k] != args[k]]
+        if changed:  # the position is a batch count: with other batches it would point elsewhere in the data
+            raise SystemExit(f"resume: the run stopped inside a unit (step {state['step']}); {', '.join(changed)} "
+                             f"would skip or repeat samples: resume with the run's values, or from a unit boundary")
         state['args'] = args
     else:
         args = load_args(cli.config, cli.set)
@@ -628,13 +712,72 @@ def main(task_cls, default_config, argv=None):
     if device.type == 'cpu':  # CPU index_put with repeated indices (the VT's bias-table lookup) accumulates
         torch.use_deterministic_algorithms(True, warn_only=True)  # in a racy order: needed for exact resume
     task = task_cls(args)
-    kind = '_eval' if cli.eval else ''
-    out = [args['path_output'] or os.path.join('_snapshot', f'_{task.name}{kind}_{time.strftime("%Y%m%d%H%M%S")}')]
-    if world > 1:
-        dist.broadcast_object_list(out)  # rank 0's timestamp
-    args['path_output'] = out = out[0]
+    if not cli.eval:
+        task.check_data()  # every file and split the run reads, before the first step
+    out = args['path_output'] or default_output(task.name + ('_eval' if cli.eval else ''))
+    lock, error = None, None
     if is_main():
-        os.makedirs(out, exist_ok=True)
+        try:
+            lock = take_folder(out, bool(cli.resume), cli.overwrite, task.run_files())
+        except SystemExit as e:
+            error = str(e)
+    if world > 1:
+        box = [out, error]
+        dist.broadcast_object_list(box)  # rank 0's folder name and verdict
+        out, error = box
+    if error:
+        raise SystemExit(error)
+    args['path_output'] = out
+    try:
+        return run(cli, task, state, device, out)
+    finally:
+        if lock:
+            lock.close()  # releases the folder (a killed process releases it too)
+
+
+def default_output(name):
+    """_snapshot/_<name>_<time>_<random>: two runs started in the same second get different folders."""
+    return os.path.join('_snapshot', f'_{name}_{time.strftime("%Y%m%d%H%M%S")}_{secrets.token_hex(3)}')
+
+
+RUN_FILES = ('args.json', 'log.json', 'resume.pt', 'eval.json', 'eval_retrieval.json')
+
+
+def take_folder(out, resume, overwrite, own_files=()):
+    """Create the output folder and lock it for this process (flock on out/.lock, held until the process ends or
+    the returned file is closed). A folder in use by another run is refused; so is one that holds another
+    run's files, unless this run resumes it or --overwrite removes them. Stale tmp files are removed."""
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, '.lock'), 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise SystemExit(f'{out} is in use by another run ({holder or "its lock is held"}); wait for it to end or '
+                         f'choose another path_output') from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    lock.flush()
+    old = sorted(f for f in os.listdir(out) if f in RUN_FILES or f in own_files or f.startswith('ckpt_violet_'))
+    if old and not resume:
+        if not overwrite:
+            lock.close()
+            raise SystemExit(f"{out} holds another run's files ({', '.join(old[:4])}{', ...' if len(old) > 4 else ''}): "
+                             f'continue that run with --resume {out}, choose another path_output, or pass --overwrite '
+                             f'to replace them')
+        for f in old:
+            os.remove(os.path.join(out, f))
+        print(f'--overwrite: removed {len(old)} file(s) of the previous run in {out}', flush=True)
+    remove_stale_tmp(out)
+    return lock
+
+
+def run(cli, task, state, device, out):
+    args, world = task.args, get_world()
+    if is_main():
         print(f'{task.name}: {world} process(es) on {device}, output {out}', flush=True)
     try:
         trainer = Trainer(task, device, state, need='all' if cli.eval else None)

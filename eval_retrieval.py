@@ -14,7 +14,7 @@ Ranks use the raw score (a sigmoid in float32 saturates to 1.0 and turns a clear
 ties pessimistically: the true video comes after every video scoring the same. Writes eval_retrieval.json
 (R@1/5/10 as fractions, the original's median rank int(np.median(ranks)), the interpolated median
 `median_interp`, mean rank, every caption's rank) and args.json into --out, else the
-config's path_output, else _snapshot/_eval_retrieval_<timestamp>/.
+config's path_output, else _snapshot/_eval_retrieval_<timestamp>_<random>/.
 """
 import argparse
 import contextlib
@@ -181,7 +181,7 @@ def main():
     parser.add_argument('--splits', nargs='+', default=['val', 'test'])
     parser.add_argument('--size_pair', type=int, default=0,
                         help='(video, text) pairs per fused batch (0: 512 on CUDA, 64 on CPU)')
-    parser.add_argument('--out', default='', help='output dir (default: _snapshot/_eval_retrieval_<timestamp>)')
+    parser.add_argument('--out', default='', help='output dir (default: _snapshot/_eval_retrieval_<timestamp>_<random>)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=None)  # torchrun's LOCAL_RANK env wins
     opt = parser.parse_args()
 
@@ -211,7 +211,7 @@ def main():
             print(report(split, res))
 
     if rank == 0:
-        out = opt.out or args['path_output'] or time.strftime('./_snapshot/_eval_retrieval_%Y%m%d%H%M%S')
+        out = opt.out or args['path_output'] or agent.default_output('eval_retrieval')
         os.makedirs(out, exist_ok=True)
         run = dict(config=opt.config, ckpt=path_ckpt, zero_shot=opt.zero_shot, world=world, size_pair=size_pair,
                    precision=args['precision'])

@@ -9,6 +9,8 @@ mvm_target 'pixel' (VIOLETv2): MVM regresses the ImageNet-normalised RGB of each
 unmasked frame (L1 loss, mean over the 3*32*32 values, then over masked patches); its "accuracy" in the log is
 the negative of that L1 loss (higher is better, like the others).
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -120,6 +122,21 @@ class Pretrain(agent.Task):
 
     def train_set(self, unit):
         return dataset.Dataset_Pretrain(self.args, unit['dataset'], 'train', unit['part'])
+
+    def check_data(self):
+        """Every file and split the run reads, before the first step, without loading the VQ tokens per part: the
+        val split of each dataset (texts, VQ tokens, frames; kept for evaluation), its "train" texts and each
+        part's frames."""
+        first = {}
+        for unit in self.units():
+            first.setdefault(unit['dataset'], unit)
+        for d, unit in first.items():
+            self.eval_sets(unit)
+            path_txt = os.path.join(self.args['path_data'], f'txt_{d}.json')
+            dataset.json_key(dataset.load_json(path_txt), 'train', path_txt)
+            for p in range(dataset.count_parts(self.args, d)):
+                for ext in ('.tsv', '.lineidx'):
+                    dataset.need_file(os.path.join(self.args['path_data'], f'img_{d}_train_{p}{ext}'))
 
     def eval_sets(self, unit):
         d = unit['dataset']

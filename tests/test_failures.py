@@ -1,0 +1,190 @@
+"""Nothing silently wrong, nothing lost: skip caps, output folders, resume guards, config lists, data checked
+before the first step, atomic writes. Runs are in-process on a 16-video toy set (a few seconds each)."""
+import fcntl
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, '_tools'))
+import agent  # noqa: E402
+import dataset  # noqa: E402
+import main_pretrain  # noqa: E402
+import main_qamc  # noqa: E402
+from extract_tsv import write_tsv  # noqa: E402
+from make_toy import make_toy  # noqa: E402
+
+CONFIG = f'{REPO}/_data/toy/args_toy-qamc.json'
+
+
+@pytest.fixture(scope='module')
+def toy_src(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('toy'))
+    make_toy(out, seed=0, n_videos=4, n_val=4, n_images=4, n_down=16, n_down_eval=8, workers=2)
+    return out
+
+
+@pytest.fixture
+def toy(toy_src, tmp_path):
+    shutil.copytree(toy_src, tmp_path / 'data')
+    return str(tmp_path / 'data')
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def qamc(toy, out, *sets, flags=()):
+    """main_qamc.py in this process; -> the output folder."""
+    return agent.main(main_qamc.QAMC, CONFIG, [CONFIG, *flags, '--set', f'txt_backbone={REPO}/_data/bert-tiny',
+                                               f'path_data={toy}', f'path_output={out}', 'size_epoch=1',
+                                               'size_batch=4', *sets])
+
+
+def stops(fn, *a, **k):
+    with pytest.raises(SystemExit) as e:
+        fn(*a, **k)
+    return str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- skipped samples
+
+def test_skip_cap_and_no_data(toy, tmp_path):
+    """A TSV cut mid-file skipped 11 of 16 samples and still reported 'done' with ls_tr 0.0: now more than
+    max_skip_frac skipped stops the run, and a unit without any trained sample is always an error."""
+    frames = dataset.load_pickle(f'{toy}/img_toy.pkl')
+    os.remove(f'{toy}/img_toy.pkl')
+    write_tsv(frames, f'{toy}/img_toy.tsv', f'{toy}/img_toy.lineidx')
+    train = [it['video'] for it in json.load(open(f'{toy}/txt_toy-qamc.json'))['train']]
+    bad = set(train[:2])  # cut these two lines short (2 frames)
+    lines = open(f'{toy}/img_toy.tsv').read().split('\n')[:-1]
+    lines = ['\t'.join(ln.split('\t')[:3]) if ln.split('\t')[0] in bad else ln for ln in lines]
+    write_tsv({ln.split('\t')[0]: ln.split('\t')[1:] for ln in lines}, f'{toy}/img_toy.tsv', f'{toy}/img_toy.lineidx')
+    msg = stops(qamc, toy, tmp_path / 'a', 'skip_bad=true')
+    assert re.fullmatch(r'stopping: (at least )?[12] of the 16 samples of epoch 1 were bad and skipped, more than '
+                        r'max_skip_frac 0.01 allows; run with skip_bad false to see the first error \(or raise '
+                        r'max_skip_frac\)', msg), msg
+    qamc(toy, tmp_path / 'b', 'skip_bad=true', 'max_skip_frac=0.2')  # allowed: 2 of 16, counted
+    log = json.load(open(tmp_path / 'b' / 'log.json'))
+    assert log['n_skipped'] == sum(it['video'] in bad for s in ('train', 'val', 'test')
+                                   for it in json.load(open(f'{toy}/txt_toy-qamc.json'))[s])
+    assert 0 < log['ls_tr'][0]
+    # the file cut after its first third: every sample is bad; even max_skip_frac 1 does not make that a run
+    raw = open(f'{toy}/img_toy.tsv', 'rb').read()
+    open(f'{toy}/img_toy.tsv', 'wb').write(raw[:len(raw) // 3])
+    qs = json.load(open(f'{toy}/txt_toy-qamc.json'))
+    kept = {ln.split(b'\t')[0].decode() for ln in raw[:len(raw) // 3].split(b'\n')[:-1]}
+    qs['train'] = [it for it in qs['train'] if it['video'] not in kept]
+    json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
+    msg = stops(qamc, toy, tmp_path / 'c', 'skip_bad=true', 'max_skip_frac=1.0')
+    assert msg == (f'stopping: epoch 1 trained on no sample ({len(qs["train"])} of {len(qs["train"])} skipped as bad, '
+                   f'the other steps non-finite); see the first error with skip_bad false')
+    assert not os.path.exists(tmp_path / 'c' / 'log.json') or json.load(open(tmp_path / 'c' / 'log.json'))['ls_tr'] == []
+
+
+# ---------------------------------------------------------------------------------------------- output folders
+
+def test_output_folder_is_one_runs(toy, tmp_path):
+    out = tmp_path / 'run'
+    qamc(toy, out, 'stop_after_steps=1', 'save_every=1')
+    first = sorted(os.listdir(out))
+    assert {'args.json', 'resume.pt', 'ckpt_violet_toy-qamc_0.pt', '.lock'} <= set(first)
+    # a second run into the same folder is refused, nothing of the first touched
+    mtimes = {f: os.path.getmtime(out / f) for f in first if f != '.lock'}
+    assert stops(qamc, toy, out) == (f"{out} holds another run's files (args.json, ckpt_violet_toy-qamc_0.pt, log.json, "
+                                     f"resume.pt): continue that run with --resume {out}, choose another path_output, "
+                                     f"or pass --overwrite to replace them")
+    assert {f: os.path.getmtime(out / f) for f in os.listdir(out) if f != '.lock'} == mtimes
+    # a running run holds the folder's lock: a concurrent resume (or run) is refused
+    with open(out / '.lock', 'a+') as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write('pid 4242 on elsewhere\n')
+        held.flush()
+        msg = stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(out)])
+        assert msg.startswith(f'{out} is in use by another run (') and msg.endswith(
+            '); wait for it to end or choose another path_output')
+    # resume inside the epoch with another size_batch or grad_accum: refused (the position is a batch count)
+    for change in ('size_batch=8', 'grad_accum=2'):
+        msg = stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', change])
+        k = change.split('=')[0]
+        assert msg == (f"resume: the run stopped inside a unit (step 1); {k} {4 if k == 'size_batch' else 1} -> "
+                       f"{change.split('=')[1]} would skip or repeat samples: resume with the run's values, or from a "
+                       f"unit boundary")
+    # a kill during a write left a tmp file: the resumed run removes it (and finishes)
+    (out / 'resume.pt.tmp999999').write_bytes(b'half a file')
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
+    assert not (out / 'resume.pt.tmp999999').exists()
+    assert 'ckpt_violet_toy-qamc_1.pt' in os.listdir(out)
+    # --overwrite: the old run's files go, the new run's come
+    (out / 'ckpt_violet_toy-qamc_7.pt').write_bytes(b'an old epoch')
+    qamc(toy, out, 'stop_after_steps=1', flags=['--overwrite'])
+    assert 'ckpt_violet_toy-qamc_7.pt' not in os.listdir(out) and 'ckpt_violet_toy-qamc_1.pt' not in os.listdir(out)
+    assert torch.load(out / 'resume.pt', weights_only=True)['step'] == 1
+
+
+def test_default_output_names_differ_within_a_second():
+    names = {agent.default_output('toy-qamc') for _ in range(50)}
+    assert len(names) == 50 and all(re.fullmatch(r'_snapshot/_toy-qamc_\d{14}_[0-9a-f]{6}', n) for n in names)
+
+
+# ---------------------------------------------------------------------------------------------- config and data
+
+def error_of(*sets):
+    with pytest.raises(SystemExit) as e:
+        agent.load_args(CONFIG, sets)
+    return str(e.value)
+
+
+def test_list_and_sign_checks():
+    assert error_of('vt_depths=[2,2,2]') == "config error: key 'vt_depths' must be a list of 4 ints, got 3: [2, 2, 2] (--set)"
+    assert error_of('vt_heads=[1,2,"4",8]') == "config error: key 'vt_heads' must hold ints, got str '4' in [1, 2, '4', 8] (--set)"
+    assert error_of('vt_window=[8,4,0]') == "config error: key 'vt_window' must hold values >= 1, got 0 in [8, 4, 0] (--set)"
+    assert error_of('vt_depths=[2,2,2.5,2]') == "config error: key 'vt_depths' must hold ints, got float 2.5 in [2, 2, 2.5, 2] (--set)"
+    assert error_of('datasets=["cc3m",3]') == "config error: key 'datasets' must hold strs, got int 3 in ['cc3m', 3] (--set)"
+    assert error_of('datasets=[]') == "config error: key 'datasets' must not be empty (--set)"
+    assert error_of('stop_after_steps=-1') == "config error: key 'stop_after_steps' must be >= 0, got -1 (--set)"
+    assert error_of('save_every=-5') == "config error: key 'save_every' must be >= 0, got -5 (--set)"
+    assert error_of('max_skip_frac=-0.1') == "config error: key 'max_skip_frac' must be >= 0, got -0.1 (--set)"
+    assert agent.load_args(CONFIG, ['vt_window=[2,2,2]', 'datasets=["a"]'])['vt_window'] == [2, 2, 2]
+
+
+def test_data_checked_before_the_first_step(toy, tmp_path):
+    """A missing split used to surface after a whole training epoch."""
+    qs = json.load(open(f'{toy}/txt_toy-qamc.json'))
+    del qs['test']
+    json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
+    with pytest.raises(KeyError, match=r'txt_toy-qamc.json: no key "test"'):
+        qamc(toy, tmp_path / 'run')
+    assert not os.path.exists(tmp_path / 'run')  # nothing trained, nothing written
+    # pretraining: each dataset's val split and texts, each part's frames, without a step
+    args = agent.load_args(f'{REPO}/_data/toy/args_pretrain.json', [f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}'])
+    main_pretrain.Pretrain(args).check_data()
+    os.remove(f'{toy}/img_toyimg_train_1.lineidx')
+    with pytest.raises(FileNotFoundError, match='img_toyimg_train_1.lineidx'):
+        main_pretrain.Pretrain(args).check_data()
+    txt = json.load(open(f'{toy}/txt_toyvid.json'))
+    del txt['train']
+    json.dump(txt, open(f'{toy}/txt_toyvid.json', 'w'))
+    with pytest.raises(KeyError, match=r'txt_toyvid.json: no key "train"'):
+        main_pretrain.Pretrain(args).check_data()
+
+
+def test_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, 'fsync', lambda fd: calls.append(('fsync', os.readlink(f'/proc/self/fd/{fd}'))) or fsync(fd))
+    monkeypatch.setattr(os, 'replace', lambda a, b: calls.append(('replace', str(a))) or replace(a, b))
+    agent.save_torch({'x': torch.ones(2)}, str(tmp_path / 'a.pt'))
+    tmp = f'{tmp_path}/a.pt.tmp{os.getpid()}'
+    assert calls == [('fsync', tmp), ('replace', tmp), ('fsync', str(tmp_path))]
+    assert torch.equal(torch.load(tmp_path / 'a.pt', weights_only=True)['x'], torch.ones(2))
