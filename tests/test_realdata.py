@@ -223,3 +223,139 @@ def test_frame_layout_config_key():
     agent.check_keys({'frame_layout': 'v2'}, 'test')
     with pytest.raises(SystemExit, match=r"key 'frame_layout' must be one of \['auto', 'pkl', 'tsv', 'v2'\], got 'v3'"):
         agent.check_keys({'frame_layout': 'v3'}, 'test')
+
+
+# ---- annotation converters, on files written here in the public formats
+
+import convert_annotations as conv  # noqa: E402
+
+
+def write_json(path, obj):
+    with open(path, 'w') as f:
+        json.dump(obj, f)
+
+
+def write_msrvtt(d, n_videos=12, n_caps=3, test_ids=(1, 5, 9)):
+    """MSR-VTT's videodatainfo files (videos 0..69% in train_val, the rest in test, as the release splits them),
+    the 9k-style train list and the JSFusion-style test csv (one sentence per test video)."""
+    n_tv = n_videos * 7 // 10
+    for name, ids in [('train_val_videodatainfo.json', range(n_tv)), ('test_videodatainfo.json', range(n_tv, n_videos))]:
+        write_json(os.path.join(d, name), {
+            'info': {'year': 2016}, 'videos': [{'video_id': f'video{i}', 'id': i, 'split': 'train', 'category': 1,
+                                               'url': '', 'start time': 0.0, 'end time': 10.0} for i in ids],
+            'sentences': [{'caption': f'caption {k} of video {i}', 'video_id': f'video{i}', 'sen_id': i * n_caps + k}
+                          for i in ids for k in range(n_caps)]})
+    with open(os.path.join(d, 'MSRVTT_train.9k.csv'), 'w') as f:
+        f.write('video_id\n' + ''.join(f'video{i}\n' for i in range(n_videos) if i not in test_ids))
+    with open(os.path.join(d, 'MSRVTT_JSFUSION_test.csv'), 'w') as f:
+        f.write('key,vid_key,video_id,sentence\n' +
+                ''.join(f'ret{j},msr{i},video{i},"a test sentence, for video {i}"\n' for j, i in enumerate(test_ids)))
+
+
+def test_convert_msrvtt_retrieval(tmp_path, capsys, monkeypatch):
+    write_msrvtt(str(tmp_path))
+    out, sizes = conv.convert('msrvtt-retrieval', str(tmp_path))
+    train_vids = [f'video{i}' for i in range(12) if i not in (1, 5, 9)]
+    assert out['train'] == [{'video': v, 'caption': f'caption {k} of video {v[5:]}'} for v in train_vids for k in range(3)]
+    assert out['test'] == out['val'] == [{'video': f'video{i}', 'caption': f'a test sentence, for video {i}'} for i in (1, 5, 9)]
+    assert sizes == {'train': '9 videos, 27 captions', 'val': '3 videos, 3 captions', 'test': '3 videos, 3 captions'}
+    code, printed = cli(conv.main, ['msrvtt-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/txt.json'], capsys, monkeypatch)
+    assert code == 0 and '  test: 3 videos, 3 captions (published: 1,000 videos)' in printed
+    assert json.load(open(tmp_path / 'txt.json')) == out
+    # a listed video without captions, a list without its column: named with file and line
+    with open(tmp_path / 'MSRVTT_train.9k.csv', 'a') as f:
+        f.write('video77\n')
+    with pytest.raises(conv.BadAnnotation, match=r'MSRVTT_train.9k.csv line 11: video "video77" has no caption'):
+        conv.convert('msrvtt-retrieval', str(tmp_path))
+    (tmp_path / 'MSRVTT_train.9k.csv').write_text('vid\nvideo0\n')
+    with pytest.raises(conv.BadAnnotation, match=r'MSRVTT_train.9k.csv line 1: no "video_id" column'):
+        conv.convert('msrvtt-retrieval', str(tmp_path))
+    os.remove(tmp_path / 'test_videodatainfo.json')
+    code, _ = cli(conv.main, ['msrvtt-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/x.json'], capsys, monkeypatch)
+    assert code == f'missing annotation file: {tmp_path}/test_videodatainfo.json' and not os.path.exists(tmp_path / 'x.json')
+
+
+def test_convert_msrvtt_1ka_has_the_published_sizes(tmp_path):
+    """At full size (10,000 videos, 20 captions each, JSFusion's 1,000 test videos) the split sizes are the
+    published ones."""
+    write_msrvtt(str(tmp_path), n_videos=10000, n_caps=20, test_ids=range(7010, 8010))
+    _, sizes = conv.convert('msrvtt-retrieval', str(tmp_path))
+    published = conv.PUBLISHED['msrvtt-retrieval']
+    assert sizes['train'] == published['train'] == '9,000 videos, 180,000 captions'
+    assert sizes['val'] == sizes['test'] == published['test'] + ', 1,000 captions'
+
+
+def write_xu_qa(d, answers, n_val=2, n_test=3):
+    """{train,val,test}_qa.json as Xu et al. 2017 release them."""
+    for split, ans in [('train', answers), ('val', ['man'] * n_val), ('test', ['dog', 'zebra', 'man'][:n_test] +
+                                                                    ['man'] * max(0, n_test - 3))]:
+        write_json(os.path.join(d, f'{split}_qa.json'), [
+            {'answer': a, 'id': i, 'question': f'what is {i}?', 'video_id': 1 + i % 4, 'category_id': 0}
+            for i, a in enumerate(ans)])
+
+
+def test_convert_msrvtt_qa_and_msvd_qa(tmp_path, capsys, monkeypatch):
+    write_xu_qa(str(tmp_path), ['man', 'dog', 'man', 'cat', 'dog', 'man', 'bird', 'cat'])
+    out, sizes = conv.convert('msrvtt-qa', str(tmp_path), size_vocab=3)
+    assert out['vocab'] == ['man', 'dog', 'cat']  # by frequency; 'cat' (2) before 'bird' (1)
+    assert [(it['answer'], it['answer_text']) for it in out['train']] == \
+        [(0, 'man'), (1, 'dog'), (0, 'man'), (2, 'cat'), (1, 'dog'), (0, 'man'), (-1, 'bird'), (2, 'cat')]
+    assert out['test'][1] == {'video': 'video2', 'question': 'what is 1?', 'answer': -1, 'answer_text': 'zebra'}
+    assert sizes['test'] == '3 questions (2 answers in the vocabulary of 3)'
+    # the default keeps the 1,000 most frequent: all 4 here; ties go to the first seen
+    assert conv.convert('msrvtt-qa', str(tmp_path))[0]['vocab'] == ['man', 'dog', 'cat', 'bird']
+    assert conv.answer_vocab(['b', 'a', 'a', 'b', 'c'], 2) == ['b', 'a']
+
+    # MSVD-QA: video ids through youtube_mapping.txt; the published test size
+    write_xu_qa(str(tmp_path), ['man', 'dog'], n_test=13157)
+    (tmp_path / 'youtube_mapping.txt').write_text(''.join(f'clip_{k}_5_15 vid{k}\n' for k in range(1, 5)))
+    code, printed = cli(conv.main, ['msvd-qa', f'--src={tmp_path}', f'--out={tmp_path}/txt_msvd-qa.json'], capsys, monkeypatch)
+    assert code == 0 and '  test: 13,157 questions' in printed and '(published: 13,157 questions)' in printed
+    out = json.load(open(tmp_path / 'txt_msvd-qa.json'))
+    assert len(out['test']) == 13157 and out['train'][0]['video'] == 'clip_1_5_15' and out['vocab'] == ['man', 'dog']
+    (tmp_path / 'youtube_mapping.txt').write_text('clip_1 vid1\nclip_2 vid2\n')
+    with pytest.raises(conv.BadAnnotation, match=r'test_qa.json\[2\]: video_id 3 \(vid3\) is not in .*youtube_mapping.txt'):
+        conv.convert('msvd-qa', str(tmp_path))
+    (tmp_path / 'youtube_mapping.txt').write_text('clip_1 vid1\nbroken line here\n')
+    with pytest.raises(conv.BadAnnotation, match=r'youtube_mapping.txt line 2: expected "<clip name> vid<k>"'):
+        conv.convert('msvd-qa', str(tmp_path))
+    write_json(tmp_path / 'val_qa.json', [{'answer': 'a', 'id': 0, 'video_id': 1}])
+    with pytest.raises(conv.BadAnnotation, match=r'val_qa.json\[0\]: no key "question"'):
+        conv.convert('msrvtt-qa', str(tmp_path))
+    (tmp_path / 'val_qa.json').write_text('[{"answer": ')
+    with pytest.raises(conv.BadAnnotation, match=r'val_qa.json: not valid JSON'):
+        conv.convert('msrvtt-qa', str(tmp_path))
+
+
+TGIF_HEADER = 'gif_name\tquestion\ta1\ta2\ta3\ta4\ta5\tanswer\tvid_id\tkey\n'
+
+
+def test_convert_tgif_action_and_transition(tmp_path, capsys, monkeypatch):
+    rows = {'Train_action': ['tumblr_a1\tWhat does the man do 3 times ?\tnod\tjump\tclap\twave\tsit\t3\tACTION1\t5',
+                             'tumblr_b2\tWhat does the cat do 2 times ?\tlick\trun\tsit\tblink\tjump\t0\tACTION2\t9'],
+            'Test_action': ['tumblr_c3\tWhat does the dog do 4 times ?\tbark\trun\tsit\tspin\tjump\t4\tACTION7\t11'],
+            'Train_transition': ['tumblr_a1\tWhat does the man do before jump ?\tnod\tjump\tclap\twave\tsit\t1\tTRANS1\t5'],
+            'Test_transition': ['tumblr_c3\tWhat does the dog do after bark ?\tbark\trun\tsit\tspin\tjump\t2\tTRANS4\t11',
+                                'tumblr_d4\tWhat does the girl do after smile ?\ta\tb\tc\td\te\t0\tTRANS5\t12']}
+    for name, lines in rows.items():
+        (tmp_path / f'{name}_question.csv').write_text(TGIF_HEADER + '\n'.join(lines) + '\n')
+    out, sizes = conv.convert('tgif-action', str(tmp_path))
+    assert out['train'][0] == {'video': 'tumblr_a1', 'question': 'What does the man do 3 times ?', 'answer': 3,
+                               'option_0': 'nod', 'option_1': 'jump', 'option_2': 'clap', 'option_3': 'wave',
+                               'option_4': 'sit'}
+    assert out['val'] == out['test'] and out['test'][0]['answer'] == 4
+    assert sizes == {'train': '2 questions', 'val': '1 questions', 'test': '1 questions'}
+    code, printed = cli(conv.main, ['tgif-transition', f'--src={tmp_path}', f'--out={tmp_path}/t.json'], capsys, monkeypatch)
+    assert code == 0 and '  test: 2 questions (published: 6,232 questions)' in printed
+    assert [it['answer'] for it in json.load(open(tmp_path / 't.json'))['test']] == [2, 0]
+    # the json is what Dataset_QAMC reads: every key it needs
+    assert all(k in out['train'][1] for k in ['video', 'question', 'answer'] + [f'option_{i}' for i in range(5)])
+    (tmp_path / 'Test_action_question.csv').write_text(TGIF_HEADER + rows['Test_action'][0].replace('\t4\t', '\t7\t') + '\n')
+    with pytest.raises(conv.BadAnnotation, match=r"Test_action_question.csv line 2: answer '7' is not an option index 0-4"):
+        conv.convert('tgif-action', str(tmp_path))
+    (tmp_path / 'Test_action_question.csv').write_text(TGIF_HEADER + '\n\ntumblr_x\tshort row\n')
+    with pytest.raises(conv.BadAnnotation, match=r'Test_action_question.csv line 4: 2 tab-separated fields, expected 10'):
+        conv.convert('tgif-action', str(tmp_path))
+    (tmp_path / 'Test_action_question.csv').write_text(TGIF_HEADER.replace('\t', ',') + '\n')
+    with pytest.raises(conv.BadAnnotation, match=r'Test_action_question.csv line 1: expected the header'):
+        conv.convert('tgif-action', str(tmp_path))

@@ -1,0 +1,207 @@
+"""Public annotation files -> txt_<task>.json as dataset.py reads it (README "Real data").
+
+    python _tools/convert_annotations.py msrvtt-retrieval --src DIR --out _data/txt_msrvtt-retrieval.json
+        DIR: train_val_videodatainfo.json, test_videodatainfo.json (MSR-VTT), MSRVTT_train.9k.csv (the 9k
+        training videos) and MSRVTT_JSFUSION_test.csv (JSFusion's 1k-A test: key, vid_key, video_id, sentence).
+        train: every caption of the 9k videos; val and test: the 1,000 JSFusion (video, sentence) pairs.
+    python _tools/convert_annotations.py msrvtt-qa --src DIR --out _data/txt_msrvtt-qa.json [--size_vocab 1000]
+        DIR: train_qa.json, val_qa.json, test_qa.json (Xu et al. 2017); video_id k -> "video<k>".
+    python _tools/convert_annotations.py msvd-qa --src DIR --out _data/txt_msvd-qa.json [--size_vocab 1000]
+        the same files, and youtube_mapping.txt ("<clip name> vid<k>" per line); video_id k -> that clip name
+        (the file name of YouTubeClips/<clip name>.avi).
+    python _tools/convert_annotations.py tgif-action --src DIR --out _data/txt_tgif-action.json
+    python _tools/convert_annotations.py tgif-transition --src DIR --out _data/txt_tgif-transition.json
+        DIR: Train_<action|transition>_question.csv, Test_..._question.csv (Jang et al. 2017; tab separated
+        despite the name, a header line, then gif_name, question, a1..a5, answer (0-4), vid_id, key).
+        TGIF-QA has no validation split: val is the test split.
+
+QA-OE: the answer vocabulary is the --size_vocab most frequent training answers (ties: first seen first);
+an answer outside it is "answer": -1 (its text kept in "answer_text"), scored wrong, never dropped.
+Every converter prints its split sizes next to the published ones. A missing file, a malformed line or an
+unknown video stops it with a message naming the file and the line.
+"""
+import argparse, collections, csv, json, os, sys
+
+# published split sizes: MSR-VTT (Xu et al. 2016) with JSFusion's 1k-A split (Yu et al. 2018),
+# MSRVTT-QA and MSVD-QA (Xu et al. 2017), TGIF-QA (Jang et al. 2017)
+PUBLISHED = {
+    'msrvtt-retrieval': {'train': '9,000 videos, 180,000 captions', 'val': '1,000 videos', 'test': '1,000 videos'},
+    'msrvtt-qa': {'train': '158,581 questions', 'val': '12,278 questions', 'test': '72,821 questions'},
+    'msvd-qa': {'train': '30,933 questions', 'val': '6,415 questions', 'test': '13,157 questions'},
+    'tgif-action': {'train': '20,475 questions', 'val': '2,274 questions', 'test': '2,274 questions'},
+    'tgif-transition': {'train': '52,704 questions', 'val': '6,232 questions', 'test': '6,232 questions'},
+}
+
+
+class BadAnnotation(ValueError):
+    """Unusable annotation input; the message names the file and the line or entry."""
+
+
+def need(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'missing annotation file: {path}')
+    return path
+
+
+def read_json(path):
+    with open(need(path)) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise BadAnnotation(f'{path}: not valid JSON ({e})') from e
+
+
+def field(entry, key, where):
+    if not isinstance(entry, dict) or key not in entry:
+        raise BadAnnotation(f'{where}: no key "{key}"')
+    return entry[key]
+
+
+def read_video_list(path):
+    """A CSV with a video_id column (MSRVTT_train.9k.csv, MSRVTT_JSFUSION_test.csv) -> [(line, row dict)]."""
+    with open(need(path), newline='') as f:
+        rows = list(csv.DictReader(f))
+    if rows and 'video_id' not in rows[0]:
+        raise BadAnnotation(f'{path} line 1: no "video_id" column (has {list(rows[0])})')
+    return [(i + 2, r) for i, r in enumerate(rows)]
+
+
+def msrvtt_retrieval(src):
+    captions = collections.defaultdict(list)  # video -> captions, in file order
+    for name in ['train_val_videodatainfo.json', 'test_videodatainfo.json']:
+        path = os.path.join(src, name)
+        for i, s in enumerate(field(read_json(path), 'sentences', path)):
+            captions[field(s, 'video_id', f'{path} sentences[{i}]')].append(field(s, 'caption', f'{path} sentences[{i}]'))
+    out = {'train': []}
+    path = os.path.join(src, 'MSRVTT_train.9k.csv')
+    for line, row in read_video_list(path):
+        if row['video_id'] not in captions:
+            raise BadAnnotation(f'{path} line {line}: video "{row["video_id"]}" has no caption in the videodatainfo files')
+        out['train'] += [{'video': row['video_id'], 'caption': c} for c in captions[row['video_id']]]
+    path = os.path.join(src, 'MSRVTT_JSFUSION_test.csv')
+    rows = read_video_list(path)
+    if rows and 'sentence' not in rows[0][1]:
+        raise BadAnnotation(f'{path} line 1: no "sentence" column')
+    out['val'] = out['test'] = [{'video': r['video_id'], 'caption': r['sentence']} for _, r in rows]
+    return out
+
+
+def sizes_retrieval(out):
+    return {s: f'{len({it["video"] for it in items}):,} videos, {len(items):,} captions' for s, items in out.items()}
+
+
+def answer_vocab(answers, size):
+    """The `size` most frequent answers (ties: first seen first)."""
+    return [a for a, _ in collections.Counter(answers).most_common(size)]
+
+
+def xu_qa(src, size_vocab, video_name):
+    """MSRVTT-QA / MSVD-QA: {split}_qa.json = [{"answer", "id", "question", "video_id", ...}]."""
+    splits = {}
+    for split in ['train', 'val', 'test']:
+        path = os.path.join(src, f'{split}_qa.json')
+        items = read_json(path)
+        if not isinstance(items, list):
+            raise BadAnnotation(f'{path}: expected a list of questions, got {type(items).__name__}')
+        splits[split] = [(f'{path}[{i}]', it) for i, it in enumerate(items)]
+    vocab = answer_vocab([str(field(it, 'answer', w)) for w, it in splits['train']], size_vocab)
+    index = {a: i for i, a in enumerate(vocab)}
+    out = {'vocab': vocab}
+    for split, items in splits.items():
+        out[split] = []
+        for where, it in items:
+            answer = str(field(it, 'answer', where))
+            out[split].append({'video': video_name(field(it, 'video_id', where), where),
+                               'question': field(it, 'question', where),
+                               'answer': index.get(answer, -1), 'answer_text': answer})
+    return out
+
+
+def msrvtt_qa(src, size_vocab):
+    return xu_qa(src, size_vocab, lambda k, where: f'video{k}')
+
+
+def msvd_qa(src, size_vocab):
+    path = os.path.join(src, 'youtube_mapping.txt')
+    names = {}
+    with open(need(path)) as f:
+        for line, text in enumerate(f, 1):
+            if text.strip():
+                parts = text.split()
+                if len(parts) != 2 or not parts[1].startswith('vid'):
+                    raise BadAnnotation(f'{path} line {line}: expected "<clip name> vid<k>", got {text.strip()!r}')
+                names[parts[1]] = parts[0]
+
+    def video_name(k, where):
+        if f'vid{k}' not in names:
+            raise BadAnnotation(f'{where}: video_id {k} (vid{k}) is not in {path}')
+        return names[f'vid{k}']
+    return xu_qa(src, size_vocab, video_name)
+
+
+TGIF_COLUMNS = ['gif_name', 'question', 'a1', 'a2', 'a3', 'a4', 'a5', 'answer', 'vid_id', 'key']
+
+
+def tgif_mc(src, kind):
+    out = {}
+    for split, name in [('train', 'Train'), ('test', 'Test')]:
+        path = os.path.join(src, f'{name}_{kind}_question.csv')
+        with open(need(path)) as f:
+            lines = f.read().splitlines()
+        if not lines or lines[0].split('\t')[:8] != TGIF_COLUMNS[:8]:
+            raise BadAnnotation(f'{path} line 1: expected the header {TGIF_COLUMNS} (tab separated)')
+        out[split] = []
+        for n, text in enumerate(lines[1:], 2):
+            if not text.strip():
+                continue
+            row = text.split('\t')
+            if len(row) < 8:
+                raise BadAnnotation(f'{path} line {n}: {len(row)} tab-separated fields, expected {len(TGIF_COLUMNS)}')
+            if row[7] not in '01234' or len(row[7]) != 1:
+                raise BadAnnotation(f'{path} line {n}: answer {row[7]!r} is not an option index 0-4')
+            out[split].append(dict({'video': row[0], 'question': row[1], 'answer': int(row[7])},
+                                   **{f'option_{i}': row[2 + i] for i in range(5)}))
+    out['val'] = out['test']
+    return {s: out[s] for s in ['train', 'val', 'test']}
+
+
+def sizes_questions(out):
+    return {s: f'{len(out[s]):,} questions' for s in ['train', 'val', 'test']}
+
+
+def convert(task, src, size_vocab=1000):
+    """-> (txt json, {split: size line})."""
+    if task == 'msrvtt-retrieval':
+        out = msrvtt_retrieval(src)
+        return out, sizes_retrieval(out)
+    if task in ('msrvtt-qa', 'msvd-qa'):
+        out = (msrvtt_qa if task == 'msrvtt-qa' else msvd_qa)(src, size_vocab)
+        sizes = sizes_questions(out)
+        for s in ['train', 'val', 'test']:
+            sizes[s] += f' ({sum(it["answer"] >= 0 for it in out[s]):,} answers in the vocabulary of {len(out["vocab"])})'
+        return out, sizes
+    out = tgif_mc(src, task.split('-')[1])
+    return out, sizes_questions(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('task', choices=list(PUBLISHED))
+    parser.add_argument('--src', required=True, help='folder of the downloaded annotation files')
+    parser.add_argument('--out', required=True, help='txt_<task>.json to write')
+    parser.add_argument('--size_vocab', type=int, default=1000, help='QA-OE: answer vocabulary size (VIOLET: 1000)')
+    args = parser.parse_args()
+    try:
+        out, sizes = convert(args.task, args.src, args.size_vocab)
+    except (FileNotFoundError, BadAnnotation) as e:
+        sys.exit(str(e))
+    with open(args.out + '.tmp', 'w') as f:
+        json.dump(out, f)
+    os.replace(args.out + '.tmp', args.out)
+    print(f'{args.out}:')
+    for split in ['train', 'val', 'test']:
+        print(f'  {split}: {sizes[split]} (published: {PUBLISHED[args.task][split]})')
+
+
+if __name__ == '__main__':
+    main()
