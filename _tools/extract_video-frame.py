@@ -1,20 +1,31 @@
-"""Sample N frames of every video _X/*.mp4 into X.pkl = {video_id: [base64 JPEG, ...]} (docs/violet.md#data-formats).
+"""Sample N frames of every video in a folder into the frame files dataset.py reads (docs/violet.md#data-formats).
 
     python _tools/extract_video-frame.py --path=_data/msrvtt --sample=5 [--workers 8] [--out FILE]
+        reads _data/_msrvtt/*.mp4, writes _data/msrvtt.pkl = {video_id: [base64 JPEG, ...]} (the original's)
+    python _tools/extract_video-frame.py --videos DIR --ext mp4,avi,gif --sample 5 --layout tsv|v2 \\
+        --out _data/img_msrvtt [--shard_size 0]
+        writes _data/img_msrvtt.tsv + .lineidx ('tsv') or + .id2lineidx.pkl ('v2', VIOLETv2's); with
+        --shard_size S > 0, shards of S videos: _data/img_webvid2.5m_train_<k>.tsv + index (the pretraining parts)
 
-reads _data/_msrvtt/*.mp4 and writes _data/msrvtt.pkl. Of F decoded frames, with n = F / (N+1), frames
-int(n*(i+1)) for i < N are kept (evenly inside, never the first or the last; dataset.read_video), encoded as
-RGB JPEG with PIL's defaults, base64 ASCII. An unreadable or empty video is named, skipped and
-counted; the exit status is non-zero when no video could be read.
+Frames: dataset.read_video (frames int(n*(i+1)) of the F frames, n = F / (N+1); only those are decoded), each
+encoded as RGB JPEG with PIL's defaults, base64 ASCII; the video id is the file name without its extension.
+Resumable: every output file is written under a temporary name and renamed when complete (the index last), so
+a crash never leaves a partial shard; a rerun skips the videos already in complete outputs and writes the
+rest into new shards (or, without shards, rewrites the one file with the old rows plus the new).
+Failures never stop the batch: each unreadable video is named on stderr and listed with its reason in
+<out>.failed.json; the exit status is non-zero when no video could be read.
 """
-import argparse, base64, glob, io, os, pickle, sys
+import argparse, base64, glob, io, json, os, pickle, sys
 from multiprocessing import Pool
 
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import BadVideo, read_video  # noqa: E402
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TOOLS)
+sys.path.insert(0, os.path.dirname(TOOLS))
+from dataset import BadVideo, load_pickle, read_video  # noqa: E402
+from extract_tsv import read_tsv, write_tsv  # noqa: E402
 
 
 def jpeg_b64(rgb):
@@ -24,37 +35,118 @@ def jpeg_b64(rgb):
 
 
 def extract_video(path, sample):
-    """-> [base64 JPEG] of the `sample` chosen frames (dataset.read_video), or None when the video cannot be read."""
+    """-> ([base64 JPEG] of the `sample` chosen frames, None), or (None, reason) when the video cannot be read."""
     try:
-        return [jpeg_b64(rgb) for rgb in read_video(path, sample)]
+        return [jpeg_b64(rgb) for rgb in read_video(path, sample)], None
     except BadVideo as e:
-        tqdm.write(f'skipped: {e}', file=sys.stderr)
-        return None
+        return None, str(e)
 
 
 def _work(job):
-    path, sample = job
-    return path, extract_video(path, sample)
+    vid, path, sample = job
+    return (vid, path) + extract_video(path, sample)
+
+
+def list_videos(dir_in, exts=('mp4',)):
+    """-> [(video id, path)] of dir_in/*.<ext>, sorted by id."""
+    paths = [p for e in exts for p in glob.glob(os.path.join(dir_in, '*.' + e))]
+    return sorted((os.path.splitext(os.path.basename(p))[0], p) for p in paths)
+
+
+def extract_all(videos, sample, workers=1, progress=True, desc=None):
+    """Yield (video id, path, frames or None, failure reason or None) for each (id, path), in order; a tqdm bar
+    in videos/s."""
+    jobs = [(vid, path, sample) for vid, path in videos]
+    with tqdm(total=len(jobs), ascii=True, disable=not progress, desc=desc, unit='video') as bar, \
+            (Pool(workers) if workers > 1 else _Serial()) as pool:
+        for vid, path, frames, reason in pool.imap(_work, jobs, chunksize=4):
+            if reason is not None:
+                tqdm.write(f'skipped: {reason}', file=sys.stderr)
+            bar.update(1)
+            yield vid, path, frames, reason
 
 
 def extract_dir(dir_in, sample, path_out=None, workers=1, progress=True):
-    """Extract every dir_in/*.mp4; write the pkl to path_out (if given). -> (pkl dict sorted by id, [bad paths])."""
-    paths = sorted(glob.glob(os.path.join(dir_in, '*.mp4')))
-    jobs, pkl, bad = [(p, sample) for p in paths], {}, []
-    bar = tqdm(total=len(jobs), ascii=True, disable=not progress, desc=os.path.basename(dir_in))
-    with Pool(workers) if workers > 1 else _Serial() as pool:
-        for path, frames in pool.imap_unordered(_work, jobs, chunksize=4):
-            if frames is None:
-                bad.append(path)
-            else:
-                pkl[os.path.basename(path)[:-len('.mp4')]] = frames
-            bar.update(1)
-    bar.close()
-    pkl = dict(sorted(pkl.items()))
+    """Extract every dir_in/*.mp4 in memory; write the pkl to path_out (if given). -> (pkl dict sorted by id, [bad paths])."""
+    pkl, bad = {}, []
+    for vid, path, frames, _ in extract_all(list_videos(dir_in), sample, workers, progress, os.path.basename(dir_in)):
+        if frames is None:
+            bad.append(path)
+        else:
+            pkl[vid] = frames
     if path_out is not None:
-        with open(path_out, 'wb') as f:
-            pickle.dump(pkl, f)
-    return pkl, sorted(bad)
+        write_pkl(pkl, path_out)
+    return pkl, bad
+
+
+def write_pkl(pkl, path):
+    with open(path + '.tmp', 'wb') as f:
+        pickle.dump(pkl, f)
+    os.replace(path + '.tmp', path)
+
+
+INDEX = {'tsv': '.lineidx', 'v2': '.id2lineidx.pkl'}
+
+
+def output_files(out, layout, shard):
+    """-> (data file, index file or None) of output `shard` (None: the single, unsharded output)."""
+    prefix = out if shard is None else f'{out}_{shard}'
+    if layout == 'pkl':
+        return prefix if prefix.endswith('.pkl') else prefix + '.pkl', None
+    return prefix + '.tsv', prefix + INDEX[layout]
+
+
+def read_output(out, layout, shard):
+    """-> {video id: frames} of a complete output file (its index present), or None."""
+    data, index = output_files(out, layout, shard)
+    if not os.path.isfile(index or data):
+        return None
+    return load_pickle(data) if layout == 'pkl' else read_tsv(data, index)
+
+
+def write_output(frames, out, layout, shard):
+    data, index = output_files(out, layout, shard)
+    write_pkl(frames, data) if layout == 'pkl' else write_tsv(frames, data, index)
+
+
+def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=('mp4',), progress=True):
+    """Extract dir_in's videos into `out` (resumably, see the module doc). -> (videos written by this run,
+    videos found already written, {path: failure reason})."""
+    if layout == 'pkl' and shard_size:
+        raise ValueError('--shard_size needs --layout tsv or v2 (a pkl is one file)')
+    videos = list_videos(dir_in, exts)
+    done, shards = {}, []  # already written: video id -> shard; the complete shards' numbers
+    if shard_size:
+        found = glob.glob(glob.escape(out) + '_*' + INDEX[layout])
+        suffixes = [p[len(out) + 1:-len(INDEX[layout])] for p in found]
+        for k in sorted(int(x) for x in suffixes if x.isdigit()):
+            done.update(dict.fromkeys(read_output(out, layout, k), k))
+            shards.append(k)
+        old = {}
+    else:
+        old = read_output(out, layout, None) or {}
+        done = dict.fromkeys(old)
+    todo = [(vid, path) for vid, path in videos if vid not in done]
+    failed, written, batch = {}, 0, {}
+    next_shard = (k for k in range(10 ** 9) if k not in shards)  # fills the numbers of crashed shards first
+    for vid, path, frames, reason in extract_all(todo, sample, workers, progress, os.path.basename(out)):
+        if frames is None:
+            failed[path] = reason
+            continue
+        batch[vid] = frames
+        if shard_size and len(batch) == shard_size:
+            write_output(batch, out, layout, next(next_shard))
+            written, batch = written + len(batch), {}
+    if shard_size and batch:
+        write_output(batch, out, layout, next(next_shard))
+    elif not shard_size and (batch or not old):
+        write_output({**old, **batch}, out, layout, None)
+    written += len(batch)
+    report = output_files(out, layout, None)[0].rsplit('.', 1)[0] + '.failed.json'
+    with open(report + '.tmp', 'w') as f:
+        json.dump({'videos': dir_in, 'sample': sample, 'failed': failed}, f, indent=1)
+    os.replace(report + '.tmp', report)
+    return written, len(done), failed
 
 
 class _Serial:
@@ -64,24 +156,42 @@ class _Serial:
     def __exit__(self, *exc):
         return False
 
-    def imap_unordered(self, fn, jobs, chunksize=1):
+    def imap(self, fn, jobs, chunksize=1):
         return map(fn, jobs)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--path', required=True, help='X: videos in _X/ (next to X), output X.pkl')
+    parser.add_argument('--path', help='X: videos in _X/ (next to X), output X.pkl (or X.tsv + index)')
+    parser.add_argument('--videos', help='the video folder (instead of _X/)')
     parser.add_argument('--sample', required=True, type=int, help='frames per video (4 pretraining, 5 downstream, 1 images)')
     parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument('--out', default=None, help='output file (default X.pkl)')
+    parser.add_argument('--out', default=None, help='output: the pkl file, or the prefix of the .tsv + index (default X)')
+    parser.add_argument('--layout', default='pkl', choices=['pkl', 'tsv', 'v2'])
+    parser.add_argument('--shard_size', type=int, default=0, help='videos per TSV shard <out>_<k>; 0: one file')
+    parser.add_argument('--ext', default='mp4', help='video file extensions, comma separated (e.g. mp4,avi,gif)')
     args = parser.parse_args()
-    head, name = os.path.split(os.path.normpath(args.path))
-    dir_in, path_out = os.path.join(head, '_' + name), args.out or args.path + '.pkl'
+    if not args.path and not (args.videos and args.out):
+        parser.error('give --path, or --videos and --out')
+    if args.path:
+        head, name = os.path.split(os.path.normpath(args.path))
+        dir_in = args.videos or os.path.join(head, '_' + name)
+        out = args.out or (args.path + '.pkl' if args.layout == 'pkl' else args.path)
+    else:
+        dir_in, out = args.videos, args.out
+    if args.layout != 'pkl' and out.endswith('.tsv'):
+        out = out[:-len('.tsv')]
     if not os.path.isdir(dir_in):
         sys.exit(f'no video folder {dir_in}')
-    pkl, bad = extract_dir(dir_in, args.sample, path_out, args.workers)
-    print(f'{path_out}: {len(pkl)} videos x {args.sample} frames; {len(bad)} unreadable skipped')
-    if not pkl:
+    try:
+        written, before, failed = extract_to(dir_in, out, args.sample, args.layout, args.shard_size, args.workers,
+                                             args.ext.split(','))
+    except ValueError as e:
+        sys.exit(str(e))
+    report = output_files(out, args.layout, None)[0].rsplit('.', 1)[0] + '.failed.json'
+    print(f'{out}: {written} videos x {args.sample} frames written, {before} already there; '
+          f'{len(failed)} unreadable skipped (listed in {report})')
+    if written + before == 0:
         sys.exit(f'no video could be read in {dir_in}')
 
 

@@ -359,3 +359,93 @@ def test_convert_tgif_action_and_transition(tmp_path, capsys, monkeypatch):
     (tmp_path / 'Test_action_question.csv').write_text(TGIF_HEADER.replace('\t', ',') + '\n')
     with pytest.raises(conv.BadAnnotation, match=r'Test_action_question.csv line 1: expected the header'):
         conv.convert('tgif-action', str(tmp_path))
+
+
+# ---- frame extraction at scale
+
+import cv2  # noqa: E402
+import make_toy  # noqa: E402
+
+frame_tool = make_toy.load_frame_tool()
+
+
+def write_clip(path, n, seed):
+    out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*'mp4v'), 8, (48, 32))
+    for k in range(n):
+        out.write(np.full((32, 48, 3), (seed * 40 + k * 9) % 256, np.uint8))
+    out.release()
+
+
+def clip_dir(d, names):
+    os.makedirs(d, exist_ok=True)
+    for i, name in enumerate(names):
+        write_clip(os.path.join(d, name + '.mp4'), 8 + i, i)
+    return d
+
+
+def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
+    vids = clip_dir(str(tmp_path / 'clips'), [f'v{i}' for i in range(7)])
+    (tmp_path / 'clips' / 'broken.mp4').write_bytes(b'not a video' * 10)
+    (tmp_path / 'clips' / 'empty.mp4').write_bytes(b'')
+    want = {f'v{i}': frame_tool.extract_video(os.path.join(vids, f'v{i}.mp4'), 3)[0] for i in range(7)}
+    out = str(tmp_path / 'img_x_train')
+
+    # a crash while the second shard is being written (its rows renamed into place, its index not yet): the
+    # first shard is complete, the second has no index, so it does not count as written
+    real_replace = os.replace
+    def crash_on_index_1(src, dst):
+        if dst.endswith('_1.lineidx'):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(os, 'replace', crash_on_index_1)
+    with pytest.raises(KeyboardInterrupt):
+        frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, workers=2, progress=False)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ['clips', 'img_x_train_0.lineidx', 'img_x_train_0.tsv',
+                                            'img_x_train_1.lineidx.tmp', 'img_x_train_1.tsv']
+
+    # the rerun skips the 3 written videos and fills shard 1, then 2; failures are reported, never fatal
+    written, before, failed = frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, workers=2, progress=False)
+    assert (written, before) == (4, 3)
+    assert sorted(os.path.basename(p) for p in failed) == ['broken.mp4', 'empty.mp4']
+    assert all(r.startswith(p + ': not a video') for p, r in failed.items())
+    report = json.load(open(tmp_path / 'img_x_train.failed.json'))
+    assert report['failed'] == failed and report['sample'] == 3
+    shards = [convert_layout.read_tsv(f'{out}_{k}.tsv', f'{out}_{k}.lineidx') for k in range(3)]
+    assert [list(s) for s in shards] == [['v0', 'v1', 'v2'], ['v3', 'v4', 'v5'], ['v6']]
+    assert {v: f for s in shards for v, f in s.items()} == want
+    assert dataset.count_parts({'path_data': str(tmp_path)}, 'x') == 3  # readable as pretraining parts
+    # nothing left to do: a rerun writes nothing and changes nothing
+    before_bytes = [(tmp_path / f'img_x_train_{k}.tsv').read_bytes() for k in range(3)]
+    assert frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, progress=False)[:2] == (0, 7)
+    assert [(tmp_path / f'img_x_train_{k}.tsv').read_bytes() for k in range(3)] == before_bytes
+    # new videos go to a new shard
+    clip_dir(vids, ['w0'])
+    assert frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, progress=False)[:2] == (1, 7)
+    assert list(convert_layout.read_tsv(f'{out}_3.tsv', f'{out}_3.lineidx')) == ['w0']
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]  # the crash's leftover was redone and renamed
+
+
+def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
+    vids = clip_dir(str(tmp_path / 'clips'), ['a', 'b'])
+    want = {v: frame_tool.extract_video(os.path.join(vids, v + '.mp4'), 2)[0] for v in 'ab'}
+    # VIOLETv2 layout, one file, read back through the dataset's own layout finder
+    code, printed = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/img_y.tsv', '--layout=v2', '--sample=2',
+                                          '--workers=1'], capsys, monkeypatch)
+    assert code == 0 and f'{tmp_path}/img_y: 2 videos x 2 frames written, 0 already there; 0 unreadable' in printed
+    assert convert_layout.read_frames(str(tmp_path / 'img_y')) == ('v2', want)
+    # a rerun with one more video rewrites the one file with the old rows and the new
+    clip_dir(vids, ['c'])
+    want['c'] = frame_tool.extract_video(os.path.join(vids, 'c.mp4'), 2)[0]
+    code, printed = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/img_y', '--layout=v2', '--sample=2',
+                                          '--workers=1'], capsys, monkeypatch)
+    assert code == 0 and '1 videos x 2 frames written, 2 already there' in printed
+    assert convert_layout.read_frames(str(tmp_path / 'img_y')) == ('v2', want)
+    # other extensions (--ext), pkl output, and the errors
+    os.rename(os.path.join(vids, 'c.mp4'), os.path.join(vids, 'c.avi'))
+    code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/z.pkl', '--sample=2', '--ext=mp4,avi',
+                                    '--workers=1'], capsys, monkeypatch)
+    assert code == 0 and dataset.load_pickle(str(tmp_path / 'z.pkl')) == want
+    code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/z.pkl', '--sample=2', '--shard_size=2'],
+                  capsys, monkeypatch)
+    assert code == '--shard_size needs --layout tsv or v2 (a pkl is one file)'
