@@ -45,6 +45,7 @@ DIRECTIONS = {'left': (-1, 0), 'right': (1, 0), 'up': (0, -1), 'down': (0, 1)}
 CORNERS = {'top left': (0, 0), 'top right': (1, 0), 'bottom left': (0, 1), 'bottom right': (1, 1)}
 COMBOS = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))  # 60 (colour, shape, direction)
 CLIP_W, CLIP_H, CLIP_T = 80, 64, 16
+V2_STORED = 12  # downstream frames stored per clip in the VIOLETv2 layout (more than the 5 used)
 IMG_W, IMG_H = 64, 80
 SIZE = 40  # square side and bar length in px (about half the frame); the bar is a third as tall, the dot a third as wide
 MOVE = {'x': 36, 'y': 20}  # px travelled over a clip (the most that fits the frame at this SIZE)
@@ -107,8 +108,9 @@ def standin_vq(frames_b64, size_img):
 
 
 def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_images=120, n_down=480,
-             n_down_eval=60, workers=None, progress=False, keep_videos=False):
-    """Write the corpus into `out`; -> dict of counts."""
+             n_down_eval=60, workers=None, progress=False, keep_videos=False, frame_layout='pkl'):
+    """Write the corpus into `out`; -> dict of counts. frame_layout 'v2': the downstream frames in VIOLETv2's
+    layout instead (img_toy.tsv + img_toy.id2lineidx.pkl, V2_STORED frames stored per clip; train with size_frame 5)."""
     t0 = time.time()
     workers = workers or os.cpu_count() or 1
     frame_tool = load_frame_tool()
@@ -131,7 +133,7 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
     for split, n in [('train', n_down), ('val', n_down_eval), ('test', n_down_eval)]:
         order = np.concatenate([rng.permutation(len(COMBOS)) for _ in range(n // len(COMBOS) + 1)])
         down[split] = {f'toy_{split}_{i:05d}': clip_spec(rng, *pick_combo(i, order)) for i in range(n)}
-    sets['img_toy'] = ({v: s for split in down for v, s in down[split].items()}, 5)
+    sets['img_toy'] = ({v: s for split in down for v, s in down[split].items()}, V2_STORED if frame_layout == 'v2' else 5)
 
     jobs = []
     for name, (specs, _) in sets.items():
@@ -144,11 +146,13 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
     frames = {}
     for name, (specs, sample) in sets.items():
         pkl, bad = frame_tool.extract_dir(os.path.join(scratch, '_' + name), sample,
-                                          os.path.join(out, name + '.pkl') if name == 'img_toy' else None,
+                                          os.path.join(out, name + '.pkl') if name == 'img_toy' and frame_layout == 'pkl' else None,
                                           workers=workers, progress=progress)
         if bad or len(pkl) != len(specs):
             raise RuntimeError(f'toy videos could not be read back: {bad}')
-        if name != 'img_toy':
+        if name == 'img_toy' and frame_layout == 'v2':
+            write_tsv(pkl, os.path.join(out, name + '.tsv'), os.path.join(out, name + '.id2lineidx.pkl'))
+        elif name != 'img_toy':
             write_tsv(pkl, os.path.join(out, name + '.tsv'), os.path.join(out, name + '.lineidx'))
             frames.update(pkl)
     if not keep_videos:
@@ -214,7 +218,10 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
 
     counts = {name: len(specs) for name, (specs, _) in sets.items()}
     with open(os.path.join(out, 'README.txt'), 'w') as f:
+        down_frames = ('5 frames, img_toy.pkl' if frame_layout == 'pkl' else f"VIOLETv2's layout: img_toy.tsv + "
+                       f'img_toy.id2lineidx.pkl, {V2_STORED} frames stored per clip, train with size_frame 5')
         f.write(README.format(seed=seed, size_img=size_img, hw=size_img // 32, counts=json.dumps(counts, indent=1),
+                              down_frames=down_frames,
                               vq='the DALL-E encoder ' + encoder if encoder else
                               'the stand-in tokenizer (mean colour of each 32x32 patch, 5/4/4 bits RGB -> r<<8|g<<4|b)'))
     counts['seconds'] = round(time.time() - t0, 1)
@@ -233,7 +240,7 @@ Pretraining (dataset.Dataset_Pretrain):
     img_toyvid_train_0/1.tsv + .lineidx, img_toyvid_val.tsv + .lineidx. Captions: "a red square moves left".
   toyimg (1 frame): same files for toyimg. Captions: "a blue dot in the top left".
   VQ targets: int16 [T, {hw}, {hw}] per video from {vq}.
-Downstream (dataset `toy`, 5 frames, img_toy.pkl; train / val / test):
+Downstream (dataset `toy`, {down_frames}; train / val / test):
   txt_toy-retrieval.json: {{"video", "caption": "a red square moves left"}}; val and test each hold distinct
     (colour, shape, direction) captions while they number at most 60.
   txt_toy-qamc.json: "what does the video show?" with 5 captions (shuffled): the true one, the same shape moving
@@ -257,9 +264,12 @@ def main():
     parser.add_argument('--n_down_eval', type=int, default=60, help='downstream val and test videos (each)')
     parser.add_argument('--workers', type=int, default=None)
     parser.add_argument('--keep_videos', action='store_true', help='keep the mp4s in OUT/_videos')
+    parser.add_argument('--frame_layout', default='pkl', choices=['pkl', 'v2'],
+                        help="downstream frames: img_toy.pkl (5 per clip) or VIOLETv2's img_toy.tsv + .id2lineidx.pkl "
+                             f"({V2_STORED} per clip; train with --set size_frame=5)")
     a = parser.parse_args()
     counts = make_toy(a.out, a.seed, a.size_img, a.encoder, a.n_videos, a.n_val, a.n_images, a.n_down, a.n_down_eval,
-                      a.workers, progress=True, keep_videos=a.keep_videos)
+                      a.workers, progress=True, keep_videos=a.keep_videos, frame_layout=a.frame_layout)
     print(f'{a.out}: {counts}')
 
 

@@ -1,6 +1,6 @@
 """Data as it exists today: VIOLETv2's downstream layout, layout conversion, annotation converters, extraction
 at scale. Every file here is written by the test itself, in the real formats. Small and CPU-only."""
-import base64, io, json, os, pickle, random, sys
+import base64, io, json, os, pickle, random, subprocess, sys
 
 import numpy as np
 import pytest
@@ -449,3 +449,20 @@ def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
     code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/z.pkl', '--sample=2', '--shard_size=2'],
                   capsys, monkeypatch)
     assert code == '--shard_size needs --layout tsv or v2 (a pkl is one file)'
+
+
+# ---- the toy corpus in VIOLETv2's layout trains a downstream epoch
+
+def test_toy_v2_layout_trains_one_epoch(tmp_path):
+    toy = str(tmp_path / 'toy')
+    make_toy.make_toy(toy, seed=0, n_videos=4, n_val=4, n_images=4, n_down=16, n_down_eval=8, workers=2, frame_layout='v2')
+    assert not os.path.exists(f'{toy}/img_toy.pkl')
+    layout, frames = convert_layout.read_frames(f'{toy}/img_toy')
+    assert layout == 'v2' and len(frames) == 32 and {len(f) for f in frames.values()} == {make_toy.V2_STORED}
+    out = str(tmp_path / 'run')
+    r = subprocess.run([sys.executable, 'main_qaoe.py', '_data/toy/args_toy-qaoe.json', '--set', f'path_data={toy}',
+                        f'path_output={out}', 'size_frame=5', 'size_epoch=1', 'size_batch=8'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = json.load(open(os.path.join(out, 'log.json')))
+    assert len(log['ls_tr']) == 1 and all(0 <= log[k][0] <= 1 for k in ('ac_vl', 'ac_ts'))
