@@ -466,3 +466,11 @@ def test_toy_v2_layout_trains_one_epoch(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log = json.load(open(os.path.join(out, 'log.json')))
     assert len(log['ls_tr']) == 1 and all(0 <= log[k][0] <= 1 for k in ('ac_vl', 'ac_ts'))
+
+
+def test_read_video_reads_gifs(tmp_path):
+    """TGIF's videos are GIFs: read by the same seek path (their frames are all known here)."""
+    frames = [Image.fromarray(np.full((32, 48, 3), k * 20, np.uint8)) for k in range(10)]
+    frames[0].save(tmp_path / 'g.gif', save_all=True, append_images=frames[1:], duration=100, loop=0)
+    got = dataset.read_video(str(tmp_path / 'g.gif'), 4)
+    assert [int(round(f.mean() / 20)) for f in got] == [2, 4, 6, 8] == dataset.sample_inside(10, 4)
