@@ -602,7 +602,8 @@ class Dataset_QAOE(Dataset_Downstream):
 
     def __init__(self, args, split):
         super().__init__(args, split)
-        self.vocab = json_key(self.json, 'vocab', self.path_txt)
+        key = 'ans2label' if 'ans2label' in self.json and 'vocab' not in self.json else 'vocab'  # VIOLETv2's name
+        self.vocab = json_key(self.json, key, self.path_txt)
         self.answers = answer_texts(self.vocab, self.path_txt)
         self.size_vocab = self.args.get('size_vocab') or len(self.vocab)
 

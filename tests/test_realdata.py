@@ -109,7 +109,7 @@ def write_v2_set(d, counts=COUNTS):
     retrieval = {s: [{'video': v, 'caption': f'a video {v}'} for v in vids] for s in ['train', 'val', 'test']}
     qaoe = {s: [{'video': v, 'question': 'what is it?', 'answer': i % 3} for i, v in enumerate(vids)]
             for s in ['train', 'val', 'test']}
-    qaoe['vocab'] = ['x', 'y', 'z']
+    qaoe['ans2label'] = {'y': 1, 'x': 0, 'z': 2}  # VIOLETv2's texts: answer -> label (ours: "vocab", a list)
     qamc = {s: [dict({'video': v, 'question': 'which?', 'answer': i % 5}, **{f'option_{k}': f'o{k}' for k in range(5)})
                 for i, v in enumerate(vids)] for s in ['train', 'val', 'test']}
     for task, obj in [('msrvtt-retrieval', retrieval), ('msrvtt-qa', qaoe), ('msrvtt-mc', qamc)]:
@@ -134,6 +134,8 @@ def test_v2_layout_all_tasks_eval_and_train_sampling(v2_args):
         for split in ['val', 'test']:
             ds = cls(dict(v2_args, task=task), split)
             assert ds.layout == 'v2' and ds.path_frames.endswith('img_msrvtt.tsv')
+            if task == 'msrvtt-qa':
+                assert ds.answers == ['x', 'y', 'z']
             for i, item in enumerate(ds.txt):
                 img = ds[i][0]
                 assert img.shape == (5, 3, 32, 32)
