@@ -120,6 +120,17 @@ def test_output_folder_is_one_runs(toy, tmp_path):
         assert msg == (f"resume: the run stopped inside a unit (step 1); {k} {4 if k == 'size_batch' else 1} -> "
                        f"{change.split('=')[1]} would skip or repeat samples: resume with the run's values, or from a "
                        f"unit boundary")
+    # ... or with another process count (a 2-process state here)
+    state = torch.load(out / 'resume.pt', weights_only=True)
+    torch.save({**state, 'world': 2, 'ranks': state['ranks'] * 2}, tmp_path / 'resume.pt')
+    assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'resume.pt')]) == (
+        'resume: the run stopped inside a unit with 2 processes; resume it with the same number (this has 1), or from '
+        'a unit boundary')
+    # a truncated resume state is named as such
+    raw = (out / 'resume.pt').read_bytes()
+    (tmp_path / 'resume.pt').write_bytes(raw[:len(raw) // 2])
+    assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'resume.pt')]).startswith(
+        f"resume: {tmp_path / 'resume.pt'}: truncated or corrupt PyTorch checkpoint (was its writing interrupted?): ")
     # a kill during a write left a tmp file: the resumed run removes it (and finishes)
     (out / 'resume.pt.tmp999999').write_bytes(b'half a file')
     agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
