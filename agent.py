@@ -53,7 +53,7 @@ DEFAULTS = dict(
     precision='auto',    # 'auto' (fp16 on CUDA, fp32 on CPU) | 'fp16' (GradScaler) | 'bf16' | 'fp32'
     max_grad_norm=0.0,   # > 0: clip the global gradient norm
     grad_accum=1,        # batches per optimiser step
-    path_output='',      # '' = _snapshot/_<task>_<timestamp>
+    path_output='',      # '' = _snapshot/_<task>_<timestamp>_<random>; one run's alone (locked, see take_folder)
     max_nonfinite=10,    # stop after this many consecutive non-finite losses
     max_skip_frac=0.01,  # stop when more than this fraction of a unit's (or an evaluation's) samples were skipped
     save_every=0,        # > 0: also write resume.pt every this many steps within a part / epoch
