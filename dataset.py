@@ -3,7 +3,7 @@ VIOLETv2's .tsv+.id2lineidx.pkl),
 texts in txt_<name>.json, VQ targets in vq_<dataset>.pkl.
 
 Frame counts. Every sample of a dataset must have the same number of frames T (batches are stacked):
-  - pretraining: T is taken from the first entry of vq_<dataset>.pkl (mvm_target 'vq'), or from the videos
+  - pretraining: T is taken from the entries of vq_<dataset>.pkl (mvm_target 'vq'), or from the videos
     of the split's TSV (mvm_target 'pixel', which reads no VQ file);
   - downstream: T is args['size_frame'] when it is > 0, else the frame count of img_<dataset>.pkl / .tsv
     (5 for the released sets).
@@ -464,7 +464,9 @@ class Dataset_Pretrain(Dataset_Base):
         self.vq = load_pickle(self.path_vq)
         if len(self.vq) == 0:
             raise ValueError(f'{self.path_vq}: empty')
-        first = np.asarray(next(iter(self.vq.values())))
+        counts = {vid: len(self.vq[vid]) for vid in spread(self.vq)}
+        T = common_frame_count(counts, self.path_vq)
+        first = np.asarray(self.vq[next(vid for vid, n in counts.items() if n == T)])
         hw = self.size_img // 32
         if first.ndim != 3 or first.shape[1:] != (hw, hw):
             raise ValueError(f'{self.path_vq}: VQ tokens of shape {first.shape}, expected [T, {hw}, {hw}] for '

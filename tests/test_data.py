@@ -639,3 +639,12 @@ def test_pickles_that_would_run_code_are_refused(args, bad_copy, tmp_path):
     (tmp_path / 'cut.pkl').write_bytes(pickle.dumps(frames)[:100])
     with pytest.raises(ValueError, match=f'^{tmp_path}/cut.pkl: not a readable pickle'):
         dataset.load_pickle(str(tmp_path / 'cut.pkl'))
+
+
+def test_pretrain_frame_count_from_most_vq_entries(args, bad_copy, capsys):
+    """The same for pretraining: a short first VQ entry no longer sets T for the whole dataset."""
+    first = next(iter(dataset.load_pickle(f'{bad_copy}/vq_toyvid.pkl')))
+    edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.update({first: vq[first][:2]}))
+    ds = dataset.Dataset_Pretrain(dict(args, path_data=bad_copy), 'toyvid', 'val')
+    assert ds.size_frame == 4 and f'vq_toyvid.pkl: 1 of ' in capsys.readouterr().out
+    assert all(ds[i][0].shape[0] == 4 for i in range(len(ds)) if ds.tsv.read(ds.lineidx[i])[0] != first)
