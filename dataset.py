@@ -114,6 +114,7 @@ def read_video(path, n_frames):
 
 
 def _decode_all(container, stream, n_frames, path):
+    stream.codec_context.skip_frame = 'DEFAULT'  # a failed _seek_decode may have left it skipping frames
     container.seek(0)
     frames = [f.to_ndarray(format='rgb24') for f in container.decode(stream)]
     if not frames:

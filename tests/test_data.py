@@ -117,8 +117,9 @@ def test_read_video_seeks_to_the_frames_of_a_full_decode(tmp_path, monkeypatch, 
         assert len(got) == n
         for k, (a, i) in enumerate(zip(got, dataset.sample_inside(len(every), n))):
             assert np.array_equal(a, every[i]), f'{name}: n={n}, sample {k} is not frame {i}'
-    monkeypatch.undo()  # the full-decode fallback (files without timestamps) gives the same frames
-    monkeypatch.setattr(dataset, '_seek_decode', lambda *a: None)
+    monkeypatch.undo()  # the full-decode fallback (a target not found by seeking) gives the same frames
+    seek_decode = dataset._seek_decode
+    monkeypatch.setattr(dataset, '_seek_decode', lambda c, s, targets, keys: seek_decode(c, s, [t + 0.5 for t in targets], keys))  # never found
     got = dataset.read_video(path, 5)
     assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), 5)))
 
