@@ -86,8 +86,8 @@ def read_video(path, n_frames):
     Decodes only what it returns (PyAV, one thread: parallelism belongs to the caller). The frame count and
     each frame's timestamp come from the packet index (demuxing reads no pixels; the container's header count
     is not trusted); each chosen frame is reached by seeking to the keyframe before it and decoding forward to
-    its exact timestamp. A file without timestamps, or one where a chosen timestamp is not found, is decoded
-    in full instead (same frames, tested)."""
+    its exact timestamp. A file without timestamps or keyframe flags, or one where a chosen timestamp is not
+    found, is decoded in full instead (same frames, tested)."""
     if n_frames < 1:
         raise ValueError(f'n_frames must be >= 1, got {n_frames}')
     if not os.path.isfile(path):
@@ -105,7 +105,8 @@ def read_video(path, n_frames):
             if all(pts is not None for pts, _, _ in packets):
                 pts = sorted(pts for pts, _, _ in packets)
                 keys = sorted((pts, pts if dts is None else dts) for pts, dts, key in packets if key)
-                frames = _seek_decode(container, stream, [pts[i] for i in sample_inside(len(pts), n_frames)], keys)
+                if keys:  # a stream that flags no keyframe cannot be entered by seeking
+                    frames = _seek_decode(container, stream, [pts[i] for i in sample_inside(len(pts), n_frames)], keys)
             if frames is None:  # no usable index: decode everything, as the original did
                 frames = _decode_all(container, stream, n_frames, path)
     except av.FFmpegError as e:
