@@ -24,6 +24,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 import dataset
 from api import load
 
@@ -110,14 +112,15 @@ def main(argv=None):
 
     # features once per video; unreadable ones named (and fatal when named on the command line)
     t0, skipped = time.time(), []
-    for v in dict.fromkeys(j['video'] for j in jobs):
+    videos = list(dict.fromkeys(j['video'] for j in jobs))
+    for v in tqdm(videos, desc='videos', unit='video', ascii=True, disable=len(videos) < 10):
         try:
             m.embed_video(v)
         except (dataset.BadVideo, OSError) as e:
             if any(j['named'] for j in jobs if j['video'] == v):
                 raise SystemExit(f'predict: {e}') from e
             skipped.append(dict(video=v, error=str(e)))
-            print(f'skipped: {e}', file=sys.stderr)
+            tqdm.write(f'skipped: {e}', file=sys.stderr)
     bad = {s['video'] for s in skipped}
     jobs = [j for j in jobs if j['video'] not in bad]
     if not jobs:
