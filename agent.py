@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import difflib
 import fcntl
+import inspect
 import json
 import math
 import os
@@ -59,6 +60,7 @@ DEFAULTS = dict(
     save_every=0,        # > 0: also write resume.pt every this many steps within a part / epoch
     stop_after_steps=0,  # > 0: stop (resumable) after this many training steps of this invocation
     save_safetensors=False,  # also write each checkpoint as .safetensors (shareable; loading it runs no code)
+    compile=False,       # torch.compile the VT blocks and CT layers (training and eval_retrieval); numbers unchanged
 )
 CHOICES = dict(precision=('auto', 'fp16', 'bf16', 'fp32'), mvm_target=('vq', 'pixel'),
                type=('', 'pretrain', 'qamc', 'qaoe', 'retrieval'), retrieval_loss=('v2t', 'both'),
@@ -343,6 +345,7 @@ class Task:
     type = ''
     metrics = ()
     losses = ()
+    unused_parameters = False  # True for a task whose loss leaves some parameters out (DDP must then look for them)
 
     def __init__(self, args):
         self.args = args
@@ -438,12 +441,17 @@ class Trainer:
         else:
             self.raw.load_state_dict(state['model'])
             self.not_loaded, self.unused = state['log'].get('not_loaded', []), []
+        if args['compile']:
+            self.raw.compile_blocks()
         self.model = self.raw
         if self.world > 1 and need != 'all':  # need 'all': evaluation only, no DDP
-            # broadcast_buffers off: the buffers are constants, and a rank may skip a forward (empty batch)
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.raw, device_ids=[device.index] if device.type == 'cuda' else None,
-                find_unused_parameters=True, broadcast_buffers=False)
+            # every parameter takes part in every task's loss, so DDP needs no search for unused ones (a costly
+            # extra pass over the autograd graph); buffers are constants and need no syncing
+            DDP = torch.nn.parallel.DistributedDataParallel
+            no_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DDP).parameters
+                       else {'broadcast_buffers': False})  # torch >= 2.13 deprecates broadcast_buffers
+            self.model = DDP(self.raw, device_ids=[device.index] if device.type == 'cuda' else None,
+                             find_unused_parameters=task.unused_parameters, **no_sync)
         self.optim = torch.optim.AdamW(self.raw.parameters(), lr=args['lr'], betas=(0.9, 0.98),
                                        weight_decay=args['decay'], fused=device.type in ('cuda', 'cpu'))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == 'fp16')

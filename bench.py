@@ -77,9 +77,10 @@ def synthetic_batch(name, args, T, gen):
     return [img, *random_text((B,), X, gen)]
 
 
-def bench_train(name, args, device, steps, tflops):
+def bench_train(name, args, device, steps, tflops, frames=None, flops=None):
     """samples/s of full training steps (forward incl. masking, backward, optimiser) through agent.Trainer."""
     Task, T = TASKS[name]
+    T = frames or T
     args = {**args, 'type': name, 'path_ckpt': '', 'dataset': args['dataset'] or 'bench',
             'task': args['task'] or 'bench', 'size_vocab': args['size_vocab'] or 1000}
     if device.type == 'cuda':
@@ -97,15 +98,16 @@ def bench_train(name, args, device, steps, tflops):
 
     for i in range(2):  # warm-up: allocator, autotuning, lazy inits
         step(i)
-    with FlopCounterMode(display=False) as counter:
-        step(2)
+    if flops is None:  # FLOPs of one step, counted on the eager model (or given, for a compiled one)
+        with FlopCounterMode(display=False) as counter:
+            step(2)
+        flops = counter.get_total_flops()
     sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         step(3 + i)
     sync(device)
     sec = (time.perf_counter() - t0) / steps
-    flops = counter.get_total_flops()
     res = dict(samples_per_s=args['size_batch'] / sec, sec_per_step=sec, batch=args['size_batch'], frames=T,
                gflops_per_step=flops / 1e9, achieved_tflops=flops / sec / 1e12, precision=trainer.precision,
                peak_mem_mb=peak_mem_mb(device))

@@ -157,13 +157,33 @@ class BadKey(BadSample, KeyError):
 
 def b64_to_img(b64, size):
     """base64 image -> float [3, size, size] in [0, 1] (pad_resize of the decoded RGB). JPEGs take the fast
-    tensor path (within 1/255 mean of PIL, tested), anything else goes through PIL."""
+    tensor path (within 1/255 mean of PIL, tested), anything else goes through PIL. A JPEG at least 4x the target
+    size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (straight from the DCT, still at least twice `size`
+    on its long side, so the antialiased resize still does the filtering): the padding and the resize then work
+    on a small image (2-4x faster on such frames; the deviation from the original's PIL path is measured in
+    README and tested)."""
     raw = base64.b64decode(b64.strip(), validate=True)
-    if raw[:2] == b'\xff\xd8' and decode_jpeg is not None:
+    jpeg = raw[:2] == b'\xff\xd8'
+    pil = Image.open(io.BytesIO(raw)) if not jpeg or decode_jpeg is None or jpeg_side(raw) >= 4 * size else None
+    if pil is None:
         img = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     else:
-        img = torch.from_numpy(np.array(Image.open(io.BytesIO(raw)).convert('RGB'))).permute(2, 0, 1)
+        if jpeg:
+            w, h = pil.size
+            pil.draft('RGB', (-(-2 * size * w // max(w, h)), -(-2 * size * h // max(w, h))))  # long side >= 2 size
+        img = torch.from_numpy(np.array(pil.convert('RGB'))).permute(2, 0, 1)
     return pad_resize(img, size)
+
+
+def jpeg_side(raw):
+    """The long side of a JPEG from its frame header (SOF marker), without decoding; 0 when not found."""
+    i = 2
+    while i + 9 < len(raw) and raw[i] == 0xFF:
+        marker, length = raw[i + 1], int.from_bytes(raw[i + 2:i + 4], 'big')
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: precision, height, width
+            return max(int.from_bytes(raw[i + 5:i + 7], 'big'), int.from_bytes(raw[i + 7:i + 9], 'big'))
+        i += 2 + length
+    return 0
 
 
 def pad_resize(img, size):

@@ -70,7 +70,9 @@ def score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair=256, ra
                 precision='fp32'):
     """Raw score of every (text, video) pair -> [N_text, N_video], identical on every rank.
     The flat pair space (text-major) is cut into blocks of size_pair; block b runs on rank b % world, so a
-    block's batch is the same whatever the world size (sharded ranks == single-process ranks, bit for bit)."""
+    block's batch is the same whatever the world size (sharded ranks == single-process ranks, bit for bit).
+    The last block is filled up with repeats of the last pair: every batch has one shape (a compiled model
+    compiles once)."""
     n_txt, n_vid = feat_txt.shape[0], feat_img.shape[0]
     n_pair = n_txt * n_vid
     n_block = (n_pair + size_pair - 1) // size_pair
@@ -78,10 +80,10 @@ def score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair=256, ra
     per_rank = (n_block + world - 1) // world
     out = torch.full((per_rank, size_pair), math.nan, device=feat_img.device)
     for k, b in enumerate(tqdm(mine, disable=not progress, desc='pairs', unit='block')):
-        idx = torch.arange(b * size_pair, min(n_pair, (b + 1) * size_pair), device=feat_img.device)
+        idx = torch.arange(b * size_pair, (b + 1) * size_pair, device=feat_img.device).clamp_(max=n_pair - 1)
         t, v = idx // n_vid, idx % n_vid
         with autocast(feat_img.device, precision):  # the fc head itself stays in fp32 (model.score)
-            out[k, :len(idx)] = model.score(feat_img[v], mask_img[v], feat_txt[t], mask_txt[t])
+            out[k] = model.score(feat_img[v], mask_img[v], feat_txt[t], mask_txt[t])
     if world > 1:
         parts = [torch.empty_like(out) for _ in range(world)]
         dist.all_gather(parts, out)
@@ -201,6 +203,8 @@ def main():
         print(f'checkpoint {path_ckpt or "(none: random init)"}: {len(not_loaded)} model keys not loaded, '
               f'{len(unexpected)} unexpected keys')
     model.to(device).eval()
+    if args['compile']:
+        model.compile_blocks()
     size_pair = opt.size_pair or (512 if device.type == 'cuda' else 64)
 
     results = {}

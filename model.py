@@ -83,12 +83,15 @@ class WindowAttention3D(nn.Module):
         """x: [B*nW, N, C] windows. The bias of an N-token window is the top-left N x N corner of the
         full window's index (the original's rule; exact only when time alone shrinks)."""
         _, N, C = x.shape
-        q, k, v = rearrange(self.qkv(x), '(b n) t (three h d) -> three b n h t d', b=B, three=3, h=self.heads)
+        # windows x heads form one 4-D "head" axis: SDPA's fused kernels take only 4-D inputs, and the bias then
+        # broadcasts over the batch without being copied per sample
+        q, k, v = rearrange(self.qkv(x), '(b n) t (three h d) -> three b (n h) t d', b=B, three=3, h=self.heads)
         idx = self.relative_position_index[:N, :N].reshape(-1)
         bias = self.relative_position_bias_table[idx].view(N, N, -1).permute(2, 0, 1)  # [heads, N, N]
-        bias = bias[None, None] if mask is None else bias[None, None] + mask[None, :, None]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        return self.proj(rearrange(x, 'b n h t d -> (b n) t (h d)'))
+        nW = q.shape[1] // self.heads
+        bias = bias.expand(nW, -1, -1, -1) if mask is None else bias[None] + mask[:, None]  # [nW, heads, N, N]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, nW * self.heads, N, N).to(q.dtype))
+        return self.proj(rearrange(x, 'b (n h) t d -> (b n) t (h d)', h=self.heads))
 
 
 class SwinTransformerBlock3D(nn.Module):
@@ -296,6 +299,7 @@ class VIOLET_Base(nn.Module):
         self.enc_txt = EncTxt(copy.deepcopy(bert.bert.embeddings))
         self.trsfr = bert.bert.encoder
         self._mlm_head = [bert.cls] if self.keeps_mlm_head else []  # a list: not registered as a submodule
+        self.cross_layer = bert_layer  # compile_blocks() swaps in a compiled one
 
     def make_head(self, n_out):
         D = self.hidden_size
@@ -306,16 +310,29 @@ class VIOLET_Base(nn.Module):
         feat_img, mask_img = self.enc_img(img)
         return feat_img, mask_img, self.enc_txt(txt), mask
 
+    def compile_blocks(self):
+        """torch.compile every VT block and the CT layer: small graphs that blocks of one shape share, so compiling
+        takes a fraction of the whole model's time. In place: the state dict keeps its keys."""
+        cfg = torch._dynamo.config
+        name = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'
+        setattr(cfg, name, max(getattr(cfg, name), 64))  # 4 stages x (shifted or not) x input shapes
+        for layer in self.enc_img.swin.layers:
+            for blk in layer.blocks:
+                blk.compile(dynamic=False)
+        self.cross_layer = torch.compile(bert_layer, dynamic=False)
+
     def go_cross(self, feat_img, mask_img, feat_txt, mask_txt, output_attentions=False):
         x = torch.cat([feat_img, feat_txt], dim=1)
         keep = torch.cat([mask_img, mask_txt], dim=1).bool()[:, None, None, :]  # [B, 1, 1, L]
         atts = []
         for layer in self.trsfr.layer:
             if self.args['grad_ckpt'] and self.training and not output_attentions:
-                x = torch.utils.checkpoint.checkpoint(bert_layer, layer, x, keep, False, use_reentrant=False)[0]
-            else:
-                x, att = bert_layer(layer, x, keep, output_attentions)
+                x = torch.utils.checkpoint.checkpoint(self.cross_layer, layer, x, keep, False, use_reentrant=False)[0]
+            elif output_attentions:  # the explicit-softmax path (attended masking) stays eager
+                x, att = bert_layer(layer, x, keep, True)
                 atts.append(att)
+            else:
+                x, _ = self.cross_layer(layer, x, keep, False)
         return x, (tuple(atts) if output_attentions else None)
 
     def score(self, feat_img, mask_img, feat_txt, mask_txt):

@@ -1,0 +1,510 @@
+"""The one-shot device check: everything a short lease on one GPU should settle, in one run (about 6 minutes on an
+H100), written to one JSON and a log as it goes (a run cut short still leaves what it measured).
+
+    python bench_gpu.py --out $OUT                    (one CUDA GPU: full size, Swin-S + bert-base at 224 px)
+    python bench_gpu.py --device cpu --small --out D  (the same code on the toy model: how it is tested)
+    python bench.py --suite gpu ...                   (the same)
+
+Parts, in order of importance (each is skipped when the time budget is spent):
+  parity   the golden outputs of the original code at 224 px in fp32 on this device, and the bf16 / fp16 deviation
+           from fp32 on the same inputs (max |diff| of the fused CLS and the heads, argmax agreement)
+  train    full training steps of every task (the scripts' own step code): the largest batch that fits in bf16,
+           then bf16 / fp16 / activation checkpointing; samples/s, MFU, peak memory
+  eval     eval_retrieval's pair scoring in bf16 and fp32 (pairs/s, MFU) and an MSRVTT-sized evaluation (1,000 texts
+           x 1,000 videos) extrapolated from a measured 100 x 1,000 slice plus the video features
+  data     frame decoding (base64 JPEG -> 224 px tensor) per worker, DataLoaders of 4 / 8 / 16 workers against the
+           measured training steps, and batched GPU JPEG decoding
+  compile  the training steps again with compile: true
+No network and no pretrained weights: BERT is bert-base-uncased's config with random (or golden) weights.
+"""
+import argparse
+import base64
+import contextlib
+import gc
+import io
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import agent
+import bench
+import dataset
+import eval_retrieval
+import model as violet
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = {'pretrain': '_data/args_pretrain.json', 'qamc': '_data/args_tgif-action.json',
+           'qaoe': '_data/args_msvd-qa.json', 'retrieval': '_data/args_msrvtt-retrieval.json'}
+SMALL = dict(txt_backbone=os.path.join(ROOT, '_data', 'bert-tiny'), vt_dim=16, vt_depths=[2, 2, 2, 2],
+             vt_heads=[1, 2, 4, 8], vt_window=[8, 4, 4], size_img=64)
+
+
+class Budget(Exception):
+    """This part ran out of its time."""
+
+
+@contextlib.contextmanager
+def time_limit(sec):
+    """Raise Budget inside the block after sec seconds (compilation and OOM searches can take long)."""
+    def handler(*_):
+        raise Budget(f'over {sec:.0f} s')
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, max(sec, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class Suite:
+    def __init__(self, opt):
+        self.opt, self.device = opt, torch.device(opt.device)
+        self.t_end = time.time() + opt.budget
+        self.cuda = self.device.type == 'cuda'
+        self.tflops = bench.peak_tflops(self.device, opt.peak_tflops)
+        os.makedirs(opt.out, exist_ok=True)
+        self.res = dict(device=torch.cuda.get_device_name(self.device) if self.cuda else 'cpu',
+                        torch=torch.__version__, date=time.strftime('%Y-%m-%d'), small=opt.small,
+                        peak_tflops_bf16=self.tflops, budget_s=opt.budget)
+        self.bert_dir = opt.bert or self.bert_config_dir()
+
+    def left(self):
+        return self.t_end - time.time()
+
+    def log(self, *msg):
+        line = ' '.join(str(m) for m in msg)
+        print(line, flush=True)
+        with open(os.path.join(self.opt.out, 'bench_gpu.log'), 'a') as f:
+            f.write(line + '\n')
+
+    def save(self):
+        agent.save_json(self.res, os.path.join(self.opt.out, 'bench_gpu.json'))
+
+    def bert_config_dir(self):
+        d = tempfile.mkdtemp(prefix='bert-base-config-')
+        import transformers
+        transformers.BertConfig().save_pretrained(d)  # bert-base-uncased's architecture, random weights
+        return d
+
+    def args(self, task, **over):
+        args = agent.load_args(os.path.join(ROOT, CONFIGS[task]), [])
+        args.update(txt_backbone=self.bert_dir, path_vt='', path_ckpt='', num_workers=0, dataset='bench',
+                    task='bench', size_vocab=1000)
+        if self.opt.small:
+            args.update(SMALL, size_txt=16)
+        args.update(over)
+        return args
+
+    def run(self):
+        self.log(f"device {self.res['device']}, torch {torch.__version__}, budget {self.opt.budget:.0f} s")
+        for part in self.opt.parts:
+            if self.left() < 5:
+                self.res[part] = dict(skipped='time budget spent')
+                self.log(f'{part}: skipped (time budget spent)')
+                continue
+            t0 = time.time()
+            self.res[part] = {}
+            try:
+                getattr(self, f'part_{part}')(self.res[part])  # fills it as it goes
+            except Budget as e:  # a part that overran keeps what it measured
+                self.res[part]['stopped'] = str(e)
+            except Exception as e:  # one lease, many parts: a failing part is recorded and the others still run
+                self.res[part].update(error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc()[-3000:])
+                self.log(self.res[part]['traceback'])
+            self.res[part]['sec'] = time.time() - t0
+            self.log(f'{part}: {time.time() - t0:.0f} s')
+            self.save()
+        self.summary()
+        self.save()
+
+    # ---- parity: golden outputs at 224 px in fp32, and the half-precision deviation
+    def golden_models(self):
+        sys.path.insert(0, os.path.join(ROOT, 'tests'))
+        import golden_weights as gw
+        pre = gw.golden_state_dict('pretrain')
+        models = {}
+        for kind in ('pretrain', 'qamc', 'qaoe', 'retrieval'):
+            sd = {n: pre[n] if n in pre and tuple(pre[n].shape) == shape else gw.formula(n, shape)
+                  for n, shape, dtype in gw.read_keys(kind) if dtype == 'float32'}
+            m = violet.MODELS[kind](dict(txt_backbone=self.bert_dir, path_vt='', size_vocab=1000))
+            missing = [k for k in m.state_dict() if k not in sd and not k.endswith('relative_position_index')]
+            assert not missing, missing[:5]
+            m.load_state_dict(sd, strict=False)
+            models[kind] = m.to(self.device).eval()
+        return models, np.load(os.path.join(gw.HERE, 'g224.npz'))
+
+    @torch.no_grad()
+    def outputs(self, models, g, precision):
+        dev = self.device
+        img, txt, mask = (torch.from_numpy(g[k]).to(dev) for k in ('in_img', 'in_txt', 'in_mask'))
+        qamc_txt = torch.from_numpy(g['qamc_txt']).to(dev)
+        with autocast(dev, precision):
+            pre = models['pretrain']
+            fi, mi, ft, mt = pre.go_feat(img, txt, mask)
+            cross, _ = pre.go_cross(fi, mi, ft, mt)
+            mtm, mvm, vtm, _ = pre(img, txt, mask)
+            out = dict(feat_img=fi, cross=cross, cls=cross[:, fi.shape[1]], att=pre.get_att(img, txt, mask),
+                       mtm=mtm, mvm=mvm, vtm=vtm, qamc=models['qamc'](img, qamc_txt, (qamc_txt != 0).long()),
+                       qaoe=models['qaoe'](img, txt, mask), retrieval=models['retrieval'](img, txt, mask)[0])
+        return {k: v.float().cpu() for k, v in out.items()}
+
+    def part_parity(self, res):
+        if self.opt.small:
+            res['skipped'] = '--small: the golden outputs are of the full-size model'
+            return
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32
+        models, g = self.golden_models()
+        fp32 = self.outputs(models, g, 'fp32')
+        ref = dict(feat_img='feat_img', cross='cross', att='att', qamc='qamc', qaoe='qaoe', retrieval='retrieval',
+                   vtm='vtm')
+        err = {k: (fp32[k] - torch.from_numpy(g[r])).abs().max().item() for k, r in ref.items()}
+        err['mtm_logsumexp'] = (fp32['mtm'].logsumexp(-1) - torch.from_numpy(g['mtm_logsumexp'])).abs().max().item()
+        err['mvm_logsumexp'] = (fp32['mvm'].logsumexp(-1) - torch.from_numpy(g['mvm_logsumexp'])).abs().max().item()
+        argmax_ok = all(torch.equal(fp32[k].argmax(-1), torch.from_numpy(g[f'{k}_argmax'])) for k in ('mtm', 'mvm'))
+        tol = {k: 1e-3 if k in ('vtm', 'retrieval') else 1e-4 for k in err}  # the tests' tolerances
+        res['fp32_vs_golden'] = dict(max_abs_err=err, argmax_equal=argmax_ok,
+                                     ok=argmax_ok and all(err[k] < tol[k] for k in err))
+        self.log(f"parity fp32 vs golden: ok={res['fp32_vs_golden']['ok']} max err {max(err.values()):.2e}")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        for prec in ('bf16', 'fp16'):
+            half = self.outputs(models, g, prec)
+            dev = {k: (half[k] - fp32[k]).abs().max().item() for k in ('cls', 'mtm', 'mvm', 'vtm', 'qamc', 'qaoe',
+                                                                         'retrieval')}
+            agree = {k: (half[k].argmax(-1) == fp32[k].argmax(-1)).float().mean().item()
+                     for k in ('mtm', 'mvm', 'vtm', 'qamc', 'qaoe')}
+            res[f'{prec}_vs_fp32'] = dict(max_abs_diff=dev, argmax_agreement=agree)
+            self.log(f'parity {prec} vs fp32: max |diff| {dev} argmax agreement {agree}')
+        del models
+        self.free()
+        return
+
+    def free(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    # ---- training steps
+    def train_once(self, task, batch, steps=None, flops=None, **over):
+        args = self.args(task, size_batch=batch, **over)
+        try:
+            r = bench.bench_train(task, args, self.device, steps or self.opt.steps, self.tflops, frames=self.frames(task),
+                                  flops=flops)
+        finally:
+            self.free()
+        return r
+
+    def frames(self, task):
+        return 4 if task == 'pretrain' else 5
+
+    def largest_batch(self, task, **over):
+        """Double the batch from --batch0 while it fits (bf16); -> (batch, its result, the batch that failed)."""
+        best, failed, b = None, None, self.opt.batch0
+        while b <= self.opt.max_batch and self.left() > 20:
+            try:
+                r = self.train_once(task, b, steps=2, precision='bf16', **over)
+            except torch.OutOfMemoryError:
+                failed = b
+                break
+            best = (b, r)
+            self.log(f"  {task} bf16 batch {b}: {r['samples_per_s']:.1f} samples/s, {r['peak_mem_mb']:.0f} MB")
+            b *= 2
+        self.free()
+        return best, failed
+
+    def part_train(self, res):
+        for task in self.opt.tasks:
+            if self.left() < 30:
+                res[task] = dict(skipped='time budget spent')
+                continue
+            out = res[task] = {}
+            found, failed = self.largest_batch(task)
+            if found is None:
+                out['error'] = f'batch {self.opt.batch0} does not fit'
+                continue
+            batch = out['batch'] = found[0]
+            out['oom_at'] = failed
+            for name, over in (('bf16', dict(precision='bf16')), ('fp16', dict(precision='fp16')),
+                               ('bf16_grad_ckpt', dict(precision='bf16', grad_ckpt=True))):
+                if self.left() < 20:
+                    break
+                b = batch * 2 if name.endswith('grad_ckpt') and failed else batch  # checkpointing fits more
+                try:
+                    out[name] = self.train_once(task, b, **over)
+                except torch.OutOfMemoryError:
+                    out[name] = None
+                if out[name] is None:
+                    self.free()
+                    out[name] = self.train_once(task, batch, **over)
+                self.log(f'train {task} {name} batch {out[name]["batch"]}: {fmt_train(out[name])}')
+            self.save()
+        return
+
+    def part_compile(self, res):
+        for task in self.opt.compile_tasks:
+            eager = self.res.get('train', {}).get(task, {})
+            batch = eager.get('batch', self.opt.batch0)
+            flops = eager['bf16']['gflops_per_step'] * 1e9 if 'bf16' in eager else None
+            if self.left() < 30:
+                res[task] = dict(skipped='time budget spent')
+                continue
+            t0 = time.time()
+            try:
+                with time_limit(min(self.left() - 10, self.opt.compile_limit)):
+                    r = self.train_once(task, batch, flops=flops, precision='bf16', compile=True)
+                r['sec_total_incl_compile'] = time.time() - t0
+                res[task] = r
+                self.log(f'compile {task} batch {batch}: {fmt_train(r)} ({time.time() - t0:.0f} s incl. compile)')
+            except (Budget, RuntimeError) as e:  # a compiler failure is a finding, not a crash of the suite
+                res[task] = dict(error=f'{type(e).__name__}: {str(e)[:500]}', sec=time.time() - t0)
+                self.log(f'compile {task}: {res[task]["error"]}')
+            self.save()
+        return
+
+    # ---- retrieval evaluation
+    def part_eval(self, res):
+        args = self.args('retrieval')
+        agent.seed_all(0)
+        mdl = violet.VIOLET_Retrieval(args).to(self.device).eval()
+        n_vid, n_txt = (1000, 100) if not self.opt.small else (50, 10)
+        T, S, X = 5, args['size_img'], args['size_txt']
+        L_img, D = T * (1 + (S // 32) ** 2), mdl.hidden_size
+        gen = torch.Generator().manual_seed(0)
+        res.update(n_video=n_vid, n_text=n_txt, frames=T, size_txt=X)
+        # video features of real frames through the video encoder: the other half of an evaluation's time
+        n_feat = 64 if not self.opt.small else 8
+        img = torch.rand(n_feat, T, 3, S, S, generator=gen).to(self.device)
+        for prec in ('bf16', 'fp32'):
+            with torch.no_grad(), autocast(self.device, prec):
+                mdl.enc_img(img[:8])
+                bench.sync(self.device)
+                t0 = time.perf_counter()
+                for i in range(0, n_feat, 16):
+                    mdl.enc_img(img[i:i + 16])
+                bench.sync(self.device)
+            res[f'video_feat_per_s_{prec}'] = n_feat / (time.perf_counter() - t0)
+        del img
+        feat_img = torch.randn(n_vid, L_img, D, generator=gen).to(self.device)
+        mask_img = torch.ones(n_vid, L_img, dtype=torch.long, device=self.device)
+        feat_txt = torch.randn(n_txt, X, D, generator=gen).to(self.device)
+        mask_txt = bench.random_text((n_txt,), X, gen)[1].to(self.device)
+        for prec, sizes, n_t in (('bf16', self.opt.size_pairs, n_txt), ('fp32', self.opt.size_pairs[:1], n_txt // 10)):
+            for size_pair in sizes:
+                if self.left() < 20:
+                    break
+                r = self.pairs(mdl, feat_img, mask_img, feat_txt[:n_t], mask_txt[:n_t], size_pair, prec)
+                res[f'{prec}_{size_pair}'] = r
+                self.log(f"eval pairs {prec} size_pair {size_pair}: {r['pairs_per_s']:.0f} pairs/s"
+                         + (f", MFU {r['mfu'] * 100:.1f}%" if 'mfu' in r else ''))
+        best = max((v for k, v in res.items() if k.startswith('bf16_')), key=lambda r: r['pairs_per_s'], default=None)
+        if best:
+            n_pairs = 1000 * 1000
+            res['msrvtt_1k_estimate_s_bf16'] = n_pairs / best['pairs_per_s'] + 1000 / res['video_feat_per_s_bf16']
+            self.log(f"MSRVTT 1k-A (1M pairs + 1000 videos) bf16 estimate: {res['msrvtt_1k_estimate_s_bf16']:.0f} s")
+        del mdl, feat_img, feat_txt
+        self.free()
+        return
+
+    def pairs(self, mdl, feat_img, mask_img, feat_txt, mask_txt, size_pair, prec):
+        L = feat_img.shape[1] + feat_txt.shape[1]
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(self.device, prec):
+            mdl.score(feat_img[:1].expand(size_pair, -1, -1), mask_img[:1].expand(size_pair, -1),
+                      feat_txt[:1].expand(size_pair, -1, -1), mask_txt[:1].expand(size_pair, -1))
+        flops_per_pair = counter.get_total_flops() / size_pair
+        score = lambda: eval_retrieval.score_pairs(mdl, feat_img, mask_img, feat_txt, mask_txt, size_pair,
+                                                   precision=prec)
+        score()  # warm-up
+        bench.sync(self.device)
+        t0 = time.perf_counter()
+        s = score()
+        bench.sync(self.device)
+        sec = time.perf_counter() - t0
+        n = s.numel()
+        r = dict(pairs_per_s=n / sec, n_pairs=n, size_pair=size_pair, seq_len=L, gflops_per_pair=flops_per_pair / 1e9,
+                 achieved_tflops=flops_per_pair * n / sec / 1e12, finite=bool(torch.isfinite(s).all()))
+        if self.tflops:
+            r['mfu'] = r['achieved_tflops'] / self.tflops
+        return r
+
+    # ---- data loading
+    def part_data(self, res):
+        torch.set_num_threads(1)  # what a DataLoader worker has
+        for size in self.opt.frame_sizes:
+            res[size] = r = decode_rates(synthetic_frames(self.opt.data_frames, size))
+            self.log(f"data: source {size}: {r['ours']:.0f} frames/s per worker, {r['speedup']:.2f}x the original's "
+                     f"PIL path ({r['original_pil']:.0f})")
+        torch.set_num_threads(os.cpu_count() or 1)
+        frames = synthetic_frames(self.opt.data_frames, self.opt.frame_sizes[0])
+        res['cpus'] = os.cpu_count()
+        for workers in self.opt.workers:
+            if self.left() < 15 or workers > (os.cpu_count() or 1):
+                continue
+            res[f'loader_{workers}_workers_frames_per_s'] = loader_rate(frames, workers, seconds=4)
+            self.log(f"data: {workers} workers: {res[f'loader_{workers}_workers_frames_per_s']:.0f} frames/s")
+        need = {}
+        for task, r in self.res.get('train', {}).items():
+            if isinstance(r, dict) and 'bf16' in r:
+                need[task] = r['bf16']['samples_per_s'] * self.frames(task)
+        res['frames_per_s_needed_by_bf16_steps'] = need
+        res['keeps_up'] = {f'{w}_workers': {t: res[f'loader_{w}_workers_frames_per_s'] >= n for t, n in need.items()}
+                           for w in self.opt.workers if f'loader_{w}_workers_frames_per_s' in res}
+        if self.cuda:
+            res.update(gpu_decode(frames, self.device))
+            self.log(f"data: GPU decode+resize {res['gpu_decode_frames_per_s']:.0f} frames/s")
+        return
+
+    def summary(self):
+        self.log('\n==== summary ====')
+        p = self.res.get('parity', {})
+        if 'fp32_vs_golden' in p:
+            self.log(f"parity fp32 vs golden ok: {p['fp32_vs_golden']['ok']}; "
+                     + '; '.join(f"{k}: max|d| cls {p[k]['max_abs_diff']['cls']:.3g}" for k in ('bf16_vs_fp32', 'fp16_vs_fp32') if k in p))
+        for task, r in self.res.get('train', {}).items():
+            for name in () if not isinstance(r, dict) else ('bf16', 'fp16', 'bf16_grad_ckpt'):
+                if name in r:
+                    self.log(f'train {task:<9} {name:<15} batch {r[name]["batch"]:>4}: {fmt_train(r[name])}')
+        for task, r in self.res.get('compile', {}).items():
+            if isinstance(r, dict):
+                self.log(f'compile {task}: ' + (fmt_train(r) if 'samples_per_s' in r else str(r)))
+        e = self.res.get('eval', {})
+        for k, r in e.items():
+            if isinstance(r, dict) and 'pairs_per_s' in r:
+                self.log(f"eval {k}: {r['pairs_per_s']:.0f} pairs/s" + (f" MFU {r['mfu'] * 100:.1f}%" if 'mfu' in r else ''))
+        if 'msrvtt_1k_estimate_s_bf16' in e:
+            self.log(f"MSRVTT 1k-A estimate (bf16): {e['msrvtt_1k_estimate_s_bf16']:.0f} s")
+        d = self.res.get('data', {})
+        self.log('data: ' + json.dumps({k: v for k, v in d.items() if k != 'sec'}, default=str))
+
+
+def fmt_train(r):
+    s = f"{r['samples_per_s']:.1f} samples/s, {r['peak_mem_mb']:.0f} MB"
+    return s + (f", MFU {r['mfu'] * 100:.1f}%" if 'mfu' in r else '')
+
+
+def autocast(device, precision):
+    if precision in ('bf16', 'fp16'):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
+    return contextlib.nullcontext()
+
+
+def synthetic_frames(n, size, noise=4.0, quality=90):
+    """n base64 JPEGs of w x h with photo-like content (smooth shading, edges, a little sensor noise: JPEG decoding
+    time depends on it)."""
+    w, h = (int(s) for s in size.split('x'))
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = []
+    for i in range(n):
+        base = 128 + 60 * np.sin(xx / (20 + 5 * i) + i) [..., None] * np.cos(yy / 31.0)[..., None] * np.array([1, .8, .6])
+        base[(xx - w / 2) ** 2 + (yy - h / 2) ** 2 < (h / 4) ** 2] += np.array([60, -40, 20])
+        img = np.clip(base + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format='JPEG', quality=quality)
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+def decode_rates(frames, reps=3):
+    """Frames/s of one process decoding to 224 px: ours vs the original's PIL path, interleaved, best of reps."""
+    best = {}
+    for _ in range(reps):
+        for name, fn in (('ours', dataset.b64_to_img), ('original_pil', pil_reference)):
+            t0 = time.perf_counter()
+            for b in frames:
+                fn(b, 224)
+            best[name] = max(best.get(name, 0), len(frames) / (time.perf_counter() - t0))
+    return dict(best, speedup=best['ours'] / best['original_pil'])
+
+
+def pil_reference(b64, size):
+    """The original release's image path: PIL decode, pad to square, PIL bilinear resize, ToTensor."""
+    import torchvision.transforms as T
+    img = Image.open(io.BytesIO(base64.b64decode(b64))).convert('RGB')
+    w, h = img.size
+    img = T.Pad([0, (w - h) // 2] if w > h else [(h - w) // 2, 0])(img)
+    return T.ToTensor()(img.resize((size, size), Image.BILINEAR))
+
+
+class Frames(torch.utils.data.Dataset):
+    def __init__(self, frames):
+        self.frames = frames
+
+    def __len__(self):
+        return 10 ** 7
+
+    def __getitem__(self, i):
+        return dataset.b64_to_img(self.frames[i % len(self.frames)], 224)
+
+
+def loader_rate(frames, workers, seconds):
+    """Frames/s delivered by a DataLoader of `workers` processes decoding at 224 px (batches of 16 frames)."""
+    loader = torch.utils.data.DataLoader(Frames(frames), batch_size=16, num_workers=workers, prefetch_factor=4)
+    it = iter(loader)
+    for _ in range(workers * 2):  # workers started and warm
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += next(it).shape[0]
+    rate = n / (time.perf_counter() - t0)
+    del it
+    return rate
+
+
+def gpu_decode(frames, device):
+    """Batched nvJPEG decode + resize + pad on the GPU (torchvision.io.decode_jpeg on CUDA), frames/s."""
+    from torchvision.io import decode_jpeg
+    import torchvision.transforms.v2.functional as TVF
+    data = [torch.frombuffer(bytearray(base64.b64decode(b)), dtype=torch.uint8) for b in frames]
+
+    def run():
+        imgs = decode_jpeg(data, device=device)
+        return [TVF.resize(i, [224, 224], antialias=True) for i in imgs]
+    run()
+    bench.sync(device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        run()
+    bench.sync(device)
+    return dict(gpu_decode_frames_per_s=3 * len(data) / (time.perf_counter() - t0))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', default=os.environ.get('OUT', '_snapshot/bench_gpu'), help='folder for the JSON and log')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
+    p.add_argument('--small', action='store_true', help='toy model, 64 px (to test this script on a CPU)')
+    p.add_argument('--budget', type=float, default=400, help='seconds for all parts together')
+    p.add_argument('--parts', nargs='+', default=['parity', 'train', 'eval', 'data', 'compile'])
+    p.add_argument('--tasks', nargs='+', default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument('--compile_tasks', nargs='+', default=['pretrain', 'retrieval'], choices=list(CONFIGS))
+    p.add_argument('--compile_limit', type=float, default=150, help='seconds for one compiled measurement')
+    p.add_argument('--steps', type=int, default=4, help='timed steps per training measurement')
+    p.add_argument('--batch0', type=int, default=8, help='first batch of the largest-batch search')
+    p.add_argument('--max_batch', type=int, default=128)
+    p.add_argument('--size_pairs', type=int, nargs='+', default=[512, 1024, 2048])
+    p.add_argument('--workers', type=int, nargs='+', default=[4, 8, 16])
+    p.add_argument('--data_frames', type=int, default=64)
+    p.add_argument('--frame_sizes', nargs='+', default=['640x480', '1280x720'],
+                   help='source frames W x H of the decoding benchmark (the first one feeds the DataLoaders)')
+    p.add_argument('--bert', default='', help='a BERT dir (default: bert-base config, random weights)')
+    p.add_argument('--peak_tflops', type=float, default=0)
+    opt = p.parse_args(argv)
+    if opt.small:
+        opt.batch0, opt.max_batch, opt.size_pairs = min(opt.batch0, 2), min(opt.max_batch, 4), [64]
+    suite = Suite(opt)
+    suite.run()
+    return suite.res
+
+
+if __name__ == '__main__':
+    main()
