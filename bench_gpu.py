@@ -210,7 +210,7 @@ class Suite:
     def largest_batch(self, task, **over):
         """Double the batch from --batch0 while it fits (bf16); -> (batch, its result, the batch that failed)."""
         best, failed, b = None, None, self.opt.batch0
-        while b <= self.opt.max_batch and self.left() > 20:
+        while b <= self.opt.max_batch and self.left() > 20 + self.opt.reserve:
             try:
                 r = self.train_once(task, b, steps=2, precision='bf16', **over)
             except torch.OutOfMemoryError:
@@ -224,7 +224,7 @@ class Suite:
 
     def part_train(self, res):
         for task in self.opt.tasks:
-            if self.left() < 30:
+            if self.left() < 30 + self.opt.reserve:  # keep time for eval and data
                 res[task] = dict(skipped='time budget spent')
                 continue
             out = res[task] = {}
@@ -236,7 +236,7 @@ class Suite:
             out['oom_at'] = failed
             for name, over in (('bf16', dict(precision='bf16')), ('fp16', dict(precision='fp16')),
                                ('bf16_grad_ckpt', dict(precision='bf16', grad_ckpt=True))):
-                if self.left() < 20:
+                if self.left() < 20 + self.opt.reserve:
                     break
                 b = batch * 2 if name.endswith('grad_ckpt') and failed else batch  # checkpointing fits more
                 try:
@@ -485,11 +485,12 @@ def main(argv=None):
     p.add_argument('--small', action='store_true', help='toy model, 64 px (to test this script on a CPU)')
     p.add_argument('--budget', type=float, default=400, help='seconds for all parts together')
     p.add_argument('--parts', nargs='+', default=['parity', 'train', 'eval', 'data', 'compile'])
-    p.add_argument('--tasks', nargs='+', default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument('--tasks', nargs='+', default=['pretrain', 'retrieval', 'qamc', 'qaoe'], choices=list(CONFIGS))
+    p.add_argument('--reserve', type=float, default=100, help='seconds the train part leaves for the parts after it')
     p.add_argument('--compile_tasks', nargs='+', default=['pretrain', 'retrieval'], choices=list(CONFIGS))
     p.add_argument('--compile_limit', type=float, default=150, help='seconds for one compiled measurement')
-    p.add_argument('--steps', type=int, default=4, help='timed steps per training measurement')
-    p.add_argument('--batch0', type=int, default=8, help='first batch of the largest-batch search')
+    p.add_argument('--steps', type=int, default=3, help='timed steps per training measurement')
+    p.add_argument('--batch0', type=int, default=16, help='first batch of the largest-batch search')
     p.add_argument('--max_batch', type=int, default=128)
     p.add_argument('--size_pairs', type=int, nargs='+', default=[512, 1024, 2048])
     p.add_argument('--workers', type=int, nargs='+', default=[4, 8, 16])
@@ -500,7 +501,7 @@ def main(argv=None):
     p.add_argument('--peak_tflops', type=float, default=0)
     opt = p.parse_args(argv)
     if opt.small:
-        opt.batch0, opt.max_batch, opt.size_pairs = min(opt.batch0, 2), min(opt.max_batch, 4), [64]
+        opt.batch0, opt.max_batch, opt.size_pairs, opt.reserve = 2, min(opt.max_batch, 4), [64], min(opt.reserve, 30)
     suite = Suite(opt)
     suite.run()
     return suite.res
