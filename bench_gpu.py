@@ -253,11 +253,15 @@ class Suite:
     def part_compile(self, res):
         for task in self.opt.compile_tasks:
             eager = self.res.get('train', {}).get(task, {})
-            batch = eager.get('batch', self.opt.batch0)
+            batch = eager.get('batch', self.opt.compile_batch)
             flops = eager['bf16']['gflops_per_step'] * 1e9 if 'bf16' in eager else None
             if self.left() < 30:
                 res[task] = dict(skipped='time budget spent')
                 continue
+            if flops is None:  # no eager measurement in this run: the baseline at the same batch first
+                eager = res[f'{task}_eager'] = self.train_once(task, batch, precision='bf16')
+                flops = eager['gflops_per_step'] * 1e9
+                self.log(f'eager {task} batch {batch}: {fmt_train(eager)}')
             t0 = time.time()
             try:
                 with time_limit(min(self.left() - 10, self.opt.compile_limit)):
@@ -271,12 +275,48 @@ class Suite:
             self.save()
         return
 
+    # ---- where the time goes: the CUDA kernels of one eager training step and one pair-scoring block
+    def part_profile(self, res):
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        sort = 'cuda_time_total' if self.cuda else 'cpu_time_total'
+        task, batch = self.opt.profile_task, self.opt.compile_batch
+        args = self.args(task, size_batch=batch, precision='bf16')
+        trainer = agent.Trainer(bench.TASKS[task][0](args), self.device)
+        data = [x.to(self.device) for x in bench.synthetic_batch(task, args, self.frames(task), torch.Generator().manual_seed(0))]
+        for i in range(3):
+            with profile(activities=acts) if i == 2 else contextlib.nullcontext() as prof:
+                with trainer.autocast():
+                    loss, _, _ = trainer.task.step(trainer.model, data, agent.generator(self.device, 0, 0, i, 0))
+                trainer.scaler.scale(loss).backward()
+                trainer.optimiser_step()
+                trainer.optim.zero_grad(set_to_none=True)
+                bench.sync(self.device)
+        res[f'train_{task}_{batch}'] = prof.key_averages().table(sort_by=sort, row_limit=25)
+        self.log(res[f'train_{task}_{batch}'])
+        mdl = trainer.raw.eval()
+        del trainer
+        P, L_img, X = self.opt.size_pairs[-1], 5 * (1 + (args['size_img'] // 32) ** 2), 25
+        fi = torch.randn(P, L_img, mdl.hidden_size, device=self.device)
+        mi = torch.ones(P, L_img, dtype=torch.long, device=self.device)
+        ft = torch.randn(P, X, mdl.hidden_size, device=self.device)
+        mt = bench.random_text((P,), X, torch.Generator().manual_seed(0))[1].to(self.device)
+        with torch.no_grad(), autocast(self.device, 'bf16'):
+            for i in range(2):
+                with profile(activities=acts) if i == 1 else contextlib.nullcontext() as prof:
+                    mdl.score(fi, mi, ft, mt)
+                    bench.sync(self.device)
+        res[f'pairs_{P}'] = prof.key_averages().table(sort_by=sort, row_limit=20)
+        self.log(res[f'pairs_{P}'])
+        del mdl, fi, ft
+        self.free()
+
     # ---- retrieval evaluation
     def part_eval(self, res):
         args = self.args('retrieval')
         agent.seed_all(0)
         mdl = violet.VIOLET_Retrieval(args).to(self.device).eval()
-        n_vid, n_txt = (1000, 100) if not self.opt.small else (50, 10)
+        n_vid, n_txt = (1000, self.opt.eval_texts) if not self.opt.small else (50, 10)
         T, S, X = 5, args['size_img'], args['size_txt']
         L_img, D = T * (1 + (S // 32) ** 2), mdl.hidden_size
         gen = torch.Generator().manual_seed(0)
@@ -306,6 +346,20 @@ class Suite:
                 res[f'{prec}_{size_pair}'] = r
                 self.log(f"eval pairs {prec} size_pair {size_pair}: {r['pairs_per_s']:.0f} pairs/s"
                          + (f", MFU {r['mfu'] * 100:.1f}%" if 'mfu' in r else ''))
+        if self.opt.eval_compile and self.left() > 30:
+            size_pair = self.opt.size_pairs[-1]
+            t0 = time.time()
+            try:
+                with time_limit(min(self.left() - 10, self.opt.compile_limit)):
+                    mdl.compile_blocks()
+                    r = res[f'bf16_compiled_{size_pair}'] = self.pairs(mdl, feat_img, mask_img, feat_txt, mask_txt,
+                                                                         size_pair, 'bf16')
+                r['sec_incl_compile'] = time.time() - t0
+                self.log(f"eval pairs bf16 compiled size_pair {size_pair}: {r['pairs_per_s']:.0f} pairs/s"
+                         + (f", MFU {r['mfu'] * 100:.1f}%" if 'mfu' in r else '') + f' ({time.time() - t0:.0f} s)')
+            except (Budget, RuntimeError) as e:
+                res['compiled'] = dict(error=f'{type(e).__name__}: {str(e)[:500]}', sec=time.time() - t0)
+                self.log(f"eval compiled: {res['compiled']['error']}")
         best = max((v for k, v in res.items() if k.startswith('bf16_')), key=lambda r: r['pairs_per_s'], default=None)
         if best:
             n_pairs = 1000 * 1000
@@ -484,11 +538,16 @@ def main(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
     p.add_argument('--small', action='store_true', help='toy model, 64 px (to test this script on a CPU)')
     p.add_argument('--budget', type=float, default=400, help='seconds for all parts together')
-    p.add_argument('--parts', nargs='+', default=['parity', 'train', 'eval', 'data', 'compile'])
+    p.add_argument('--parts', nargs='+', default=['parity', 'train', 'eval', 'data', 'compile'],
+                   choices=['parity', 'train', 'eval', 'data', 'compile', 'profile'])
     p.add_argument('--tasks', nargs='+', default=['pretrain', 'retrieval', 'qamc', 'qaoe'], choices=list(CONFIGS))
     p.add_argument('--reserve', type=float, default=100, help='seconds the train part leaves for the parts after it')
     p.add_argument('--compile_tasks', nargs='+', default=['pretrain', 'retrieval'], choices=list(CONFIGS))
     p.add_argument('--compile_limit', type=float, default=150, help='seconds for one compiled measurement')
+    p.add_argument('--compile_batch', type=int, default=32, help='batch of compile / profile when train did not run')
+    p.add_argument('--eval_compile', action='store_true', help='also score pairs with compile_blocks()')
+    p.add_argument('--eval_texts', type=int, default=20, help='texts x 1,000 videos scored per pair measurement')
+    p.add_argument('--profile_task', default='qaoe', choices=list(CONFIGS))
     p.add_argument('--steps', type=int, default=3, help='timed steps per training measurement')
     p.add_argument('--batch0', type=int, default=16, help='first batch of the largest-batch search')
     p.add_argument('--max_batch', type=int, default=128)
