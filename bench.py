@@ -12,6 +12,7 @@ Prints a short table, then the JSON (also written to --out when given).
 import argparse
 import json
 import resource
+import sys
 import time
 
 import torch
@@ -118,7 +119,7 @@ def bench_train(name, args, device, steps, tflops, frames=None, flops=None):
 
 
 @torch.no_grad()
-def bench_pairs(mdl, size_img, size_txt, device, n_vid=16, n_txt=16, size_pair=64, reps=5, T=5):
+def bench_pairs(mdl, size_img, size_txt, device, n_vid=16, n_txt=16, size_pair=64, reps=5, T=5, precision='fp32'):
     """eval_retrieval.score_pairs (features -> every (text, video) pair scored) vs the bare cross-encoder
     (go_cross + fc on one pre-stacked batch of size_pair pairs, run as many times), both in pairs/s.
     Interleaved repetitions, best of each, so background noise hits both alike."""
@@ -135,12 +136,12 @@ def bench_pairs(mdl, size_img, size_txt, device, n_vid=16, n_txt=16, size_pair=6
 
     def bare():
         for _ in range(n_block):
-            with eval_retrieval.autocast(device):
+            with eval_retrieval.autocast(device, precision):
                 out, _ = mdl.go_cross(*stacked)
             mdl.fc(out[:, L_img].float())
 
     def pairs():
-        eval_retrieval.score_pairs(mdl, feat_img, mask_img, feat_txt, mask_txt, size_pair)
+        eval_retrieval.score_pairs(mdl, feat_img, mask_img, feat_txt, mask_txt, size_pair, precision=precision)
 
     best = {'bare': float('inf'), 'pairs': float('inf')}
     for r in range(reps + 1):
@@ -174,7 +175,11 @@ def bench_data(config, n_items, data_dir=''):
 
 
 def main():
-    p = argparse.ArgumentParser(description='VIOLET throughput benchmark')
+    if sys.argv[1:3] == ['--suite', 'gpu']:  # the one-shot device check lives in bench_gpu.py
+        import bench_gpu
+        return bench_gpu.main(sys.argv[3:])
+    p = argparse.ArgumentParser(description='VIOLET throughput benchmark (python bench.py --suite gpu ...: the '
+                                            'one-shot device check, see bench_gpu.py)')
     p.add_argument('config', nargs='?', default='./_data/toy/args_pretrain.json',
                    help='model keys and shapes (size_img, size_txt, size_batch) to measure')
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE')
@@ -206,7 +211,8 @@ def main():
     mdl = violet.VIOLET_Retrieval(args).to(device).eval()
     size_pair = opt.size_pair or (512 if cuda else 64)
     n = opt.pair_items or (64 if cuda else 16)
-    res['eval_pairs'] = bench_pairs(mdl, args['size_img'], args['size_txt'], device, n, n, size_pair, opt.reps)
+    res['eval_pairs'] = bench_pairs(mdl, args['size_img'], args['size_txt'], device, n, n, size_pair, opt.reps,
+                                    precision=args['precision'])
     del mdl
     res['data'] = bench_data(opt.data, opt.data_items, opt.data_dir)
     res['peak_mem_mb'] = peak_mem_mb(device)

@@ -324,6 +324,7 @@ class VIOLET_Base(nn.Module):
     def go_cross(self, feat_img, mask_img, feat_txt, mask_txt, output_attentions=False):
         x = torch.cat([feat_img, feat_txt], dim=1)
         keep = torch.cat([mask_img, mask_txt], dim=1).bool()[:, None, None, :]  # [B, 1, 1, L]
+        keep = None if bool(keep.all()) else keep  # no mask: SDPA may take its flash kernel
         atts = []
         for layer in self.trsfr.layer:
             if self.args['grad_ckpt'] and self.training and not output_attentions:
@@ -337,8 +338,13 @@ class VIOLET_Base(nn.Module):
 
     def score(self, feat_img, mask_img, feat_txt, mask_txt):
         """Raw fc score of N aligned (video, text) pairs on the fused CLS (the text's [CLS]). The head runs in
-        fp32 even under autocast: half-precision scores (3 significant digits) turn rankings into ties."""
-        out, _ = self.go_cross(feat_img, mask_img, feat_txt, mask_txt)
+        fp32 even under autocast: half-precision scores (3 significant digits) turn rankings into ties.
+        Text columns that are padding in every pair are dropped first (exact: padded keys are masked out, and only
+        the CLS output is used); a batch left without padding then attends without a mask, on the fastest
+        (flash) kernels. In evaluation a batch holds one or two captions, so this is the common case."""
+        used = mask_txt.any(0).nonzero()
+        n = int(used.max()) + 1 if len(used) else 1
+        out, _ = self.go_cross(feat_img, mask_img, feat_txt[:, :n], mask_txt[:, :n])
         with torch.autocast(out.device.type, enabled=False):
             return self.fc(out[:, feat_img.shape[1]].float()).squeeze(-1)
 
@@ -456,7 +462,8 @@ def bert_layer(layer, x, keep, output_attentions):
     att = None
     if output_attentions:
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        if keep is not None:
+            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
         # after attention dropout, as transformers returns them: in train mode the original's attended masking
         # drew from these dropped-out probabilities
         att = F.dropout(scores.softmax(dim=-1), p_drop, layer.training)

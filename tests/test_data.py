@@ -649,3 +649,16 @@ def test_pretrain_frame_count_from_most_vq_entries(args, bad_copy, capsys):
     ds = dataset.Dataset_Pretrain(dict(args, path_data=bad_copy), 'toyvid', 'val')
     assert ds.size_frame == 4 and f'vq_toyvid.pkl: 1 of ' in capsys.readouterr().out
     assert all(ds[i][0].shape[0] == 4 for i in range(len(ds)) if ds.tsv.read(ds.lineidx[i])[0] != first)
+
+
+def test_large_jpeg_decoded_at_reduced_scale_stays_close():
+    """A JPEG 4x the target or larger is decoded at 1/2..1/8 scale by libjpeg (b64_to_img's fast path): the values
+    stay within 1/255 mean of the original's full-size PIL pipeline."""
+    rng = np.random.default_rng(7)
+    buf = io.BytesIO()
+    smooth_image(rng, 1080, 1920).save(buf, format='JPEG', quality=90)
+    assert dataset.jpeg_side(buf.getvalue()) == 1920
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    ours, ref = dataset.b64_to_img(b64, 224), pil_reference(b64, 224)
+    assert ours.shape == ref.shape == (3, 224, 224)
+    assert (ours - ref).abs().mean().item() < 1 / 255

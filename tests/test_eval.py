@@ -300,3 +300,25 @@ def test_checkpoint_that_does_not_fit_is_refused(toy, tmp_path):
         f"eval_retrieval: {tmp_path / 'wrong.pt'}: {sum(not k.endswith('relative_position_index') for k in sd)} of the "
         f"model's {len(sd)} keys are missing from the file or of another shape (need=all): ")
     assert not os.path.exists(tmp_path / 'out')
+
+
+def test_bench_gpu_suite_small_on_cpu(tmp_path):
+    """The one-shot device check runs end to end on the toy model (how it is tested before a GPU lease): every
+    part writes its figures into bench_gpu.json, in order, within its time budget."""
+    p = subprocess.run([sys.executable, 'bench_gpu.py', '--device', 'cpu', '--small', '--out', str(tmp_path),
+                        '--parts', 'parity', 'train', 'eval', 'data', '--tasks', 'qaoe', '--max_batch', '2',
+                        '--steps', '1', '--workers', '1', '--data_frames', '4', '--frame_sizes', '320x240',
+                        '--budget', '240'],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.load(open(tmp_path / 'bench_gpu.json'))
+    assert 'skipped' in res['parity']  # golden outputs are full size only
+    qaoe = res['train']['qaoe']
+    assert qaoe['batch'] == 2 and qaoe['oom_at'] is None
+    for name in ('bf16', 'fp16', 'bf16_grad_ckpt'):
+        assert qaoe[name]['samples_per_s'] > 0 and qaoe[name]['gflops_per_step'] > 0
+    pairs = res['eval']['bf16_64']
+    assert pairs['finite'] and pairs['pairs_per_s'] > 0 and pairs['gflops_per_pair'] > 0
+    assert res['eval']['msrvtt_1k_estimate_s_bf16'] > 0
+    assert res['data']['320x240']['ours'] > 0 and res['data']['loader_1_workers_frames_per_s'] > 0
+    assert (tmp_path / 'bench_gpu.log').read_text().count('\n') > 5

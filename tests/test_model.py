@@ -366,3 +366,18 @@ def test_convert_video_swin_reads_without_running_code(tmp_path):
         tool.convert(str(tmp_path / 'obj.pth'), str(tmp_path / 'vt2.pt'))
     assert not os.path.exists(tmp_path / 'vt2.pt')
     assert set(tool.convert(str(tmp_path / 'obj.pth'), str(tmp_path / 'vt2.pt'), trust_pickle=True)) == set(swin.state_dict())
+
+
+@pytest.mark.parametrize('lengths', [(8, 5, 3), (4, 4, 4), (8, 8, 8)])
+def test_score_drops_shared_padding_exactly(lengths):
+    """score() cuts the text columns that are padding in every pair and runs without a mask when none is left:
+    the same scores as the full padded sequence through the masked cross-encoder."""
+    img, txt, mask = small_batch()
+    for i, n in enumerate(lengths):
+        txt[i, n - 1], txt[i, n:], mask[i, n:] = 102, 0, 0
+    m = model.VIOLET_Retrieval(SMALL).eval()
+    with torch.no_grad():
+        feat_img, mask_img, feat_txt, mask_txt = m.go_feat(img, txt, mask)
+        out, _ = m.go_cross(feat_img, mask_img, feat_txt, mask_txt)
+        full = m.fc(out[:, feat_img.shape[1]]).squeeze(-1)
+        assert torch.allclose(m.score(feat_img, mask_img, feat_txt, mask_txt), full, atol=1e-5)
