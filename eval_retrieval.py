@@ -220,7 +220,9 @@ def main():
         run = dict(config=opt.config, ckpt=path_ckpt, zero_shot=opt.zero_shot, world=world, size_pair=size_pair,
                    precision=args['precision'])
         agent.save_json(dict(run=run, **results), os.path.join(out, 'eval_retrieval.json'))
-        agent.save_json(args, os.path.join(out, 'args.json'))
+        # a training run's folder keeps its own args.json: these args go beside it under another name
+        has_args = os.path.exists(os.path.join(out, 'args.json'))
+        agent.save_json(args, os.path.join(out, 'eval_retrieval_args.json' if has_args else 'args.json'))
         print(f'wrote {out}/eval_retrieval.json')
     if world > 1:
         dist.destroy_process_group()

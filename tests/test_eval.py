@@ -322,3 +322,12 @@ def test_bench_gpu_suite_small_on_cpu(tmp_path):
     assert res['eval']['msrvtt_1k_estimate_s_bf16'] > 0
     assert res['data']['320x240']['ours'] > 0 and res['data']['loader_1_workers_frames_per_s'] > 0
     assert (tmp_path / 'bench_gpu.log').read_text().count('\n') > 5
+
+
+def test_eval_into_a_run_folder_keeps_its_args(toy, tmp_path):
+    """--out pointing at a training run's folder: the run's args.json stays, the evaluation's args go beside it."""
+    (tmp_path / 'args.json').write_text('{"type": "retrieval", "lr": 0.5}')
+    run_cli([toy[1], '--splits', 'val', '--out', str(tmp_path)])
+    assert json.load(open(tmp_path / 'args.json')) == {'type': 'retrieval', 'lr': 0.5}
+    assert json.load(open(tmp_path / 'eval_retrieval_args.json'))['type'] == 'retrieval'
+    assert 'val' in json.load(open(tmp_path / 'eval_retrieval.json'))
