@@ -64,7 +64,7 @@ DEFAULTS = dict(
 )
 CHOICES = dict(precision=('auto', 'fp16', 'bf16', 'fp32'), mvm_target=('vq', 'pixel'),
                type=('', 'pretrain', 'qamc', 'qaoe', 'retrieval'), retrieval_loss=('v2t', 'both'),
-               frame_layout=dataset.FRAME_LAYOUTS)
+               frame_layout=dataset.FRAME_LAYOUTS, model_preset=('', *violet.PRESETS))
 POSITIVE = ('size_batch', 'size_epoch', 'grad_accum', 'max_nonfinite', 'size_img', 'size_txt')
 NON_NEGATIVE = ('stop_after_steps', 'save_every', 'num_workers', 'size_frame', 'size_vocab', 'lr', 'decay',
                 'max_grad_norm', 'vt_drop_path', 'head_dropout', 'max_skip_frac')
@@ -141,13 +141,14 @@ def load_args(path='', sets=(), base=None):
         if not isinstance(base, dict):
             raise config_error(f'{path} must hold a JSON object')
     check_keys(base or {}, path or 'saved args')
-    args.update(base or {})
+    given = dict(base or {})
     for kv in sets:
         k, eq, v = kv.partition('=')
         if not eq:
             raise config_error(f"--set takes KEY=VALUE, got '{kv}'")
         check_keys({k: parse_value(v)}, '--set')
-        args[k] = parse_value(v)
+        given[k] = parse_value(v)
+    args.update(violet.with_preset(given))  # a model_preset fills the model keys the file and --set leave out
     return args
 
 

@@ -25,7 +25,7 @@ import agent
 import dataset
 import model as violet
 
-TEMPERATURE = {'qamc': 1.0, 'pretrain': 0.05, 'retrieval': 0.05}  # option probabilities: softmax(score / T), as trained
+TEMPERATURE = {'qamc': 1.0, 'pretrain': violet.VTM_TEMPERATURE, 'retrieval': violet.VTM_TEMPERATURE}  # option probabilities: softmax(score / T), as trained
 
 
 def find_config(ckpt, config=None):

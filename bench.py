@@ -67,7 +67,7 @@ def synthetic_batch(name, args, T, gen):
     img = torch.rand(B, T, 3, S, S, generator=gen)
     if name == 'pretrain':
         hw = (S // 32) ** 2
-        vq = torch.randint(0, 8192, (B, T, hw), generator=gen)
+        vq = torch.randint(0, violet.VQ_VOCAB, (B, T, hw), generator=gen)
         vq = torch.cat([torch.full((B, T, 1), -1), vq], 2).flatten(1)
         return [img, *random_text((B,), X, gen), vq]
     if name == 'qamc':

@@ -10,7 +10,6 @@ import math
 import os
 import pickle
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,13 +28,30 @@ DEFAULTS = {
     'grad_ckpt': False,  # activation checkpointing in VT and CT (saves memory, costs a recompute)
     'mvm_target': 'vq',  # 'vq': 8192 DALL-E tokens; 'pixel': regress the 3x32x32 normalised RGB patch
     'head_dropout': 0.1,  # dropout before each MLP head (the original's 0.1); a tiny model learns only without it
+    'model_preset': '',  # a name of PRESETS: its keys fill those a config leaves out ('' = none)
 }
+# named models, as timm names its variants: a config with "model_preset": "toy" needs none of these keys
+PRESETS = {
+    'toy': dict(txt_backbone='./_data/bert-tiny', path_vt='', vt_dim=16, vt_depths=[2, 2, 2, 2],
+                vt_heads=[1, 2, 4, 8], vt_window=[8, 4, 4], vt_drop_path=0.0, head_dropout=0.0),
+}
+VTM_TEMPERATURE = 0.05  # VTM and retrieval logits: score / 0.05
+VTM_OPTIONS = 4  # pretraining VTM: each video against its own text and 3 others of the batch
+VQ_VOCAB = 8192  # DALL-E's visual token vocabulary (the MVM classes)
 MAX_FRAMES, MAX_SIDE = 6, 448  # emb_len has 6 rows, emb_pos 1+14*14
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def with_preset(given):
+    """The keys of the preset `given` names, under the given keys themselves."""
+    name = given.get('model_preset') or ''
+    if name and name not in PRESETS:
+        raise ValueError(f"model_preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return {**PRESETS.get(name, {}), **given}
+
+
 def margs(args):
-    return {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
+    return {**DEFAULTS, **with_preset({k: v for k, v in args.items() if v is not None})}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,8 +219,8 @@ class EncImg(nn.Module):
         self.swin = SwinTransformer3D(args['vt_dim'], args['vt_depths'], args['vt_heads'], args['vt_window'],
                                       args['vt_drop_path'], args['grad_ckpt'])
         load_vt(self.swin, args['path_vt'], args.get('path_ckpt', ''))
-        if self.swin.num_features != hidden:  # only in non-default configs: keeps the default key layout
-            self.proj = nn.Linear(self.swin.num_features, hidden)
+        # a Linear only in non-default configs: no parameter, so the default key layout stays the original's
+        self.proj = nn.Linear(self.swin.num_features, hidden) if self.swin.num_features != hidden else nn.Identity()
         self.emb_cls = nn.Parameter(0.02 * torch.randn(1, 1, 1, hidden))
         self.emb_pos = nn.Parameter(0.02 * torch.randn(1, 1, 1 + 14**2, hidden))
         self.emb_len = nn.Parameter(0.02 * torch.randn(1, MAX_FRAMES, 1, hidden))
@@ -216,9 +232,7 @@ class EncImg(nn.Module):
         B, T, _, H, W = img.shape
         h, w = H // 32, W // 32
         f = self.swin(((img - self.mean) / self.std).transpose(1, 2))  # [B, T, h, w, C]
-        f = f.reshape(B, T, h*w, -1)
-        if hasattr(self, 'proj'):
-            f = self.proj(f)
+        f = self.proj(f.reshape(B, T, h*w, -1))
         f = torch.cat([self.emb_cls.expand(B, T, -1, -1), f], dim=2)
         f = f + self.emb_pos[:, :, :1+h*w] + self.emb_len[:, :T]
         f = self.norm(f).flatten(1, 2)
@@ -285,21 +299,23 @@ def load_bert(name):
 # VIOLET
 
 class VIOLET_Base(nn.Module):
-    keeps_mlm_head = False  # VIOLET_Pretrain takes BERT's MLM head as fc_mtm
     task_type = ''  # the config 'type' it serves (named when a checkpoint comes from another task)
 
     def __init__(self, args):
         super().__init__()
         self.args = args = margs(args)
         bert = load_bert(args['txt_backbone'])
-        self.config = bert.config
         self.hidden_size = bert.config.hidden_size
         self.enc_img = EncImg(args, self.hidden_size)
         # the original took the embeddings from a separate BertModel: a copy, so fc_mtm's decoder is not tied to it
         self.enc_txt = EncTxt(copy.deepcopy(bert.bert.embeddings))
         self.trsfr = bert.bert.encoder
-        self._mlm_head = [bert.cls] if self.keeps_mlm_head else []  # a list: not registered as a submodule
         self.cross_layer = bert_layer  # compile_blocks() swaps in a compiled one
+        self.add_heads(bert.cls)
+
+    def add_heads(self, mlm_head):
+        """Each task adds its heads here; mlm_head is BERT's MLM head (pretraining keeps it as fc_mtm)."""
+        raise NotImplementedError
 
     def make_head(self, n_out):
         D = self.hidden_size
@@ -501,13 +517,11 @@ def vtm_pairs(B, O, device):
 
 class VIOLET_Pretrain(VIOLET_Base):
     task_type = 'pretrain'
-    keeps_mlm_head = True
 
-    def __init__(self, args):
-        super().__init__(args)
+    def add_heads(self, mlm_head):
         self.fc = self.make_head(1)
-        self.fc_mtm = self._mlm_head.pop()
-        self.fc_mvm = self.make_head(8192 if self.args['mvm_target'] == 'vq' else 3*32*32)
+        self.fc_mtm = mlm_head
+        self.fc_mvm = self.make_head(VQ_VOCAB if self.args['mvm_target'] == 'vq' else 3*32*32)
 
     def get_att(self, img, txt, mask):
         """Per position: head-averaged attention it receives, summed over queries and the 12 layers."""
@@ -517,20 +531,20 @@ class VIOLET_Pretrain(VIOLET_Base):
 
     def forward(self, img, txt, mask):
         B = img.shape[0]
-        O = min(B, 4)
+        O = min(B, VTM_OPTIONS)
         feat_img, mask_img, feat_txt, mask_txt = self.go_feat(img, txt, mask)
         L_img = feat_img.shape[1]
         out, _ = self.go_cross(feat_img, mask_img, feat_txt, mask_txt)
         out_mtm, out_mvm = self.fc_mtm(out[:, L_img:]), self.fc_mvm(out[:, :L_img])
         i_img, i_txt = vtm_pairs(B, O, img.device)
-        out_vtm = self.score(feat_img[i_img], mask_img[i_img], feat_txt[i_txt], mask_txt[i_txt]).view(B, O) / 0.05
+        out_vtm = self.score(feat_img[i_img], mask_img[i_img], feat_txt[i_txt], mask_txt[i_txt]).view(B, O) / VTM_TEMPERATURE
         return out_mtm, out_mvm, out_vtm, torch.zeros(B, dtype=torch.long, device=img.device)
 
 
 class VIOLET_QAMC(VIOLET_Base):
     task_type = 'qamc'
-    def __init__(self, args):
-        super().__init__(args)
+
+    def add_heads(self, mlm_head):
         self.fc = self.make_head(1)
 
     def forward(self, img, txt, mask):  # txt, mask: [B, O, X]
@@ -545,8 +559,8 @@ class VIOLET_QAMC(VIOLET_Base):
 
 class VIOLET_QAOE(VIOLET_Base):
     task_type = 'qaoe'
-    def __init__(self, args):
-        super().__init__(args)
+
+    def add_heads(self, mlm_head):
         if 'size_vocab' not in self.args:
             raise KeyError("VIOLET_QAOE needs args['size_vocab'] (number of answer classes)")
         self.fc = self.make_head(self.args['size_vocab'])
@@ -562,17 +576,17 @@ class VIOLET_QAOE(VIOLET_Base):
 
 class VIOLET_Retrieval(VIOLET_Base):
     task_type = 'retrieval'
-    def __init__(self, args):
-        super().__init__(args)
+
+    def add_heads(self, mlm_head):
         self.fc = self.make_head(1)
 
     def forward(self, img, txt, mask):
-        """All B x B (video i, text j) pairs, score / 0.05 as [B (video), B (text)]; target i for row i."""
+        """All B x B (video i, text j) pairs, score / VTM_TEMPERATURE as [B (video), B (text)]; target i for row i."""
         B = img.shape[0]
         feat_img, mask_img, feat_txt, mask_txt = self.go_feat(img, txt, mask)
         i_img = torch.arange(B, device=img.device).repeat_interleave(B)
         i_txt = torch.arange(B, device=img.device).repeat(B)
-        out = self.score(feat_img[i_img], mask_img[i_img], feat_txt[i_txt], mask_txt[i_txt]).view(B, B) / 0.05
+        out = self.score(feat_img[i_img], mask_img[i_img], feat_txt[i_txt], mask_txt[i_txt]).view(B, B) / VTM_TEMPERATURE
         return out, torch.arange(B, device=img.device)
 
 

@@ -19,8 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, '_tools'))
 import make_toy  # noqa: E402
 
-SMALL = dict(txt_backbone=os.path.join(ROOT, '_data', 'bert-tiny'), path_vt='', vt_dim=16, vt_depths=[2, 2, 2, 2],
-             vt_heads=[1, 2, 4, 8], size_img=64, size_txt=16)
+SMALL = dict(model_preset='toy', txt_backbone=os.path.join(ROOT, '_data', 'bert-tiny'), size_img=64, size_txt=16)
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
 
 

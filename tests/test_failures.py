@@ -169,6 +169,19 @@ def test_list_and_sign_checks():
     assert agent.load_args(CONFIG, ['vt_window=[2,2,2]', 'datasets=["a"]'])['vt_window'] == [2, 2, 2]
 
 
+def test_model_preset_in_configs(tmp_path):
+    """The toy configs name the preset: they load to the keys they used to spell out; a file or --set key wins over
+    the preset, and a run's saved args (every key written out) load to themselves."""
+    flat = dict(txt_backbone='./_data/bert-tiny', path_vt='', vt_dim=16, vt_depths=[2, 2, 2, 2], vt_heads=[1, 2, 4, 8],
+                vt_window=[8, 4, 4], vt_drop_path=0.0, head_dropout=0.0)
+    args = agent.load_args(CONFIG)
+    assert {k: args[k] for k in flat} == flat and args['model_preset'] == 'toy'
+    assert agent.load_args(CONFIG, ['vt_dim=8'])['vt_dim'] == 8
+    assert agent.load_args(base={**args, 'vt_window': [2, 2, 2]})['vt_window'] == [2, 2, 2]
+    assert agent.load_args(base={**args, 'model_preset': ''}) == {**args, 'model_preset': ''}
+    assert error_of('model_preset=tiny') == "config error: key 'model_preset' must be one of ['', 'toy'], got 'tiny' (--set)"
+
+
 def test_data_checked_before_the_first_step(toy, tmp_path):
     """A missing split used to surface after a whole training epoch."""
     qs = json.load(open(f'{toy}/txt_toy-qamc.json'))

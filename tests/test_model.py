@@ -10,8 +10,7 @@ import transformers
 import golden_weights as gw
 import model
 
-SMALL = {'txt_backbone': './_data/bert-tiny', 'path_vt': '', 'vt_dim': 16, 'vt_depths': [2, 2, 2, 2],
-         'vt_heads': [1, 2, 4, 8], 'size_vocab': 7}
+SMALL = {'model_preset': 'toy', 'size_vocab': 7}
 
 
 @pytest.fixture(scope='module')
@@ -127,7 +126,7 @@ def test_heads_backpropagate():
 def test_sdpa_equals_explicit_attention_and_grad_ckpt():
     img, txt, mask = small_batch()
     mask[1, 5:] = 0
-    m = model.VIOLET_Pretrain(SMALL).eval()
+    m = model.VIOLET_Pretrain({**SMALL, 'vt_drop_path': 0.2}).eval()
     with torch.no_grad():
         f = m.go_feat(img, txt, mask)
         a, _ = m.go_cross(*f)
@@ -210,13 +209,26 @@ def test_projection_when_widths_differ():
     assert m.enc_img.proj.weight.shape == (128, 64)
     img, txt, mask = small_batch()
     assert m.go_feat(img, txt, mask)[0].shape == (3, 3 * 5, 128)
-    assert not hasattr(model.VIOLET_Retrieval(SMALL).enc_img, 'proj')
+    same = model.VIOLET_Retrieval(SMALL)
+    assert isinstance(same.enc_img.proj, torch.nn.Identity) and not any('proj' in k for k in same.enc_img.state_dict()
+                                                                         if not k.startswith('swin.'))
 
 
 def test_head_dropout_key():
-    assert model.VIOLET_QAOE(SMALL).fc[0].p == 0.1  # the original's
-    m = model.VIOLET_Pretrain({**SMALL, 'head_dropout': 0.0})
+    assert model.DEFAULTS['head_dropout'] == 0.1  # the original's
+    assert model.VIOLET_QAOE({**SMALL, 'head_dropout': 0.1}).fc[0].p == 0.1  # a given key wins over the preset's
+    m = model.VIOLET_Pretrain(SMALL)  # the toy preset's 0.0
     assert m.fc[0].p == 0.0 and m.fc_mvm[0].p == 0.0
+
+
+def test_toy_preset():
+    """The preset fills what the dict leaves out; DEFAULTS what the preset does not name; unknown names refused."""
+    m = model.VIOLET_Retrieval({**SMALL, 'vt_dim': 8})
+    assert m.args['vt_window'] == [8, 4, 4] and m.args['vt_dim'] == 8 and m.args['mvm_target'] == 'vq'
+    assert m.enc_img.swin.layers[0].blocks[0].attn.relative_position_bias_table.shape == (15 * 7 * 7, 1)
+    assert m.hidden_size == 128 and len(m.trsfr.layer) == 2  # bert-tiny
+    with pytest.raises(ValueError, match="model_preset: unknown preset 'tiny' \\(known: toy\\)"):
+        model.VIOLET_Retrieval({'model_preset': 'tiny'})
 
 
 def test_pixel_mvm_head():
@@ -263,7 +275,7 @@ def load_tool(name):
 
 
 def test_convert_video_swin_and_path_vt(tmp_path, capsys):
-    swin = model.SwinTransformer3D(16, [2, 2, 2, 2], [1, 2, 4, 8])
+    swin = model.SwinTransformer3D(16, [2, 2, 2, 2], [1, 2, 4, 8], [8, 4, 4])  # the toy preset's
     mm = {'meta': {'epoch': 30}, 'state_dict': {**{'backbone.' + k: v for k, v in swin.state_dict().items()},
                                                 'cls_head.fc_cls.weight': torch.rand(400, 128)}}
     torch.save(mm, tmp_path / 'k400.pth')
