@@ -22,6 +22,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import socket
 import time
 
@@ -60,6 +61,7 @@ DEFAULTS = dict(
     save_every=0,        # > 0: also write resume.pt every this many steps within a part / epoch
     stop_after_steps=0,  # > 0: stop (resumable) after this many training steps of this invocation
     save_safetensors=False,  # also write each checkpoint as .safetensors (shareable; loading it runs no code)
+    log_tb=False,        # also write TensorBoard scalars to <path_output>/tb (steps.jsonl is always written)
     compile=False,       # torch.compile the VT blocks and CT layers (training and eval_retrieval); numbers unchanged
 )
 CHOICES = dict(precision=('auto', 'fp16', 'bf16', 'fp32'), mvm_target=('vq', 'pixel'),
@@ -459,6 +461,8 @@ class Trainer:
         self.log = task.new_log()
         self.log.update(n_skipped=0, n_nonfinite=0, not_loaded=self.not_loaded)
         self.unit, self.step = 0, 0       # position: next unit, batches of it already done
+        self.global_step = 0              # optimiser steps (windows) of the whole run: the curves' x axis
+        self.steplog = None               # rank 0's StepLog, opened by fit
         self.nonfinite_run = 0            # consecutive non-finite steps (same on every rank)
         self.local = self.fresh_local()   # this rank's running sums of the current unit
         if state is None:
@@ -498,6 +502,7 @@ class Trainer:
         self.model.train()
         accum = args['grad_accum']
         pending = 0  # backward passes since the last optimiser step
+        window = dict(sums={}, n=0, n_samples=0, t0=time.time())  # rank 0's losses since the last logged step
         t0, n_samples = time.time(), 0
         bar = tqdm(loader, total=n_batch, initial=self.step, disable=not is_main(), ascii=True, desc=unit['name'])
         for i, (batch, n_skip) in enumerate(bar, start=self.step):
@@ -537,11 +542,19 @@ class Trainer:
                 self.local['n_samples'] += len(batch[0])
                 if is_main():
                     bar.set_postfix(loss=f'{loss.item():.3f}')
+                    for k, v in (('loss', loss), *losses.items()):
+                        window['sums'][k] = window['sums'].get(k, 0.0) + v.item()
+                    window['n'] += 1
+                    window['n_samples'] += len(batch[0])
             elif last_of_window and self.world > 1:
                 pending = 0  # the window's DDP all-reduce never ran (its last backward was skipped): drop it
             if last_of_window:
                 if pending:
                     self.optimiser_step()
+                    self.global_step += 1
+                    if self.steplog and window['n']:
+                        self.steplog.train(self.global_step, unit['name'], i + 1, window, self.optim.param_groups[0]['lr'])
+                        window = dict(sums={}, n=0, n_samples=0, t0=time.time())
                 self.optim.zero_grad(set_to_none=True)
                 pending = 0
                 self.step = i + 1
@@ -609,6 +622,7 @@ class Trainer:
         if is_main():
             save_torch(dict(model=self.raw.state_dict(), optim=self.optim.state_dict(), scaler=self.scaler.state_dict(),
                             unit=self.unit, step=self.step, nonfinite_run=self.nonfinite_run, log=self.log,
+                            global_step=self.global_step,
                             ranks=ranks, world=self.world, args=self.args), os.path.join(self.out, 'resume.pt'))
 
     def load_state(self, state):
@@ -616,6 +630,7 @@ class Trainer:
         if state['scaler']:
             self.scaler.load_state_dict(state['scaler'])
         self.unit, self.step, self.nonfinite_run, self.log = state['unit'], state['step'], state['nonfinite_run'], state['log']
+        self.global_step = state.get('global_step', 0)  # absent from resume files of earlier versions
         if state['world'] == self.world:
             mine = state['ranks'][self.rank]
             set_rng_state(mine['rng'])
@@ -636,6 +651,16 @@ class Trainer:
 
     def fit(self, out):
         self.out, self.steps_run = out, 0
+        if is_main():
+            self.steplog = StepLog(out, self.args['log_tb'])
+        try:
+            return self.fit_units()
+        finally:
+            if self.steplog:
+                self.steplog.close()
+                self.steplog = None
+
+    def fit_units(self):
         units = self.task.units()
         if self.unit == 0 and self.step == 0:
             self.save_unit(self.task.ckpt_name(None))
@@ -646,6 +671,8 @@ class Trainer:
                 return False
             accs = {tag: self.evaluate(self.unit, tag, ds) for tag, ds in self.task.eval_sets(unit).items()}
             self.task.record(self.log, unit, losses, accs)
+            if self.steplog:
+                self.steplog.evaluation(self.global_step, unit['name'], accs)
             self.save_unit(self.task.ckpt_name(unit))
             self.unit, self.step, self.local = self.unit + 1, 0, self.fresh_local()
             self.save_resume()
@@ -660,6 +687,49 @@ class Trainer:
             say(f'stopped after {self.steps_run} steps (stop_after_steps); continue with --resume {self.out}')
             return True
         return False
+
+
+class StepLog:
+    """Rank 0's curves: steps.jsonl (one JSON line per optimiser step: rank 0's mean losses over the step's batches,
+    lr and samples/s since the previous line; one line per unit's evaluation) and, under log_tb, the same scalars
+    as TensorBoard events in <out>/tb. Appended: a resumed run goes on in the same files."""
+
+    def __init__(self, out, tb):
+        self.file = open(os.path.join(out, 'steps.jsonl'), 'a')
+        self.tb = None
+        if tb:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise SystemExit(f'log_tb: TensorBoard is not installed ({e}); pip install -r requirements.txt') from e
+            self.tb = SummaryWriter(os.path.join(out, 'tb'))
+
+    def write(self, rec, scalars):
+        self.file.write(json.dumps(rec) + '\n')
+        self.file.flush()
+        if self.tb:
+            for k, v in scalars.items():
+                if v is not None:
+                    self.tb.add_scalar(k, v, rec['step'])
+            self.tb.flush()
+
+    def train(self, step, unit, unit_step, window, lr):
+        n = window['n']
+        speed = window['n_samples'] / max(time.time() - window['t0'], 1e-9)
+        losses = {k: v / n for k, v in window['sums'].items() if k != 'loss'}
+        rec = dict(step=step, unit=unit, unit_step=unit_step, loss=window['sums']['loss'] / n, losses=losses, lr=lr,
+                   samples_per_s=speed)
+        self.write(rec, {'train/loss': rec['loss'], **{f'train/{k}': v for k, v in losses.items()},
+                         'train/lr': lr, 'train/samples_per_s': speed})
+
+    def evaluation(self, step, unit, accs):
+        metrics = {f'{tag}/{k}': v for tag, acc in accs.items() for k, v in acc.items()}
+        self.write(dict(step=step, unit=unit, eval=metrics), {f'eval/{k}': v for k, v in metrics.items()})
+
+    def close(self):
+        self.file.close()
+        if self.tb:
+            self.tb.close()
 
 
 def fmt(d):
@@ -749,7 +819,7 @@ def default_output(name):
     return os.path.join('_snapshot', f'_{name}_{time.strftime("%Y%m%d%H%M%S")}_{secrets.token_hex(3)}')
 
 
-RUN_FILES = ('args.json', 'log.json', 'resume.pt', 'eval.json', 'eval_retrieval.json')
+RUN_FILES = ('args.json', 'log.json', 'resume.pt', 'eval.json', 'eval_retrieval.json', 'steps.jsonl', 'tb')
 
 
 def take_folder(out, resume, overwrite, own_files=()):
@@ -778,7 +848,7 @@ def take_folder(out, resume, overwrite, own_files=()):
                              f'continue that run with --resume {out}, choose another path_output, or pass --overwrite '
                              f'to replace them')
         for f in old:
-            os.remove(os.path.join(out, f))
+            (shutil.rmtree if os.path.isdir(os.path.join(out, f)) else os.remove)(os.path.join(out, f))
         print(f'--overwrite: removed {len(old)} file(s) of the previous run in {out}', flush=True)
     remove_stale_tmp(out)
     return lock

@@ -1,7 +1,8 @@
 """The whole pipeline on CPU on a self-made toy corpus: build the corpus with the real tools, pretrain a small
 VIOLET (MLM + MVM + VTM, both maskings), fine-tune retrieval, QA-MC and QA-OE from that checkpoint, evaluate
-retrieval, print one table with chance levels; exit 1 if the model did not learn. Then predict.py answers
-questions about two new toy videos (mp4 files) with the fine-tuned checkpoints.
+retrieval, print one table with chance levels and plot the runs' curves (curves.png; TensorBoard events too);
+exit 1 if the model did not learn. Then predict.py answers questions about two new toy videos (mp4 files) with
+the fine-tuned checkpoints.
 
     python demo.py [--out _snapshot/demo] [--keep]      (bash demo.sh installs the requirements first)
 """
@@ -49,7 +50,7 @@ def main():
         secs['corpus'] = run('_tools/make_toy.py', '--out', DATA, '--seed', '0')
 
     pre = os.path.join(opt.out, 'pretrain')
-    secs['pretrain'] = run('main_pretrain.py', f'{DATA}/args_pretrain.json', '--set', f'path_output={pre}')
+    secs['pretrain'] = run('main_pretrain.py', f'{DATA}/args_pretrain.json', '--set', f'path_output={pre}', 'log_tb=true')
     args_pre = load(os.path.join(pre, 'args.json'))
     last = f'ckpt_violet_pretrain_{args_pre["datasets"][-1]}_'
     ckpt_pre = max((f for f in os.listdir(pre) if f.startswith(last)), key=lambda f: os.path.getmtime(os.path.join(pre, f)))
@@ -58,7 +59,8 @@ def main():
     logs = {}
     for script, task in [('main_retrieval.py', 'toy-retrieval'), ('main_qamc.py', 'toy-qamc'), ('main_qaoe.py', 'toy-qaoe')]:
         out = os.path.join(opt.out, task)
-        secs[task] = run(script, f'{DATA}/args_{task}.json', '--set', f'path_ckpt={ckpt_pre}', f'path_output={out}')
+        secs[task] = run(script, f'{DATA}/args_{task}.json', '--set', f'path_ckpt={ckpt_pre}', f'path_output={out}',
+                         'log_tb=true')
         logs[task] = load(os.path.join(out, 'log.json'))
     args_ret = load(os.path.join(opt.out, 'toy-retrieval', 'args.json'))
     ckpt_ret = os.path.join(opt.out, 'toy-retrieval', f'ckpt_violet_toy-retrieval_{args_ret["size_epoch"]}.pt')
@@ -106,7 +108,8 @@ def main():
     for name, value, ch, flag, note in rows:
         print(f'{name:42s} {value:7.3f} {ch:7.3f}  {flag:6s} {note}')
     print('time (s): ' + ', '.join(f'{k} {v:.0f}' for k, v in secs.items()) + f', total {sum(secs.values()):.0f}')
-    print(f'outputs: {opt.out}')
+    run('_tools/plot_curves.py', pre, *(os.path.join(opt.out, t) for t in logs), '--out', os.path.join(opt.out, 'curves.png'))
+    print(f'outputs: {opt.out} (curves: {opt.out}/curves.png, or tensorboard --logdir {opt.out})')
     if not ok:
         sys.exit('demo: the model did not learn what it should (rows marked FAILED)')
     secs['predict'] = predict_new_videos(opt.out)

@@ -160,3 +160,43 @@ def test_training_refuses_a_checkpoint_without_the_encoders(toy, tmp_path):
     trainer = agent.Trainer(main_qamc.QAMC(dict(args, path_ckpt=str(tmp_path / 'wrong.pt'), init_partial=True)),
                             torch.device('cpu'))
     assert len(trainer.not_loaded) == sum(not k.endswith('relative_position_index') for k in sd)
+
+
+def test_step_log_and_tensorboard(toy, tmp_path):
+    """steps.jsonl: one line per optimiser step, numbered on across a resume, whose losses average to log.json's
+    ls_tr per epoch, and one line per evaluation; TensorBoard holds the same scalars; the plot script reads it."""
+    import main_qamc
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / 'run'
+    sets = [f'txt_backbone={TINY}', f'path_data={toy}', f'path_output={out}', 'size_epoch=2', 'size_batch=4',
+            'log_tb=true']
+    agent.main(main_qamc.QAMC, '', [f'{REPO}/_data/toy/args_toy-qamc.json', '--set', *sets, 'stop_after_steps=5'])
+    agent.main(main_qamc.QAMC, '', ['--resume', str(out)])
+    lines = [json.loads(x) for x in open(out / 'steps.jsonl')]
+    train = [r for r in lines if 'eval' not in r]
+    evals = [r for r in lines if 'eval' in r]
+    assert [r['step'] for r in train] == list(range(1, 9)) and [r['unit_step'] for r in train] == [1, 2, 3, 4] * 2
+    log = json.load(open(out / 'log.json'))
+    for e in range(2):
+        assert abs(sum(r['loss'] for r in train[4*e:4*e+4]) / 4 - log['ls_tr'][e]) < 1e-6
+        assert all(r['losses']['tr'] == r['loss'] and r['lr'] == 1e-4 and r['samples_per_s'] > 0 for r in train)
+    assert [(r['step'], r['unit'], r['eval']['vl/ac'], r['eval']['ts/ac']) for r in evals] == [
+        (4 * (e + 1), f'epoch {e + 1}', log['ac_vl'][e], log['ac_ts'][e]) for e in range(2)]
+    tb = EventAccumulator(str(out / 'tb'))
+    tb.Reload()
+    got = [(s.step, s.value) for s in tb.Scalars('train/loss')]
+    assert [g[0] for g in got] == list(range(1, 9))
+    assert all(abs(v - r['loss']) < 1e-5 for (_, v), r in zip(got, train))
+    assert [(s.step, round(s.value, 6)) for s in tb.Scalars('eval/vl/ac')] == [(4 * (e + 1), round(log['ac_vl'][e], 6))
+                                                                            for e in range(2)]
+    assert {'train/lr', 'train/samples_per_s', 'train/tr', 'eval/ts/ac'} <= set(tb.Tags()['scalars'])
+    # the plot script: a cut last line is left out, a repeated step keeps its last line, an image is written
+    with open(out / 'steps.jsonl', 'a') as f:
+        f.write(json.dumps({**train[-1], 'loss': 9.0}) + '\n{"step": 9, "lo')
+    import plot_curves
+    steps, ev = plot_curves.read_steps(str(out / 'steps.jsonl'))
+    assert [r['step'] for r in steps] == list(range(1, 9)) and steps[-1]['loss'] == 9.0 and len(ev) == 2
+    r = subprocess.run([sys.executable, '_tools/plot_curves.py', str(out), '--out', str(tmp_path / 'c.png')], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert open(tmp_path / 'c.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'

@@ -102,7 +102,7 @@ def test_output_folder_is_one_runs(toy, tmp_path):
     # a second run into the same folder is refused, nothing of the first touched
     mtimes = {f: os.path.getmtime(out / f) for f in first if f != '.lock'}
     assert stops(qamc, toy, out) == (f"{out} holds another run's files (args.json, ckpt_violet_toy-qamc_0.pt, log.json, "
-                                     f"resume.pt): continue that run with --resume {out}, choose another path_output, "
+                                     f"resume.pt, ...): continue that run with --resume {out}, choose another path_output, "
                                      f"or pass --overwrite to replace them")
     assert {f: os.path.getmtime(out / f) for f in os.listdir(out) if f != '.lock'} == mtimes
     # a running run holds the folder's lock: a concurrent resume (or run) is refused
@@ -138,8 +138,11 @@ def test_output_folder_is_one_runs(toy, tmp_path):
     assert 'ckpt_violet_toy-qamc_1.pt' in os.listdir(out)
     # --overwrite: the old run's files go, the new run's come
     (out / 'ckpt_violet_toy-qamc_7.pt').write_bytes(b'an old epoch')
+    os.makedirs(out / 'tb')
+    (out / 'tb' / 'events.out.tfevents.old').write_bytes(b'old events')
     qamc(toy, out, 'stop_after_steps=1', flags=['--overwrite'])
     assert 'ckpt_violet_toy-qamc_7.pt' not in os.listdir(out) and 'ckpt_violet_toy-qamc_1.pt' not in os.listdir(out)
+    assert not (out / 'tb').exists() and [json.loads(x)['step'] for x in open(out / 'steps.jsonl')] == [1]
     assert torch.load(out / 'resume.pt', weights_only=True)['step'] == 1
 
 
