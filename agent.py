@@ -1,7 +1,7 @@
 """What main_pretrain.py, main_qamc.py, main_qaoe.py and main_retrieval.py share: config loading and
 validation, distributed setup, loaders, THE training loop, checkpoints, exact resume and logs.
 
-A script defines a Task (datasets, model class, step -> loss and metrics) and calls
+A script defines a Task (tasks.py: datasets, model class, step -> loss and metrics) and calls
 `main(TaskClass, default_config)`:
 
     python main_X.py [CONFIG.json] [--set KEY=VALUE ...] [--resume DIR_OR_FILE]
@@ -30,7 +30,6 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import dataset
@@ -318,117 +317,12 @@ def generator(device, *position):
 
 
 # ----------------------------------------------------------------------------------------------
-# losses and metrics
-
-def ce_hits(out, ans):
-    """Cross-entropy over the targets != -1 (0 when there are none, so a batch with nothing masked is no NaN)
-    and argmax hits. -> (loss, (n_correct, n_targets))."""
-    out, ans = out.flatten(0, -2).float(), ans.flatten()
-    keep = ans != -1
-    n = keep.sum()
-    loss = F.cross_entropy(out, ans, ignore_index=-1, reduction='sum') / n.clamp(min=1)
-    return loss, (((out.argmax(-1) == ans) & keep).sum(), n)
-
-
-# ----------------------------------------------------------------------------------------------
-# tasks: what differs between the scripts
-
-class Task:
-    """What one script defines; Trainer calls:
-      build_model() -> nn.Module built from self.args
-      units() -> list of dicts with 'epoch' (1-based) and 'name': each is train -> evaluate -> checkpoint, in order
-      train_set(unit) -> Dataset;  eval_sets(unit) -> {tag: Dataset} evaluated after the unit
-      step(model, batch, gen) -> (loss to minimise, {name: loss tensor} to log, {metric: (n_correct, n_count)});
-          batch is on the device, gen a torch.Generator seeded from (seed, unit, step, rank)
-      new_log() -> dict;  record(log, unit, mean losses, {tag: {metric: accuracy}}) appends to it
-      ckpt_name(unit) -> file name (unit None: the checkpoint written before training)
-      evaluate_only(trainer) -> {split: metrics} (--eval: no training)
-      run_files() -> {file name: JSON object} written into the run dir beside the checkpoints (QA-OE: vocab.json)
-    type: the config 'type' it trains; losses, metrics: the keys of step()'s losses and hits; name: of the output dir."""
-    type = ''
-    metrics = ()
-    losses = ()
-    unused_parameters = False  # True for a task whose loss leaves some parameters out (DDP must then look for them)
-
-    def __init__(self, args):
-        self.args = args
-
-    @property
-    def name(self):
-        return self.type
-
-    def evaluate_only(self, trainer):
-        raise SystemExit(f'{self.type} has no evaluation-only mode')
-
-    def check_data(self):
-        """Open every dataset the run will read (a missing file or split stops it before the first step)."""
-        for unit in self.units():
-            self.train_set(unit)
-            self.eval_sets(unit)
-
-    def run_files(self):
-        return {}
-
-
-class Downstream(Task):
-    """Fine-tuning (docs/violet.md#losses): epochs of train -> val and test accuracy -> ckpt_violet_<task>_<epoch>.pt."""
-    Model = Dataset = None
-    losses, metrics = ('tr',), ('ac',)
-
-    def __init__(self, args):
-        super().__init__(args)
-        if not args['task'] or not args['dataset']:
-            raise config_error(f"{self.type} needs the keys 'task' and 'dataset'")
-        self.sets = {}
-
-    @property
-    def name(self):
-        return self.args['task']
-
-    def build_model(self):
-        return self.Model(self.args)
-
-    def split(self, split):
-        if split not in self.sets:
-            self.sets[split] = self.Dataset(self.args, split)
-        return self.sets[split]
-
-    def units(self):
-        return [dict(epoch=e, name=f'epoch {e}') for e in range(1, self.args['size_epoch'] + 1)]
-
-    def train_set(self, unit):
-        return self.split('train')
-
-    def eval_sets(self, unit):
-        return {'vl': self.split('val'), 'ts': self.split('test')}
-
-    def step(self, model, batch, gen):
-        img, txt, mask, ans = batch
-        loss, hits = ce_hits(model(img, txt, mask), ans)
-        return loss, {'tr': loss}, {'ac': hits}
-
-    def new_log(self):
-        return {'ls_tr': [], **{f'{m}_{t}': [] for m in self.metrics for t in ('vl', 'ts')}}
-
-    def record(self, log, unit, losses, accs):
-        log['ls_tr'].append(losses['tr'])
-        for m in self.metrics:
-            for t in ('vl', 'ts'):
-                log[f'{m}_{t}'].append(accs[t][m])
-
-    def evaluate_only(self, trainer):
-        return {split: trainer.evaluate(0, split, self.split(split)) for split in ('val', 'test')}
-
-    def ckpt_name(self, unit):
-        return f'ckpt_violet_{self.args["task"]}_{unit["epoch"] if unit else 0}.pt'
-
-
-# ----------------------------------------------------------------------------------------------
 # the training loop
 
 class Trainer:
-    def __init__(self, task, device, state=None, need=None):
-        """need: what path_ckpt must fill (model.load_ckpt); None: 'encoders', or 'any' under init_partial."""
+    def __init__(self, task, device, state=None, need=None, out=''):
+        """need: what path_ckpt must fill (model.load_ckpt); None: 'encoders', or 'any' under init_partial.
+        out: the run's folder (checkpoints, resume.pt, logs); fit(out) may name it later."""
         self.task, self.args, self.device = task, task.args, device
         self.rank, self.world = get_rank(), get_world()
         args = self.args
@@ -463,6 +357,10 @@ class Trainer:
         self.unit, self.step = 0, 0       # position: next unit, batches of it already done
         self.global_step = 0              # optimiser steps (windows) of the whole run: the curves' x axis
         self.steplog = None               # rank 0's StepLog, opened by fit
+        self.out = out
+        self.steps_run = 0                # optimiser windows run by this invocation (stop_after_steps)
+        self.pending = 0                  # backward passes since the last optimiser step
+        self.speed = 0.0                  # samples/s of the last unit, over the ranks
         self.nonfinite_run = 0            # consecutive non-finite steps (same on every rank)
         self.local = self.fresh_local()   # this rank's running sums of the current unit
         if state is None:
@@ -500,81 +398,108 @@ class Trainer:
         n_batch = math.ceil(len(indices) / B)
         loader = self.loader(ds, indices[self.step * B:], args['seed'], u, self.step, self.rank)
         self.model.train()
-        accum = args['grad_accum']
-        pending = 0  # backward passes since the last optimiser step
-        window = dict(sums={}, n=0, n_samples=0, t0=time.time())  # rank 0's losses since the last logged step
+        self.pending = 0
+        window = new_window()  # rank 0's losses since the last logged step
         t0, n_samples = time.time(), 0
         bar = tqdm(loader, total=n_batch, initial=self.step, disable=not is_main(), ascii=True, desc=unit['name'])
         for i, (batch, n_skip) in enumerate(bar, start=self.step):
             self.local['n_skipped'] += n_skip
-            last_of_window = (i + 1) % accum == 0 or i + 1 == n_batch
-            loss = losses = None
+            last_of_window = (i + 1) % args['grad_accum'] == 0 or i + 1 == n_batch
             if batch is not None:
                 batch = self.to_device(batch)
                 n_samples += len(batch[0])
-                with self.autocast():
-                    loss, losses, _ = self.task.step(self.model, batch, generator(self.device, args['seed'], u, i, self.rank))
-            present = batch is not None
-            finite = present and bool(torch.isfinite(loss))
-            # one reduction: a step is trained on every rank or on none; -max of the ranks' skip counts
-            present, finite, most_skipped = all_reduce([present, finite, -self.local['n_skipped']],
-                                                       dist.ReduceOp.MIN if self.world > 1 else None)
-            if -most_skipped > args['max_skip_frac'] * len(ds):  # the sum over ranks is larger still
-                raise SystemExit(too_many_skipped(int(-most_skipped), len(ds), unit['name'], args['max_skip_frac'], 'at least '))
-            if present and not finite:
-                self.log['n_nonfinite'] += 1
-                self.nonfinite_run += 1
-                say(f'\nnon-finite loss at {unit["name"]} step {i}: step skipped '
-                    f'({self.nonfinite_run} in a row, {self.log["n_nonfinite"]} in all)')
-                if self.nonfinite_run >= args['max_nonfinite']:
-                    raise SystemExit(f'stopping: {self.nonfinite_run} consecutive non-finite losses '
-                                     f'(max_nonfinite={args["max_nonfinite"]}) at {unit["name"]} step {i}; '
-                                     f'try precision bf16/fp32, a lower lr or max_grad_norm')
-            if present and finite:
+            r = self.train_step(batch, generator(self.device, args['seed'], u, i, self.rank), last_of_window)
+            if r['most_skipped'] > args['max_skip_frac'] * len(ds):  # the sum over ranks is larger still
+                raise SystemExit(too_many_skipped(r['most_skipped'], len(ds), unit['name'], args['max_skip_frac'], 'at least '))
+            if r['nonfinite']:
+                self.count_nonfinite(unit['name'], i)
+            if r['losses'] is not None:
                 self.nonfinite_run = 0
-                sync = last_of_window or self.world == 1
-                with contextlib.nullcontext() if sync else self.model.no_sync():
-                    self.scaler.scale(loss / accum).backward()
-                pending += 1
-                for k, v in losses.items():
-                    self.local['sums'][k] = self.local['sums'].get(k, 0.0) + v.item()
-                self.local['n'] += 1
-                self.local['n_samples'] += len(batch[0])
-                if is_main():
-                    bar.set_postfix(loss=f'{loss.item():.3f}')
-                    for k, v in (('loss', loss), *losses.items()):
-                        window['sums'][k] = window['sums'].get(k, 0.0) + v.item()
-                    window['n'] += 1
-                    window['n_samples'] += len(batch[0])
-            elif last_of_window and self.world > 1:
-                pending = 0  # the window's DDP all-reduce never ran (its last backward was skipped): drop it
-            if last_of_window:
-                if pending:
-                    self.optimiser_step()
-                    self.global_step += 1
-                    if self.steplog and window['n']:
-                        self.steplog.train(self.global_step, unit['name'], i + 1, window, self.optim.param_groups[0]['lr'])
-                        window = dict(sums={}, n=0, n_samples=0, t0=time.time())
-                self.optim.zero_grad(set_to_none=True)
-                pending = 0
-                self.step = i + 1
-                self.steps_run += 1
-                if args['save_every'] and self.step % args['save_every'] == 0 and self.step < n_batch:
-                    self.save_resume()
-                if self.step < n_batch and self.stopping():
-                    self.save_resume()
-                    return None
+                self.add_losses(r['loss'], r['losses'], len(batch[0]), window, bar)
+            if not last_of_window:
+                continue
+            if r['stepped']:
+                self.global_step += 1
+                if self.steplog and window['n']:
+                    self.steplog.train(self.global_step, unit['name'], i + 1, window, self.optim.param_groups[0]['lr'])
+                    window = new_window()
+            self.step = i + 1
+            self.steps_run += 1
+            if args['save_every'] and self.step % args['save_every'] == 0 and self.step < n_batch:
+                self.save_resume()
+            if self.step < n_batch and self.stopping():
+                self.save_resume()
+                return None
         bar.close()
-        sec = time.time() - t0
+        return self.unit_losses(unit['name'], len(ds), n_samples, time.time() - t0)
+
+    def train_step(self, batch, gen, last_of_window=True):
+        """One batch of training: forward; one reduction over the ranks, so that a step is trained on every rank or
+        on none (not when a rank has no batch or a non-finite loss); backward (DDP syncs the gradients only at the
+        window's last batch); at the last batch of a grad_accum window, the optimiser step.
+        batch: on the device, or None when every sample of this rank's batch was bad.
+        -> dict(loss, losses (None when not trained), nonfinite (a rank's loss was not finite), most_skipped (bad
+        samples skipped in this unit by the rank that skipped most), stepped (the optimiser stepped))."""
+        loss = losses = None
+        if batch is not None:
+            with self.autocast():
+                loss, losses, _ = self.task.step(self.model, batch, gen)
+        present = batch is not None
+        finite = present and bool(torch.isfinite(loss))
+        # one reduction: the min of present and finite, and -max of the ranks' skip counts
+        present, finite, most_skipped = all_reduce([present, finite, -self.local['n_skipped']],
+                                                   dist.ReduceOp.MIN if self.world > 1 else None)
+        trained = bool(present and finite)
+        if trained:
+            sync = last_of_window or self.world == 1
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                self.scaler.scale(loss / self.args['grad_accum']).backward()
+            self.pending += 1
+        elif last_of_window and self.world > 1:
+            self.pending = 0  # the window's DDP all-reduce never ran (its last backward was skipped): drop it
+        stepped = last_of_window and self.pending > 0
+        if stepped:
+            self.optimiser_step()
+        if last_of_window:
+            self.optim.zero_grad(set_to_none=True)
+            self.pending = 0
+        return dict(loss=loss, losses=losses if trained else None, nonfinite=bool(present and not finite),
+                    most_skipped=int(-most_skipped), stepped=stepped)
+
+    def count_nonfinite(self, where, i):
+        self.log['n_nonfinite'] += 1
+        self.nonfinite_run += 1
+        say(f'\nnon-finite loss at {where} step {i}: step skipped '
+            f'({self.nonfinite_run} in a row, {self.log["n_nonfinite"]} in all)')
+        if self.nonfinite_run >= self.args['max_nonfinite']:
+            raise SystemExit(f'stopping: {self.nonfinite_run} consecutive non-finite losses '
+                             f'(max_nonfinite={self.args["max_nonfinite"]}) at {where} step {i}; '
+                             f'try precision bf16/fp32, a lower lr or max_grad_norm')
+
+    def add_losses(self, loss, losses, n_samples, window, bar):
+        """A trained batch into this rank's unit sums (and on rank 0 into the log window and the bar)."""
+        for k, v in losses.items():
+            self.local['sums'][k] = self.local['sums'].get(k, 0.0) + v.item()
+        self.local['n'] += 1
+        self.local['n_samples'] += n_samples
+        if is_main():
+            bar.set_postfix(loss=f'{loss.item():.3f}')
+            for k, v in (('loss', loss), *losses.items()):
+                window['sums'][k] = window['sums'].get(k, 0.0) + v.item()
+            window['n'] += 1
+            window['n_samples'] += n_samples
+
+    def unit_losses(self, where, n_data, n_samples, sec):
+        """The unit's mean losses over every rank's finite steps; sets self.speed (samples/s over the ranks)."""
         keys = self.task.losses  # fixed names: a rank without a finite step still sends every sum
         tot = all_sum([self.local['sums'].get(k, 0.0) for k in keys] +
                       [self.local['n'], self.local['n_samples'], self.local['n_skipped'], n_samples])
         n_steps, n_trained, n_skipped = tot[-4], int(tot[-3]), int(tot[-2])
         if n_trained == 0:  # never a "done" run (and never a loss of 0.0) without data
-            raise SystemExit(f'stopping: {unit["name"]} trained on no sample ({n_skipped} of {len(ds)} skipped as bad, '
+            raise SystemExit(f'stopping: {where} trained on no sample ({n_skipped} of {n_data} skipped as bad, '
                              f'the other steps non-finite); see the first error with skip_bad false')
-        if n_skipped > args['max_skip_frac'] * len(ds):
-            raise SystemExit(too_many_skipped(n_skipped, len(ds), unit['name'], args['max_skip_frac']))
+        if n_skipped > self.args['max_skip_frac'] * n_data:
+            raise SystemExit(too_many_skipped(n_skipped, n_data, where, self.args['max_skip_frac']))
         self.log['n_skipped'] += n_skipped
         self.speed = tot[-1] / max(sec, 1e-9)
         return {k: tot[j] / n_steps for j, k in enumerate(keys)}
@@ -649,8 +574,10 @@ class Trainer:
                 save_safetensors(self.raw.state_dict(), os.path.join(self.out, name.removesuffix('.pt') + '.safetensors'))
             save_json(self.log, os.path.join(self.out, 'log.json'))
 
-    def fit(self, out):
-        self.out, self.steps_run = out, 0
+    def fit(self, out=None):
+        """Train the units from the current position, evaluate and checkpoint each. -> True when done, False when
+        stopped early (resumable)."""
+        self.out, self.steps_run = out or self.out, 0
         if is_main():
             self.steplog = StepLog(out, self.args['log_tb'])
         try:
@@ -687,6 +614,10 @@ class Trainer:
             say(f'stopped after {self.steps_run} steps (stop_after_steps); continue with --resume {self.out}')
             return True
         return False
+
+
+def new_window():
+    return dict(sums={}, n=0, n_samples=0, t0=time.time())
 
 
 class StepLog:

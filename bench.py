@@ -79,7 +79,8 @@ def synthetic_batch(name, args, T, gen):
 
 
 def bench_train(name, args, device, steps, tflops, frames=None, flops=None):
-    """samples/s of full training steps (forward incl. masking, backward, optimiser) through agent.Trainer."""
+    """samples/s of full training steps (forward incl. masking, backward, optimiser): agent.Trainer.train_step, the
+    training loop's own step, on one synthetic batch."""
     Task, T = TASKS[name]
     T = frames or T
     args = {**args, 'type': name, 'path_ckpt': '', 'dataset': args['dataset'] or 'bench',
@@ -91,11 +92,7 @@ def bench_train(name, args, device, steps, tflops, frames=None, flops=None):
     batch = [x.to(device) for x in synthetic_batch(name, args, T, torch.Generator().manual_seed(0))]
 
     def step(i):
-        with trainer.autocast():
-            loss, _, _ = trainer.task.step(trainer.model, batch, agent.generator(device, 0, 0, i, 0))
-        trainer.scaler.scale(loss).backward()
-        trainer.optimiser_step()
-        trainer.optim.zero_grad(set_to_none=True)
+        trainer.train_step(batch, agent.generator(device, 0, 0, i, 0))
 
     for i in range(2):  # warm-up: allocator, autotuning, lazy inits
         step(i)

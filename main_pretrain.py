@@ -18,6 +18,7 @@ from einops import rearrange
 import agent
 import dataset
 import model as violet
+import tasks
 
 P_MASK, ID_MASK, ID_SPECIAL = 0.15, 103, (101, 102, 0)  # [MASK]; [CLS], [SEP], [PAD] are never masked
 
@@ -101,7 +102,7 @@ def pixel_targets(img):
     return F.pad(x, (0, 0, 1, 0)).flatten(1, 2)
 
 
-class Pretrain(agent.Task):
+class Pretrain(tasks.Task):
     type = 'pretrain'
     losses = metrics = ('mtm', 'mvm', 'vtm')
 
@@ -154,15 +155,15 @@ class Pretrain(agent.Task):
 
         img_m, txt_m, ans_mtm, ans_mvm, is_mvm = mask_batch(img, txt, vq, gen, get_att)
         out_mtm, out_mvm, out_vtm, ans_vtm = model(img_m, txt_m, mask)
-        ls_mtm, hit_mtm = agent.ce_hits(out_mtm, ans_mtm)
-        ls_vtm, hit_vtm = agent.ce_hits(out_vtm, ans_vtm)
+        ls_mtm, hit_mtm = tasks.ce_hits(out_mtm, ans_mtm)
+        ls_vtm, hit_vtm = tasks.ce_hits(out_vtm, ans_vtm)
         if self.args['mvm_target'] == 'pixel':
             err = (out_mvm.float() - pixel_targets(img)).abs().mean(dim=-1)[is_mvm]
             n = is_mvm.sum()
             ls_mvm = err.sum() / n.clamp(min=1)
             hit_mvm = (-err.sum(), n)  # "accuracy" = -L1
         else:
-            ls_mvm, hit_mvm = agent.ce_hits(out_mvm, ans_mvm)
+            ls_mvm, hit_mvm = tasks.ce_hits(out_mvm, ans_mvm)
         loss = ls_mtm + ls_mvm + ls_vtm
         return loss, dict(mtm=ls_mtm, mvm=ls_mvm, vtm=ls_vtm), dict(mtm=hit_mtm, mvm=hit_mvm, vtm=hit_vtm)
 

@@ -11,9 +11,10 @@ QA-MC head has the VTM head's shape and takes its weights) and picks the best op
 import agent
 import dataset
 import model as violet
+import tasks
 
 
-class QAMC(agent.Downstream):
+class QAMC(tasks.Downstream):
     type = 'qamc'
     Model, Dataset = violet.VIOLET_QAMC, dataset.Dataset_QAMC  # step: CE of the [B, O] scores vs the answer
 

@@ -14,16 +14,17 @@ reads it to answer in words.
 import agent
 import dataset
 import model as violet
+import tasks
 
 
-class QAOE(agent.Downstream):
+class QAOE(tasks.Downstream):
     type = 'qaoe'
     Model, Dataset = violet.VIOLET_QAOE, dataset.Dataset_QAOE
     metrics = ('ac', 'ac_iv')
 
     def step(self, model, batch, gen):
         img, txt, mask, ans = batch
-        loss, (hits, n_in_vocab) = agent.ce_hits(model(img, txt, mask), ans)  # answer -1: no loss, no hit
+        loss, (hits, n_in_vocab) = tasks.ce_hits(model(img, txt, mask), ans)  # answer -1: no loss, no hit
         return loss, {'tr': loss}, {'ac': (hits, ans.numel()), 'ac_iv': (hits, n_in_vocab)}
 
     def run_files(self):

@@ -14,18 +14,19 @@ import agent
 import eval_retrieval
 import dataset
 import model as violet
+import tasks
 
 
-class Retrieval(agent.Downstream):
+class Retrieval(tasks.Downstream):
     type = 'retrieval'
     Model, Dataset = violet.VIOLET_Retrieval, dataset.Dataset_Retrieval
 
     def step(self, model, batch, gen):
         img, txt, mask = batch
         out, ans = model(img, txt, mask)
-        loss, hits = agent.ce_hits(out, ans)
+        loss, hits = tasks.ce_hits(out, ans)
         if self.args['retrieval_loss'] == 'both':
-            loss = (loss + agent.ce_hits(out.t(), ans)[0]) / 2
+            loss = (loss + tasks.ce_hits(out.t(), ans)[0]) / 2
         return loss, {'tr': loss}, {'ac': hits}
 
     def evaluate_only(self, trainer):  # the real retrieval metrics, not the in-batch accuracy of training

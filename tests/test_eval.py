@@ -286,6 +286,25 @@ def test_bench_cli_small(toy, tmp_path):
     assert res['eval_pairs']['ratio'] > 0 and res['data']['frames_per_s'] > 0
 
 
+def test_bench_train_times_the_loops_own_step(monkeypatch):
+    """bench_train runs Trainer.train_step itself (the training loop's step), not a copy of it: every warm-up,
+    counted and timed step goes through it, each one an optimiser step that moves the weights."""
+    import agent
+    import bench
+    calls, real = [], agent.Trainer.train_step
+
+    def counted(self, batch, gen, last_of_window=True):
+        before = next(self.raw.fc.parameters()).detach().clone()
+        r = real(self, batch, gen, last_of_window)
+        calls.append(r['stepped'] and not torch.equal(before, next(self.raw.fc.parameters())))
+        return r
+    monkeypatch.setattr(agent.Trainer, 'train_step', counted)
+    args = agent.load_args(os.path.join(ROOT, '_data', 'toy', 'args_toy-qamc.json'),
+                           [f"txt_backbone={SMALL['txt_backbone']}", 'size_batch=2'])
+    res = bench.bench_train('qamc', args, torch.device('cpu'), 2, None)
+    assert calls == [True] * 5 and res['batch'] == 2 and res['samples_per_s'] > 0
+
+
 def test_checkpoint_that_does_not_fit_is_refused(toy, tmp_path):
     """A checkpoint whose tensors all have another shape used to be 'loaded' (0 keys) and the random model
     evaluated with exit 0; now it is an error naming the file, and nothing is written."""

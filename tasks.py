@@ -1,0 +1,107 @@
+"""What differs between main_pretrain.py, main_qamc.py, main_qaoe.py and main_retrieval.py: a Task says what to
+build, train on, evaluate and log; agent.Trainer runs it. Downstream is the fine-tuning tasks' common part;
+ce_hits their loss and accuracy.
+"""
+import torch.nn.functional as F
+
+import agent
+
+
+def ce_hits(out, ans):
+    """Cross-entropy over the targets != -1 (0 when there are none, so a batch with nothing masked is no NaN)
+    and argmax hits. -> (loss, (n_correct, n_targets))."""
+    out, ans = out.flatten(0, -2).float(), ans.flatten()
+    keep = ans != -1
+    n = keep.sum()
+    loss = F.cross_entropy(out, ans, ignore_index=-1, reduction='sum') / n.clamp(min=1)
+    return loss, (((out.argmax(-1) == ans) & keep).sum(), n)
+
+
+class Task:
+    """What one script defines; Trainer calls:
+      build_model() -> nn.Module built from self.args
+      units() -> list of dicts with 'epoch' (1-based) and 'name': each is train -> evaluate -> checkpoint, in order
+      train_set(unit) -> Dataset;  eval_sets(unit) -> {tag: Dataset} evaluated after the unit
+      step(model, batch, gen) -> (loss to minimise, {name: loss tensor} to log, {metric: (n_correct, n_count)});
+          batch is on the device, gen a torch.Generator seeded from (seed, unit, step, rank)
+      new_log() -> dict;  record(log, unit, mean losses, {tag: {metric: accuracy}}) appends to it
+      ckpt_name(unit) -> file name (unit None: the checkpoint written before training)
+      evaluate_only(trainer) -> {split: metrics} (--eval: no training)
+      run_files() -> {file name: JSON object} written into the run dir beside the checkpoints (QA-OE: vocab.json)
+    type: the config 'type' it trains; losses, metrics: the keys of step()'s losses and hits; name: of the output dir."""
+    type = ''
+    metrics = ()
+    losses = ()
+    unused_parameters = False  # True for a task whose loss leaves some parameters out (DDP must then look for them)
+
+    def __init__(self, args):
+        self.args = args
+
+    @property
+    def name(self):
+        return self.type
+
+    def evaluate_only(self, trainer):
+        raise SystemExit(f'{self.type} has no evaluation-only mode')
+
+    def check_data(self):
+        """Open every dataset the run will read (a missing file or split stops it before the first step)."""
+        for unit in self.units():
+            self.train_set(unit)
+            self.eval_sets(unit)
+
+    def run_files(self):
+        return {}
+
+
+class Downstream(Task):
+    """Fine-tuning (docs/violet.md#losses): epochs of train -> val and test accuracy -> ckpt_violet_<task>_<epoch>.pt."""
+    Model = Dataset = None
+    losses, metrics = ('tr',), ('ac',)
+
+    def __init__(self, args):
+        super().__init__(args)
+        if not args['task'] or not args['dataset']:
+            raise agent.config_error(f"{self.type} needs the keys 'task' and 'dataset'")
+        self.sets = {}
+
+    @property
+    def name(self):
+        return self.args['task']
+
+    def build_model(self):
+        return self.Model(self.args)
+
+    def split(self, split):
+        if split not in self.sets:
+            self.sets[split] = self.Dataset(self.args, split)
+        return self.sets[split]
+
+    def units(self):
+        return [dict(epoch=e, name=f'epoch {e}') for e in range(1, self.args['size_epoch'] + 1)]
+
+    def train_set(self, unit):
+        return self.split('train')
+
+    def eval_sets(self, unit):
+        return {'vl': self.split('val'), 'ts': self.split('test')}
+
+    def step(self, model, batch, gen):
+        img, txt, mask, ans = batch
+        loss, hits = ce_hits(model(img, txt, mask), ans)
+        return loss, {'tr': loss}, {'ac': hits}
+
+    def new_log(self):
+        return {'ls_tr': [], **{f'{m}_{t}': [] for m in self.metrics for t in ('vl', 'ts')}}
+
+    def record(self, log, unit, losses, accs):
+        log['ls_tr'].append(losses['tr'])
+        for m in self.metrics:
+            for t in ('vl', 'ts'):
+                log[f'{m}_{t}'].append(accs[t][m])
+
+    def evaluate_only(self, trainer):
+        return {split: trainer.evaluate(0, split, self.split(split)) for split in ('val', 'test')}
+
+    def ckpt_name(self, unit):
+        return f'ckpt_violet_{self.args["task"]}_{unit["epoch"] if unit else 0}.pt'
