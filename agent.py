@@ -13,6 +13,7 @@ get_rank(), get_world(), is_main(), say(), all_sum(); save_json() / save_torch()
 """
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import fcntl
 import inspect
@@ -32,52 +33,47 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import config
 import dataset
 import model as violet
 
-# training keys (model.DEFAULTS and dataset.DEFAULTS hold the others); every config key must be in one of the three
-DEFAULTS = dict(
-    type='',             # 'pretrain' | 'qamc' | 'qaoe' | 'retrieval' (must match the script; '' = the script's)
-    dataset='',          # downstream frames: img_<dataset>.pkl (or .tsv, see dataset.find_layout)
-    task='',             # downstream texts: txt_<task>.json; names the output dir and checkpoints
-    size_option=5,       # QA-MC options per question
-    size_vocab=0,        # QA-OE answer classes (0: the length of the json's "vocab")
-    retrieval_loss='v2t',  # retrieval training: 'v2t' (the original: each video's softmax over the batch's texts)
-                           # | 'both' (mean of that and each text's softmax over the batch's videos)
-    size_epoch=5, size_batch=12,  # size_batch is per process
-    lr=2e-5, decay=1e-3,          # AdamW(lr, betas (0.9, 0.98), weight_decay=decay), constant lr
-    path_ckpt='',        # initial weights (pretraining or official checkpoint); '' = none
-    init_partial=False,  # true: path_ckpt may lack encoder keys (else every enc_img/enc_txt/trsfr key must load)
-    datasets=['webvid2.5m', 'cc3m'],  # pretraining datasets, in order; each trains on its parts found on disk
-    seed=0,
-    num_workers=4,       # DataLoader workers per process
-    precision='auto',    # 'auto' (fp16 on CUDA, fp32 on CPU) | 'fp16' (GradScaler) | 'bf16' | 'fp32'
-    max_grad_norm=0.0,   # > 0: clip the global gradient norm
-    grad_accum=1,        # batches per optimiser step
-    path_output='',      # '' = _snapshot/_<task>_<timestamp>_<random>; one run's alone (locked, see take_folder)
-    max_nonfinite=10,    # stop after this many consecutive non-finite losses
-    max_skip_frac=0.01,  # stop when more than this fraction of a unit's (or an evaluation's) samples were skipped
-    save_every=0,        # > 0: also write resume.pt every this many steps within a part / epoch
-    stop_after_steps=0,  # > 0: stop (resumable) after this many training steps of this invocation
-    save_safetensors=False,  # also write each checkpoint as .safetensors (shareable; loading it runs no code)
-    log_tb=False,        # also write TensorBoard scalars to <path_output>/tb (steps.jsonl is always written)
-    compile=False,       # torch.compile the VT blocks and CT layers (training and eval_retrieval); numbers unchanged
-)
-CHOICES = dict(precision=('auto', 'fp16', 'bf16', 'fp32'), mvm_target=('vq', 'pixel'),
-               type=('', 'pretrain', 'qamc', 'qaoe', 'retrieval'), retrieval_loss=('v2t', 'both'),
-               frame_layout=dataset.FRAME_LAYOUTS, model_preset=('', *violet.PRESETS))
-POSITIVE = ('size_batch', 'size_epoch', 'grad_accum', 'max_nonfinite', 'size_img', 'size_txt')
-NON_NEGATIVE = ('stop_after_steps', 'save_every', 'num_workers', 'size_frame', 'size_vocab', 'lr', 'decay',
-                'max_grad_norm', 'vt_drop_path', 'head_dropout', 'max_skip_frac')
-# list keys: (element type, length or None, smallest element or None); a list key not named here must hold
-# elements of its default's element type
-LISTS = dict(vt_depths=(int, 4, 1), vt_heads=(int, 4, 1), vt_window=(int, 3, 1), datasets=(str, None, None))
+@dataclasses.dataclass
+class TrainConfig:
+    """The training run's config keys (config.key: type, default, help; what values each takes); model.ModelConfig
+    and dataset.DataConfig hold the others. Every config key is in one of the three."""
+    type: str = config.key('', '`pretrain`, `qamc`, `qaoe` or `retrieval`; must match the script (`""`: the script\'s)', choices=('', 'pretrain', 'qamc', 'qaoe', 'retrieval'))
+    retrieval_loss: str = config.key('v2t', 'retrieval training loss: `v2t` (the original: each video\'s softmax over the batch\'s texts) or `both` (the mean of that and each text\'s softmax over the batch\'s videos)', choices=('v2t', 'both'))
+    size_epoch: int = config.key(5, 'epochs', least=1)
+    size_batch: int = config.key(12, 'samples per process and step', least=1)
+    lr: float = config.key(2e-5, 'AdamW learning rate (constant), betas (0.9, 0.98)', least=0)
+    decay: float = config.key(1e-3, 'AdamW weight decay', least=0)
+    path_ckpt: str = config.key('', 'initial weights: a pretraining, official or fine-tuned checkpoint (`load_ckpt`; every encoder key must load)')
+    init_partial: bool = config.key(False, 'true: `path_ckpt` may lack encoder keys or hold them in another shape (a deliberate partial load)')
+    seed: int = config.key(0, 'seed of initialisation, masking, sampling')
+    precision: str = config.key('auto', 'training: `auto` (fp16 on CUDA, fp32 on CPU), `fp16` (autocast + GradScaler, the original), `bf16`, `fp32`; `eval_retrieval.py`: `auto` and `fp32` are float32 (the original), `bf16` / `fp16` autocast', choices=('auto', 'fp16', 'bf16', 'fp32'))
+    max_grad_norm: float = config.key(0.0, '> 0: clip the global gradient norm', least=0)
+    grad_accum: int = config.key(1, 'batches per optimiser step', least=1)
+    max_skip_frac: float = config.key(0.01, 'under `skip_bad`: more than this fraction of a unit\'s (or an evaluation\'s) samples skipped stops the run', least=0)
+    path_output: str = config.key('', 'output dir; `""`: `_snapshot/_<task>_<time>_<random>` (a new one per run)')
+    save_every: int = config.key(0, '> 0: also write `resume.pt` every this many steps inside a part / epoch', least=0)
+    save_safetensors: bool = config.key(False, 'also write each checkpoint as `.safetensors` beside the `.pt` (shareable; loading it cannot run code)')
+    log_tb: bool = config.key(False, 'also write TensorBoard scalars to `<path_output>/tb` (`steps.jsonl` is always written)')
+    stop_after_steps: int = config.key(0, '> 0: stop (resumably) after this many steps of this invocation; not carried over by `--resume` (the resumed run goes to the end unless `--set stop_after_steps=N` is given again)', least=0)
+    max_nonfinite: int = config.key(10, 'a non-finite loss skips its step and is counted; this many in a row stop the run', least=1)
+    compile: bool = config.key(False, '`torch.compile` each VT block and the CT layer (training and `eval_retrieval`; in place, checkpoint keys unchanged; numbers equal within float noise). Compilation takes minutes for the full model; see Benchmark')
+
+
+DEFAULTS = config.defaults(TrainConfig)
+CONFIGS = {'model (model.ModelConfig)': violet.ModelConfig, 'data (dataset.DataConfig)': dataset.DataConfig,
+           'training (agent.TrainConfig)': TrainConfig}
+FIELDS = config.fields(*CONFIGS.values())
 
 
 # ----------------------------------------------------------------------------------------------
 # config
 
 def schema():
+    """Every config key with its default (one flat dict, as the JSON files are)."""
     return {**violet.DEFAULTS, **dataset.DEFAULTS, **DEFAULTS}
 
 
@@ -86,37 +82,15 @@ def config_error(msg):
 
 
 def check_keys(given, where):
-    """Unknown key, wrong type or bad value -> SystemExit with one line naming the key."""
-    known = schema()
+    """Unknown key, wrong type or bad value (the fields of CONFIGS say what each takes) -> SystemExit with one
+    line naming the key."""
     for k, v in given.items():
-        if k not in known:
-            near = difflib.get_close_matches(k, known, n=1)
+        if k not in FIELDS:
+            near = difflib.get_close_matches(k, FIELDS, n=1)
             raise config_error(f"unknown key '{k}' ({where})" + (f"; did you mean '{near[0]}'?" if near else ''))
-        d = known[k]
-        ok = (d is None or (type(d) is float and type(v) in (int, float)) or type(v) is type(d))
-        if not ok:
-            raise config_error(f"key '{k}' must be {type(d).__name__}, got {type(v).__name__} {v!r} ({where})")
-        if k in CHOICES and v not in CHOICES[k]:
-            raise config_error(f"key '{k}' must be one of {list(CHOICES[k])}, got {v!r} ({where})")
-        if k in POSITIVE and v < 1:
-            raise config_error(f"key '{k}' must be >= 1, got {v!r} ({where})")
-        if k in NON_NEGATIVE and v < 0:
-            raise config_error(f"key '{k}' must be >= 0, got {v!r} ({where})")
-        if type(d) is list:
-            check_list(k, v, d, where)
-
-
-def check_list(k, v, default, where):
-    elem, length, least = LISTS.get(k, (type(default[0]) if default else None, None, None))
-    if length is not None and len(v) != length:
-        raise config_error(f"key '{k}' must be a list of {length} {elem.__name__}s, got {len(v)}: {v!r} ({where})")
-    if not v and k in LISTS:
-        raise config_error(f"key '{k}' must not be empty ({where})")
-    for x in v:
-        if elem is not None and (type(x) is not elem):
-            raise config_error(f"key '{k}' must hold {elem.__name__}s, got {type(x).__name__} {x!r} in {v!r} ({where})")
-        if least is not None and x < least:
-            raise config_error(f"key '{k}' must hold values >= {least}, got {x!r} in {v!r} ({where})")
+        wrong = config.problem(FIELDS[k], v)
+        if wrong:
+            raise config_error(f"key '{k}' {wrong} ({where})")
 
 
 def parse_value(s):
@@ -154,7 +128,8 @@ def load_args(path='', sets=(), base=None):
 
 
 def parse_cli(default_config, argv=None):
-    p = argparse.ArgumentParser(description='VIOLET training (see agent.py for the config keys)')
+    p = argparse.ArgumentParser(description='VIOLET training', epilog=config.help_text(CONFIGS),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('config', nargs='?', default=default_config, help=f'JSON config (default {default_config})')
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                    help='override config keys; VALUE parsed as JSON when possible, else a string')

@@ -22,7 +22,7 @@ Missing files raise FileNotFoundError naming the path, always.
 Pickled data files (img_*.pkl, vq_*.pkl, and the tools' inputs) are read by load_pickle, which refuses anything
 but containers, str, bytes, numbers and numpy arrays: reading a downloaded data file never runs code.
 """
-import base64, binascii, collections, io, json, math, os, pickle, random
+import base64, binascii, collections, dataclasses, io, json, math, os, pickle, random
 
 import av
 import numpy as np
@@ -36,10 +36,31 @@ except ImportError:  # a torchvision without them: every image goes through PIL
     decode_jpeg = None
 from PIL import Image, UnidentifiedImageError
 
-DEFAULTS = dict(path_data='./_data', skip_bad=False, size_img=224, size_txt=32,
-                txt_backbone='bert-base-uncased', txt_vocab='', size_frame=0, size_option=5,
-                frame_layout='auto')
+import config
+
 FRAME_LAYOUTS = ('auto', 'pkl', 'tsv', 'v2')
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """The data's config keys (config.key: type, default, help; what values each takes). The tokenizer is the one of
+    the model's txt_backbone (model.ModelConfig) unless txt_vocab names another."""
+    dataset: str = config.key('', 'downstream frames: `img_<dataset>.pkl` (or `.tsv` + `.lineidx` / `.id2lineidx.pkl`, see `frame_layout`)')
+    task: str = config.key('', 'downstream texts: `txt_<task>.json`; names the output dir and checkpoints')
+    datasets: list[str] = config.key(['webvid2.5m', 'cc3m'], 'pretraining datasets, in order; each trains on every `img_<d>_train_<k>.tsv` on disk')
+    path_data: str = config.key('./_data', 'where the data files are')
+    size_img: int = config.key(224, 'frame side after padding to square (multiple of 32, at most 448)', least=1)
+    size_txt: int = config.key(32, 'text length in tokens (padded / truncated)', least=1)
+    size_frame: int = config.key(0, 'downstream frames per video; 0: the count most of a sample of 32 videos have (5 in the released sets; the others are named); must be set for the `v2` layout (VIOLETv2 uses 5)', least=0)
+    frame_layout: str = config.key('auto', 'downstream frame files (`dataset.find_layout`): `pkl` (`img_<dataset>.pkl`), `v2` (VIOLETv2: `img_<dataset>.tsv` + `img_<dataset>.id2lineidx.pkl`, `size_frame` of the stored frames sampled per video), `tsv` (`img_<dataset>.tsv` + `.lineidx`); `auto`: the first of these whose files are present', choices=FRAME_LAYOUTS)
+    size_option: int = config.key(5, 'QA-MC options per question', least=1)
+    size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`)', least=0)
+    txt_vocab: str = config.key('', 'the tokenizer\'s vocabulary: a `vocab.txt` file or a tokenizer directory; `""`: the tokenizer of `txt_backbone`. Either must fit the BERT config (same `vocab_size`, `[CLS]`/`[SEP]`/`[PAD]`/`[MASK]` at 101/102/0/103, as bert-base-uncased), else the run stops naming what is missing; a directory without `vocab.txt` or `tokenizer.json` is an error, never a stand-in tokenizer')
+    skip_bad: bool = config.key(False, 'skip and count bad samples instead of stopping')
+    num_workers: int = config.key(4, 'DataLoader workers per process', least=0)
+
+
+DEFAULTS = config.defaults(DataConfig)
 # bert-base-uncased's special token ids: padding (mask = txt != 0) and masking (main_pretrain.py) rely on them
 SPECIAL_IDS = {'[CLS]': 101, '[SEP]': 102, '[PAD]': 0, '[MASK]': 103}
 

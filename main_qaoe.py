@@ -31,8 +31,8 @@ class QAOE(tasks.Downstream):
         return {'vocab.json': self.split('train').answers[:self.args['size_vocab']]}
 
     def build_model(self):
-        if self.args['size_vocab'] == 0:  # 0: as many classes as the json's "vocab" lists
-            self.args['size_vocab'] = len(self.split('train').vocab)
+        if self.args['size_vocab'] == 0:  # 0: the train split counts the json's "vocab"; args.json records it
+            self.args['size_vocab'] = self.split('train').size_vocab
         return super().build_model()
 
 

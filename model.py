@@ -4,6 +4,7 @@ Parameter names follow the original release exactly, so its checkpoints load unc
 Shapes and quirks: docs/violet.md#architecture.
 """
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -20,21 +21,32 @@ import transformers
 from einops import rearrange
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-DEFAULTS = {
-    'txt_backbone': 'bert-base-uncased',  # transformers id, or a local dir (config.json only -> random init)
-    'path_vt': './_snapshot/ckpt_video-swin.pt',  # Video Swin weights; '' -> random VT; missing -> error
-    'vt_dim': 96, 'vt_depths': [2, 2, 18, 2], 'vt_heads': [3, 6, 12, 24], 'vt_window': [8, 7, 7],
-    'vt_drop_path': 0.2,
-    'grad_ckpt': False,  # activation checkpointing in VT and CT (saves memory, costs a recompute)
-    'mvm_target': 'vq',  # 'vq': 8192 DALL-E tokens; 'pixel': regress the 3x32x32 normalised RGB patch
-    'head_dropout': 0.1,  # dropout before each MLP head (the original's 0.1); a tiny model learns only without it
-    'model_preset': '',  # a name of PRESETS: its keys fill those a config leaves out ('' = none)
-}
+import config
+
 # named models, as timm names its variants: a config with "model_preset": "toy" needs none of these keys
 PRESETS = {
     'toy': dict(txt_backbone='./_data/bert-tiny', path_vt='', vt_dim=16, vt_depths=[2, 2, 2, 2],
                 vt_heads=[1, 2, 4, 8], vt_window=[8, 4, 4], vt_drop_path=0.0, head_dropout=0.0),
 }
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The model's config keys (config.key: type, default, help; what values each takes)."""
+    txt_backbone: str = config.key('bert-base-uncased', 'transformers model id or local directory for the text embedder, the cross-modal encoder and the MLM head (its tokenizer too, unless `txt_vocab`); a directory with only `config.json` builds that config with random weights')
+    path_vt: str = config.key('./_snapshot/ckpt_video-swin.pt', 'Video Swin weights (`_tools/convert_video-swin.py`); `""`: random VT; a missing file is an error unless `path_ckpt` (or `eval_retrieval.py --ckpt`) holds every `enc_img.swin.*` weight')
+    vt_dim: int = config.key(96, 'Video Swin width (Swin-S); when its output width differs from BERT\'s hidden size a Linear maps it', least=1)
+    vt_depths: list[int] = config.key([2, 2, 18, 2], 'Video Swin blocks per stage', least=1, length=4)
+    vt_heads: list[int] = config.key([3, 6, 12, 24], 'Video Swin attention heads per stage', least=1, length=4)
+    vt_window: list[int] = config.key([8, 7, 7], 'Video Swin window (time, height, width)', least=1, length=3)
+    vt_drop_path: float = config.key(0.2, 'stochastic depth of the VT, rising linearly over its blocks', least=0)
+    grad_ckpt: bool = config.key(False, 'activation checkpointing in VT and CT (less memory, one recompute)')
+    mvm_target: str = config.key('vq', '`vq`: DALL-E tokens from `vq_<dataset>.pkl`; `pixel`: L1 regression of the normalised RGB of each masked 32 x 32 patch of the unmasked frame (VIOLETv2), for data without VQ tokens: no `vq_*.pkl` is read, the frame count comes from the frames', choices=('vq', 'pixel'))
+    head_dropout: float = config.key(0.1, 'dropout before each MLP head (the original\'s 0.1); the toy preset uses 0, since a tiny model trained from scratch cannot learn matching through that noise', least=0)
+    model_preset: str = config.key('', 'a named model (`model.PRESETS`, as timm names its variants): its keys fill the model keys a config and `--set` leave out. `toy` (the toy configs\' model): `txt_backbone` `./_data/bert-tiny`, `path_vt` `""`, `vt_dim` 16, `vt_depths` [2,2,2,2], `vt_heads` [1,2,4,8], `vt_window` [8,4,4], `vt_drop_path` 0, `head_dropout` 0; a saved `args.json` holds them all written out', choices=('', *PRESETS))
+
+
+DEFAULTS = config.defaults(ModelConfig)
 VTM_TEMPERATURE = 0.05  # VTM and retrieval logits: score / 0.05
 VTM_OPTIONS = 4  # pretraining VTM: each video against its own text and 3 others of the batch
 VQ_VOCAB = 8192  # DALL-E's visual token vocabulary (the MVM classes)

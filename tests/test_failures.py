@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -215,3 +216,23 @@ def test_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     tmp = f'{tmp_path}/a.pt.tmp{os.getpid()}'
     assert calls == [('fsync', tmp), ('replace', tmp), ('fsync', str(tmp_path))]
     assert torch.equal(torch.load(tmp_path / 'a.pt', weights_only=True)['x'], torch.ones(2))
+
+
+def test_config_keys_declared_once_with_type_default_help():
+    """Every key is a typed field with a one-line help in one layer's config; README's table and --help are made
+    from them (the table in README is exactly the generated one); the checks come from the fields."""
+    import config
+    fields = config.fields(*agent.CONFIGS.values())
+    assert set(fields) == set(agent.schema())
+    for k, f in fields.items():
+        assert f.metadata['help'] and '\n' not in f.metadata['help'], k
+        assert config.problem(f, agent.schema()[k]) is None, k  # every default passes its own checks
+    readme = open(f'{REPO}/README.md').read()
+    assert '\n'.join(config.markdown(agent.CONFIGS)) + '\n\n## ' in readme
+    r = subprocess.run([sys.executable, 'main_qamc.py', '--help'], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert all(f'    {k} (' in r.stdout for k in fields)
+    assert '    vt_window (list[int], default [8, 7, 7]): Video Swin window (time, height, width)' in r.stdout
+    assert error_of('size_img=0') == "config error: key 'size_img' must be >= 1, got 0 (--set)"
+    assert error_of('lr="x"') == "config error: key 'lr' must be float, got str 'x' (--set)"
+    assert error_of('precision=fp8') == "config error: key 'precision' must be one of ['auto', 'fp16', 'bf16', 'fp32'], got 'fp8' (--set)"
+    assert agent.load_args(CONFIG, ['lr=1'])['lr'] == 1  # an int where a float goes
