@@ -51,7 +51,7 @@ class DataConfig:
     path_data: str = config.key('./_data', 'where the data files are')
     size_img: int = config.key(224, 'frame side after padding to square (multiple of 32, at most 448)', least=1)
     size_txt: int = config.key(32, 'text length in tokens (padded / truncated)', least=1)
-    size_frame: int = config.key(0, 'downstream frames per video; 0: the count most of a sample of 32 videos have (5 in the released sets; the others are named); must be set for the `v2` layout (VIOLETv2 uses 5)', least=0)
+    size_frame: int = config.key(0, 'downstream frames per video; 0: the count most of a sample of 32 videos have (5 in the released sets; the others are named; the run records it in its `args.json`); must be set for the `v2` layout (VIOLETv2 uses 5)', least=0)
     frame_layout: str = config.key('auto', 'downstream frame files (`dataset.find_layout`): `pkl` (`img_<dataset>.pkl`), `v2` (VIOLETv2: `img_<dataset>.tsv` + `img_<dataset>.id2lineidx.pkl`, `size_frame` of the stored frames sampled per video), `tsv` (`img_<dataset>.tsv` + `.lineidx`); `auto`: the first of these whose files are present', choices=FRAME_LAYOUTS)
     size_option: int = config.key(5, 'QA-MC options per question', least=1)
     size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`)', least=0)

@@ -70,7 +70,16 @@ class Downstream(Task):
         return self.args['task']
 
     def build_model(self):
+        self.record_frame_count()
         return self.Model(self.args)
+
+    def record_frame_count(self):
+        """size_frame 0: each split counts its videos' frames (dataset.Dataset_Downstream.frame_count); the count
+        the splits built so far agree on goes into args, so args.json records it (a resumed run, --eval and
+        predict.py then use it)."""
+        counts = {ds.size_frame for ds in self.sets.values()}
+        if not self.args['size_frame'] and len(counts) == 1:
+            self.args['size_frame'] = counts.pop()
 
     def split(self, split):
         if split not in self.sets:

@@ -11,6 +11,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, '_tools'))
 import agent  # noqa: E402
+import dataset  # noqa: E402
 import model as violet  # noqa: E402
 from make_toy import make_toy  # noqa: E402
 
@@ -177,6 +178,9 @@ def test_step_log_and_tensorboard(toy, tmp_path):
     evals = [r for r in lines if 'eval' in r]
     assert [r['step'] for r in train] == list(range(1, 9)) and [r['unit_step'] for r in train] == [1, 2, 3, 4] * 2
     log = json.load(open(out / 'log.json'))
+    # the derived frame count is recorded (the config says 0): the toy's stored frames per video
+    stored = {len(v) for v in dataset.load_pickle(f'{toy}/img_toy.pkl').values()}
+    assert json.load(open(out / 'args.json'))['size_frame'] == stored.pop() and not stored
     for e in range(2):
         assert abs(sum(r['loss'] for r in train[4*e:4*e+4]) / 4 - log['ls_tr'][e]) < 1e-6
         assert all(r['losses']['tr'] == r['loss'] and r['lr'] == 1e-4 and r['samples_per_s'] > 0 for r in train)
