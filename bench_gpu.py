@@ -45,8 +45,7 @@ import model as violet
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {'pretrain': '_data/args_pretrain.json', 'qamc': '_data/args_tgif-action.json',
            'qaoe': '_data/args_msvd-qa.json', 'retrieval': '_data/args_msrvtt-retrieval.json'}
-SMALL = dict(txt_backbone=os.path.join(ROOT, '_data', 'bert-tiny'), vt_dim=16, vt_depths=[2, 2, 2, 2],
-             vt_heads=[1, 2, 4, 8], vt_window=[8, 4, 4], size_img=64)
+SMALL = dict(violet.PRESETS['toy'], txt_backbone=os.path.join(ROOT, '_data', 'bert-tiny'), size_img=64)  # toy model
 
 
 class Budget(Exception):
