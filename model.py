@@ -349,20 +349,32 @@ class VIOLET_Base(nn.Module):
                 blk.compile(dynamic=False)
         self.cross_layer = torch.compile(bert_layer, dynamic=False)
 
-    def go_cross(self, feat_img, mask_img, feat_txt, mask_txt, output_attentions=False):
+    def go_cross(self, feat_img, mask_img, feat_txt, mask_txt, output_attentions=False, only=None):
+        """CT on [video tokens ; text tokens] -> [B, L, D] (and the attention probabilities when asked).
+        only=i: the caller reads position i alone, so the last layer computes just that row (its queries, feed-
+        forward and residual; keys and values still come from every position) -> [B, 1, D]. Exact, and it saves
+        most of a layer: 1/12 of the CT for bert-base."""
         x = torch.cat([feat_img, feat_txt], dim=1)
         keep = torch.cat([mask_img, mask_txt], dim=1).bool()[:, None, None, :]  # [B, 1, 1, L]
         keep = None if bool(keep.all()) else keep  # no mask: SDPA may take its flash kernel
         atts = []
-        for layer in self.trsfr.layer:
+        last = len(self.trsfr.layer) - 1
+        for i, layer in enumerate(self.trsfr.layer):
+            rows = only if i == last else None
             if self.args['grad_ckpt'] and self.training and not output_attentions:
-                x = torch.utils.checkpoint.checkpoint(self.cross_layer, layer, x, keep, False, use_reentrant=False)[0]
+                x = torch.utils.checkpoint.checkpoint(self.cross_layer, layer, x, keep, False, rows,
+                                                      use_reentrant=False)[0]
             elif output_attentions:  # the explicit-softmax path (attended masking) stays eager
-                x, att = bert_layer(layer, x, keep, True)
+                x, att = bert_layer(layer, x, keep, True, rows)
                 atts.append(att)
             else:
-                x, _ = self.cross_layer(layer, x, keep, False)
+                x, _ = self.cross_layer(layer, x, keep, False, rows)
         return x, (tuple(atts) if output_attentions else None)
+
+    def fused_cls(self, feat_img, mask_img, feat_txt, mask_txt):
+        """[B, D]: the CT output at the text's [CLS] (position L_img), the input of every head but MLM / MVM."""
+        L_img = feat_img.shape[1]
+        return self.go_cross(feat_img, mask_img, feat_txt, mask_txt, only=L_img)[0][:, 0]
 
     def score(self, feat_img, mask_img, feat_txt, mask_txt):
         """Raw fc score of N aligned (video, text) pairs on the fused CLS (the text's [CLS]). The head runs in
@@ -372,9 +384,9 @@ class VIOLET_Base(nn.Module):
         (flash) kernels. In evaluation a batch holds one or two captions, so this is the common case."""
         used = mask_txt.any(0).nonzero()
         n = int(used.max()) + 1 if len(used) else 1
-        out, _ = self.go_cross(feat_img, mask_img, feat_txt[:, :n], mask_txt[:, :n])
+        out = self.fused_cls(feat_img, mask_img, feat_txt[:, :n], mask_txt[:, :n])
         with torch.autocast(out.device.type, enabled=False):
-            return self.fc(out[:, feat_img.shape[1]].float()).squeeze(-1)
+            return self.fc(out.float()).squeeze(-1)
 
     def load_ckpt(self, path, need='any'):
         """Copy every key present in the model with the same shape; keep the model's own value for the rest.
@@ -480,12 +492,14 @@ def warn_other_task(path, type_, task):
               f'used here for {" ".join(filter(None, now))}')
 
 
-def bert_layer(layer, x, keep, output_attentions):
+def bert_layer(layer, x, keep, output_attentions, rows=None):
     """One post-LN BERT layer run from transformers' own modules: scaled-dot-product attention, or the
-    explicit softmax when its probabilities are wanted (attended masking)."""
+    explicit softmax when its probabilities are wanted (attended masking). rows=i: only position i's output
+    ([B, 1, D]): queries, residuals and the feed-forward of that row alone."""
     sa = layer.attention.self
     heads = sa.num_attention_heads
-    q, k, v = (rearrange(m(x), 'b l (h d) -> b h l d', h=heads) for m in (sa.query, sa.key, sa.value))
+    x_q = x if rows is None else x[:, rows:rows + 1]
+    q, k, v = (rearrange(m(y), 'b l (h d) -> b h l d', h=heads) for m, y in ((sa.query, x_q), (sa.key, x), (sa.value, x)))
     p_drop = sa.dropout.p if layer.training else 0.0
     att = None
     if output_attentions:
@@ -500,7 +514,7 @@ def bert_layer(layer, x, keep, output_attentions):
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p_drop)
     ctx = rearrange(ctx, 'b h l d -> b l (h d)')
     so = layer.attention.output
-    x = so.LayerNorm(so.dropout(so.dense(ctx)) + x)
+    x = so.LayerNorm(so.dropout(so.dense(ctx)) + x_q)
     h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
     out = layer.output
     return out.LayerNorm(out.dropout(out.dense(h)) + x), att
@@ -582,8 +596,7 @@ class VIOLET_QAOE(VIOLET_Base):
 
     def answer_logits(self, feat_img, mask_img, feat_txt, mask_txt):
         """[B, size_vocab] answer logits from the fused CLS of already computed features."""
-        out, _ = self.go_cross(feat_img, mask_img, feat_txt, mask_txt)
-        return self.fc(out[:, feat_img.shape[1]])
+        return self.fc(self.fused_cls(feat_img, mask_img, feat_txt, mask_txt))
 
 
 class VIOLET_Retrieval(VIOLET_Base):
