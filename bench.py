@@ -1,6 +1,7 @@
 """Throughput of VIOLET on one device: training steps of every task (the scripts' own step code on synthetic
-inputs of the config's shapes), retrieval pair scoring vs the bare cross-encoder, frame decoding, peak memory
-and, on CUDA, model FLOP utilisation.
+inputs of the config's shapes), retrieval pair scoring vs the bare cross-encoder (the original's way: every padded text token, masked attention),
+frame decoding (the toy corpus per worker, and 224 px from photo-like JPEGs of several sizes against the original's
+PIL path), peak memory and, on CUDA, model FLOP utilisation.
 
     python bench.py [CONFIG] [--set KEY=VALUE ...] [--device cpu|cuda] [--steps N]
     python bench.py                                   (toy model on CPU: _data/toy/args_pretrain.json)
@@ -10,12 +11,16 @@ and, on CUDA, model FLOP utilisation.
 Prints a short table, then the JSON (also written to --out when given).
 """
 import argparse
+import base64
+import io
 import json
 import resource
 import sys
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import agent
@@ -171,6 +176,44 @@ def bench_data(config, n_items, data_dir=''):
                 config=config, path_data=args['path_data'])
 
 
+def synthetic_frames(n, size, noise=4.0, quality=90):
+    """n base64 JPEGs of w x h with photo-like content (smooth shading, edges, a little sensor noise: JPEG decoding
+    time depends on it)."""
+    w, h = (int(s) for s in size.split('x'))
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = []
+    for i in range(n):
+        base = 128 + 60 * np.sin(xx / (20 + 5 * i) + i) [..., None] * np.cos(yy / 31.0)[..., None] * np.array([1, .8, .6])
+        base[(xx - w / 2) ** 2 + (yy - h / 2) ** 2 < (h / 4) ** 2] += np.array([60, -40, 20])
+        img = np.clip(base + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format='JPEG', quality=quality)
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+def decode_rates(frames, reps=3):
+    """Frames/s of one process decoding to 224 px: ours vs the original's PIL path, interleaved, best of reps."""
+    best = {}
+    for _ in range(reps):
+        for name, fn in (('ours', dataset.b64_to_img), ('original_pil', pil_reference)):
+            t0 = time.perf_counter()
+            for b in frames:
+                fn(b, 224)
+            best[name] = max(best.get(name, 0), len(frames) / (time.perf_counter() - t0))
+    return dict(best, speedup=best['ours'] / best['original_pil'])
+
+
+def pil_reference(b64, size):
+    """The original release's image path: PIL decode, pad to square, PIL bilinear resize, ToTensor."""
+    import torchvision.transforms as T
+    img = Image.open(io.BytesIO(base64.b64decode(b64))).convert('RGB')
+    w, h = img.size
+    img = T.Pad([0, (w - h) // 2] if w > h else [(h - w) // 2, 0])(img)
+    return T.ToTensor()(img.resize((size, size), Image.BILINEAR))
+
+
 def main():
     if sys.argv[1:3] == ['--suite', 'gpu']:  # the one-shot device check lives in bench_gpu.py
         import bench_gpu
@@ -190,6 +233,9 @@ def main():
     p.add_argument('--data', default='./_data/toy/args_toy-retrieval.json', help='config whose train split is decoded')
     p.add_argument('--data_dir', default='', help="decode this dir's files instead (names from the --data config)")
     p.add_argument('--data_items', type=int, default=32, help='videos decoded in the data benchmark')
+    p.add_argument('--frame_sizes', nargs='*', default=['480x360', '640x480', '1280x720', '1920x1080'],
+                   help="source frames W x H decoded to 224 px, against the original's PIL path (none: skip)")
+    p.add_argument('--frames', type=int, default=16, help='synthetic JPEG frames per source size')
     p.add_argument('--peak_tflops', type=float, default=0, help='device peak (default: table for H100/H200/A100 bf16)')
     p.add_argument('--out', default='', help='also write the JSON here')
     opt = p.parse_args()
@@ -212,6 +258,10 @@ def main():
                                     precision=args['precision'])
     del mdl
     res['data'] = bench_data(opt.data, opt.data_items, opt.data_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a DataLoader worker has
+    res['decode_224'] = {size: decode_rates(synthetic_frames(opt.frames, size)) for size in opt.frame_sizes}
+    torch.set_num_threads(threads)
     res['peak_mem_mb'] = peak_mem_mb(device)
 
     print(f"\n{'task':<10} {'samples/s':>10} {'s/step':>8} {'GFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} {'mem MB':>8}")
@@ -225,6 +275,9 @@ def main():
     d = res['data']
     print(f"data: {d['frames_per_s']:.0f} frames/s per worker ({d['size_img']} px)" if 'frames_per_s' in d
           else f"data: skipped: {d['skipped']}")
+    for size, r in res['decode_224'].items():
+        print(f"decode {size} -> 224 px, one worker: {r['ours']:.0f} frames/s, the original's PIL path "
+              f"{r['original_pil']:.0f} ({r['speedup']:.2f}x)")
     print(json.dumps(res, indent=2))
     if opt.out:
         agent.save_json(res, opt.out)

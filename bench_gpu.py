@@ -21,9 +21,7 @@ import argparse
 import base64
 import contextlib
 import gc
-import io
 import json
-import math
 import os
 import signal
 import sys
@@ -33,7 +31,6 @@ import traceback
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import agent
@@ -393,11 +390,11 @@ class Suite:
     def part_data(self, res):
         torch.set_num_threads(1)  # what a DataLoader worker has
         for size in self.opt.frame_sizes:
-            res[size] = r = decode_rates(synthetic_frames(self.opt.data_frames, size))
+            res[size] = r = bench.decode_rates(bench.synthetic_frames(self.opt.data_frames, size))
             self.log(f"data: source {size}: {r['ours']:.0f} frames/s per worker, {r['speedup']:.2f}x the original's "
                      f"PIL path ({r['original_pil']:.0f})")
         torch.set_num_threads(os.cpu_count() or 1)
-        frames = synthetic_frames(self.opt.data_frames, self.opt.frame_sizes[0])
+        frames = bench.synthetic_frames(self.opt.data_frames, self.opt.frame_sizes[0])
         res['cpus'] = os.cpu_count()
         for workers in self.opt.workers:
             if self.left() < 15 or workers > (os.cpu_count() or 1):
@@ -448,44 +445,6 @@ def autocast(device, precision):
     if precision in ('bf16', 'fp16'):
         return torch.autocast(device.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
     return contextlib.nullcontext()
-
-
-def synthetic_frames(n, size, noise=4.0, quality=90):
-    """n base64 JPEGs of w x h with photo-like content (smooth shading, edges, a little sensor noise: JPEG decoding
-    time depends on it)."""
-    w, h = (int(s) for s in size.split('x'))
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    out = []
-    for i in range(n):
-        base = 128 + 60 * np.sin(xx / (20 + 5 * i) + i) [..., None] * np.cos(yy / 31.0)[..., None] * np.array([1, .8, .6])
-        base[(xx - w / 2) ** 2 + (yy - h / 2) ** 2 < (h / 4) ** 2] += np.array([60, -40, 20])
-        img = np.clip(base + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format='JPEG', quality=quality)
-        out.append(base64.b64encode(buf.getvalue()).decode())
-    return out
-
-
-def decode_rates(frames, reps=3):
-    """Frames/s of one process decoding to 224 px: ours vs the original's PIL path, interleaved, best of reps."""
-    best = {}
-    for _ in range(reps):
-        for name, fn in (('ours', dataset.b64_to_img), ('original_pil', pil_reference)):
-            t0 = time.perf_counter()
-            for b in frames:
-                fn(b, 224)
-            best[name] = max(best.get(name, 0), len(frames) / (time.perf_counter() - t0))
-    return dict(best, speedup=best['ours'] / best['original_pil'])
-
-
-def pil_reference(b64, size):
-    """The original release's image path: PIL decode, pad to square, PIL bilinear resize, ToTensor."""
-    import torchvision.transforms as T
-    img = Image.open(io.BytesIO(base64.b64decode(b64))).convert('RGB')
-    w, h = img.size
-    img = T.Pad([0, (w - h) // 2] if w > h else [(h - w) // 2, 0])(img)
-    return T.ToTensor()(img.resize((size, size), Image.BILINEAR))
 
 
 class Frames(torch.utils.data.Dataset):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as TV
+import torchvision.transforms.v2.functional as TVF
 from PIL import Image
 import av
 import cv2
@@ -205,6 +206,17 @@ def test_str2img_matches_pil_pipeline(h, w, fmt):
         ours, ref = dataset.b64_to_img(b64, size), pil_reference(b64, size)
         assert ours.shape == ref.shape == (3, size, size) and ours.dtype == torch.float32
         assert (ours - ref).abs().mean().item() < 1 / 255, (h, w, size)
+
+
+@pytest.mark.parametrize('h,w', [(36, 48), (35, 48), (100, 101), (240, 320), (201, 500), (30, 300), (150, 224)])
+def test_pad_resize_landscape_is_pad_then_resize(h, w):
+    """Landscape frames are resized horizontally before the rows of padding are added: bit-identical to the plain
+    pad-to-square-then-resize (the original's order), also when upscaling."""
+    img = torch.from_numpy(np.random.default_rng(h * w).integers(0, 256, (3, h, w), dtype=np.uint8))
+    padded = torch.nn.functional.pad(img, (0, 0, (w - h) // 2, (w - h) // 2))
+    for size in (64, 224):
+        ref = TVF.resize(padded, [size, size], interpolation=TVF.InterpolationMode.BILINEAR, antialias=True)
+        assert torch.equal(dataset.pad_resize(img, size), ref.float() / 255), (h, w, size)
 
 
 def test_str2txt(tok_dir):

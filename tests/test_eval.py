@@ -276,7 +276,7 @@ def test_bench_cli_small(toy, tmp_path):
     out = tmp_path / 'bench.json'
     p = subprocess.run([sys.executable, 'bench.py', toy[1], '--set', 'size_batch=2', '--tasks', 'retrieval',
                         '--steps', '1', '--reps', '1', '--pair_items', '8', '--data', toy[1], '--data_items', '4',
-                        '--out', str(out)],
+                        '--frame_sizes', '320x240', '--frames', '2', '--out', str(out)],
                        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.load(open(out))
@@ -284,6 +284,9 @@ def test_bench_cli_small(toy, tmp_path):
     for r in res['train'].values():
         assert r['samples_per_s'] > 0 and r['gflops_per_step'] > 0 and r['peak_mem_mb'] > 0
     assert res['eval_pairs']['ratio'] > 0 and res['data']['frames_per_s'] > 0
+    r = res['decode_224']['320x240']
+    assert r['ours'] > 0 and r['original_pil'] > 0 and r['speedup'] == r['ours'] / r['original_pil']
+    assert "decode 320x240 -> 224 px, one worker: " in p.stdout
 
 
 def test_bench_train_times_the_loops_own_step(monkeypatch):
