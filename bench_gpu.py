@@ -20,6 +20,7 @@ No network and no pretrained weights: BERT is bert-base-uncased's config with ra
 import argparse
 import base64
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -356,6 +357,8 @@ class Suite:
             except (Budget, RuntimeError) as e:
                 res['compiled'] = dict(error=f'{type(e).__name__}: {str(e)[:500]}', sec=time.time() - t0)
                 self.log(f"eval compiled: {res['compiled']['error']}")
+        if self.left() > 30:
+            res['probe_bf16_weights'] = self.probe_bf16_weights(mdl, feat_img, mask_img, feat_txt, mask_txt)
         best = max((v for k, v in res.items() if k.startswith('bf16_')), key=lambda r: r['pairs_per_s'], default=None)
         if best:
             n_pairs = 1000 * 1000
@@ -364,6 +367,29 @@ class Suite:
         del mdl, feat_img, feat_txt
         self.free()
         return
+
+    def probe_bf16_weights(self, mdl, feat_img, mask_img, feat_txt, mask_txt):
+        """Not an option yet, a measurement for deciding one: the CT with bf16 weights, so its residual stream,
+        LayerNorms and GELUs run in bf16 too (autocast keeps them in fp32: about 40 % of a pair block's time in the
+        profile). Pairs/s, and the scores' deviation from fp32 (and autocast bf16's) on 2 texts x all videos."""
+        size_pair = self.opt.size_pairs[-1]
+        m16 = copy.deepcopy(mdl).to(torch.bfloat16)
+        m16.fc.float()  # the head stays fp32 (model.score)
+        r = self.pairs(m16, feat_img.bfloat16(), mask_img, feat_txt.bfloat16(), mask_txt, size_pair, 'bf16')
+        sub = (feat_img, mask_img, feat_txt[:2], mask_txt[:2])
+        s32 = eval_retrieval.score_pairs(mdl, *sub, size_pair, precision='fp32')
+        for name, s in (('bf16_weights', eval_retrieval.score_pairs(m16, sub[0].bfloat16(), sub[1], sub[2].bfloat16(),
+                                                                    sub[3], size_pair, precision='bf16')),
+                        ('autocast_bf16', eval_retrieval.score_pairs(mdl, *sub, size_pair, precision='bf16'))):
+            r[f'{name}_max_abs_diff_vs_fp32'] = (s.float() - s32).abs().max().item()
+            r[f'{name}_top10_overlap_vs_fp32'] = sum(
+                len(set(a.topk(10).indices.tolist()) & set(b.topk(10).indices.tolist())) for a, b in zip(s.float(), s32)) / 20
+        self.log(f"eval probe, CT in bf16 weights, size_pair {size_pair}: {r['pairs_per_s']:.0f} pairs/s"
+                 + (f", MFU {r['mfu'] * 100:.1f}%" if 'mfu' in r else '')
+                 + f"; max |score - fp32| {r['bf16_weights_max_abs_diff_vs_fp32']:.3g} (autocast bf16: "
+                 f"{r['autocast_bf16_max_abs_diff_vs_fp32']:.3g})")
+        del m16
+        return r
 
     def pairs(self, mdl, feat_img, mask_img, feat_txt, mask_txt, size_pair, prec):
         L = feat_img.shape[1] + feat_txt.shape[1]
