@@ -137,7 +137,9 @@ class SwinTransformerBlock3D(nn.Module):
         window, shift = shrink_window((D, H, W), self.window, self.shift)
         x = self.norm1(x)
         # padded tokens are not masked: they take part as keys and values, as in the original
-        x = F.pad(x, (0, 0, 0, -W % window[2], 0, -H % window[1], 0, -D % window[0]))
+        pad = (-D % window[0], -H % window[1], -W % window[2])
+        if any(pad):  # (F.pad copies even when it adds nothing)
+            x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
         shifted = any(s > 0 for s in shift)
         if shifted:
             x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
