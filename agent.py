@@ -648,15 +648,16 @@ def too_many_skipped(n_skipped, n, where, frac, bound=''):
 
 
 def evaluate_only(task, trainer, out):
-    """--eval: the task's val and test metrics with the checkpoint's weights -> eval.json beside args.json.
-    A pretraining checkpoint (it holds the MLM head) evaluated by a task whose head it fills is zero-shot: its VTM
+    """--eval: the task's val and test metrics (pretraining: each dataset's val split) with the checkpoint's weights
+    -> eval.json beside args.json. A pretraining checkpoint (it holds the MLM head) evaluated by a task whose head it fills is zero-shot: its VTM
     head scores the pairs (QA-MC: each question + option, the best option wins; retrieval: each caption)."""
     t0 = time.time()
     results = task.evaluate_only(trainer)
     zero_shot = any(k.startswith('fc_mtm.') for k in trainer.unused)
     if is_main():
         run = dict(ckpt=trainer.args['path_ckpt'], task=task.type, world=trainer.world, precision=trainer.precision,
-                   zero_shot=zero_shot, head='VTM head of the pretraining checkpoint' if zero_shot else 'fine-tuned',
+                   zero_shot=zero_shot, head=('VTM head of the pretraining checkpoint' if zero_shot else 'pretraining heads'
+                                                   if task.type == 'pretrain' else 'fine-tuned'),
                    n_skipped=trainer.log['n_skipped'], sec=time.time() - t0)
         save_json(dict(run=run, **results), os.path.join(out, 'eval.json'))
         for split, res in results.items():

@@ -145,6 +145,11 @@ class Pretrain(tasks.Task):
             self.val[d] = dataset.Dataset_Pretrain(self.args, d, 'val')
         return {'vl': self.val[d]}
 
+    def evaluate_only(self, trainer):
+        """--eval: MLM / MVM / VTM accuracy of the checkpoint on each dataset's val split, masked as the evaluation
+        after every training part is (masks drawn from the seed)."""
+        return {d: trainer.evaluate(0, f'{d} val', self.eval_sets(dict(dataset=d))['vl']) for d in self.args['datasets']}
+
     def step(self, model, batch, gen):
         img, txt, mask, vq = batch
         raw = agent.unwrap(model)

@@ -93,6 +93,28 @@ def test_qamc_zero_shot_eval_same_under_torchrun(toy, ckpts, tmp_path):
         assert len(set(preds)) > 1 and 0 < np.mean(hits) < 1  # the choice depends on the inputs: the check can fail
 
 
+def test_pretrain_eval_uses_the_checkpoints_heads(toy, ckpts, tmp_path):
+    """main_pretrain.py --eval: MLM / MVM / VTM accuracy of each dataset's val split with the checkpoint's own heads,
+    nothing trained. Heads with zero weights give all-equal logits, whose argmax is class 0: the VTM positive
+    (accuracy exactly 1) and the MLM [PAD] id, never a target (exactly 0); the random-headed checkpoint gives neither."""
+    flat = torch.load(ckpts)
+    for k in ('fc.3.weight', 'fc.3.bias', 'fc_mtm.predictions.decoder.weight', 'fc_mtm.predictions.decoder.bias',
+              'fc_mtm.predictions.bias'):
+        flat[k] = torch.zeros_like(flat[k])
+    torch.save(flat, tmp_path / 'flat.pt')
+    res = {}
+    for name, ckpt in (('random', ckpts), ('flat', str(tmp_path / 'flat.pt'))):
+        out = str(tmp_path / name)
+        r = run('main_pretrain.py', f'{REPO}/_data/toy/args_pretrain.json', eval_sets(toy, out, ckpt))
+        assert sorted(f for f in os.listdir(out) if f != '.lock') == ['args.json', 'eval.json']  # nothing was trained
+        res[name] = json.load(open(os.path.join(out, 'eval.json')))
+        assert res[name]['run']['head'] == 'pretraining heads' and not res[name]['run']['zero_shot']
+        assert sorted(k for k in res[name] if k != 'run') == ['toyimg', 'toyvid'] and 'toyvid: mtm ' in r.stdout
+    for d in ('toyvid', 'toyimg'):
+        assert res['flat'][d]['vtm'] == 1.0 and res['flat'][d]['mtm'] == 0.0 and 0 <= res['flat'][d]['mvm'] <= 1
+        assert res['random'][d]['vtm'] < 1.0
+
+
 def test_qaoe_unknown_answers_train_and_eval(toy, tmp_path):
     """Training on questions with answer -1 runs (no loss for them); evaluation counts them wrong: ac over all
     questions, ac_iv over the in-vocabulary ones; vocab.json and the .safetensors checkpoint are written."""
