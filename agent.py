@@ -733,20 +733,7 @@ def take_folder(out, resume, overwrite, own_files=()):
     """Create the output folder and lock it for this process (flock on out/.lock, held until the process ends or
     the returned file is closed). A folder in use by another run is refused; so is one that holds another
     run's files, unless this run resumes it or --overwrite removes them. Stale tmp files are removed."""
-    os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, '.lock'), 'a+')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip()
-        lock.close()
-        raise SystemExit(f'{out} is in use by another run ({holder or "its lock is held"}); wait for it to end or '
-                         f'choose another path_output') from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-    lock.flush()
+    lock = lock_folder(out)
     old = sorted(f for f in os.listdir(out) if f in RUN_FILES or f in own_files or f.startswith('ckpt_violet_'))
     if old and not resume:
         if not overwrite:
@@ -758,6 +745,26 @@ def take_folder(out, resume, overwrite, own_files=()):
             (shutil.rmtree if os.path.isdir(os.path.join(out, f)) else os.remove)(os.path.join(out, f))
         print(f'--overwrite: removed {len(old)} file(s) of the previous run in {out}', flush=True)
     remove_stale_tmp(out)
+    return lock
+
+
+def lock_folder(out, what='path_output'):
+    """Create the folder and lock it for this process (flock on out/.lock, held until the process ends or the
+    returned file is closed); a folder locked by another process is refused, naming it."""
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, '.lock'), 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise SystemExit(f'{out} is in use by another run ({holder or "its lock is held"}); wait for it to end or '
+                         f'choose another {what}') from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    lock.flush()
     return lock
 
 

@@ -206,6 +206,19 @@ def main():
     if args['compile']:
         model.compile_blocks()
     size_pair = opt.size_pair or (512 if device.type == 'cuda' else 64)
+    # the output folder is taken before the work: one held by a running job is refused now, not after the scoring
+    out, lock, error = opt.out or args['path_output'] or agent.default_output('eval_retrieval'), None, None
+    if rank == 0:
+        try:
+            lock = agent.lock_folder(out, '--out')
+        except SystemExit as e:
+            error = f'eval_retrieval: {e}'
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box)
+        error = box[0]
+    if error:
+        raise SystemExit(error)
 
     results = {}
     for split in opt.splits:
@@ -215,8 +228,6 @@ def main():
             print(report(split, res))
 
     if rank == 0:
-        out = opt.out or args['path_output'] or agent.default_output('eval_retrieval')
-        os.makedirs(out, exist_ok=True)
         run = dict(config=opt.config, ckpt=path_ckpt, zero_shot=opt.zero_shot, world=world, size_pair=size_pair,
                    precision=args['precision'])
         agent.save_json(dict(run=run, **results), os.path.join(out, 'eval_retrieval.json'))
@@ -224,6 +235,7 @@ def main():
         has_args = os.path.exists(os.path.join(out, 'args.json'))
         agent.save_json(args, os.path.join(out, 'eval_retrieval_args.json' if has_args else 'args.json'))
         print(f'wrote {out}/eval_retrieval.json')
+        lock.close()
     if world > 1:
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """eval_retrieval.py and bench.py: exact metrics (pessimistic ties), sharded == single-process ranks,
 every caption ranked, the CLI end to end, and pair scoring close to the bare cross-encoder's speed."""
+import fcntl
 import json
 import math
 import os
@@ -346,6 +347,25 @@ def test_bench_gpu_suite_small_on_cpu(tmp_path):
     assert 0 < probe['bf16_weights_max_abs_diff_vs_fp32'] < 1  # bf16 moves the scores, a little
     assert res['data']['320x240']['ours'] > 0 and res['data']['loader_1_workers_frames_per_s'] > 0
     assert (tmp_path / 'bench_gpu.log').read_text().count('\n') > 5
+
+
+def test_eval_refuses_a_folder_in_use(toy, tmp_path):
+    """--out held by a running job (its .lock flocked): refused before any scoring, naming the folder and the holder;
+    nothing written there. Once released, the same command writes its results."""
+    out = tmp_path / 'busy'
+    out.mkdir()
+    with open(out / '.lock', 'a+') as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write('pid 4242 on elsewhere\n')
+        held.flush()
+        p = subprocess.run([sys.executable, 'eval_retrieval.py', toy[1], '--splits', 'val', '--out', str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1 and 'R@1' not in p.stdout
+        assert p.stderr.strip().splitlines()[-1] == (f'eval_retrieval: {out} is in use by another run (pid 4242 on '
+                                                     f'elsewhere); wait for it to end or choose another --out')
+        assert os.listdir(out) == ['.lock']
+    run_cli([toy[1], '--splits', 'val', '--out', str(out)])
+    assert 'val' in json.load(open(out / 'eval_retrieval.json'))
 
 
 def test_eval_into_a_run_folder_keeps_its_args(toy, tmp_path):
