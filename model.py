@@ -374,19 +374,19 @@ class VIOLET_Base(nn.Module):
         return x, (tuple(atts) if output_attentions else None)
 
     def fused_cls(self, feat_img, mask_img, feat_txt, mask_txt):
-        """[B, D]: the CT output at the text's [CLS] (position L_img), the input of every head but MLM / MVM."""
+        """[B, D]: the CT output at the text's [CLS] (position L_img), the input of every head but MLM / MVM.
+        Text columns that are padding in every sample are dropped first (exact: padded keys are masked out, and
+        only the CLS output is read); a batch left without padding then attends without a mask, on the fastest
+        (flash) kernels. In pair scoring a batch holds one or two captions, so this is the common case."""
+        used = mask_txt.any(0).nonzero()
+        n = int(used.max()) + 1 if len(used) else 1
         L_img = feat_img.shape[1]
-        return self.go_cross(feat_img, mask_img, feat_txt, mask_txt, only=L_img)[0][:, 0]
+        return self.go_cross(feat_img, mask_img, feat_txt[:, :n], mask_txt[:, :n], only=L_img)[0][:, 0]
 
     def score(self, feat_img, mask_img, feat_txt, mask_txt):
         """Raw fc score of N aligned (video, text) pairs on the fused CLS (the text's [CLS]). The head runs in
-        fp32 even under autocast: half-precision scores (3 significant digits) turn rankings into ties.
-        Text columns that are padding in every pair are dropped first (exact: padded keys are masked out, and only
-        the CLS output is used); a batch left without padding then attends without a mask, on the fastest
-        (flash) kernels. In evaluation a batch holds one or two captions, so this is the common case."""
-        used = mask_txt.any(0).nonzero()
-        n = int(used.max()) + 1 if len(used) else 1
-        out = self.fused_cls(feat_img, mask_img, feat_txt[:, :n], mask_txt[:, :n])
+        fp32 even under autocast: half-precision scores (3 significant digits) turn rankings into ties."""
+        out = self.fused_cls(feat_img, mask_img, feat_txt, mask_txt)
         with torch.autocast(out.device.type, enabled=False):
             return self.fc(out.float()).squeeze(-1)
 
