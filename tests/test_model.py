@@ -393,3 +393,9 @@ def test_score_drops_shared_padding_exactly(lengths):
         out, _ = m.go_cross(feat_img, mask_img, feat_txt, mask_txt)
         full = m.fc(out[:, feat_img.shape[1]]).squeeze(-1)
         assert torch.allclose(m.score(feat_img, mask_img, feat_txt, mask_txt), full, atol=1e-5)
+    qa = model.VIOLET_QAOE(dict(SMALL, size_vocab=7)).eval()  # the QA-OE answers share fused_cls
+    with torch.no_grad():
+        feat_img, mask_img, feat_txt, mask_txt = qa.go_feat(img, txt, mask)
+        out, _ = qa.go_cross(feat_img, mask_img, feat_txt, mask_txt)
+        assert torch.allclose(qa.answer_logits(feat_img, mask_img, feat_txt, mask_txt), qa.fc(out[:, feat_img.shape[1]]),
+                              atol=1e-5)
