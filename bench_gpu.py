@@ -357,6 +357,12 @@ class Suite:
             except (Budget, RuntimeError) as e:
                 res['compiled'] = dict(error=f'{type(e).__name__}: {str(e)[:500]}', sec=time.time() - t0)
                 self.log(f"eval compiled: {res['compiled']['error']}")
+        if self.left() > 30:  # the exact levers (padding dropped, CLS-only last layer) against the original's way
+            n = 8 if self.opt.small else 64
+            res['vs_bare_bf16'] = r = bench.bench_pairs(mdl, S, X, self.device, n, n, self.opt.size_pairs[0], reps=2,
+                                                        precision='bf16')
+            self.log(f"eval pairs bf16 vs the bare masked cross-encoder: {r['pairs_per_s']:.0f} / "
+                     f"{r['bare_pairs_per_s']:.0f} pairs/s ({r['ratio']:.2f}x)")
         if self.left() > 30:
             res['probe_bf16_weights'] = self.probe_bf16_weights(mdl, feat_img, mask_img, feat_txt, mask_txt)
         best = max((v for k, v in res.items() if k.startswith('bf16_')), key=lambda r: r['pairs_per_s'], default=None)

@@ -342,6 +342,7 @@ def test_bench_gpu_suite_small_on_cpu(tmp_path):
     pairs = res['eval']['bf16_64']
     assert pairs['finite'] and pairs['pairs_per_s'] > 0 and pairs['gflops_per_pair'] > 0
     assert res['eval']['msrvtt_1k_estimate_s_bf16'] > 0
+    assert res['eval']['vs_bare_bf16']['ratio'] > 0
     probe = res['eval']['probe_bf16_weights']
     assert probe['pairs_per_s'] > 0 and 0 <= probe['bf16_weights_top10_overlap_vs_fp32'] <= 1
     assert 0 < probe['bf16_weights_max_abs_diff_vs_fp32'] < 1  # bf16 moves the scores, a little
