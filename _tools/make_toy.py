@@ -107,22 +107,8 @@ def standin_vq(frames_b64, size_img):
     return ((r << 8) | (g << 4) | b).numpy().astype(np.int16)
 
 
-def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_images=120, n_down=480,
-             n_down_eval=60, workers=None, progress=False, keep_videos=False, frame_layout='pkl'):
-    """Write the corpus into `out`; -> dict of counts. frame_layout 'v2': the downstream frames in VIOLETv2's
-    layout instead (img_toy.tsv + img_toy.id2lineidx.pkl, V2_STORED frames stored per clip; train with size_frame 5)."""
-    t0 = time.time()
-    workers = workers or os.cpu_count() or 1
-    frame_tool = load_frame_tool()
-    rng = np.random.default_rng(seed)
-    os.makedirs(out, exist_ok=True)
-    scratch = os.path.join(out, '_videos')
-    shutil.rmtree(scratch, ignore_errors=True)
-
-    def pick_combo(i, order):
-        return COMBOS[order[i % len(COMBOS)]]
-
-    # every set: name -> (specs by video id, number of frames to sample)
+def plan_sets(rng, n_videos, n_val, n_images, n_down, n_down_eval, frame_layout):
+    """Every set: name -> (specs by video id, number of frames to sample); and the downstream specs by split."""
     sets = {}
     for name, n in [('img_toyvid_train_0', n_videos), ('img_toyvid_train_1', n_videos), ('img_toyvid_val', n_val)]:
         sets[name] = ({f'{name[4:]}_{i:05d}': clip_spec(rng, *COMBOS[rng.integers(len(COMBOS))]) for i in range(n)}, 4)
@@ -132,9 +118,14 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
     down = {}  # downstream: each split cycles through shuffled combos, so eval captions are unique up to 60
     for split, n in [('train', n_down), ('val', n_down_eval), ('test', n_down_eval)]:
         order = np.concatenate([rng.permutation(len(COMBOS)) for _ in range(n // len(COMBOS) + 1)])
-        down[split] = {f'toy_{split}_{i:05d}': clip_spec(rng, *pick_combo(i, order)) for i in range(n)}
+        down[split] = {f'toy_{split}_{i:05d}': clip_spec(rng, *COMBOS[order[i % len(COMBOS)]]) for i in range(n)}
     sets['img_toy'] = ({v: s for split in down for v, s in down[split].items()}, V2_STORED if frame_layout == 'v2' else 5)
+    return sets, down
 
+
+def write_clips(scratch, sets, workers):
+    """Every set's clips (and images) as mp4 in scratch/_<set name>/."""
+    shutil.rmtree(scratch, ignore_errors=True)
     jobs = []
     for name, (specs, _) in sets.items():
         os.makedirs(os.path.join(scratch, '_' + name), exist_ok=True)
@@ -142,7 +133,11 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
     with Pool(workers) as pool:
         pool.map(write_clip, jobs, chunksize=16)
 
-    # the real tools: frames -> pkl (downstream) or tsv + lineidx (pretraining)
+
+def extract_frames(out, scratch, sets, frame_layout, workers, progress):
+    """The real frame tool on every set: tsv + lineidx (pretraining), img_toy.pkl or img_toy.tsv + .id2lineidx.pkl
+    (downstream); -> the pretraining frames by video id."""
+    frame_tool = load_frame_tool()
     frames = {}
     for name, (specs, sample) in sets.items():
         pkl, bad = frame_tool.extract_dir(os.path.join(scratch, '_' + name), sample,
@@ -155,10 +150,11 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
         elif name != 'img_toy':
             write_tsv(pkl, os.path.join(out, name + '.tsv'), os.path.join(out, name + '.lineidx'))
             frames.update(pkl)
-    if not keep_videos:
-        shutil.rmtree(scratch)
+    return frames
 
-    # VQ targets of the pretraining sets
+
+def write_vq(out, frames, size_img, encoder, progress):
+    """vq_toyvid.pkl, vq_toyimg.pkl: the VQ targets of the pretraining sets."""
     if encoder:
         import extract_vq
         enc = extract_vq.load_encoder(encoder)
@@ -171,33 +167,40 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
         with open(os.path.join(out, f'vq_{d}.pkl'), 'wb') as f:
             pickle.dump(vq, f)
 
-    # texts
-    def caption(s):
-        return str(rng.choice(CAPTION)).format(c=s['colour'], s=s['shape'], d=s['direction'])
 
-    def dump(name, obj):
-        with open(os.path.join(out, name), 'w') as f:
-            json.dump(obj, f, indent=0)
+def dump_json(out, name, obj):
+    with open(os.path.join(out, name), 'w') as f:
+        json.dump(obj, f, indent=0)
 
+
+def write_pretrain_texts(out, sets, rng):
+    """txt_toyvid.json, txt_toyimg.json: one caption per clip / image."""
     for d in ['toyvid', 'toyimg']:
         txt = {'train': {}, 'val': {}}
         for name, (specs, _) in sets.items():
             if name.startswith(f'img_{d}_'):
                 for vid, s in specs.items():
-                    cap = caption(s) if d == 'toyvid' else f'a {s["colour"]} {s["shape"]} in the {s["corner"]}'
+                    if d == 'toyvid':
+                        cap = str(rng.choice(CAPTION)).format(c=s['colour'], s=s['shape'], d=s['direction'])
+                    else:
+                        cap = f'a {s["colour"]} {s["shape"]} in the {s["corner"]}'
                     txt['val' if name.endswith('_val') else 'train'][vid] = [cap]
-        dump(f'txt_{d}.json', txt)
+        dump_json(out, f'txt_{d}.json', txt)
 
-    def mc_options(c, sh, d):
-        """The true caption and 4 distractors: the same shape moving another way, another colour, another
-        shape, and another (colour, shape, direction) altogether; shuffled."""
-        other = lambda keys, x: str(rng.choice([k for k in keys if k != x]))
-        wrong = [(c, sh, other(DIRECTIONS, d)), (other(COLOURS, c), sh, d), (c, other(SHAPES, sh), d)]
-        rest = [k for k in COMBOS if k != (c, sh, d) and k not in wrong]
-        wrong.append(rest[rng.integers(len(rest))])
-        opts = [(c, sh, d)] + wrong
-        return [f'a {o[0]} {o[1]} moves {o[2]}' for o in (opts[i] for i in rng.permutation(len(opts)))]
 
+def mc_options(rng, c, sh, d):
+    """The true caption and 4 distractors: the same shape moving another way, another colour, another
+    shape, and another (colour, shape, direction) altogether; shuffled."""
+    other = lambda keys, x: str(rng.choice([k for k in keys if k != x]))
+    wrong = [(c, sh, other(DIRECTIONS, d)), (other(COLOURS, c), sh, d), (c, other(SHAPES, sh), d)]
+    rest = [k for k in COMBOS if k != (c, sh, d) and k not in wrong]
+    wrong.append(rest[rng.integers(len(rest))])
+    opts = [(c, sh, d)] + wrong
+    return [f'a {o[0]} {o[1]} moves {o[2]}' for o in (opts[i] for i in rng.permutation(len(opts)))]
+
+
+def write_downstream_texts(out, down, rng):
+    """txt_toy-retrieval.json, txt_toy-qamc.json, txt_toy-qaoe.json for every downstream split."""
     vocab = list(COLOURS) + SHAPES + list(DIRECTIONS)
     retrieval, qamc, qaoe = {}, {}, {'vocab': vocab}
     for split, specs in down.items():
@@ -205,27 +208,16 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
         for vid, s in specs.items():
             c, sh, d = s['colour'], s['shape'], s['direction']
             retrieval[split].append({'video': vid, 'caption': f'a {c} {sh} moves {d}'})
-            opts = mc_options(c, sh, d)
+            opts = mc_options(rng, c, sh, d)
             qamc[split].append({'video': vid, 'question': 'what does the video show?',
                                 **{f'option_{i}': o for i, o in enumerate(opts)}, 'answer': opts.index(f'a {c} {sh} moves {d}')})
             kind = int(rng.integers(3))
             q, a = [(f'what color is the {sh}?', c), (f'what shape is the {c} thing?', sh),
                     (f'where does the {c} {sh} move?', d)][kind]
             qaoe[split].append({'video': vid, 'question': q, 'answer': vocab.index(a)})
-    dump('txt_toy-retrieval.json', retrieval)
-    dump('txt_toy-qamc.json', qamc)
-    dump('txt_toy-qaoe.json', qaoe)
-
-    counts = {name: len(specs) for name, (specs, _) in sets.items()}
-    with open(os.path.join(out, 'README.txt'), 'w') as f:
-        down_frames = ('5 frames, img_toy.pkl' if frame_layout == 'pkl' else f"VIOLETv2's layout: img_toy.tsv + "
-                       f'img_toy.id2lineidx.pkl, {V2_STORED} frames stored per clip, train with size_frame 5')
-        f.write(README.format(seed=seed, size_img=size_img, hw=size_img // 32, counts=json.dumps(counts, indent=1),
-                              down_frames=down_frames,
-                              vq='the DALL-E encoder ' + encoder if encoder else
-                              'the stand-in tokenizer (mean colour of each 32x32 patch, 5/4/4 bits RGB -> r<<8|g<<4|b)'))
-    counts['seconds'] = round(time.time() - t0, 1)
-    return counts
+    dump_json(out, 'txt_toy-retrieval.json', retrieval)
+    dump_json(out, 'txt_toy-qamc.json', qamc)
+    dump_json(out, 'txt_toy-qaoe.json', qaoe)
 
 
 README = """Toy VIOLET corpus (synthetic), written by _tools/make_toy.py --seed {seed} --size_img {size_img}.
@@ -249,6 +241,39 @@ Downstream (dataset `toy`, {down_frames}; train / val / test):
 Videos per set:
 {counts}
 """
+
+
+def write_readme(out, counts, seed, size_img, encoder, frame_layout):
+    down_frames = ('5 frames, img_toy.pkl' if frame_layout == 'pkl' else f"VIOLETv2's layout: img_toy.tsv + "
+                   f'img_toy.id2lineidx.pkl, {V2_STORED} frames stored per clip, train with size_frame 5')
+    with open(os.path.join(out, 'README.txt'), 'w') as f:
+        f.write(README.format(seed=seed, size_img=size_img, hw=size_img // 32, counts=json.dumps(counts, indent=1),
+                              down_frames=down_frames,
+                              vq='the DALL-E encoder ' + encoder if encoder else
+                              'the stand-in tokenizer (mean colour of each 32x32 patch, 5/4/4 bits RGB -> r<<8|g<<4|b)'))
+
+
+def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_images=120, n_down=480,
+             n_down_eval=60, workers=None, progress=False, keep_videos=False, frame_layout='pkl'):
+    """Write the corpus into `out`; -> dict of counts. frame_layout 'v2': the downstream frames in VIOLETv2's
+    layout instead (img_toy.tsv + img_toy.id2lineidx.pkl, V2_STORED frames stored per clip; train with size_frame 5)."""
+    t0 = time.time()
+    workers = workers or os.cpu_count() or 1
+    rng = np.random.default_rng(seed)  # one stream, drawn in this order: specs, pretraining texts, downstream texts
+    os.makedirs(out, exist_ok=True)
+    sets, down = plan_sets(rng, n_videos, n_val, n_images, n_down, n_down_eval, frame_layout)
+    scratch = os.path.join(out, '_videos')
+    write_clips(scratch, sets, workers)
+    frames = extract_frames(out, scratch, sets, frame_layout, workers, progress)
+    if not keep_videos:
+        shutil.rmtree(scratch)
+    write_vq(out, frames, size_img, encoder, progress)
+    write_pretrain_texts(out, sets, rng)
+    write_downstream_texts(out, down, rng)
+    counts = {name: len(specs) for name, (specs, _) in sets.items()}
+    write_readme(out, counts, seed, size_img, encoder, frame_layout)
+    counts['seconds'] = round(time.time() - t0, 1)
+    return counts
 
 
 def main():
