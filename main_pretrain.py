@@ -159,16 +159,18 @@ class Pretrain(tasks.Task):
                 return raw.get_att(img, txt, mask)
 
         img_m, txt_m, ans_mtm, ans_mvm, is_mvm = mask_batch(img, txt, vq, gen, get_att)
-        out_mtm, out_mvm, out_vtm, ans_vtm = model(img_m, txt_m, mask)
-        ls_mtm, hit_mtm = tasks.ce_hits(out_mtm, ans_mtm)
+        at_mtm = ans_mtm != -1
+        # the MLM / MVM heads run on the masked positions alone (the only ones the losses read)
+        out_mtm, out_mvm, out_vtm, ans_vtm = model(img_m, txt_m, mask, at_mtm, is_mvm)
+        ls_mtm, hit_mtm = tasks.ce_hits(out_mtm, ans_mtm[at_mtm])
         ls_vtm, hit_vtm = tasks.ce_hits(out_vtm, ans_vtm)
         if self.args['mvm_target'] == 'pixel':
-            err = (out_mvm.float() - pixel_targets(img)).abs().mean(dim=-1)[is_mvm]
+            err = (out_mvm.float() - pixel_targets(img)[is_mvm]).abs().mean(dim=-1)
             n = is_mvm.sum()
             ls_mvm = err.sum() / n.clamp(min=1)
             hit_mvm = (-err.sum(), n)  # "accuracy" = -L1
         else:
-            ls_mvm, hit_mvm = tasks.ce_hits(out_mvm, ans_mvm)
+            ls_mvm, hit_mvm = tasks.ce_hits(out_mvm, ans_mvm[is_mvm])
         loss = ls_mtm + ls_mvm + ls_vtm
         return loss, dict(mtm=ls_mtm, mvm=ls_mvm, vtm=ls_vtm), dict(mtm=hit_mtm, mvm=hit_mvm, vtm=hit_vtm)
 

@@ -557,13 +557,19 @@ class VIOLET_Pretrain(VIOLET_Base):
         _, att = self.go_cross(feat_img, mask_img, feat_txt, mask_txt, output_attentions=True)
         return torch.stack([a.float().mean(dim=1) for a in att], dim=1).sum(dim=(1, 2))
 
-    def forward(self, img, txt, mask):
+    def forward(self, img, txt, mask, at_mtm=None, at_mvm=None):
+        """-> MLM logits [B, X, vocab], MVM outputs [B, L_img, n], VTM logits [B, O] / temperature, VTM targets (0).
+        at_mtm [B, X] / at_mvm [B, L_img] (bool): the MLM / MVM heads, which work per position, run on those
+        positions alone and return [n, vocab] / [n, n_out]. Training passes the masked positions, the only ones
+        the losses read: the same losses, without the largest matrices (30522 and 8192 classes) at every position."""
         B = img.shape[0]
         O = min(B, VTM_OPTIONS)
         feat_img, mask_img, feat_txt, mask_txt = self.go_feat(img, txt, mask)
         L_img = feat_img.shape[1]
         out, _ = self.go_cross(feat_img, mask_img, feat_txt, mask_txt)
-        out_mtm, out_mvm = self.fc_mtm(out[:, L_img:]), self.fc_mvm(out[:, :L_img])
+        out_txt, out_img = out[:, L_img:], out[:, :L_img]
+        out_mtm = self.fc_mtm(out_txt if at_mtm is None else out_txt[at_mtm])
+        out_mvm = self.fc_mvm(out_img if at_mvm is None else out_img[at_mvm])
         i_img, i_txt = vtm_pairs(B, O, img.device)
         out_vtm = self.score(feat_img[i_img], mask_img[i_img], feat_txt[i_txt], mask_txt[i_txt]).view(B, O) / VTM_TEMPERATURE
         return out_mtm, out_mvm, out_vtm, torch.zeros(B, dtype=torch.long, device=img.device)

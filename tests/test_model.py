@@ -79,6 +79,13 @@ def test_golden_parity(case, golden_models):
             close(out.logsumexp(-1), g[f'{name}_logsumexp'])
             assert torch.equal(out.argmax(-1), g[f'{name}_argmax'])
         close(out_vtm, g['vtm'], 1e-3)  # logits / 0.05 magnify the 1e-5 agreement 20 times
+        # the MLM / MVM heads on chosen positions alone (training passes the masked ones): the golden rows
+        at_mtm = torch.arange(txt.numel()).view(txt.shape) % 3 == 1
+        at_mvm = torch.arange(mask_img.numel()).view(mask_img.shape) % 5 == 2
+        sel_mtm, sel_mvm, _, _ = pre(img, txt, mask, at_mtm, at_mvm)
+        for out, at, name in [(sel_mtm, at_mtm, 'mtm'), (sel_mvm, at_mvm, 'mvm')]:
+            close(out[:, :64], g[f'{name}_logits_head'][at])
+            assert torch.equal(out.argmax(-1), g[f'{name}_argmax'][at])
         assert torch.equal(ans_vtm, torch.zeros(2, dtype=torch.long))
 
         qamc_mask = (g['qamc_txt'] != 0).long()

@@ -249,8 +249,8 @@ def test_pixel_target_step(toy, tmp_path):
         def get_att(self, img, txt, mask):
             return att
 
-        def forward(self, img, txt, mask):
-            return torch.zeros(B, txt.shape[1], 30522), out_mvm, torch.zeros(B, 4), torch.zeros(B, dtype=torch.long)
+        def forward(self, img, txt, mask, at_mtm, at_mvm):  # the heads' outputs at the masked positions
+            return torch.zeros(int(at_mtm.sum()), 30522), out_mvm[at_mvm], torch.zeros(B, 4), torch.zeros(B, dtype=torch.long)
     _, losses, hits = mp.Pretrain(args).step(Stub(), b, agent.generator('cpu', 0, 0))
     is_mvm = mp.mask_batch(img, txt, vq, agent.generator('cpu', 0, 0), lambda: att)[4]  # the same draw
     mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
