@@ -264,12 +264,21 @@ def test_zero_shot_cli_scores_with_pretrain_vtm_head(toy, tmp_path):
     assert res['val']['ranks'] == brute_ranks(score, true_video)
 
 
-def test_pair_scoring_near_bare_cross_encoder():
-    """The real bound is 70% (bench.py reports it, about 0.8 on 2 CPU cores); 50% here tolerates a busy machine."""
+def test_pair_scoring_faster_than_bare_cross_encoder():
+    """eval_retrieval's scoring (padding columns dropped, the last layer on the CLS row alone) against the original's
+    way (every padded token, masked attention, the whole last layer): about 1.6x on the 2-layer toy model.
+    One thread, timed in process CPU time, so that other jobs on the machine do not decide it."""
+    import time
     import bench
-    res = bench.bench_pairs(small_model(), 64, 16, torch.device('cpu'), n_vid=16, n_txt=16, size_pair=64, reps=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = bench.bench_pairs(small_model(), 64, 16, torch.device('cpu'), n_vid=16, n_txt=16, size_pair=64, reps=5,
+                                clock=time.process_time)
+    finally:
+        torch.set_num_threads(threads)
     print(f"\npairs/s {res['pairs_per_s']:.0f}, bare {res['bare_pairs_per_s']:.0f}, ratio {res['ratio']:.2f}")
-    assert res['ratio'] >= 0.5
+    assert res['ratio'] >= 1.25  # a regression to the original's work per pair reads about 1.0
 
 
 def test_bench_cli_small(toy, tmp_path):
