@@ -1,6 +1,7 @@
 """model.py: the original's key layout, numbers equal to the golden outputs, gradients, clear errors."""
 import importlib.util
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -406,3 +407,23 @@ def test_score_drops_shared_padding_exactly(lengths):
         out, _ = qa.go_cross(feat_img, mask_img, feat_txt, mask_txt)
         assert torch.allclose(qa.answer_logits(feat_img, mask_img, feat_txt, mask_txt), qa.fc(out[:, feat_img.shape[1]]),
                               atol=1e-5)
+
+
+@pytest.mark.skipif(not (shutil.which('g++') or shutil.which('c++')), reason='torch.compile on CPU needs a C++ compiler')
+def test_compile_blocks_keeps_numbers_and_keys():
+    """compile: true (compile_blocks: each VT block and the CT layer through torch.compile, in place): the eager
+    model's scores and QA-OE answers (padded text, so the CLS-only last layer and the mask both run compiled), and
+    the same state-dict keys, so checkpoints load and save as before."""
+    img, txt, mask = small_batch(B=2, T=2)
+    txt[1, 4], txt[1, 5:], mask[1, 5:] = 102, 0, 0
+    for cls in (model.VIOLET_Retrieval, model.VIOLET_QAOE):
+        torch.manual_seed(0)
+        m = cls(SMALL).eval()
+        keys = list(m.state_dict())
+        with torch.no_grad():
+            ref = m(img, txt, mask)
+            m.compile_blocks()
+            out = m(img, txt, mask)
+        assert list(m.state_dict()) == keys
+        ref, out = (ref[0], out[0]) if isinstance(ref, tuple) else (ref, out)
+        assert torch.allclose(out, ref, atol=1e-4), (cls.__name__, (out - ref).abs().max())
