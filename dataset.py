@@ -269,7 +269,10 @@ def need_file(path):
 
 def load_json(path):
     with open(need_file(path), 'r') as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:  # its message has the line and column, not the file
+            raise ValueError(f'{path}: not valid JSON ({e})') from e
 
 
 class UnsafePickle(pickle.UnpicklingError):

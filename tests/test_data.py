@@ -516,6 +516,15 @@ def test_missing_files(args, bad_copy):
         dataset.Dataset_Pretrain(dict(a, size_img=224), 'toyvid', 'val')
 
 
+def test_invalid_json_names_its_file(tmp_path):
+    """A hand-written annotation file with a stray comma used to stop with 'Expecting value: line 2 column 12',
+    naming no file."""
+    path = tmp_path / 'txt_mine-qamc.json'
+    path.write_text('{"train": [,\n]}')
+    with pytest.raises(ValueError, match=rf'^{path}: not valid JSON \(Expecting value: line 1 column 12'):
+        dataset.load_json(str(path))
+
+
 def test_vq_list_layout(args, bad_copy):
     """Some releases store a list of T arrays [h, w]: read the same."""
     ref = dataset.Dataset_Pretrain(dict(args), 'toyvid', 'val')
