@@ -47,12 +47,14 @@ def read_rows(path):
     for i, r in enumerate(rows):
         if not r.get('video'):
             raise SystemExit(f'{path}: row {i + 1} has no "video"')
+        if not (r.get('text') or r.get('question')):  # a misspelt column would otherwise score an empty text
+            raise SystemExit(f'{path}: row {i + 1} has no "text" or "question" (its keys: {", ".join(r)})')
         opts = r.get('options')
         if isinstance(opts, str):
             opts = opts.split('|')
         if opts is None and 'option_0' in r:
             opts = [r[k] for k in sorted((k for k in r if k.startswith('option_')), key=lambda k: int(k[7:]))]
-        out.append(dict(video=os.path.join(base, r['video']), text=r.get('text') or r.get('question') or '',
+        out.append(dict(video=os.path.join(base, r['video']), text=r.get('text') or r.get('question'),
                         options=opts))
     return out
 

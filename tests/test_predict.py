@@ -281,6 +281,16 @@ def test_list_input_csv_and_json_and_safetensors(clips, ckpts, capsys, tmp_path)
     assert res_st['results'] == res['csv']['results']
 
 
+def test_list_row_without_text_is_refused(tmp_path):
+    """A CSV whose header misspelt 'question' used to answer an empty question for every row, silently."""
+    (tmp_path / 'rows.csv').write_text('video,questoin\nv.mp4,what is it?\n')
+    with pytest.raises(SystemExit, match=rf'^{tmp_path}/rows.csv: row 1 has no "text" or "question" \(its keys: video, questoin\)$'):
+        predict.read_rows(str(tmp_path / 'rows.csv'))
+    json.dump([dict(video='v.mp4', text='a dog'), dict(video='w.mp4', text='')], open(tmp_path / 'rows.json', 'w'))
+    with pytest.raises(SystemExit, match=r'rows.json: row 2 has no "text" or "question" \(its keys: video, text\)$'):
+        predict.read_rows(str(tmp_path / 'rows.json'))
+
+
 def test_bf16_on_request(clips, ckpts):
     """bf16 autocast (the CUDA fast path) runs here on CPU too; its scores stay near fp32's."""
     vids = [str(clips / '_lib' / f) for f in ('red.mp4', 'blue.mp4')]
