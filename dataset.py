@@ -54,7 +54,7 @@ class DataConfig:
     size_frame: int = config.key(0, 'downstream frames per video; 0: the count most of a sample of 32 videos have (5 in the released sets; the others are named; the run records it in its `args.json`); must be set for the `v2` layout (VIOLETv2 uses 5)', least=0)
     frame_layout: str = config.key('auto', 'downstream frame files (`dataset.find_layout`): `pkl` (`img_<dataset>.pkl`), `v2` (VIOLETv2: `img_<dataset>.tsv` + `img_<dataset>.id2lineidx.pkl`, `size_frame` of the stored frames sampled per video), `tsv` (`img_<dataset>.tsv` + `.lineidx`); `auto`: the first of these whose files are present', choices=FRAME_LAYOUTS)
     size_option: int = config.key(5, 'QA-MC options per question', least=1)
-    size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`)', least=0)
+    size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`); a training run refuses more classes than `vocab` names', least=0)
     txt_vocab: str = config.key('', 'the tokenizer\'s vocabulary: a `vocab.txt` file or a tokenizer directory; `""`: the tokenizer of `txt_backbone`. Either must fit the BERT config (same `vocab_size`, `[CLS]`/`[SEP]`/`[PAD]`/`[MASK]` at 101/102/0/103, as bert-base-uncased), else the run stops naming what is missing; a directory without `vocab.txt` or `tokenizer.json` is an error, never a stand-in tokenizer')
     skip_bad: bool = config.key(False, 'skip and count bad samples instead of stopping')
     num_workers: int = config.key(4, 'DataLoader workers per process (on one H100, 4 keep up with every full-size bf16 step but QA-OE, which needs 8; see Benchmark)', least=0)

@@ -30,6 +30,15 @@ class QAOE(tasks.Downstream):
     def run_files(self):
         return {'vocab.json': self.split('train').answers[:self.args['size_vocab']]}
 
+    def check_data(self):
+        super().check_data()
+        train = self.split('train')
+        if self.args['size_vocab'] > len(train.answers):  # the classes past it would have no answer text
+            raise agent.config_error(
+                f"key 'size_vocab' is {self.args['size_vocab']}, but {train.path_txt} names {len(train.answers)} "
+                f"answers in its \"vocab\": vocab.json and predict.py need a text for every class (size_vocab 0: "
+                f"the vocabulary's length)")
+
     def build_model(self):
         if self.args['size_vocab'] == 0:  # 0: the train split counts the json's "vocab"; args.json records it
             self.args['size_vocab'] = self.split('train').size_vocab

@@ -18,6 +18,7 @@ import agent  # noqa: E402
 import dataset  # noqa: E402
 import main_pretrain  # noqa: E402
 import main_qamc  # noqa: E402
+import main_qaoe  # noqa: E402
 from extract_tsv import write_tsv  # noqa: E402
 from make_toy import make_toy  # noqa: E402
 
@@ -205,6 +206,23 @@ def test_data_checked_before_the_first_step(toy, tmp_path):
     json.dump(txt, open(f'{toy}/txt_toyvid.json', 'w'))
     with pytest.raises(KeyError, match=r'txt_toyvid.json: no key "train"'):
         main_pretrain.Pretrain(args).check_data()
+
+
+def test_qaoe_size_vocab_past_the_vocabulary(toy, tmp_path):
+    """A copied config's size_vocab 12 over a 8-answer vocabulary used to train to the end and write a vocab.json
+    of 8 answers for a 12-class head, which predict.py then refused."""
+    txt = json.load(open(f'{toy}/txt_toy-qaoe.json'))
+    txt['vocab'] = txt['vocab'][:8]
+    for split in ('train', 'val', 'test'):
+        txt[split] = [q for q in txt[split] if q['answer'] < 8]
+    json.dump(txt, open(f'{toy}/txt_toy-qaoe.json', 'w'))
+    args = agent.load_args(f'{REPO}/_data/toy/args_toy-qaoe.json', [f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}'])
+    assert args['size_vocab'] == 12
+    with pytest.raises(SystemExit, match=rf"^config error: key 'size_vocab' is 12, but {toy}/txt_toy-qaoe.json names 8 "
+                                         r'answers in its "vocab": vocab.json and predict.py need a text for every class'):
+        main_qaoe.QAOE(args).check_data()
+    main_qaoe.QAOE(dict(args, size_vocab=8)).check_data()
+    main_qaoe.QAOE(dict(args, size_vocab=0)).check_data()
 
 
 def test_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
