@@ -49,7 +49,8 @@ class DataConfig:
     task: str = config.key('', 'downstream texts: `txt_<task>.json`; names the output dir and checkpoints')
     datasets: list[str] = config.key(['webvid2.5m', 'cc3m'], 'pretraining datasets, in order; each trains on every `img_<d>_train_<k>.tsv` on disk')
     path_data: str = config.key('./_data', 'where the data files are')
-    size_img: int = config.key(224, 'frame side after padding to square (multiple of 32, at most 448)', least=1)
+    size_img: int = config.key(224, 'frame side after padding to square (multiple of 32, at most 448)',
+                               choices=range(32, 449, 32))  # the VT's 32 px patches; emb_pos has 14 x 14
     size_txt: int = config.key(32, 'text length in tokens (padded / truncated)', least=1)
     size_frame: int = config.key(0, 'downstream frames per video; 0: the count most of a sample of 32 videos have (5 in the released sets; the others are named; the run records it in its `args.json`); must be set for the `v2` layout (VIOLETv2 uses 5)', least=0)
     frame_layout: str = config.key('auto', 'downstream frame files (`dataset.find_layout`): `pkl` (`img_<dataset>.pkl`), `v2` (VIOLETv2: `img_<dataset>.tsv` + `img_<dataset>.id2lineidx.pkl`, `size_frame` of the stored frames sampled per video), `tsv` (`img_<dataset>.tsv` + `.lineidx`); `auto`: the first of these whose files are present', choices=FRAME_LAYOUTS)

@@ -250,7 +250,9 @@ def test_config_keys_declared_once_with_type_default_help():
     r = subprocess.run([sys.executable, 'main_qamc.py', '--help'], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert all(f'    {k} (' in r.stdout for k in fields)
     assert '    vt_window (list[int], default [8, 7, 7]): Video Swin window (time, height, width)' in r.stdout
-    assert error_of('size_img=0') == "config error: key 'size_img' must be >= 1, got 0 (--set)"
+    sides = '[32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448]'
+    assert error_of('size_img=0') == f"config error: key 'size_img' must be one of {sides}, got 0 (--set)"
+    assert error_of('size_img=100') == f"config error: key 'size_img' must be one of {sides}, got 100 (--set)"  # was a traceback at the first step
     assert error_of('lr="x"') == "config error: key 'lr' must be float, got str 'x' (--set)"
     assert error_of('precision=fp8') == "config error: key 'precision' must be one of ['auto', 'fp16', 'bf16', 'fp32'], got 'fp8' (--set)"
     assert agent.load_args(CONFIG, ['lr=1'])['lr'] == 1  # an int where a float goes
