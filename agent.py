@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import difflib
 import fcntl
+import functools
 import inspect
 import json
 import math
@@ -79,6 +80,18 @@ def schema():
 
 def config_error(msg):
     return SystemExit(f'config error: {msg}')
+
+
+def data_errors_in_one_line(fn):
+    """A script's main: bad input data (dataset.DataError: a file, key, line or video named in the message) and a
+    missing file stop it with that one message, not a traceback through the DataLoader and its worker."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (dataset.DataError, FileNotFoundError) as e:
+            raise SystemExit(dataset.error_message(e)) from e
+    return wrapped
 
 
 def check_keys(given, where):
@@ -665,6 +678,7 @@ def evaluate_only(task, trainer, out):
         print(f'wrote {out}/eval.json', flush=True)
 
 
+@data_errors_in_one_line
 def main(task_cls, default_config, argv=None):
     """The whole run of one script: config, process group, model, data, training, files."""
     cli = parse_cli(default_config, argv)

@@ -16,9 +16,10 @@ of each video's frames are sampled (sample_stored); a video with fewer is a bad 
 Bad samples (corrupt base64 or image, video id missing from frames / texts / vq, a lineidx offset that
 is not a line start, a wrong frame count, an item without a required key, a caption / question / option
 that is not a string, an answer out of range)
-raise BadSample (a ValueError; KeyError too for missing keys) naming the file and the video id or line.
+raise BadSample (a DataError; KeyError too for missing keys) naming the file and the video id or line.
 With args['skip_bad'] = True, __getitem__ returns None instead, and collate_skip counts them.
-Missing files raise FileNotFoundError naming the path, always.
+Missing files raise FileNotFoundError naming the path, always; any other unusable data file (a missing split or
+"vocab", invalid JSON, a truncated pickle, the wrong frame count) a DataError naming it.
 Pickled data files (img_*.pkl, vq_*.pkl, and the tools' inputs) are read by load_pickle, which refuses anything
 but containers, str, bytes, numbers and numpy arrays: reading a downloaded data file never runs code.
 """
@@ -66,8 +67,26 @@ DEFAULTS = config.defaults(DataConfig)
 SPECIAL_IDS = {'[CLS]': 101, '[SEP]': 102, '[PAD]': 0, '[MASK]': 103}
 
 
-class BadSample(ValueError):
+class DataError(ValueError):
+    """Input data that cannot be used, named in the message (file, key, line or video); the scripts print it alone."""
+
+
+class BadSample(DataError):
     """One unusable sample; skipped (counted) under args['skip_bad'], raised otherwise."""
+
+
+class MissingKey(DataError, KeyError):
+    """A data file lacks a key it needs (a split, "vocab")."""
+    __str__ = BaseException.__str__  # KeyError would quote the message
+
+
+def error_message(e):
+    """The message of a DataError, also when a DataLoader worker raised it: torch raises it again in the main
+    process with the worker's traceback in front, and the message as its last line."""
+    msg = str(e)
+    if msg.startswith('Caught ') and '\nOriginal Traceback' in msg:
+        msg = msg.rstrip().splitlines()[-1].split(': ', 1)[-1]
+    return msg
 
 
 class BadVideo(ValueError):
@@ -273,10 +292,10 @@ def load_json(path):
         try:
             return json.load(f)
         except json.JSONDecodeError as e:  # its message has the line and column, not the file
-            raise ValueError(f'{path}: not valid JSON ({e})') from e
+            raise DataError(f'{path}: not valid JSON ({e})') from e
 
 
-class UnsafePickle(pickle.UnpicklingError):
+class UnsafePickle(DataError, pickle.UnpicklingError):
     """A pickled data file refers to something other than plain data (a class, a function such as os.system)."""
 
 
@@ -308,13 +327,13 @@ def load_pickle(path):
         except UnsafePickle:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
-            raise ValueError(f'{path}: not a readable pickle (truncated or another format?): '
+            raise DataError(f'{path}: not a readable pickle (truncated or another format?): '
                              f'{type(e).__name__}: {e}') from e
 
 
 def json_key(obj, key, path):
     if key not in obj:
-        raise KeyError(f'{path}: no key "{key}" (has {sorted(obj)[:10]})')
+        raise MissingKey(f'{path}: no key "{key}" (has {sorted(obj)[:10]})')
     return obj[key]
 
 
@@ -363,7 +382,7 @@ def find_layout(prefix, layout='auto'):
 def load_id2lineidx(path):
     id2lineidx = load_pickle(path)
     if not isinstance(id2lineidx, dict) or not all(isinstance(o, int) for o in id2lineidx.values()):
-        raise ValueError(f'{path}: expected a dict video id -> byte offset (int)')
+        raise DataError(f'{path}: expected a dict video id -> byte offset (int)')
     return id2lineidx
 
 
@@ -442,7 +461,7 @@ class Dataset_Base(torch.utils.data.Dataset):
             self.tsv = TSV(paths[0])
             self.frames = {self.tsv.first_field(o): o for o in read_lineidx(paths[1])}
         if len(self.frames) == 0:
-            raise ValueError(f'{self.path_frames}: no videos')
+            raise DataError(f'{self.path_frames}: no videos')
 
     def frames_b64(self, vid):
         """-> every frame stored for `vid` (base64 strings)."""
@@ -513,13 +532,13 @@ class Dataset_Pretrain(Dataset_Base):
             return
         self.vq = load_pickle(self.path_vq)
         if len(self.vq) == 0:
-            raise ValueError(f'{self.path_vq}: empty')
+            raise DataError(f'{self.path_vq}: empty')
         counts = {vid: len(self.vq[vid]) for vid in spread(self.vq)}
         T = common_frame_count(counts, self.path_vq)
         first = np.asarray(self.vq[next(vid for vid, n in counts.items() if n == T)])
         hw = self.size_img // 32
         if first.ndim != 3 or first.shape[1:] != (hw, hw):
-            raise ValueError(f'{self.path_vq}: VQ tokens of shape {first.shape}, expected [T, {hw}, {hw}] for '
+            raise DataError(f'{self.path_vq}: VQ tokens of shape {first.shape}, expected [T, {hw}, {hw}] for '
                              f'size_img {self.size_img} (extract with _tools/extract_vq.py --frame={self.size_img})')
         self.size_frame = first.shape[0]
 
@@ -575,7 +594,7 @@ class Dataset_Downstream(Dataset_Base):
         self.txt = json_key(self.json, split, self.path_txt)
         self.open_frames(self.args['dataset'])
         if self.layout == 'v2' and self.args['size_frame'] < 1:
-            raise ValueError(f'{self.path_frames}: the VIOLETv2 layout stores more frames than are used; '
+            raise DataError(f'{self.path_frames}: the VIOLETv2 layout stores more frames than are used; '
                              f'set size_frame (VIOLETv2 uses 5)')
         self.size_frame = self.args['size_frame'] or self.frame_count()
 
@@ -588,7 +607,7 @@ class Dataset_Downstream(Dataset_Base):
             except BadSample:
                 continue  # named when the sample is read
         if not counts:
-            raise ValueError(f'{self.path_frames}: none of {len(spread(self.frames))} sampled videos could be read')
+            raise DataError(f'{self.path_frames}: none of {len(spread(self.frames))} sampled videos could be read')
         return common_frame_count(counts, self.path_frames)
 
     def __len__(self):
@@ -640,11 +659,11 @@ def answer_texts(vocab, where):
         texts = [None] * len(vocab)
         for a, i in vocab.items():
             if not isinstance(i, int) or not 0 <= i < len(vocab) or texts[i] is not None:
-                raise ValueError(f'{where}: "vocab" maps {a!r} to {i!r}, not a distinct index in 0..{len(vocab) - 1}')
+                raise DataError(f'{where}: "vocab" maps {a!r} to {i!r}, not a distinct index in 0..{len(vocab) - 1}')
             texts[i] = a
         return texts
     if not isinstance(vocab, list):
-        raise ValueError(f'{where}: "vocab" must be a list of answers (or answer -> index), got {type(vocab).__name__}')
+        raise DataError(f'{where}: "vocab" must be a list of answers (or answer -> index), got {type(vocab).__name__}')
     return [str(a) for a in vocab]
 
 

@@ -173,6 +173,7 @@ def report(split, res):
             f"pairs/s)\n{split} v2t: {line(res['v2t'])}")
 
 
+@agent.data_errors_in_one_line
 def main():
     parser = argparse.ArgumentParser(description='text-to-video retrieval evaluation (R@1/5/10, median/mean rank)')
     parser.add_argument('config', nargs='?', default='./_data/args_msrvtt-retrieval.json')

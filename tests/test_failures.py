@@ -192,8 +192,8 @@ def test_data_checked_before_the_first_step(toy, tmp_path):
     qs = json.load(open(f'{toy}/txt_toy-qamc.json'))
     del qs['test']
     json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
-    with pytest.raises(KeyError, match=r'txt_toy-qamc.json: no key "test"'):
-        qamc(toy, tmp_path / 'run')
+    msg = stops(qamc, toy, tmp_path / 'run')  # one line naming the file, not a traceback
+    assert msg == f'{toy}/txt_toy-qamc.json: no key "test" (has [\'train\', \'val\'])'
     assert not os.path.exists(tmp_path / 'run')  # nothing trained, nothing written
     # pretraining: each dataset's val split and texts, each part's frames, without a step
     args = agent.load_args(f'{REPO}/_data/toy/args_pretrain.json', [f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}'])
@@ -206,6 +206,18 @@ def test_data_checked_before_the_first_step(toy, tmp_path):
     json.dump(txt, open(f'{toy}/txt_toyvid.json', 'w'))
     with pytest.raises(KeyError, match=r'txt_toyvid.json: no key "train"'):
         main_pretrain.Pretrain(args).check_data()
+
+
+def test_bad_sample_in_a_worker_is_one_line(toy, tmp_path):
+    """An unknown video id stopped the run with 60 lines of traceback through the DataLoader worker and torch's
+    re-raise; the message alone is what the script prints (SystemExit), and a missing file likewise."""
+    qs = json.load(open(f'{toy}/txt_toy-qamc.json'))
+    qs['train'][0]['video'] = 'my_clip'
+    json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
+    assert stops(qamc, toy, tmp_path / 'a', 'num_workers=1') == f'{toy}/img_toy.pkl: no video "my_clip"'
+    assert stops(qamc, toy, tmp_path / 'b', 'num_workers=0') == f'{toy}/img_toy.pkl: no video "my_clip"'
+    os.remove(f'{toy}/txt_toy-qamc.json')
+    assert stops(qamc, toy, tmp_path / 'c') == f'missing data file: {toy}/txt_toy-qamc.json'
 
 
 def test_qaoe_size_vocab_past_the_vocabulary(toy, tmp_path):
