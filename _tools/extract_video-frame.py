@@ -183,9 +183,13 @@ def main():
         out = out[:-len('.tsv')]
     if not os.path.isdir(dir_in):
         sys.exit(f'no video folder {dir_in}')
+    exts = args.ext.split(',')
+    if not list_videos(dir_in, exts):  # nothing to write: say what the folder holds instead of writing an empty file
+        found = sorted({os.path.splitext(f)[1] for f in os.listdir(dir_in) if os.path.isfile(os.path.join(dir_in, f))} - {''})
+        sys.exit(f'no {" or ".join("*." + e for e in exts)} file in {dir_in}'
+                 + (f' (it has {", ".join(found)} files: see --ext)' if found else ''))
     try:
-        written, before, failed = extract_to(dir_in, out, args.sample, args.layout, args.shard_size, args.workers,
-                                             args.ext.split(','))
+        written, before, failed = extract_to(dir_in, out, args.sample, args.layout, args.shard_size, args.workers, exts)
     except ValueError as e:
         sys.exit(str(e))
     report = output_files(out, args.layout, None)[0].rsplit('.', 1)[0] + '.failed.json'

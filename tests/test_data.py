@@ -161,6 +161,19 @@ def test_extract_cli_skips_unreadable_and_fails_when_nothing_read(tmp_path):
     assert r.returncode != 0 and 'no video could be read' in r.stderr
 
 
+def test_extract_cli_folder_without_the_extension(tmp_path):
+    """A folder of .avi / .MP4 files under the default --ext mp4 used to get an empty img_*.pkl and 'no video could
+    be read'; now nothing is written and the message says which extensions the folder has."""
+    (tmp_path / 'clips').mkdir()
+    for name in ('a.avi', 'B.MP4', 'notes'):
+        (tmp_path / 'clips' / name).write_bytes(b'x')
+    r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(tmp_path / 'clips'), '--sample=5',
+                 '--out', str(tmp_path / 'img_mine.pkl'))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f'no *.mp4 file in {tmp_path}/clips (it has .MP4, .avi files: see --ext)'), r.stderr
+    assert os.listdir(tmp_path) == ['clips']
+
+
 # ---- extract_tsv
 
 def test_tsv_lineidx_round_trip(tmp_path):
