@@ -613,6 +613,15 @@ class Dataset_Downstream(Dataset_Base):
     def __len__(self):
         return len(self.txt)
 
+    def check_videos(self):
+        """Every item's video is in the frames file (the items' other faults are named when they are read)."""
+        missing = [(i, it['video']) for i, it in enumerate(self.txt)
+                   if isinstance(it, dict) and isinstance(it.get('video'), str) and it['video'] not in self.frames]
+        if missing:
+            (idx, vid), more = missing[0], len(missing) - 1
+            raise BadSample(f'{self.path_txt}["{self.split}"][{idx}]: no video "{vid}" in {self.path_frames}'
+                            + (f' ({more} more of the split\'s items lack theirs)' if more else ''))
+
     def item(self, idx, *keys):
         """Item idx, which must have `keys`; every key but 'answer' must hold a string."""
         item, where = self.txt[idx], f'{self.path_txt}["{self.split}"][{idx}]'

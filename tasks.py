@@ -69,6 +69,14 @@ class Downstream(Task):
     def name(self):
         return self.args['task']
 
+    def check_data(self):
+        """Also every item's video: one missing from the test split used to stop the run after a whole epoch of
+        training (under skip_bad such items are skipped and counted as they come)."""
+        super().check_data()
+        if not self.args['skip_bad']:
+            for ds in self.sets.values():
+                ds.check_videos()
+
     def build_model(self):
         self.record_frame_count()
         return self.Model(self.args)

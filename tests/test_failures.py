@@ -209,15 +209,28 @@ def test_data_checked_before_the_first_step(toy, tmp_path):
 
 
 def test_bad_sample_in_a_worker_is_one_line(toy, tmp_path):
-    """An unknown video id stopped the run with 60 lines of traceback through the DataLoader worker and torch's
-    re-raise; the message alone is what the script prints (SystemExit), and a missing file likewise."""
+    """A bad sample stopped the run with 60 lines of traceback through the DataLoader worker and torch's re-raise;
+    the message alone is what the script prints (SystemExit), and a missing file likewise."""
     qs = json.load(open(f'{toy}/txt_toy-qamc.json'))
-    qs['train'][0]['video'] = 'my_clip'
+    del qs['train'][0]['question']
     json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
-    assert stops(qamc, toy, tmp_path / 'a', 'num_workers=1') == f'{toy}/img_toy.pkl: no video "my_clip"'
-    assert stops(qamc, toy, tmp_path / 'b', 'num_workers=0') == f'{toy}/img_toy.pkl: no video "my_clip"'
+    said = f'{toy}/txt_toy-qamc.json["train"][0]: no key "question"'
+    assert stops(qamc, toy, tmp_path / 'a', 'num_workers=1') == said
+    assert stops(qamc, toy, tmp_path / 'b', 'num_workers=0') == said
     os.remove(f'{toy}/txt_toy-qamc.json')
     assert stops(qamc, toy, tmp_path / 'c') == f'missing data file: {toy}/txt_toy-qamc.json'
+
+
+def test_unknown_video_checked_before_the_first_step(toy, tmp_path):
+    """An unknown video id in the test split used to stop the run at the end of a whole epoch of training."""
+    qs = json.load(open(f'{toy}/txt_toy-qamc.json'))
+    qs['test'][2]['video'] = qs['test'][5]['video'] = 'my_clip'
+    json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
+    msg = stops(qamc, toy, tmp_path / 'run')
+    assert msg == (f'{toy}/txt_toy-qamc.json["test"][2]: no video "my_clip" in {toy}/img_toy.pkl (1 more of the '
+                   f"split's items lack theirs)")
+    assert not os.path.exists(tmp_path / 'run')  # nothing trained, nothing written
+    qamc(toy, tmp_path / 'skip', 'skip_bad=true', 'max_skip_frac=0.5', 'stop_after_steps=1')  # skipped as they come
 
 
 def test_qaoe_size_vocab_past_the_vocabulary(toy, tmp_path):
