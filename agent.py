@@ -577,6 +577,10 @@ class Trainer:
 
     def fit_units(self):
         units = self.task.units()
+        if self.unit >= len(units):  # a resumed run that had finished: say so rather than 'done'
+            say(f'nothing to do: {self.out} has finished all {len(units)} units (the last: {units[-1]["name"]}); '
+                f'--set size_epoch=N with a larger N trains on')
+            return False
         if self.unit == 0 and self.step == 0:
             self.save_unit(self.task.ckpt_name(None))
         while self.unit < len(units):

@@ -96,7 +96,7 @@ def test_skip_cap_and_no_data(toy, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- output folders
 
-def test_output_folder_is_one_runs(toy, tmp_path):
+def test_output_folder_is_one_runs(toy, tmp_path, capsys):
     out = tmp_path / 'run'
     qamc(toy, out, 'stop_after_steps=1', 'save_every=1')
     first = sorted(os.listdir(out))
@@ -138,6 +138,12 @@ def test_output_folder_is_one_runs(toy, tmp_path):
     agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
     assert not (out / 'resume.pt.tmp999999').exists()
     assert 'ckpt_violet_toy-qamc_1.pt' in os.listdir(out)
+    # resuming the finished run trains nothing and says so (it used to print 'done')
+    capsys.readouterr()
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
+    said = capsys.readouterr().out
+    assert said.strip().endswith(f'nothing to do: {out} has finished all 1 units (the last: epoch 1); --set '
+                                 f'size_epoch=N with a larger N trains on') and 'done' not in said, said
     # --overwrite: the old run's files go, the new run's come
     (out / 'ckpt_violet_toy-qamc_7.pt').write_bytes(b'an old epoch')
     os.makedirs(out / 'tb')
