@@ -567,7 +567,7 @@ class Trainer:
         stopped early (resumable)."""
         self.out, self.steps_run = out or self.out, 0
         if is_main():
-            self.steplog = StepLog(out, self.args['log_tb'])
+            self.steplog = StepLog(out, self.args['log_tb'], self.global_step)
         try:
             return self.fit_units()
         finally:
@@ -612,20 +612,39 @@ def new_window():
     return dict(sums={}, n=0, n_samples=0, t0=time.time())
 
 
+def logged_step(line):
+    """The step of a steps.jsonl line; inf for a line a kill cut short."""
+    try:
+        return json.loads(line)['step']
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 class StepLog:
     """Rank 0's curves: steps.jsonl (one JSON line per optimiser step: rank 0's mean losses over the step's batches,
     lr and samples/s since the previous line; one line per unit's evaluation) and, under log_tb, the same scalars
-    as TensorBoard events in <out>/tb. Appended: a resumed run goes on in the same files."""
+    as TensorBoard events in <out>/tb. Appended: a resumed run goes on in the same files, from its position `step`
+    (what a killed run logged after its last resume.pt is dropped: the resumed run does those steps again)."""
 
-    def __init__(self, out, tb):
-        self.file = open(os.path.join(out, 'steps.jsonl'), 'a')
+    def __init__(self, out, tb, step=0):
+        path = os.path.join(out, 'steps.jsonl')
+        if os.path.exists(path):
+            with open(path) as f:
+                lines = f.readlines()
+            kept = [ln for ln in lines if logged_step(ln) <= step]
+            if len(kept) < len(lines):
+                def write(tmp):
+                    with open(tmp, 'w') as f:
+                        f.writelines(kept)
+                _atomic(path, write)
+        self.file = open(path, 'a')
         self.tb = None
         if tb:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise SystemExit(f'log_tb: TensorBoard is not installed ({e}); pip install -r requirements.txt') from e
-            self.tb = SummaryWriter(os.path.join(out, 'tb'))
+            self.tb = SummaryWriter(os.path.join(out, 'tb'), purge_step=step + 1 if step else None)
 
     def write(self, rec, scalars):
         self.file.write(json.dumps(rec) + '\n')

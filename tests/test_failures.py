@@ -133,10 +133,16 @@ def test_output_folder_is_one_runs(toy, tmp_path, capsys):
     (tmp_path / 'resume.pt').write_bytes(raw[:len(raw) // 2])
     assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'resume.pt')]).startswith(
         f"resume: {tmp_path / 'resume.pt'}: truncated or corrupt PyTorch checkpoint (was its writing interrupted?): ")
-    # a kill during a write left a tmp file: the resumed run removes it (and finishes)
+    # a kill during a write left a tmp file: the resumed run removes it (and finishes); the step the killed run
+    # logged after its last resume.pt is done and logged again, once
     (out / 'resume.pt.tmp999999').write_bytes(b'half a file')
+    with open(out / 'steps.jsonl', 'a') as f:
+        f.write(json.dumps(dict(step=2, unit='epoch 1', unit_step=2, loss=99.0)) + '\n{"step": 3, "un')
     agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
     assert not (out / 'resume.pt.tmp999999').exists()
+    lines = [json.loads(x) for x in open(out / 'steps.jsonl')]
+    assert [(x['step'], 'eval' in x) for x in lines] == [(1, False), (2, False), (3, False), (4, False), (4, True)]
+    assert all(x.get('loss') != 99.0 for x in lines)
     assert 'ckpt_violet_toy-qamc_1.pt' in os.listdir(out)
     # resuming the finished run trains nothing and says so (it used to print 'done')
     capsys.readouterr()
