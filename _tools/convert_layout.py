@@ -49,12 +49,14 @@ def convert(src, dst, to, sample=0, src_layout='auto'):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--src', required=True, help='X: the source files X.pkl, X.tsv + X.lineidx or X.tsv + X.id2lineidx.pkl')
+    parser.add_argument('--src', required=True, help='X (or X.pkl, X.tsv): the source files X.pkl, X.tsv + X.lineidx or X.tsv + X.id2lineidx.pkl')
     parser.add_argument('--to', required=True, choices=FRAME_LAYOUTS[1:])
-    parser.add_argument('--dst', required=True, help='Y: writes Y.pkl, Y.tsv + Y.lineidx or Y.tsv + Y.id2lineidx.pkl')
+    parser.add_argument('--dst', required=True, help='Y (or Y.pkl, Y.tsv): writes Y.pkl, Y.tsv + Y.lineidx or Y.tsv + Y.id2lineidx.pkl')
     parser.add_argument('--sample', type=int, default=0, help='keep N frames per video (evenly, first and last included)')
     parser.add_argument('--src_layout', default='auto', choices=FRAME_LAYOUTS)
     args = parser.parse_args()
+    # X.pkl or X.tsv for X, as extract_video-frame.py's --out takes it (--dst img_a.pkl wrote img_a.pkl.pkl)
+    args.src, args.dst = (p.removesuffix('.pkl').removesuffix('.tsv') for p in (args.src, args.dst))
     if os.path.abspath(args.src) == os.path.abspath(args.dst):
         sys.exit('--src and --dst must differ (the source would be overwritten while read)')
     try:

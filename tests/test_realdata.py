@@ -216,6 +216,12 @@ def test_convert_layout_round_trips(tmp_path, capsys, monkeypatch):
     with open(tmp_path / 'img_five.pkl', 'rb') as f:
         five = pickle.load(f)
     assert five == {v: [b[i] for i in dataset.sample_stored(len(b), 5, False)] for v, b in stored.items()}
+    # the files' names work as well as their prefix (--dst img_a.pkl used to write img_a.pkl.pkl)
+    code, out = cli(convert_layout.main, [f'--src={tmp_path}/img_five.pkl', '--to=pkl', f'--dst={tmp_path}/img_a.pkl'],
+                    capsys, monkeypatch)
+    assert code == 0 and open(tmp_path / 'img_a.pkl', 'rb').read() == open(tmp_path / 'img_five.pkl', 'rb').read()
+    code, _ = cli(convert_layout.main, [f'--src={tmp_path}/b.tsv', '--to=tsv', f'--dst={tmp_path}/b'], capsys, monkeypatch)
+    assert code == '--src and --dst must differ (the source would be overwritten while read)'
     code, _ = cli(convert_layout.main, [f'--src={tmp_path}/nothing', '--to=v2', f'--dst={tmp_path}/x'], capsys, monkeypatch)
     assert f'missing data file: {tmp_path}/nothing.pkl' in code
 
