@@ -7,6 +7,7 @@ The JSON configs stay flat: a run's args is one dict of every key (agent.load_ar
 """
 import dataclasses
 import json
+import os
 import typing
 
 
@@ -96,3 +97,12 @@ def help_text(groups):
             out.append(f'    {f.name} ({type_name(f.type)}, default {show(defaults(cls)[f.name])}): '
                        f'{f.metadata["help"]}'.replace('`', ''))
     return '\n'.join(out)
+
+
+def local_dir(value, key):
+    """A value written as a local path (/, ./, ../, ~) must exist: transformers would take it for a model id and
+    speak of repo ids or the network. -> value."""
+    if value.startswith(('/', './', '../', '~')) and not os.path.isdir(os.path.expanduser(value)):
+        where = '' if os.path.isabs(os.path.expanduser(value)) else f' (relative to the current directory, {os.getcwd()})'
+        raise FileNotFoundError(f'{key}: no directory {value}{where}')
+    return value

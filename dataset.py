@@ -260,7 +260,7 @@ def get_tokenizer(backbone, vocab=''):
     directory without vocabulary would otherwise give a 5-token tokenizer that maps every word to [UNK])."""
     if (backbone, vocab) not in _TOKENIZERS:
         import transformers
-        src = vocab or backbone
+        src = vocab or config.local_dir(backbone, 'txt_backbone')
         if vocab and not os.path.exists(vocab):
             raise FileNotFoundError(f'txt_vocab: no vocabulary at {vocab} (a vocab.txt or a tokenizer directory)')
         if os.path.isdir(src) and not any(os.path.isfile(os.path.join(src, f)) for f in ('vocab.txt', 'tokenizer.json')):

@@ -242,6 +242,19 @@ def test_str2txt(tok_dir):
     assert txt[-1] == 102 and mask.all()
 
 
+def test_txt_backbone_path_that_is_missing(tmp_path, monkeypatch):
+    """The toy preset's ./_data/bert-tiny from another directory: transformers called it an invalid repo id."""
+    import model
+    monkeypatch.chdir(tmp_path)
+    said = rf'^txt_backbone: no directory ./_data/bert-tiny \(relative to the current directory, {tmp_path}\)$'
+    with pytest.raises(FileNotFoundError, match=said):
+        dataset.get_tokenizer('./_data/bert-tiny')
+    with pytest.raises(FileNotFoundError, match=said):
+        model.load_bert('./_data/bert-tiny')
+    with pytest.raises(FileNotFoundError, match=f'^txt_backbone: no directory {tmp_path}/bert$'):
+        model.load_bert(f'{tmp_path}/bert')
+
+
 def test_tokenizer_must_fit_the_model(tok_dir, tmp_path):
     """A directory without vocabulary is an error (transformers would build a 5-token tokenizer mapping every
     word to [UNK]); txt_vocab gives the vocabulary separately; size and special ids are checked."""
