@@ -168,6 +168,8 @@ class Violet:
         per video; the pairs then cost one cross-encoder pass each, in batches (self.pairs_per_s: their speed)."""
         if self.type == 'qaoe':
             raise ValueError('a QA-OE model has no pair score: use answer()')
+        if not len(videos) or not len(texts):
+            return np.zeros((len(videos), len(texts)), np.float32)
         feats = [self.embed_video(v) for v in videos]
         feat_img, mask_img = torch.stack([f for f, _ in feats]), torch.stack([m for _, m in feats])
         feat_txt, mask_txt = self.embed_text(texts)

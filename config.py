@@ -99,6 +99,19 @@ def help_text(groups):
     return '\n'.join(out)
 
 
+def pretrained(load, name, key):
+    """load(name), a transformers from_pretrained; a model id that is neither a local directory nor in the Hugging
+    Face cache (offline, or a typo) is a FileNotFoundError naming the key, not transformers' note on the network."""
+    try:
+        return load(name)
+    except OSError as e:
+        if os.path.isdir(os.path.expanduser(name)):
+            raise
+        raise FileNotFoundError(f'{key}: {name!r} is not a local directory and not in the Hugging Face cache (fetch it '
+                                f'once where there is network, or name a directory holding its config.json): '
+                                f'{str(e).splitlines()[0]}') from e
+
+
 def local_dir(value, key):
     """A value written as a local path (/, ./, ../, ~) must exist: transformers would take it for a model id and
     speak of repo ids or the network. -> value."""

@@ -270,7 +270,7 @@ def get_tokenizer(backbone, vocab=''):
             tok = transformers.BertTokenizer(vocab=src)
         else:
             tok = transformers.BertTokenizer.from_pretrained(src)
-        n_vocab = transformers.BertConfig.from_pretrained(backbone).vocab_size
+        n_vocab = config.pretrained(transformers.BertConfig.from_pretrained, backbone, 'txt_backbone').vocab_size
         wrong = [f'{t} is id {tok.convert_tokens_to_ids(t)}, expected {i}' for t, i in SPECIAL_IDS.items()
                  if tok.convert_tokens_to_ids(t) != i]
         if len(tok) != n_vocab:

@@ -307,7 +307,7 @@ def load_bert(name):
     if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, f)) for f in weights):
         print(f'BERT: {name} has no weights; building its config with random weights')
         return transformers.BertForMaskedLM(transformers.BertConfig.from_pretrained(name))
-    return transformers.BertForMaskedLM.from_pretrained(name)
+    return config.pretrained(transformers.BertForMaskedLM.from_pretrained, name, 'txt_backbone')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,9 +48,10 @@ def _work(job):
 
 
 def list_videos(dir_in, exts=('mp4',)):
-    """-> [(video id, path)] of dir_in/*.<ext>, sorted by id."""
-    paths = [p for e in exts for p in glob.glob(os.path.join(dir_in, '*.' + e))]
-    return sorted((os.path.splitext(os.path.basename(p))[0], p) for p in paths)
+    """-> [(video id, path)] of dir_in/*.<ext>, sorted by id; extensions match in any case (a.MP4 under mp4)."""
+    want = {'.' + e.lower() for e in exts}
+    return sorted((os.path.splitext(f)[0], os.path.join(dir_in, f)) for f in os.listdir(dir_in)
+                  if os.path.splitext(f)[1].lower() in want and os.path.isfile(os.path.join(dir_in, f)))
 
 
 def extract_all(videos, sample, workers=1, progress=True, desc=None):

@@ -162,16 +162,22 @@ def test_extract_cli_skips_unreadable_and_fails_when_nothing_read(tmp_path):
 
 
 def test_extract_cli_folder_without_the_extension(tmp_path):
-    """A folder of .avi / .MP4 files under the default --ext mp4 used to get an empty img_*.pkl and 'no video could
-    be read'; now nothing is written and the message says which extensions the folder has."""
+    """A folder of .avi files under the default --ext mp4 used to get an empty img_*.pkl and 'no video could be
+    read'; now nothing is written and the message says which extensions the folder has. Extensions match in any
+    case: a camera's C.MP4 is a video of --ext mp4."""
     (tmp_path / 'clips').mkdir()
-    for name in ('a.avi', 'B.MP4', 'notes'):
+    for name in ('a.avi', 'notes'):
         (tmp_path / 'clips' / name).write_bytes(b'x')
     r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(tmp_path / 'clips'), '--sample=5',
                  '--out', str(tmp_path / 'img_mine.pkl'))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
-        f'no *.mp4 file in {tmp_path}/clips (it has .MP4, .avi files: see --ext)'), r.stderr
+        f'no *.mp4 file in {tmp_path}/clips (it has .avi files: see --ext)'), r.stderr
     assert os.listdir(tmp_path) == ['clips']
+    write_clip(str(tmp_path / 'clips' / 'C.MP4'), [(k * 20,) * 3 for k in range(10)])
+    r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(tmp_path / 'clips'), '--sample=5',
+                 '--out', str(tmp_path / 'img_mine.pkl'))
+    assert r.returncode == 0, r.stderr
+    assert list(dataset.load_pickle(str(tmp_path / 'img_mine.pkl'))) == ['C']
 
 
 # ---- extract_tsv
@@ -253,6 +259,20 @@ def test_txt_backbone_path_that_is_missing(tmp_path, monkeypatch):
         model.load_bert('./_data/bert-tiny')
     with pytest.raises(FileNotFoundError, match=f'^txt_backbone: no directory {tmp_path}/bert$'):
         model.load_bert(f'{tmp_path}/bert')
+
+
+def test_txt_backbone_id_not_in_the_cache(monkeypatch):
+    """A model id that is neither a directory nor in the Hugging Face cache (a typo, or a machine that never fetched
+    it): one message naming the key, not transformers' note on connecting to huggingface.co (offline here, so
+    that no retry waits for the network)."""
+    import huggingface_hub.constants
+    import model
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    said = r"^txt_backbone: 'bert-tiny-typo' is not a local directory and not in the Hugging Face cache \(fetch it once "
+    with pytest.raises(FileNotFoundError, match=said):
+        dataset.get_tokenizer('bert-tiny-typo')
+    with pytest.raises(FileNotFoundError, match=said):
+        model.load_bert('bert-tiny-typo')
 
 
 def test_tokenizer_must_fit_the_model(tok_dir, tmp_path):
