@@ -330,7 +330,7 @@ class VIOLET_Base(nn.Module):
 
     def add_heads(self, mlm_head):
         """Each task adds its heads here; mlm_head is BERT's MLM head (pretraining keeps it as fc_mtm)."""
-        raise NotImplementedError
+        raise TypeError(f'{type(self).__name__} adds no heads: a task model defines add_heads')
 
     def make_head(self, n_out):
         D = self.hidden_size

@@ -127,10 +127,10 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     else:
         old = read_output(out, layout, None) or {}
         done = dict.fromkeys(old)
-    todo = [(vid, path) for vid, path in videos if vid not in done]
+    pending = [(vid, path) for vid, path in videos if vid not in done]
     failed, written, batch = {}, 0, {}
     next_shard = (k for k in range(10 ** 9) if k not in shards)  # fills the numbers of crashed shards first
-    for vid, path, frames, reason in extract_all(todo, sample, workers, progress, os.path.basename(out)):
+    for vid, path, frames, reason in extract_all(pending, sample, workers, progress, os.path.basename(out)):
         if frames is None:
             failed[path] = reason
             continue

@@ -26,9 +26,9 @@ def declared():
 
 def closure(names):
     """names plus everything they require (recursively; extras, and what a marker left uninstalled, left out)."""
-    todo, seen = list(names), set()
-    while todo:
-        name = todo.pop()
+    queue, seen = list(names), set()
+    while queue:
+        name = queue.pop()
         if name in seen:
             continue
         seen.add(name)
@@ -38,7 +38,7 @@ def closure(names):
             continue
         for req in reqs:
             if 'extra ==' not in req:
-                todo.append(canonical(re.match(r'[A-Za-z0-9._-]+', req).group()))
+                queue.append(canonical(re.match(r'[A-Za-z0-9._-]+', req).group()))
     return seen
 
 
