@@ -23,7 +23,7 @@ Missing files raise FileNotFoundError naming the path, always; any other unusabl
 Pickled data files (img_*.pkl, vq_*.pkl, and the tools' inputs) are read by load_pickle, which refuses anything
 but containers, str, bytes, numbers and numpy arrays: reading a downloaded data file never runs code.
 """
-import base64, binascii, collections, dataclasses, functools, io, json, math, os, pickle, random
+import base64, binascii, collections, dataclasses, functools, io, json, math, os, pickle, random, re
 
 import av
 import numpy as np
@@ -38,6 +38,7 @@ except ImportError:  # a torchvision without them: every image goes through PIL
 from PIL import Image, UnidentifiedImageError
 
 import config
+from model import VQ_VOCAB
 
 FRAME_LAYOUTS = ('auto', 'pkl', 'tsv', 'v2')
 
@@ -519,6 +520,8 @@ class Dataset_Pretrain(Dataset_Base):
         self.tsv = TSV(self.path(name + '.tsv'))
         self.path_lineidx = self.path(name + '.lineidx')
         self.lineidx = read_lineidx(self.path_lineidx)
+        if not self.lineidx:
+            raise DataError(f'{self.path_lineidx}: no video (an empty part or index)')
         self.path_vq = self.path(f'vq_{dataset}.pkl')
         if self.args.get('mvm_target', 'vq') == 'pixel':  # the targets come from the frames: no VQ file is read
             self.vq = None
@@ -570,6 +573,9 @@ class Dataset_Pretrain(Dataset_Base):
                 raise BadSample(f'{self.path_vq}: video "{vid}" has VQ shapes {[v.shape for v in vq]}, '
                                 f'expected {self.size_frame} x {(hw, hw)}')
             vq = np.stack(vq)
+            if vq.min() < 0 or vq.max() >= VQ_VOCAB:
+                raise BadSample(f'{self.path_vq}: video "{vid}" has VQ tokens outside 0..{VQ_VOCAB - 1} '
+                                f'(min {vq.min()}, max {vq.max()})')
         vq = np.concatenate([np.full((self.size_frame, 1), -1, dtype=np.int64), vq.reshape(self.size_frame, -1)], 1)
         return img, txt, mask, vq.reshape(-1)
 
@@ -580,6 +586,13 @@ def count_parts(args, dataset):
     k = 0
     while os.path.isfile(os.path.join(path_data, f'img_{dataset}_train_{k}.tsv')):
         k += 1
+    # a part after a gap would never be trained: say so instead of finishing without it
+    pattern = re.compile(rf'img_{re.escape(dataset)}_train_(\d+)\.tsv')
+    later = sorted(int(m[1]) for f in (os.listdir(path_data) if os.path.isdir(path_data) else [])
+                   if (m := pattern.fullmatch(f)) and int(m[1]) > k)
+    if later:
+        raise FileNotFoundError(f'missing data file: {os.path.join(path_data, f"img_{dataset}_train_{k}.tsv")} '
+                                f'(the parts are numbered from 0 without gaps; img_{dataset}_train_{later[0]}.tsv exists)')
     return k
 
 

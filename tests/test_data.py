@@ -729,3 +729,26 @@ def test_large_jpeg_decoded_at_reduced_scale_stays_close():
     ours, ref = dataset.b64_to_img(b64, 224), pil_reference(b64, 224)
     assert ours.shape == ref.shape == (3, 224, 224)
     assert (ours - ref).abs().mean().item() < 1 / 255
+
+
+def test_pretrain_part_gap_empty_part_and_vq_range(args, bad_copy):
+    """Hand-made pretraining data: a part after a gap in the numbering used to be left out with 'done'; an empty
+    part stopped only after the others had trained, blaming skipped samples; a VQ token outside the 8192 classes
+    stopped in cross_entropy ('Target 9000 is out of bounds'), naming no file or video."""
+    a = dict(args, path_data=bad_copy)
+    for ext in ('tsv', 'lineidx'):
+        os.rename(f'{bad_copy}/img_toyvid_train_1.{ext}', f'{bad_copy}/img_toyvid_train_3.{ext}')
+    with pytest.raises(FileNotFoundError, match=r'img_toyvid_train_1.tsv \(the parts are numbered from 0 without '
+                                                r'gaps; img_toyvid_train_3.tsv exists\)'):
+        dataset.count_parts(a, 'toyvid')
+    for ext in ('tsv', 'lineidx'):
+        open(f'{bad_copy}/img_toyvid_train_1.{ext}', 'w').close()
+    with pytest.raises(ValueError, match=r'img_toyvid_train_1.lineidx: no video \(an empty part or index\)'):
+        dataset.Dataset_Pretrain(a, 'toyvid', 'train', 1)
+    ds = dataset.Dataset_Pretrain(a, 'toyvid', 'val')
+    vid = ds.tsv.read(ds.lineidx[0])[0]
+    edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq[vid].__setitem__((0, 0, 0), 9000))
+    ds = dataset.Dataset_Pretrain(a, 'toyvid', 'val')
+    with pytest.raises(ValueError, match=rf'vq_toyvid.pkl: video "{vid}" has VQ tokens outside 0..8191 \(min \d+, max 9000\)'):
+        ds[0]
+    assert dataset.Dataset_Pretrain(dict(a, skip_bad=True), 'toyvid', 'val')[0] is None
