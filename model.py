@@ -263,12 +263,15 @@ class EncTxt(nn.Module):
 
 
 def read_ckpt(path):
-    """A checkpoint file -> its state dict (a plain one, or the 'model' of our resume files)."""
+    """A checkpoint file -> its state dict (a plain one, or the 'model' of our resume files; the 'module.' prefix of a
+    state dict saved from a DDP or DataParallel wrapper is dropped)."""
     ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict):  # our resume files
         ckpt = ckpt['model']
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path}: holds a {type(ckpt).__name__}, not a state dict of tensors')
+    if ckpt and all(isinstance(k, str) and k.startswith('module.') for k in ckpt):  # saved from a DDP / DataParallel wrapper
+        ckpt = {k[len('module.'):]: v for k, v in ckpt.items()}
     return ckpt
 
 

@@ -91,6 +91,16 @@ def test_load_ckpt_reports_only_head_keys(ckpt_pretrain):
                                if k.startswith(('fc_mtm.', 'fc_mvm.', 'fc.3.'))}
 
 
+def test_load_ckpt_saved_from_ddp_wrapper(ckpt_pretrain, tmp_path):
+    """A state dict saved from DDP / DataParallel (every key 'module.'-prefixed) used to be refused as 'another task'."""
+    sd = torch.load(ckpt_pretrain, weights_only=True)
+    torch.save({f'module.{k}': v for k, v in sd.items()}, tmp_path / 'ddp.pt')
+    args = agent.load_args(f'{REPO}/_data/toy/args_toy-qaoe.json', [f'txt_backbone={TINY}'])
+    m = violet.VIOLET_QAOE(args)
+    assert m.load_ckpt(str(tmp_path / 'ddp.pt'))[0] == ['fc.3.bias', 'fc.3.weight']
+    assert torch.equal(m.state_dict()['enc_img.emb_cls'], sd['enc_img.emb_cls'])
+
+
 def error_of(*sets, path=f'{REPO}/_data/args_tgif-action.json'):
     with pytest.raises(SystemExit) as e:
         agent.load_args(path, sets)
