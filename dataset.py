@@ -340,7 +340,10 @@ def json_key(obj, key, path):
 
 def read_lineidx(path):
     with open(need_file(path), 'r') as f:
-        return [int(line) for line in f if line.strip()]
+        lineidx = [int(line) for line in f if line.strip()]
+    if not lineidx:
+        raise DataError(f'{path}: no video (an empty part or index)')
+    return lineidx
 
 
 def common_frame_count(counts, where):
@@ -520,8 +523,6 @@ class Dataset_Pretrain(Dataset_Base):
         self.tsv = TSV(self.path(name + '.tsv'))
         self.path_lineidx = self.path(name + '.lineidx')
         self.lineidx = read_lineidx(self.path_lineidx)
-        if not self.lineidx:
-            raise DataError(f'{self.path_lineidx}: no video (an empty part or index)')
         self.path_vq = self.path(f'vq_{dataset}.pkl')
         if self.args.get('mvm_target', 'vq') == 'pixel':  # the targets come from the frames: no VQ file is read
             self.vq = None

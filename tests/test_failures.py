@@ -210,6 +210,9 @@ def test_data_checked_before_the_first_step(toy, tmp_path):
     # pretraining: each dataset's val split and texts, each part's frames, without a step
     args = agent.load_args(f'{REPO}/_data/toy/args_pretrain.json', [f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}'])
     main_pretrain.Pretrain(args).check_data()
+    open(f'{toy}/img_toyimg_train_1.lineidx', 'w').close()  # an empty part stopped only after the others trained
+    with pytest.raises(ValueError, match=r'img_toyimg_train_1.lineidx: no video \(an empty part or index\)'):
+        main_pretrain.Pretrain(args).check_data()
     os.remove(f'{toy}/img_toyimg_train_1.lineidx')
     with pytest.raises(FileNotFoundError, match='img_toyimg_train_1.lineidx'):
         main_pretrain.Pretrain(args).check_data()
