@@ -424,6 +424,9 @@ class VIOLET_Base(nn.Module):
             more = f', ... and {len(required) - 8} more' if len(required) > 8 else ''
             hint = ('set init_partial: true to start from a partial checkpoint on purpose' if need == 'encoders'
                     else 'it does not hold this model (another task, size_vocab or VT/BERT size?)')
+            if 'fc_mvm.3.bias' in misfit:  # a pretraining checkpoint of the other MVM target (VQ tokens / pixels)
+                file_target = {VQ_VOCAB: 'vq', 3*32*32: 'pixel'}.get(ckpt['fc_mvm.3.bias'].shape[0])
+                hint = f"its MVM head is for mvm_target '{file_target}': set mvm_target={file_target}" if file_target else hint
             raise CheckpointError(f'{path}: {len(required)} of the model\'s {len(own)} keys are missing from the file '
                                   f'or of another shape (need={need}): {shown}{more}; {hint}')
         self.load_state_dict(own)

@@ -101,6 +101,15 @@ def test_load_ckpt_saved_from_ddp_wrapper(ckpt_pretrain, tmp_path):
     assert torch.equal(m.state_dict()['enc_img.emb_cls'], sd['enc_img.emb_cls'])
 
 
+def test_load_ckpt_names_the_mvm_target_of_the_file(ckpt_pretrain):
+    """A pixel-MVM pretraining checkpoint in eval_retrieval.py --zero-shot with a retrieval config (mvm_target 'vq' by
+    default) was refused as 'another task, size_vocab or VT/BERT size?'."""
+    args = agent.load_args(f'{REPO}/_data/toy/args_pretrain.json', [f'txt_backbone={TINY}', 'mvm_target=pixel'])
+    with pytest.raises(violet.CheckpointError, match=r"fc_mvm.3.bias \(\[8192\] in the file, \[3072\] in the model\).*"
+                                                     r"its MVM head is for mvm_target 'vq': set mvm_target=vq$"):
+        violet.VIOLET_Pretrain(args).load_ckpt(ckpt_pretrain, 'all')
+
+
 def error_of(*sets, path=f'{REPO}/_data/args_tgif-action.json'):
     with pytest.raises(SystemExit) as e:
         agent.load_args(path, sets)
