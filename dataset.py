@@ -424,6 +424,16 @@ class TSV:
             raise BadSample(f'{self.path}: offset {offset} is not the start of a line')
         return line.decode('utf-8').rstrip('\n').split('\t')
 
+    def check_index(self, lineidx, path_index):
+        """The last indexed line must end the file: an index shorter than its TSV (of an older or another file) would
+        leave the lines after it out of training without a word."""
+        self.f.seek(max(lineidx))
+        self.f.readline()
+        end, size = self.f.tell(), os.path.getsize(self.path)
+        if end < size:
+            raise DataError(f'{path_index}: its last line ends at byte {end} of {self.path} ({size} bytes): the lines '
+                            f'after it are not indexed (an index of another version of the file?)')
+
     def first_field(self, offset):
         """-> the first field (video id) of the line at `offset`, reading only up to its first tab."""
         self.f.seek(offset)
@@ -523,6 +533,7 @@ class Dataset_Pretrain(Dataset_Base):
         self.tsv = TSV(self.path(name + '.tsv'))
         self.path_lineidx = self.path(name + '.lineidx')
         self.lineidx = read_lineidx(self.path_lineidx)
+        self.tsv.check_index(self.lineidx, self.path_lineidx)
         self.path_vq = self.path(f'vq_{dataset}.pkl')
         if self.args.get('mvm_target', 'vq') == 'pixel':  # the targets come from the frames: no VQ file is read
             self.vq = None

@@ -136,8 +136,9 @@ class Pretrain(tasks.Task):
             path_txt = os.path.join(self.args['path_data'], f'txt_{d}.json')
             dataset.json_key(dataset.load_json(path_txt), 'train', path_txt)
             for p in range(dataset.count_parts(self.args, d)):
-                dataset.need_file(os.path.join(self.args['path_data'], f'img_{d}_train_{p}.tsv'))
-                dataset.read_lineidx(os.path.join(self.args['path_data'], f'img_{d}_train_{p}.lineidx'))  # not empty
+                path_index = os.path.join(self.args['path_data'], f'img_{d}_train_{p}.lineidx')
+                tsv = dataset.TSV(os.path.join(self.args['path_data'], f'img_{d}_train_{p}.tsv'))
+                tsv.check_index(dataset.read_lineidx(path_index), path_index)  # not empty, not shorter than the TSV
 
     def eval_sets(self, unit):
         d = unit['dataset']

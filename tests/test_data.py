@@ -745,6 +745,15 @@ def test_pretrain_part_gap_empty_part_and_vq_range(args, bad_copy):
         open(f'{bad_copy}/img_toyvid_train_1.{ext}', 'w').close()
     with pytest.raises(ValueError, match=r'img_toyvid_train_1.lineidx: no video \(an empty part or index\)'):
         dataset.Dataset_Pretrain(a, 'toyvid', 'train', 1)
+    with open(f'{bad_copy}/img_toyvid_val.lineidx') as f:
+        offsets = f.read().split()
+    with open(f'{bad_copy}/img_toyvid_val.lineidx', 'w') as f:  # the last videos silently left out before
+        f.write('\n'.join(offsets[:-2]) + '\n')
+    with pytest.raises(ValueError, match=rf'img_toyvid_val.lineidx: its last line ends at byte {offsets[-2]} of '
+                                         rf'{bad_copy}/img_toyvid_val.tsv \(\d+ bytes\): the lines after it are not indexed'):
+        dataset.Dataset_Pretrain(a, 'toyvid', 'val')
+    with open(f'{bad_copy}/img_toyvid_val.lineidx', 'w') as f:
+        f.write('\n'.join(offsets) + '\n')
     ds = dataset.Dataset_Pretrain(a, 'toyvid', 'val')
     vid = ds.tsv.read(ds.lineidx[0])[0]
     edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq[vid].__setitem__((0, 0, 0), 9000))
