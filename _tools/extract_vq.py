@@ -4,6 +4,7 @@ frame//32*8 px, mapped by map_pixels (x*(1-2*0.1)+0.1), encoded, argmax over the
 one token per 32x32 patch of the training input.
 
     python _tools/extract_vq.py --path=_data/img_webvid2.5m_train_0 --frame=224 --encoder=_snapshot/encoder.pkl
+    python _tools/extract_vq.py --path _data/img_webvid2.5m_train_{0,1,2} _data/img_webvid2.5m_val --out _data/vq_webvid2.5m.pkl
 
 The encoder is the original's https://cdn.openai.com/dall-e/encoder.pkl (see the DALL-E package README,
 https://github.com/openai/DALL-E).
@@ -25,7 +26,8 @@ def load_encoder(path, device='cpu'):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'DALL-E encoder not found at {path}: the original obtains it from '
                                 'https://cdn.openai.com/dall-e/encoder.pkl (DALL-E package README, '
-                                'https://github.com/openai/DALL-E); download it there and pass --encoder')
+                                'https://github.com/openai/DALL-E); download it there and pass --encoder, or pretrain without VQ '
+                                'tokens: "mvm_target": "pixel" (VIOLETv2\'s pixel MVM target)')
     import dall_e  # noqa: F401  the pickle refers to dall_e's classes
     # encoder.pkl is a pickled nn.Module, not a state dict: unpickling runs code, so load only trusted files
     enc = torch.load(path, map_location=device, weights_only=False)
@@ -64,27 +66,34 @@ def encode_videos(encoder, pkl, frame=224, device='cpu', batch=64, progress=True
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--path', required=True, help='X: reads X.pkl (else X.tsv + X.lineidx), writes X_vq.pkl')
+    parser.add_argument('--path', required=True, nargs='+',
+                        help='X: reads X.pkl (else X.tsv + X.lineidx), writes X_vq.pkl; several (the train parts and '
+                             'val of a dataset): one --out holding all their videos (vq_<dataset>.pkl)')
     parser.add_argument('--frame', type=int, default=224, help='the training size_img')
     parser.add_argument('--encoder', default='encoder.pkl')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--batch', type=int, default=64, help='frames per encoder call')
     parser.add_argument('--out', default=None, help='output file (default X_vq.pkl)')
     args = parser.parse_args()
+    if len(args.path) > 1 and not args.out:
+        sys.exit('several --path: give --out (the vq_<dataset>.pkl that holds all their videos)')
     try:
         encoder = load_encoder(args.encoder, args.device)
     except FileNotFoundError as e:
         sys.exit(str(e))
-    if os.path.isfile(args.path + '.pkl'):
-        pkl = load_pickle(args.path + '.pkl')
-    elif os.path.isfile(args.path + '.tsv') and os.path.isfile(args.path + '.lineidx'):
-        pkl = read_tsv(args.path + '.tsv', args.path + '.lineidx')
-    else:
-        sys.exit(f'missing {args.path}.pkl (or {args.path}.tsv + .lineidx)')
-    vq = encode_videos(encoder, pkl, args.frame, args.device, args.batch)
-    path_out = args.out or args.path + '_vq.pkl'
-    with open(path_out, 'wb') as f:
+    vq = {}
+    for path in args.path:
+        if os.path.isfile(path + '.pkl'):
+            pkl = load_pickle(path + '.pkl')
+        elif os.path.isfile(path + '.tsv') and os.path.isfile(path + '.lineidx'):
+            pkl = read_tsv(path + '.tsv', path + '.lineidx')
+        else:
+            sys.exit(f'missing {path}.pkl (or {path}.tsv + .lineidx)')
+        vq.update(encode_videos(encoder, pkl, args.frame, args.device, args.batch))
+    path_out = args.out or args.path[0] + '_vq.pkl'
+    with open(path_out + '.tmp', 'wb') as f:  # renamed when complete: a crash never leaves a partial file
         pickle.dump(vq, f)
+    os.replace(path_out + '.tmp', path_out)
     print(f'{path_out}: {len(vq)} videos, tokens [T, {args.frame // 32}, {args.frame // 32}]')
 
 

@@ -581,6 +581,13 @@ def test_vq_list_layout(args, bad_copy):
 
 # ---- extract_vq
 
+
+def test_extract_vq_without_encoder_names_the_alternative(tmp_path):
+    """encoder.pkl cannot be fetched everywhere: the message says where it comes from and what to do without it."""
+    with pytest.raises(FileNotFoundError, match=rf'^DALL-E encoder not found at {tmp_path}/encoder.pkl: .*'
+                                                r'https://cdn.openai.com/dall-e/encoder.pkl.*"mvm_target": "pixel"'):
+        extract_vq.load_encoder(str(tmp_path / 'encoder.pkl'))
+
 def test_extract_vq_with_random_small_encoder(toy, tmp_path, monkeypatch):
     from dall_e import Encoder
     torch.manual_seed(0)
@@ -604,6 +611,17 @@ def test_extract_vq_with_random_small_encoder(toy, tmp_path, monkeypatch):
     with open(tmp_path / 'x_vq.pkl', 'rb') as f:
         cli = pickle.load(f)
     assert all((cli[v] == vq[v]).all() for v in vq)
+    # several parts -> one vq_<dataset>.pkl (one --path per run wrote one part's videos, each run over the last)
+    shutil.copy(f'{toy[0]}/img_toyvid_train_0.tsv', tmp_path / 'y.tsv')
+    shutil.copy(f'{toy[0]}/img_toyvid_train_0.lineidx', tmp_path / 'y.lineidx')
+    monkeypatch.setattr(sys, 'argv', argv[:1] + ['--path', f'{tmp_path}/x', f'{tmp_path}/y'] + argv[2:])
+    with pytest.raises(SystemExit, match=r'several --path: give --out'):
+        extract_vq.main()
+    monkeypatch.setattr(sys, 'argv', sys.argv + ['--out', f'{tmp_path}/vq_both.pkl'])
+    extract_vq.main()
+    both = dataset.load_pickle(f'{tmp_path}/vq_both.pkl')
+    assert set(both) == set(vq) | set(extract_tsv.read_tsv(f'{tmp_path}/y.tsv', f'{tmp_path}/y.lineidx')) > set(vq)
+    assert all((both[v] == vq[v]).all() for v in vq)
 
     with pytest.raises(FileNotFoundError, match='cdn.openai.com/dall-e/encoder.pkl'):
         extract_vq.load_encoder(str(tmp_path / 'missing.pkl'))
