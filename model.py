@@ -41,7 +41,7 @@ class ModelConfig:
     vt_window: list[int] = config.key([8, 7, 7], 'Video Swin window (time, height, width)', least=1, length=3)
     vt_drop_path: float = config.key(0.2, 'stochastic depth of the VT, rising linearly over its blocks', least=0)
     grad_ckpt: bool = config.key(False, 'activation checkpointing in VT and CT (less memory, one recompute)')
-    mvm_target: str = config.key('vq', '`vq`: DALL-E tokens from `vq_<dataset>.pkl`; `pixel`: L1 regression of the normalised RGB of each masked 32 x 32 patch of the unmasked frame (VIOLETv2), for data without VQ tokens: no `vq_*.pkl` is read, the frame count comes from the frames', choices=('vq', 'pixel'))
+    mvm_target: str = config.key('vq', '`vq`: DALL-E tokens from `vq_<dataset>.pkl`; `pixel`: L1 regression of the normalised RGB of each masked 32 x 32 patch of the unmasked frame (VIOLETv2), for data without VQ tokens: no `vq_*.pkl` is read, the frame count comes from the frames; its `mvm` evaluation number is then minus the mean L1 (higher is better), not an accuracy', choices=('vq', 'pixel'))
     head_dropout: float = config.key(0.1, 'dropout before each MLP head (the original\'s 0.1); the toy preset uses 0, since a tiny model trained from scratch cannot learn matching through that noise', least=0)
     model_preset: str = config.key('', 'a named model (`model.PRESETS`, as timm names its variants): its keys fill the model keys a config and `--set` leave out. `toy` (the toy configs\' model): `txt_backbone` `./_data/bert-tiny`, `path_vt` `""`, `vt_dim` 16, `vt_depths` [2,2,2,2], `vt_heads` [1,2,4,8], `vt_window` [8,4,4], `vt_drop_path` 0, `head_dropout` 0; a saved `args.json` holds them all written out', choices=('', *PRESETS))
 
