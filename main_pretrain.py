@@ -127,18 +127,30 @@ class Pretrain(tasks.Task):
     def check_data(self):
         """Every file and split the run reads, before the first step, without loading the VQ tokens per part: the
         val split of each dataset (texts, VQ tokens, frames; kept for evaluation), its "train" texts and each
-        part's frames."""
+        part's frames and index; without skip_bad, each part's videos have a caption and VQ tokens."""
         first = {}
         for unit in self.units():
             first.setdefault(unit['dataset'], unit)
         for d, unit in first.items():
             self.eval_sets(unit)
             path_txt = os.path.join(self.args['path_data'], f'txt_{d}.json')
-            dataset.json_key(dataset.load_json(path_txt), 'train', path_txt)
+            captions = dataset.json_key(dataset.load_json(path_txt), 'train', path_txt)
             for p in range(dataset.count_parts(self.args, d)):
                 path_index = os.path.join(self.args['path_data'], f'img_{d}_train_{p}.lineidx')
                 tsv = dataset.TSV(os.path.join(self.args['path_data'], f'img_{d}_train_{p}.tsv'))
-                tsv.check_index(dataset.read_lineidx(path_index), path_index)  # not empty, not shorter than the TSV
+                lineidx = dataset.read_lineidx(path_index)
+                tsv.check_index(lineidx, path_index)  # not empty, not shorter than the TSV
+                if not self.args['skip_bad']:  # a video without caption or VQ tokens stopped the run in its part
+                    self.check_videos(tsv, lineidx, path_txt, captions, self.val[d])
+
+    @staticmethod
+    def check_videos(tsv, lineidx, path_txt, captions, val):
+        """Every video of a part has a caption and (mvm_target 'vq') VQ tokens; the val set holds the dataset's VQ file."""
+        for i, offset in enumerate(lineidx):
+            vid = tsv.first_field(offset)
+            for where, has in ((f'{path_txt}["train"]: no caption', captions), (f'{val.path_vq}: no VQ tokens', val.vq)):
+                if has is not None and vid not in has:
+                    raise dataset.BadSample(f'{where} for video "{vid}" ({tsv.path} line {i} (offset {offset}))')
 
     def eval_sets(self, unit):
         d = unit['dataset']
