@@ -140,13 +140,16 @@ class Pretrain(tasks.Task):
                 tsv = dataset.TSV(os.path.join(self.args['path_data'], f'img_{d}_train_{p}.tsv'))
                 lineidx = dataset.read_lineidx(path_index)
                 tsv.check_index(lineidx, path_index)  # not empty, not shorter than the TSV
-                if not self.args['skip_bad']:  # a video without caption or VQ tokens stopped the run in its part
+                if not self.args['skip_bad']:  # files that do not go together stopped the run in their part
                     self.check_videos(tsv, lineidx, path_txt, captions, self.val[d])
 
     @staticmethod
     def check_videos(tsv, lineidx, path_txt, captions, val):
-        """Every video of a part has a caption and (mvm_target 'vq') VQ tokens; the val set holds the dataset's VQ file."""
-        for i, offset in enumerate(lineidx):
+        """32 videos spread over a part have a caption and (mvm_target 'vq') VQ tokens; the val set holds the
+        dataset's VQ file. A sample, not every line: reading every line's id of a WebVid-size part would cost a
+        random read per video at every start; a single missing entry is named when its sample is read."""
+        for i in dataset.spread(range(len(lineidx))):
+            offset = lineidx[i]
             vid = tsv.first_field(offset)
             for where, has in ((f'{path_txt}["train"]: no caption', captions), (f'{val.path_vq}: no VQ tokens', val.vq)):
                 if has is not None and vid not in has:
