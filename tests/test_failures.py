@@ -212,7 +212,7 @@ def test_data_checked_before_the_first_step(toy, tmp_path):
     main_pretrain.Pretrain(args).check_data()
     vq = dataset.load_pickle(f'{toy}/vq_toyimg.pkl')
     gone = dataset.TSV(f'{toy}/img_toyimg_train_1.tsv').first_field(dataset.read_lineidx(f'{toy}/img_toyimg_train_1.lineidx')[0])
-    with open(f'{toy}/vq_toyimg.pkl', 'wb') as f:  # a video of the gone part: found after the other parts trained
+    with open(f'{toy}/vq_toyimg.pkl', 'wb') as f:  # a video of the last part: found after the other parts trained
         pickle.dump({k: v for k, v in vq.items() if k != gone}, f)
     with pytest.raises(ValueError, match=rf'vq_toyimg.pkl: no VQ tokens for video "{gone}" \({toy}/img_toyimg_train_1.tsv line \d+'):
         main_pretrain.Pretrain(args).check_data()
