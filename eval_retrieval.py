@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -209,6 +210,7 @@ def main():
     size_pair = opt.size_pair or (512 if device.type == 'cuda' else 64)
     # the output folder is taken before the work: one held by a running job is refused now, not after the scoring
     out, lock, error = opt.out or args['path_output'] or agent.default_output('eval_retrieval'), None, None
+    made = not os.path.exists(out)
     if rank == 0:
         try:
             lock = agent.lock_folder(out, '--out')
@@ -222,11 +224,17 @@ def main():
         raise SystemExit(error)
 
     results = {}
-    for split in opt.splits:
-        res = evaluate(model, args, split, device, rank, world, size_pair)
-        results[split] = res
-        if rank == 0:
-            print(report(split, res))
+    try:
+        for split in opt.splits:
+            res = evaluate(model, args, split, device, rank, world, size_pair)
+            results[split] = res
+            if rank == 0:
+                print(report(split, res))
+    except BaseException:
+        if lock and made and os.listdir(out) == ['.lock']:  # a failed evaluation leaves no empty folder behind
+            lock.close()
+            shutil.rmtree(out)
+        raise
 
     if rank == 0:
         run = dict(config=opt.config, ckpt=path_ckpt, zero_shot=opt.zero_shot, world=world, size_pair=size_pair,

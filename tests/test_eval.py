@@ -359,6 +359,18 @@ def test_bench_gpu_suite_small_on_cpu(tmp_path):
     assert (tmp_path / 'bench_gpu.log').read_text().count('\n') > 5
 
 
+def test_failed_eval_leaves_no_empty_folder(toy, tmp_path):
+    """An evaluation that stops (here: a split the texts do not have) removes the --out folder it made, which held
+    only its lock; a folder that was there before stays."""
+    for out, existed in ((tmp_path / 'new', False), (tmp_path / 'old', True)):
+        if existed:
+            out.mkdir()
+        p = subprocess.run([sys.executable, 'eval_retrieval.py', toy[1], '--splits', 'nosuch', '--out', str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1 and 'nosuch' in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+        assert out.exists() == existed
+
+
 def test_eval_refuses_a_folder_in_use(toy, tmp_path):
     """--out held by a running job (its .lock flocked): refused before any scoring, naming the folder and the holder;
     nothing written there. Once released, the same command writes its results."""
