@@ -738,10 +738,23 @@ def main(task_cls, default_config, argv=None):
     if not cli.eval:
         task.check_data()  # every file and split the run reads, before the first step
     out = args['path_output'] or default_output(task.name + ('_eval' if cli.eval else ''))
-    lock, error = None, None
+    lock, out = take_on_main(lambda: take_folder(out, bool(cli.resume), cli.overwrite, task.run_files()), world, out)
+    args['path_output'] = out
+    try:
+        return run(cli, task, state, device, out)
+    finally:
+        if lock:
+            lock.close()  # releases the folder (a killed process releases it too)
+
+
+def take_on_main(take, world, out):
+    """take() on rank 0 alone (it creates and locks the output folder `out`); its refusal (SystemExit) is raised on
+    every rank, so none waits in a collective the others never reach. -> (take()'s result on rank 0, else None;
+    rank 0's `out`, whose default name is random)."""
+    result, error = None, None
     if is_main():
         try:
-            lock = take_folder(out, bool(cli.resume), cli.overwrite, task.run_files())
+            result = take()
         except SystemExit as e:
             error = str(e)
     if world > 1:
@@ -750,12 +763,7 @@ def main(task_cls, default_config, argv=None):
         out, error = box
     if error:
         raise SystemExit(error)
-    args['path_output'] = out
-    try:
-        return run(cli, task, state, device, out)
-    finally:
-        if lock:
-            lock.close()  # releases the folder (a killed process releases it too)
+    return result, out
 
 
 def default_output(name):

@@ -1,7 +1,7 @@
 """Throughput of VIOLET on one device: training steps of every task (the scripts' own step code on synthetic
-inputs of the config's shapes), retrieval pair scoring vs the bare cross-encoder (the original's way: every padded text token, masked attention),
-frame decoding (the toy corpus per worker, and 224 px from photo-like JPEGs of several sizes against the original's
-PIL path), peak memory and, on CUDA, model FLOP utilisation.
+inputs of the config's shapes), retrieval pair scoring vs the bare cross-encoder (the original's way: every padded
+text token, masked attention), frame decoding (the toy corpus per worker, and 224 px from photo-like JPEGs of several
+sizes against the original's PIL path), peak memory and, on CUDA, model FLOP utilisation.
 
     python bench.py [CONFIG] [--set KEY=VALUE ...] [--device cpu|cuda] [--steps N]
     python bench.py                                   (toy model on CPU: _data/toy/args_pretrain.json)

@@ -209,19 +209,12 @@ def main():
         model.compile_blocks()
     size_pair = opt.size_pair or (512 if device.type == 'cuda' else 64)
     # the output folder is taken before the work: one held by a running job is refused now, not after the scoring
-    out, lock, error = opt.out or args['path_output'] or agent.default_output('eval_retrieval'), None, None
+    out = opt.out or args['path_output'] or agent.default_output('eval_retrieval')
     made = not os.path.exists(out)
-    if rank == 0:
-        try:
-            lock = agent.lock_folder(out, '--out')
-        except SystemExit as e:
-            error = f'eval_retrieval: {e}'
-    if world > 1:
-        box = [error]
-        dist.broadcast_object_list(box)
-        error = box[0]
-    if error:
-        raise SystemExit(error)
+    try:
+        lock, out = agent.take_on_main(lambda: agent.lock_folder(out, '--out'), world, out)
+    except SystemExit as e:
+        raise SystemExit(f'eval_retrieval: {e}') from None
 
     results = {}
     try:
