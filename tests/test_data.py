@@ -227,12 +227,18 @@ def test_str2img_matches_pil_pipeline(h, w, fmt):
         assert (ours - ref).abs().mean().item() < 1 / 255, (h, w, size)
 
 
-@pytest.mark.parametrize('h,w', [(36, 48), (35, 48), (100, 101), (240, 320), (201, 500), (30, 300), (150, 224)])
-def test_pad_resize_landscape_is_pad_then_resize(h, w):
-    """Landscape frames are resized horizontally before the rows of padding are added: bit-identical to the plain
-    pad-to-square-then-resize (the original's order), also when upscaling."""
-    img = torch.from_numpy(np.random.default_rng(h * w).integers(0, 256, (3, h, w), dtype=np.uint8))
-    padded = torch.nn.functional.pad(img, (0, 0, (w - h) // 2, (w - h) // 2))
+@pytest.mark.parametrize('h,w', [(36, 48), (35, 48), (100, 101), (240, 320), (201, 500), (30, 300), (150, 224),
+                                 (48, 36), (101, 100), (480, 360), (300, 31), (64, 64)])
+@pytest.mark.parametrize('layout', ['channels_last', 'channels_first'])
+def test_pad_resize_is_pad_then_resize(h, w, layout):
+    """pad_resize is bit-identical to the original's order, pad to square then resize: landscape frames are
+    resized horizontally before the rows of padding are added, the padding keeps the decoder's channels-last
+    layout (faster resize), also when upscaling, whatever the input's layout."""
+    img = torch.from_numpy(np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
+    if layout == 'channels_first':
+        img = img.contiguous()
+    d = abs(w - h) // 2
+    padded = torch.nn.functional.pad(img, (0, 0, d, d) if w > h else (d, d, 0, 0))
     for size in (64, 224):
         ref = TVF.resize(padded, [size, size], interpolation=TVF.InterpolationMode.BILINEAR, antialias=True)
         assert torch.equal(dataset.pad_resize(img, size), ref.float() / 255), (h, w, size)
