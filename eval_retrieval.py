@@ -10,11 +10,12 @@ runs as large batches of (video, text) pairs gathered on the device, sharded ove
 Precision: the config's `precision` key. 'fp32' (and 'auto') run everything in float32, as the original
 evaluated; 'bf16' or 'fp16' autocast the encoders (the fast path on a GPU; the fc head stays in fp32).
 
-Ranks use the raw score (a sigmoid in float32 saturates to 1.0 and turns a clear ranking into ties) and count
-ties pessimistically: the true video comes after every video scoring the same. Writes eval_retrieval.json
-(R@1/5/10 as fractions, the original's median rank int(np.median(ranks)), the interpolated median
-`median_interp`, mean rank, every caption's rank) and args.json into --out, else the
-config's path_output, else _snapshot/_eval_retrieval_<timestamp>_<random>/.
+Ranks are the original's: each text ranks the videos by the sigmoid of the score in float32, ties in video order
+(its stable sort), so a saturated sigmoid (exactly 1.0 for confident pairs) ties videos the raw score tells
+apart. `strict` holds the ranks by raw score with ties counted against the text. Writes eval_retrieval.json
+(R@1/5/10 as fractions, summed as the original sums them, the original's median rank int(np.median(ranks)),
+the interpolated median `median_interp`, mean rank, every caption's rank; the same under `strict` and `v2t`)
+and args.json into --out, else the config's path_output, else _snapshot/_eval_retrieval_<timestamp>_<random>/.
 """
 import argparse
 import contextlib
@@ -34,8 +35,19 @@ import model as violet
 
 
 def rank_metrics(score, true_video):
-    """Text-to-video. score [N_text, N_video] raw scores, true_video [N_text] index of each text's own video.
-    Rank = 1 + number of OTHER videos scoring >= the true one (ties count against us); NaN is worst."""
+    """Text-to-video, as the original ranks. score [N_text, N_video] raw fc scores, true_video [N_text] index of
+    each text's own video. Each text sorts the videos by sigmoid(score) in float32, descending, with Python's stable
+    sort over the videos in order: rank = 1 + videos with a higher sigmoid + EARLIER videos with an equal one (the
+    sigmoid saturates, so confident pairs tie). NaN is worst."""
+    prob = torch.nan_to_num(torch.sigmoid(score.float()), nan=-math.inf)
+    true_video = true_video.long()[:, None]
+    true = prob.gather(1, true_video)
+    earlier = torch.arange(prob.shape[1])[None, :] < true_video
+    return summarise(1 + ((prob > true) | ((prob == true) & earlier)).sum(1))
+
+
+def strict_metrics(score, true_video):
+    """Text-to-video on the raw score, ties against the text: rank = 1 + OTHER videos scoring >= the true one."""
     score = torch.nan_to_num(score.float(), nan=-math.inf)
     true = score.gather(1, true_video.long()[:, None])
     return summarise((score >= true).sum(1))  # counts the true video itself, hence the "1 +"
@@ -50,13 +62,19 @@ def v2t_metrics(score, true_video):
     return summarise(1 + ((score >= best) & ~own).sum(1))
 
 
+def recall(ranks, k):
+    """The fraction of ranks <= k, summed as the original does (1/n added once per hit), to the last bit."""
+    frac = 0.0
+    for _ in range(int((ranks <= k).sum())):
+        frac += 1.0 / len(ranks)
+    return frac
+
+
 def summarise(ranks):
     """R@1/5/10 (fractions), median rank (the original's int(np.median(ranks)): an even count's middle two
     averaged, then truncated; median_interp keeps the average itself), mean rank, and every rank."""
-    r = ranks.double()
-    return dict(r1=(r <= 1).double().mean().item(), r5=(r <= 5).double().mean().item(),
-                r10=(r <= 10).double().mean().item(), median=int(np.median(ranks.numpy())),
-                median_interp=float(np.median(ranks.numpy())), mean=r.mean().item(), ranks=ranks.tolist())
+    return dict(r1=recall(ranks, 1), r5=recall(ranks, 5), r10=recall(ranks, 10), median=int(np.median(ranks.numpy())),
+                median_interp=float(np.median(ranks.numpy())), mean=ranks.double().mean().item(), ranks=ranks.tolist())
 
 
 def autocast(device, precision='fp32'):
@@ -160,6 +178,7 @@ def evaluate(model, args, split, device, rank=0, world=1, size_pair=256):
     t2 = time.time()
     model.train(was_training)
     res = rank_metrics(score.cpu(), true_video)
+    res['strict'] = strict_metrics(score.cpu(), true_video)
     res['v2t'] = v2t_metrics(score.cpu(), true_video)
     res.update(split=split, precision=precision, n_text=len(ds.txt), n_video=len(vids), sec_feat=t1 - t0,
                sec_pair=t2 - t1, pairs_per_s=score.numel() / max(t2 - t1, 1e-9))

@@ -1,4 +1,5 @@
-"""eval_retrieval.py and bench.py: exact metrics (pessimistic ties), sharded == single-process ranks,
+"""eval_retrieval.py and bench.py: exact metrics (the original's ranking, and the strict one), sharded ==
+single-process ranks,
 every caption ranked, the CLI end to end, and pair scoring close to the bare cross-encoder's speed."""
 import fcntl
 import json
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -35,13 +37,62 @@ def brute_ranks(score, true_video):
     return ranks
 
 
-def test_rank_metrics_hand_made():
+def original_ranks(score, true_video):
+    """The original's eval_retrieval, literally: per text, [video, float(sigmoid(score))] pairs in video order, sorted
+    by -probability (Python's stable sort), rank = position of the own video + 1; R@k summed as 1/n per hit."""
+    prob = torch.sigmoid(score.float())
+    ranks = []
+    for i_t, t in enumerate(true_video.tolist()):
+        tmp = sorted([[v, float(o)] for v, o in enumerate(prob[i_t].numpy())], key=lambda d: -d[1])
+        ranks.append([d[0] for d in tmp].index(t) + 1)
+    res = {'r@1': 0, 'r@5': 0, 'r@10': 0}
+    for p in ranks:
+        for k in (1, 5, 10):
+            if p <= k:
+                res[f'r@{k}'] += 1.0 / len(ranks)
+    return ranks, res
+
+
+def test_rank_metrics_are_the_originals_on_a_saturated_sigmoid():
+    """In float32, sigmoid(20) == sigmoid(30) == 1.0: the original ranks such videos in video order, whatever the
+    raw scores; strict_metrics ranks the raw score, ties against the text."""
+    score = torch.tensor([[20., 30., 0.],    # own video (1) best raw, tied in sigmoid with the earlier video 0: 2
+                          [30., 20., 0.],    # own video (0) tied with the later video 1: 1
+                          [1., 1., 1.],      # exact raw tie, own video last: 3
+                          [0., 5., -3.]])    # plain: own video (2) last, 3
+    true_video = torch.tensor([1, 0, 2, 2])
+    assert torch.sigmoid(score[0, 0]) == torch.sigmoid(score[0, 1]) == 1.0
+    res = eval_retrieval.rank_metrics(score, true_video)
+    assert res['ranks'] == [2, 1, 3, 3] == original_ranks(score, true_video)[0]
+    assert res['r1'] == 0.25 and res['r5'] == res['r10'] == 1.0 and res['median'] == 2
+    assert eval_retrieval.strict_metrics(score, true_video)['ranks'] == [1, 1, 3, 3]
+
+
+@pytest.mark.parametrize('n_txt, n_vid', [(60, 25), (25, 60), (10, 10), (1, 7)])
+def test_rank_metrics_match_the_original_loop(n_txt, n_vid):
+    """Random scores with ties (few distinct values, some of them saturating) on square and non-square matrices,
+    several captions per video: the same ranks as the original's sort, and R@k to the last bit (the original adds
+    1/n once per hit: 3 hits of 10 give 0.30000000000000004, not 0.3)."""
+    gen = torch.Generator().manual_seed(n_txt * 100 + n_vid)
+    score = torch.tensor([-3., 0., 2., 18., 25.])[torch.randint(0, 5, (n_txt, n_vid), generator=gen)]
+    true_video = torch.randint(0, n_vid, (n_txt,), generator=gen)
+    res = eval_retrieval.rank_metrics(score, true_video)
+    ranks, ref = original_ranks(score, true_video)
+    assert res['ranks'] == ranks
+    assert (res['r1'], res['r5'], res['r10']) == (ref['r@1'], ref['r@5'], ref['r@10'])
+    assert res['median'] == int(np.median(ranks))
+    score = torch.zeros(10, 10)
+    score[torch.arange(10), (torch.arange(10) + (torch.arange(10) >= 3)) % 10] = 5.0  # texts 0-2 rank 1, the rest 2
+    assert eval_retrieval.rank_metrics(score, torch.arange(10))['r1'] == 0.1 + 0.1 + 0.1 != 0.3
+
+
+def test_strict_metrics_hand_made():
     score = torch.tensor([[3., 1., 2., 0.],            # own video (0) best: rank 1
                           [1., 1., 1., 0.],            # three-way tie: counted last among them, rank 3
                           [0., 5., 2., 2.],            # own video (3) tied with video 2, below video 1: rank 3
                           [math.nan, 0., 0., 1.],      # NaN own score: worst, rank 4
                           [0., 0., 0., 9.]])           # rank 1
-    res = eval_retrieval.rank_metrics(score, torch.tensor([0, 1, 3, 0, 3]))
+    res = eval_retrieval.strict_metrics(score, torch.tensor([0, 1, 3, 0, 3]))
     assert res['ranks'] == [1, 3, 3, 4, 1]
     assert res['r1'] == pytest.approx(2 / 5) and res['r5'] == 1.0 and res['r10'] == 1.0
     assert res['median'] == 3 and res['mean'] == pytest.approx(12 / 5)
@@ -80,19 +131,19 @@ def test_median_rank_is_the_originals():
     score = torch.zeros(4, 6)
     for i, rank in enumerate([1, 2, 5, 6]):  # the true video (0) scores 1, rank - 1 others score 2
         score[i, 0], score[i, 1:rank] = 1.0, 2.0
-    res = eval_retrieval.rank_metrics(score, torch.zeros(4, dtype=torch.long))
+    res = eval_retrieval.strict_metrics(score, torch.zeros(4, dtype=torch.long))
     assert res['ranks'] == [1, 2, 5, 6]
     assert res['median'] == 3 and type(res['median']) is int and res['median_interp'] == 3.5
-    odd = eval_retrieval.rank_metrics(score[:3], torch.zeros(3, dtype=torch.long))  # ranks 1 2 5
+    odd = eval_retrieval.strict_metrics(score[:3], torch.zeros(3, dtype=torch.long))  # ranks 1 2 5
     assert odd['median'] == 2 and odd['median_interp'] == 2.0
 
 
-def test_rank_metrics_matches_definition_with_many_ties():
+def test_strict_metrics_matches_definition_with_many_ties():
     gen = torch.Generator().manual_seed(0)
     score = torch.randint(0, 4, (60, 25), generator=gen).float()  # 4 distinct values: ties everywhere
     score[5, 3] = math.nan
     true_video = torch.randint(0, 25, (60,), generator=gen)
-    res = eval_retrieval.rank_metrics(score, true_video)
+    res = eval_retrieval.strict_metrics(score, true_video)
     ranks = brute_ranks(score, true_video)
     assert res['ranks'] == ranks
     assert res['r10'] == pytest.approx(sum(r <= 10 for r in ranks) / 60)
@@ -261,7 +312,8 @@ def test_zero_shot_cli_scores_with_pretrain_vtm_head(toy, tmp_path):
                 score[t, j] = pre.fc(out[:, feat_img[v][0].shape[1]]).squeeze()
     assert len(set(score.flatten().tolist())) == score.numel()
     true_video = torch.tensor([vids.index(it['video']) for it in ds.txt])
-    assert res['val']['ranks'] == brute_ranks(score, true_video)
+    assert res['val']['ranks'] == original_ranks(score, true_video)[0]
+    assert res['val']['strict']['ranks'] == brute_ranks(score, true_video)
 
 
 def test_pair_scoring_faster_than_bare_cross_encoder():
