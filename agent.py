@@ -732,8 +732,8 @@ def main(task_cls, default_config, argv=None):
     args['type'] = task_cls.type
 
     rank, world, device = init_dist(cli.local_rank)
-    if device.type == 'cpu':  # CPU index_put with repeated indices (the VT's bias-table lookup) accumulates
-        torch.use_deterministic_algorithms(True, warn_only=True)  # in a racy order: needed for exact resume
+    if device.type == 'cpu':  # a CPU kernel that accumulates over repeated indices may do so in a racy order:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # exact resume needs the deterministic ones
     task = task_cls(args)
     if not cli.eval:
         task.check_data()  # every file and split the run reads, before the first step
