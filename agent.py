@@ -25,7 +25,9 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import socket
+import threading
 import time
 
 import numpy as np
@@ -350,6 +352,7 @@ class Trainer:
         self.pending = 0                  # backward passes since the last optimiser step
         self.speed = 0.0                  # samples/s of the last unit, over the ranks
         self.nonfinite_run = 0            # consecutive non-finite steps (same on every rank)
+        self.signalled = 0                # a stop signal this process received (fit's handlers), 0 when none
         self.local = self.fresh_local()   # this rank's running sums of the current unit
         if state is None:
             seed_all(args['seed'] * 1000 + self.rank)  # dropout differs per rank
@@ -368,7 +371,7 @@ class Trainer:
         # its own generator: creating an iterator never touches the global RNG (exact resume)
         return torch.utils.data.DataLoader(
             ds, batch_size=self.args['size_batch'], sampler=indices, num_workers=self.args['num_workers'],
-            collate_fn=dataset.collate_skip, pin_memory=self.device.type == 'cuda',
+            collate_fn=dataset.collate_skip, pin_memory=self.device.type == 'cuda', worker_init_fn=ignore_stop_signals,
             generator=torch.Generator().manual_seed(seed_of(*position)))
 
     def to_device(self, batch):
@@ -415,6 +418,9 @@ class Trainer:
             self.steps_run += 1
             if args['save_every'] and self.step % args['save_every'] == 0 and self.step < n_batch:
                 self.save_resume()
+            if r['signalled'] and self.step < n_batch:  # (at the unit's end it finishes the unit first)
+                self.save_resume()
+                raise SystemExit(self.stopped_by(r['signalled'], f"{unit['name']} step {self.step}"))
             if self.step < n_batch and self.stopping():
                 self.save_resume()
                 return None
@@ -427,16 +433,17 @@ class Trainer:
         window's last batch); at the last batch of a grad_accum window, the optimiser step.
         batch: on the device, or None when every sample of this rank's batch was bad.
         -> dict(loss, losses (None when not trained), nonfinite (a rank's loss was not finite), most_skipped (bad
-        samples skipped in this unit by the rank that skipped most), stepped (the optimiser stepped))."""
+        samples skipped in this unit by the rank that skipped most), stepped (the optimiser stepped), signalled (a
+        stop signal some rank received, 0 when none))."""
         loss = losses = None
         if batch is not None:
             with self.autocast():
                 loss, losses, _ = self.task.step(self.model, batch, gen)
         present = batch is not None
         finite = present and bool(torch.isfinite(loss))
-        # one reduction: the min of present and finite, and -max of the ranks' skip counts
-        present, finite, most_skipped = all_reduce([present, finite, -self.local['n_skipped']],
-                                                   dist.ReduceOp.MIN if self.world > 1 else None)
+        # one reduction: the min of present and finite, -max of the ranks' skip counts and of their stop signals
+        present, finite, most_skipped, signalled = all_reduce(
+            [present, finite, -self.local['n_skipped'], -self.signalled], dist.ReduceOp.MIN if self.world > 1 else None)
         trained = bool(present and finite)
         if trained:
             sync = last_of_window or self.world == 1
@@ -452,7 +459,7 @@ class Trainer:
             self.optim.zero_grad(set_to_none=True)
             self.pending = 0
         return dict(loss=loss, losses=losses if trained else None, nonfinite=bool(present and not finite),
-                    most_skipped=int(-most_skipped), stepped=stepped)
+                    most_skipped=int(-most_skipped), stepped=stepped, signalled=int(-signalled))
 
     def count_nonfinite(self, where, i):
         self.log['n_nonfinite'] += 1
@@ -568,12 +575,25 @@ class Trainer:
         self.out, self.steps_run = out or self.out, 0
         if is_main():
             self.steplog = StepLog(out, self.args['log_tb'], self.global_step)
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():  # (signal handlers can only be set there)
+            handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         try:
             return self.fit_units()
         finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
             if self.steplog:
                 self.steplog.close()
                 self.steplog = None
+
+    def on_signal(self, signum, frame):
+        """A scheduler's warning before it kills the job: finish the step, save resume.pt, stop (train_unit)."""
+        self.signalled = signum
+
+    def stopped_by(self, signum, where):
+        return (f'stopped by {signal.Signals(signum).name} at {where}: resume.pt saved; continue with '
+                f'--resume {self.out}')
 
     def fit_units(self):
         units = self.task.units()
@@ -595,6 +615,9 @@ class Trainer:
             self.save_unit(self.task.ckpt_name(unit))
             self.unit, self.step, self.local = self.unit + 1, 0, self.fresh_local()
             self.save_resume()
+            signalled = int(all_reduce([self.signalled], dist.ReduceOp.MAX if self.world > 1 else None)[0])
+            if signalled and self.unit < len(units):
+                raise SystemExit(self.stopped_by(signalled, f'the end of {unit["name"]}'))
             say(f'{unit["name"]}: loss {fmt(losses)} | ' + ' | '.join(f'{t} {fmt(a)}' for t, a in accs.items()) +
                 f' | {self.speed:.1f} samples/s | skipped {self.log["n_skipped"]} non-finite {self.log["n_nonfinite"]}')
             if self.stopping() and self.unit < len(units):
@@ -606,6 +629,17 @@ class Trainer:
             say(f'stopped after {self.steps_run} steps (stop_after_steps); continue with --resume {self.out}')
             return True
         return False
+
+
+# what schedulers send some time before they kill a job (Slurm: SIGTERM at preemption or the time limit, and
+# --signal=USR1@SECONDS ahead of it; torchrun forwards SIGTERM to its workers)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers live on until their process has saved its state (a scheduler signals them all)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def new_window():

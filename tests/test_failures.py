@@ -6,8 +6,10 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -305,3 +307,102 @@ def test_config_keys_declared_once_with_type_default_help():
     assert error_of('lr="x"') == "config error: key 'lr' must be float, got str 'x' (--set)"
     assert error_of('precision=fp8') == "config error: key 'precision' must be one of ['auto', 'fp16', 'bf16', 'fp32'], got 'fp8' (--set)"
     assert agent.load_args(CONFIG, ['lr=1'])['lr'] == 1  # an int where a float goes
+
+
+# ---------------------------------------------------------------------------------------------- stop signals
+
+def signal_at(monkeypatch, signum, at):
+    """The process signals itself during its training step number `at` (1-based), as a scheduler would."""
+    calls, step = [0], main_qamc.QAMC.step
+
+    def signalling_step(self, *a):
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signum)
+        return step(self, *a)
+    monkeypatch.setattr(main_qamc.QAMC, 'step', signalling_step)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_saves_and_resumes_exactly(toy, tmp_path, monkeypatch, signum):
+    """SIGTERM / SIGUSR1 (a scheduler's warning before a kill) during a step: the step finishes, resume.pt is saved
+    at it, the run stops with the signal named (not 'done'), and --resume ends with the weights of a run never
+    stopped. During a unit's last step, the unit is finished (evaluated, checkpointed) first."""
+    whole = qamc(toy, tmp_path / 'whole', 'size_epoch=2')
+    before = signal.getsignal(signum)
+    signal_at(monkeypatch, signum, 2)
+    out = tmp_path / 'stopped'
+    name = signal.Signals(signum).name
+    assert stops(qamc, toy, out, 'size_epoch=2') == (
+        f'stopped by {name} at epoch 1 step 2: resume.pt saved; continue with --resume {out}')
+    assert signal.getsignal(signum) is before  # the handler is the run's alone
+    assert torch.load(out / 'resume.pt', weights_only=True)['step'] == 2
+    assert not (out / 'ckpt_violet_toy-qamc_1.pt').exists()
+    monkeypatch.undo()
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
+    for ep in (1, 2):
+        a, b = (torch.load(os.path.join(d, f'ckpt_violet_toy-qamc_{ep}.pt'), weights_only=True) for d in (whole, out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ep
+    # the last step of epoch 1 (16 items, batch 4): epoch 1 ends whole, the run stops before epoch 2
+    signal_at(monkeypatch, signum, 4)
+    out = tmp_path / 'at_the_end'
+    assert stops(qamc, toy, out, 'size_epoch=2') == (
+        f'stopped by {name} at the end of epoch 1: resume.pt saved; continue with --resume {out}')
+    assert (out / 'ckpt_violet_toy-qamc_1.pt').exists() and not (out / 'ckpt_violet_toy-qamc_2.pt').exists()
+    state = torch.load(out / 'resume.pt', weights_only=True)
+    assert (state['unit'], state['step']) == (1, 0)
+
+
+def wait_for_steps(out, proc, n=1, timeout=120):
+    t0 = time.time()
+    while not (os.path.exists(out / 'steps.jsonl') and len(open(out / 'steps.jsonl').readlines()) >= n):
+        assert proc.poll() is None and time.time() - t0 < timeout, proc.communicate()
+        time.sleep(0.02)
+
+
+def stopped_step(stderr, out):
+    m = re.search(rf'stopped by SIG(TERM|USR1) at epoch \d+ step (\d+): resume.pt saved; continue with --resume {out}$',
+                  stderr.strip())
+    assert m, stderr[-3000:]
+    return int(m.group(2))
+
+
+def test_stop_signal_to_the_whole_job_with_workers(toy, tmp_path):
+    """A scheduler signals every process of the job, DataLoader workers included: they live on until the run has
+    saved (else the run dies of 'DataLoader worker killed by signal' before it can), and the run stops cleanly."""
+    out = tmp_path / 'job'
+    cmd = [sys.executable, 'main_qamc.py', CONFIG, '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}',
+           f'path_output={out}', 'size_epoch=50', 'size_batch=4', 'num_workers=2']
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    wait_for_steps(out, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    step = stopped_step(stderr, out)
+    assert torch.load(out / 'resume.pt', weights_only=True)['step'] == step
+
+
+def test_stop_signal_to_one_rank_stops_all(toy, tmp_path):
+    """Under torchrun, a signal that reaches one rank alone stops every rank at the same step (one reduction), none
+    left waiting in a collective; rank 0 saves."""
+    out = tmp_path / 'ddp'
+    cmd = ['torchrun', '--standalone', '--nproc_per_node=2', 'main_qamc.py', CONFIG, '--set',
+           f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}', f'path_output={out}', 'size_epoch=50',
+           'size_batch=2']
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+        wait_for_steps(out, proc)
+        rank0 = int(open(out / '.lock').read().split()[1])  # 'pid N on host'
+        ranks = [int(p) for p in subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()]
+        other = [p for p in ranks if p != rank0]
+        assert rank0 in ranks and len(other) == 1, (rank0, ranks)
+        os.kill(other[0], signal.SIGUSR1)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    steps = set(re.findall(r'stopped by SIGUSR1 at epoch \d+ step (\d+): resume.pt saved', stderr))
+    assert len(steps) == 1 and stderr.count('stopped by SIGUSR1') == 2, stderr[-3000:]  # both ranks, one step
+    assert torch.load(out / 'resume.pt', weights_only=True)['step'] == int(steps.pop())
