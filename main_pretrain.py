@@ -42,11 +42,14 @@ def blockwise(B, T, h, w, rand):
 
 def attended(att, special, n, gen):
     """Draw n positions per row without replacement, proportional to att (special positions zeroed); a row with
-    fewer than n non-zero weights takes all of them. -> picked [B, L] bool."""
+    fewer than n non-zero weights takes all of them; n = 0 (int(0.15 * L) under 7 positions, where the original's
+    multinomial fails) draws none. -> picked [B, L] bool."""
     att = att.float().nan_to_num(0.0).clamp(min=0.0).masked_fill(special, 0.0)
+    if n <= 0:
+        return torch.zeros(att.shape, dtype=torch.bool, device=att.device)
     picked = att > 0
     enough = picked.sum(dim=1) >= n
-    if n > 0 and enough.any():
+    if enough.any():
         rows = enough.nonzero().squeeze(1)
         pos = torch.multinomial(att[rows], n, replacement=False, generator=gen)
         picked[rows] = torch.zeros_like(picked[rows]).scatter(1, pos, True)

@@ -107,6 +107,13 @@ def test_attended_count_specials_and_weights():
     att[:, [5, 7, L_img + 1]] = 1.0
     _, _, ans_mtm, _, is_mvm = mp.mask_batch(img, txt, vq, torch.Generator().manual_seed(5), lambda: att, p_block=0.0)
     assert is_mvm[:, [5, 7]].all() and is_mvm.sum() == 2 * B and (ans_mtm != -1).sum() == B
+    # int(0.15 * L) = 0 (one 32 px frame, 2 video positions, 4 tokens): nothing is drawn, not every position
+    img, vq = torch.rand(5, 1, 3, 32, 32) + 0.1, torch.tensor([[-1, 7]] * 5)
+    txt = torch.tensor([[101, 1500, 1600, 102]] * 5)
+    out_img, out_txt, ans_mtm, ans_mvm, is_mvm = mp.mask_batch(img, txt, vq, torch.Generator().manual_seed(6),
+                                                               lambda: torch.ones(5, 6), p_block=0.0)
+    assert torch.equal(out_img, img) and torch.equal(out_txt, txt)
+    assert (ans_mtm == -1).all() and (ans_mvm == -1).all() and not is_mvm.any()
 
 
 @pytest.mark.parametrize('p_block', [1.0, 0.0, 0.5])
