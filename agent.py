@@ -351,6 +351,7 @@ class Trainer:
         self.steps_run = 0                # optimiser windows run by this invocation (stop_after_steps)
         self.pending = 0                  # backward passes since the last optimiser step
         self.speed = 0.0                  # samples/s of the last unit, over the ranks
+        self.data_wait = 0.0              # the share of the last unit's time rank 0 waited for its DataLoader
         self.nonfinite_run = 0            # consecutive non-finite steps (same on every rank)
         self.signalled = 0                # a stop signal this process received (fit's handlers), 0 when none
         self.local = self.fresh_local()   # this rank's running sums of the current unit
@@ -391,8 +392,9 @@ class Trainer:
         self.model.train()
         self.pending = 0
         window = new_window()  # rank 0's losses since the last logged step
-        t0, n_samples = time.time(), 0
-        bar = tqdm(loader, total=n_batch, initial=self.step, disable=not is_main(), ascii=True, desc=unit['name'])
+        t0, n_samples, waited = time.time(), 0, [0.0]
+        bar = tqdm(timed(loader, waited), total=n_batch, initial=self.step, disable=not is_main(), ascii=True,
+                   desc=unit['name'])
         for i, (batch, n_skip) in enumerate(bar, start=self.step):
             self.local['n_skipped'] += n_skip
             last_of_window = (i + 1) % args['grad_accum'] == 0 or i + 1 == n_batch
@@ -425,6 +427,7 @@ class Trainer:
                 self.save_resume()
                 return None
         bar.close()
+        self.data_wait = waited[0] / max(time.time() - t0, 1e-9)
         return self.unit_losses(unit['name'], len(ds), n_samples, time.time() - t0)
 
     def train_step(self, batch, gen, last_of_window=True):
@@ -619,7 +622,11 @@ class Trainer:
             if signalled and self.unit < len(units):
                 raise SystemExit(self.stopped_by(signalled, f'the end of {unit["name"]}'))
             say(f'{unit["name"]}: loss {fmt(losses)} | ' + ' | '.join(f'{t} {fmt(a)}' for t, a in accs.items()) +
-                f' | {self.speed:.1f} samples/s | skipped {self.log["n_skipped"]} non-finite {self.log["n_nonfinite"]}')
+                f' | {self.speed:.1f} samples/s | skipped {self.log["n_skipped"]} non-finite {self.log["n_nonfinite"]}'
+                f' | waited for data {self.data_wait:.0%}')
+            if self.data_wait > DATA_WAIT_WARN:
+                say(f'data loading held up training {self.data_wait:.0%} of {unit["name"]}: raise num_workers '
+                    f'(now {self.args["num_workers"]}; {usable_cpus()} CPUs here)')
             if self.stopping() and self.unit < len(units):
                 return False
         return True
@@ -640,6 +647,29 @@ def ignore_stop_signals(worker_id):
     """DataLoader workers live on until their process has saved its state (a scheduler signals them all)."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+DATA_WAIT_WARN = 0.1  # a unit that waited longer than this share of its time for batches says so
+
+
+def usable_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()  # (macOS: no affinity)
+
+
+def timed(batches, waited):
+    """The batches of a loader, adding the seconds spent waiting for each to waited[0] (the first is not counted:
+    it includes starting the workers)."""
+    it, first = iter(batches), True
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        if not first:
+            waited[0] += time.perf_counter() - t0
+        first = False
+        yield batch
 
 
 def new_window():

@@ -406,3 +406,20 @@ def test_stop_signal_to_one_rank_stops_all(toy, tmp_path):
     steps = set(re.findall(r'stopped by SIGUSR1 at epoch \d+ step (\d+): resume.pt saved', stderr))
     assert len(steps) == 1 and stderr.count('stopped by SIGUSR1') == 2, stderr[-3000:]  # both ranks, one step
     assert torch.load(out / 'resume.pt', weights_only=True)['step'] == int(steps.pop())
+
+
+def test_waiting_for_data_is_reported(toy, tmp_path, monkeypatch, capsys):
+    """Each unit's line says what share of its time rank 0 waited for batches; over 10 % it says to raise
+    num_workers. Here every sample takes 50 ms to load (no workers): most of the time is waiting."""
+    item = main_qamc.QAMC.Dataset.__getitem__
+
+    def slow(self, i):
+        time.sleep(0.05)
+        return item(self, i)
+    monkeypatch.setattr(main_qamc.QAMC.Dataset, '__getitem__', slow)
+    qamc(toy, tmp_path / 'slow', 'num_workers=0')
+    said = capsys.readouterr().out
+    share = int(re.search(r'epoch 1: .* \| waited for data (\d+)%\n', said).group(1))
+    assert share > 10, said  # (about half here)
+    assert (f'data loading held up training {share}% of epoch 1: raise num_workers (now 0; {agent.usable_cpus()} CPUs '
+            f'here)') in said
