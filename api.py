@@ -112,9 +112,7 @@ class Violet:
         """-> float [T, 3, S, S] in [0, 1]: a path (n_frames sampled by dataset.read_video), a [T, H, W, 3] uint8
         array or a list of PIL images, each frame through dataset.pad_resize."""
         if isinstance(video, str):
-            rgb = dataset.read_video(video, self.n_frames)
-            if len({id(f) for f in rgb}) < len(rgb):  # read_video repeats a frame when the video has fewer
-                raise dataset.BadVideo(f'{video}: fewer frames than the {self.n_frames} asked for')
+            rgb = dataset.read_video(video, self.n_frames)  # a video with fewer frames is a BadVideo
         elif isinstance(video, np.ndarray):
             if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
                 raise ValueError(f'a video array must be uint8 [T, H, W, 3], got {video.dtype} {list(video.shape)}')

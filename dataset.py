@@ -122,7 +122,10 @@ def sample_stored(count, n, train, rng=random):
 
 def read_video(path, n_frames):
     """-> `n_frames` RGB uint8 arrays [H, W, 3] of the video file at `path`: frames sample_inside(count, n_frames)
-    of its first video stream, count = all its frames. Raises BadVideo naming the file.
+    of its first video stream, count = all its frames. Raises BadVideo naming the file, also when it has fewer
+    than n_frames frames: the original's extraction repeated frames of such a clip, but every reader here refuses
+    a video short of the frames it needs (prediction, convert_layout, the v2 layout), so the extraction tool lists
+    it as failed instead of storing a clip of repeated frames.
 
     Decodes only what it returns (PyAV, one thread: parallelism belongs to the caller). The frame count and
     each frame's timestamp come from the packet index (demuxing reads no pixels; the container's header count
@@ -147,7 +150,7 @@ def read_video(path, n_frames):
                 pts = sorted(pts for pts, _, _ in packets)
                 keys = sorted((pts, pts if dts is None else dts) for pts, dts, key in packets if key)
                 if keys:  # a stream that flags no keyframe cannot be entered by seeking
-                    frames = _seek_decode(container, stream, [pts[i] for i in sample_inside(len(pts), n_frames)], keys)
+                    frames = _seek_decode(container, stream, [pts[i] for i in pick(len(pts), n_frames, path)], keys)
             if frames is None:  # no usable index: decode everything, as the original did
                 frames = _decode_all(container, stream, n_frames, path)
     except av.FFmpegError as e:
@@ -161,7 +164,14 @@ def _decode_all(container, stream, n_frames, path):
     frames = [f.to_ndarray(format='rgb24') for f in container.decode(stream)]
     if not frames:
         raise BadVideo(f'{path}: no frames')
-    return [frames[i] for i in sample_inside(len(frames), n_frames)]
+    return [frames[i] for i in pick(len(frames), n_frames, path)]
+
+
+def pick(count, n_frames, path):
+    """sample_inside(count, n_frames) of the video at `path`; BadVideo when it has fewer frames than that."""
+    if count < n_frames:
+        raise BadVideo(f'{path}: {count} frame{"s" * (count != 1)}, fewer than the {n_frames} asked for')
+    return sample_inside(count, n_frames)
 
 
 def _seek_decode(container, stream, targets, keys):
@@ -435,15 +445,56 @@ class TSV:
             raise BadSample(f'{self.path}: offset {offset} is not the start of a line')
         return line.decode('utf-8').rstrip('\n').split('\t')
 
+    FULL_CHECK_BYTES = 1 << 30  # a TSV up to this size has every line start compared with its index
+
     def check_index(self, lineidx, path_index):
-        """The last indexed line must end the file: an index shorter than its TSV (of an older or another file) would
-        leave the lines after it out of training without a word."""
+        """The index must list every line of the TSV, in order: one of an older or another file, or one that lost a
+        line, would leave lines out of training without a word. The last indexed line must end the file; a TSV up
+        to FULL_CHECK_BYTES (about a second to read) has every line start compared with the index; a larger one
+        (a pretraining part) has its offsets checked to ascend and 32 indexed lines spread over it read, each of
+        which must end where the next indexed line starts."""
+        hint = 'a line dropped from the index, or an index of another version of the file?'
         self.f.seek(max(lineidx))
         self.f.readline()
         end, size = self.f.tell(), os.path.getsize(self.path)
         if end < size:
             raise DataError(f'{path_index}: its last line ends at byte {end} of {self.path} ({size} bytes): the lines '
                             f'after it are not indexed (an index of another version of the file?)')
+        offsets = np.asarray(lineidx, dtype=np.int64)
+        if size <= self.FULL_CHECK_BYTES:
+            starts = self.line_starts()
+            n = min(len(starts), len(offsets))
+            differ = np.flatnonzero(starts[:n] != offsets[:n])
+            if len(differ) or len(starts) != len(offsets):
+                i = int(differ[0]) if len(differ) else n
+                if i == len(starts):
+                    raise DataError(f'{path_index}: entry {i} (byte {offsets[i]}) is past the last of the '
+                                    f'{len(starts)} lines of {self.path} ({hint})')
+                got = f'byte {offsets[i]}' if i < len(offsets) else 'missing'
+                raise DataError(f'{path_index}: entry {i} is {got}, but line {i} of {self.path} starts at byte '
+                                f'{starts[i]} ({hint})')
+            return
+        back = np.flatnonzero(np.diff(offsets) <= 0)
+        if len(back):
+            i = int(back[0]) + 1
+            raise DataError(f'{path_index}: entry {i} (byte {offsets[i]}) does not come after entry {i - 1} '
+                            f'(byte {offsets[i - 1]}): the offsets of a TSV\'s lines ascend ({hint})')
+        for i in spread(range(len(offsets) - 1)):
+            self.f.seek(offsets[i])
+            end = offsets[i] + len(self.f.readline())
+            if end != offsets[i + 1]:
+                raise DataError(f'{path_index}: the line at entry {i} (byte {offsets[i]}) of {self.path} ends at byte '
+                                f'{end}, but entry {i + 1} is byte {offsets[i + 1]} ({hint})')
+
+    def line_starts(self):
+        """-> the byte offset of every line of the file, int64 (reads it all, in 16 MiB chunks)."""
+        self.f.seek(0)
+        starts, pos = [np.zeros(1, np.int64)], 0
+        while chunk := self.f.read(1 << 24):
+            starts.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10).astype(np.int64) + pos + 1)
+            pos += len(chunk)
+        starts = np.concatenate(starts)
+        return starts[starts < pos]  # the end of the last line starts none
 
     def first_field(self, offset):
         """-> the first field (video id) of the line at `offset`, reading only up to its first tab."""
@@ -483,8 +534,9 @@ class Dataset_Base(torch.utils.data.Dataset):
         elif self.layout == 'v2':
             self.tsv, self.frames = TSV(paths[0]), load_id2lineidx(paths[1])
         else:
-            self.tsv = TSV(paths[0])
-            self.frames = {self.tsv.first_field(o): o for o in read_lineidx(paths[1])}
+            self.tsv, lineidx = TSV(paths[0]), read_lineidx(paths[1])
+            self.tsv.check_index(lineidx, paths[1])
+            self.frames = {self.tsv.first_field(o): o for o in lineidx}
         if len(self.frames) == 0:
             raise DataError(f'{self.path_frames}: no videos')
 

@@ -142,7 +142,7 @@ class Pretrain(tasks.Task):
                 path_index = os.path.join(self.args['path_data'], f'img_{d}_train_{p}.lineidx')
                 tsv = dataset.TSV(os.path.join(self.args['path_data'], f'img_{d}_train_{p}.tsv'))
                 lineidx = dataset.read_lineidx(path_index)
-                tsv.check_index(lineidx, path_index)  # not empty, not shorter than the TSV
+                tsv.check_index(lineidx, path_index)  # every line of the TSV indexed (its 32 spread lines if large)
                 if not self.args['skip_bad']:  # files that do not go together stopped the run in their part
                     self.check_videos(tsv, lineidx, path_txt, captions, self.val[d])
 

@@ -12,8 +12,9 @@ encoded as RGB JPEG with PIL's defaults, base64 ASCII; the video id is the file 
 Resumable: every output file is written under a temporary name and renamed when complete (the index last), so
 a crash never leaves a partial shard; a rerun skips the videos already in complete outputs and writes the
 rest into new shards (or, without shards, rewrites the one file with the old rows plus the new).
-Failures never stop the batch: each unreadable video is named on stderr and listed with its reason in
-<out>.failed.json; the exit status is non-zero when no video could be read.
+Failures never stop the batch: each unreadable video (or one with fewer frames than --sample, which
+dataset.read_video refuses) is named on stderr and listed with its reason in <out>.failed.json, written only when
+a video failed (a stale one from an earlier run is removed); the exit status is non-zero when no video could be read.
 """
 import argparse, base64, glob, io, json, os, pickle, sys
 from multiprocessing import Pool
@@ -143,11 +144,19 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     elif not shard_size and (batch or not old):
         write_output({**old, **batch}, out, layout, None)
     written += len(batch)
-    report = output_files(out, layout, None)[0].rsplit('.', 1)[0] + '.failed.json'
-    with open(report + '.tmp', 'w') as f:
-        json.dump({'videos': dir_in, 'sample': sample, 'failed': failed}, f, indent=1)
-    os.replace(report + '.tmp', report)
+    report = failed_report(out, layout)
+    if failed:
+        with open(report + '.tmp', 'w') as f:
+            json.dump({'videos': dir_in, 'sample': sample, 'failed': failed}, f, indent=1)
+        os.replace(report + '.tmp', report)
+    elif os.path.exists(report):  # an earlier run's failures were retried and read this time: its list is stale
+        os.remove(report)
     return written, len(done), failed
+
+
+def failed_report(out, layout):
+    """The failures list of output `out`: <out>.failed.json (beside the data file, without its extension)."""
+    return output_files(out, layout, None)[0].rsplit('.', 1)[0] + '.failed.json'
 
 
 class _Serial:
@@ -193,9 +202,8 @@ def main():
         written, before, failed = extract_to(dir_in, out, args.sample, args.layout, args.shard_size, args.workers, exts)
     except ValueError as e:
         sys.exit(str(e))
-    report = output_files(out, args.layout, None)[0].rsplit('.', 1)[0] + '.failed.json'
     print(f'{out}: {written} videos x {args.sample} frames written, {before} already there; '
-          f'{len(failed)} unreadable skipped (listed in {report})')
+          f'{len(failed)} unreadable skipped' + (f' (listed in {failed_report(out, args.layout)})' if failed else ''))
     if written + before == 0:
         sys.exit(f'no video could be read in {dir_in}')
 

@@ -61,14 +61,19 @@ def b64_to_array(b):
 
 def test_frame_indices_on_numbered_frames(tmp_path):
     assert dataset.sample_inside(16, 5) == [2, 5, 8, 10, 13]
-    assert dataset.sample_inside(3, 4) == [0, 1, 1, 2]  # fewer frames than asked: repeats, as the original
-    for n_frames, sample in [(16, 5), (13, 4), (7, 1), (3, 4)]:
+    assert dataset.sample_inside(3, 4) == [0, 1, 1, 2]  # fewer frames than asked: the original repeated them
+    assert dataset.sample_inside(4, 4) == [0, 1, 2, 3]
+    for n_frames, sample in [(16, 5), (13, 4), (7, 1), (4, 4)]:
         path = str(tmp_path / f'v{n_frames}.mp4')
         write_clip(path, [(k * 16, k * 16, k * 16) for k in range(n_frames)])  # frame k has grey level 16k
         frames = frame_tool.extract_video(path, sample)[0]
         got = [int(round(b64_to_array(b).mean() / 16)) for b in frames]
         n = n_frames / (sample + 1)
         assert got == [int(n * (i + 1)) for i in range(sample)]
+    # a clip shorter than --sample is listed as failed, as predict.py refuses it (one rule: dataset.read_video)
+    path = str(tmp_path / 'v3.mp4')
+    write_clip(path, [(k * 16,) * 3 for k in range(3)])
+    assert frame_tool.extract_video(path, 4) == (None, f'{path}: 3 frames, fewer than the 4 asked for')
     # RGB order: a red BGR frame comes out red
     write_clip(str(tmp_path / 'red.mp4'), [(0, 0, 255)] * 4)
     r, g, b = b64_to_array(frame_tool.extract_video(str(tmp_path / "red.mp4"), 1)[0][0]).mean((0, 1))
@@ -113,11 +118,13 @@ def test_read_video_seeks_to_the_frames_of_a_full_decode(tmp_path, monkeypatch, 
     every = full_decode(path)
     assert len(every) in (45, 61)
     monkeypatch.setattr(dataset, '_decode_all', None)  # the fallback must not be what makes this pass
-    for n in [1, 2, 3, 5, 8, 16, 50, 70]:
+    for n in [1, 2, 3, 5, 8, 16, 44, len(every)]:
         got = dataset.read_video(path, n)
         assert len(got) == n
         for k, (a, i) in enumerate(zip(got, dataset.sample_inside(len(every), n))):
             assert np.array_equal(a, every[i]), f'{name}: n={n}, sample {k} is not frame {i}'
+    with pytest.raises(dataset.BadVideo, match=f'{name}: {len(every)} frames, fewer than the {len(every) + 1} asked for'):
+        dataset.read_video(path, len(every) + 1)
     monkeypatch.undo()  # the full-decode fallback (a target not found by seeking) gives the same frames
     seek_decode = dataset._seek_decode
     monkeypatch.setattr(dataset, '_seek_decode', lambda c, s, targets, keys: seek_decode(c, s, [t + 0.5 for t in targets], keys))  # never found
@@ -416,6 +423,11 @@ def test_downstream_frames_from_tsv(args, tmp_path):
         assert torch.equal(from_pkl[i][0], from_tsv[i][0])
     for loader in loaders(from_tsv, 2):
         assert sum(len(b[0][0]) for b in loader) == len(from_tsv)
+    offsets = (tmp_path / 'img_toy.lineidx').read_text().split()
+    (tmp_path / 'img_toy.lineidx').write_text('\n'.join(offsets[:1] + offsets[2:]) + '\n')  # one video's line dropped
+    with pytest.raises(ValueError, match=rf'img_toy.lineidx: entry 1 is byte {offsets[2]}, but line 1 of '
+                                         rf'{tmp_path}/img_toy.tsv starts at byte {offsets[1]}'):
+        dataset.Dataset_Retrieval(dict(a, path_data=str(tmp_path)), 'val')
 
 
 # ---- bad data
@@ -477,7 +489,7 @@ def test_bad_frames_downstream(args, bad_copy):
     assert [ds[i] is None for i in range(4)] == [True, True, False, True]
 
 
-def test_bad_lines_pretrain(args, bad_copy):
+def test_bad_lines_pretrain(args, bad_copy, monkeypatch):
     name = f'{bad_copy}/img_toyvid_train_0'
     lines = open(name + '.tsv', 'rb').read().split(b'\n')[:-1]
     vids = [ln.split(b'\t')[0].decode() for ln in lines]
@@ -493,6 +505,11 @@ def test_bad_lines_pretrain(args, bad_copy):
     edit_json(f'{bad_copy}/txt_toyvid.json', lambda t: t['train'].pop(vids[5]))
 
     a = dict(args, path_data=bad_copy)
+    with pytest.raises(ValueError, match=rf'img_toyvid_train_0.lineidx: entry 3 is byte {offsets[3]}, but line 3 of '
+                                         rf'{name}.tsv starts at byte {offsets[3] - 5} \(a line dropped'):
+        dataset.Dataset_Pretrain(a, 'toyvid', 'train', 0)  # the index is refused up front
+    # a TSV too large to be checked whole has only spread lines checked: the reads still name such offsets
+    monkeypatch.setattr(dataset.TSV, 'check_index', lambda *_: None)
     ds = dataset.Dataset_Pretrain(a, 'toyvid', 'train', 0)
     ds[0]
     with pytest.raises(ValueError, match=f'img_toyvid_train_0.tsv line 1 .*: video "{vids[1]}" has 2 frames, expected 4'):
@@ -755,7 +772,7 @@ def test_large_jpeg_decoded_at_reduced_scale_stays_close():
     assert (ours - ref).abs().mean().item() < 1 / 255
 
 
-def test_pretrain_part_gap_empty_part_and_vq_range(args, bad_copy):
+def test_pretrain_part_gap_empty_part_and_vq_range(args, bad_copy, monkeypatch):
     """Hand-made pretraining data: a part after a gap in the numbering used to be left out with 'done'; an empty
     part stopped only after the others had trained, blaming skipped samples; a VQ token outside the 8192 classes
     stopped in cross_entropy ('Target 9000 is out of bounds'), naming no file or video."""
@@ -776,9 +793,35 @@ def test_pretrain_part_gap_empty_part_and_vq_range(args, bad_copy):
     with pytest.raises(ValueError, match=rf'img_toyvid_val.lineidx: its last line ends at byte {offsets[-2]} of '
                                          rf'{bad_copy}/img_toyvid_val.tsv \(\d+ bytes\): the lines after it are not indexed'):
         dataset.Dataset_Pretrain(a, 'toyvid', 'val')
+    # one line dropped from the middle of the index: its video was silently left out before
+    with open(f'{bad_copy}/img_toyvid_val.lineidx', 'w') as f:
+        f.write('\n'.join(offsets[:2] + offsets[3:]) + '\n')
+    with pytest.raises(ValueError, match=rf'img_toyvid_val.lineidx: entry 2 is byte {offsets[3]}, but line 2 of '
+                                         rf'{bad_copy}/img_toyvid_val.tsv starts at byte {offsets[2]} \(a line dropped '
+                                         r'from the index, or an index of another version of the file\?\)'):
+        dataset.Dataset_Pretrain(a, 'toyvid', 'val')
+    with open(f'{bad_copy}/img_toyvid_val.lineidx', 'w') as f:  # an entry past the last line
+        f.write('\n'.join(offsets + [str(os.path.getsize(f'{bad_copy}/img_toyvid_val.tsv'))]) + '\n')
+    with pytest.raises(ValueError, match=rf'img_toyvid_val.lineidx: entry {len(offsets)} \(byte \d+\) is past the last '
+                                         rf'of the {len(offsets)} lines of {bad_copy}/img_toyvid_val.tsv'):
+        dataset.Dataset_Pretrain(a, 'toyvid', 'val')
+    # a TSV larger than FULL_CHECK_BYTES (a pretraining part): the offsets ascend, spread lines end where the next start
+    monkeypatch.setattr(dataset.TSV, 'FULL_CHECK_BYTES', 0)
+    with open(f'{bad_copy}/img_toyvid_val.lineidx', 'w') as f:
+        f.write('\n'.join(offsets[:2] + offsets[3:]) + '\n')
+    with pytest.raises(ValueError, match=rf'img_toyvid_val.lineidx: the line at entry 1 \(byte {offsets[1]}\) of '
+                                         rf'{bad_copy}/img_toyvid_val.tsv ends at byte {offsets[2]}, but entry 2 is byte '
+                                         rf'{offsets[3]} \(a line dropped'):
+        dataset.Dataset_Pretrain(a, 'toyvid', 'val')
+    with open(f'{bad_copy}/img_toyvid_val.lineidx', 'w') as f:
+        f.write('\n'.join([offsets[1], offsets[0]] + offsets[2:]) + '\n')
+    with pytest.raises(ValueError, match=rf'img_toyvid_val.lineidx: entry 1 \(byte {offsets[0]}\) does not come after '
+                                         rf'entry 0 \(byte {offsets[1]}\)'):
+        dataset.Dataset_Pretrain(a, 'toyvid', 'val')
     with open(f'{bad_copy}/img_toyvid_val.lineidx', 'w') as f:
         f.write('\n'.join(offsets) + '\n')
     ds = dataset.Dataset_Pretrain(a, 'toyvid', 'val')
+    monkeypatch.undo()
     vid = ds.tsv.read(ds.lineidx[0])[0]
     edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq[vid].__setitem__((0, 0, 0), 9000))
     ds = dataset.Dataset_Pretrain(a, 'toyvid', 'val')

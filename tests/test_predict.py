@@ -141,7 +141,7 @@ def test_api_video_forms_and_checks(clips, ckpts):
     assert f_path.shape == (5 * (1 + 2 * 2), m.model.hidden_size)
     with pytest.raises(ValueError, match=r'a video array must be uint8 \[T, H, W, 3\], got float32 \[5, 48, 80, 3\]'):
         m.embed_video(np.stack(rgb).astype(np.float32))
-    with pytest.raises(dataset.BadVideo, match='short.mp4: fewer frames than the 5 asked for'):
+    with pytest.raises(dataset.BadVideo, match='short.mp4: 3 frames, fewer than the 5 asked for'):
         m.embed_video(str(clips / 'mixed' / 'short.mp4'))
     with pytest.raises(ValueError, match='a QA-OE model answers from its vocabulary'):
         api.load(ckpts['qaoe']).answer(path, 'what?', options=['a', 'b'])
@@ -184,7 +184,7 @@ def test_folder_skips_bad_files_named_file_stops(clips, ckpts, capsys):
     assert [r['video'] for r in res['results']] == [str(clips / 'mixed' / 'ok.mp4')]
     skipped = {os.path.basename(s['video']): s['error'] for s in res['skipped']}
     assert set(skipped) == {'empty.mp4', 'notes.txt', 'short.mp4'}
-    assert skipped['short.mp4'] == f'{clips}/mixed/short.mp4: fewer frames than the 5 asked for'
+    assert skipped['short.mp4'] == f'{clips}/mixed/short.mp4: 3 frames, fewer than the 5 asked for'
     assert skipped['notes.txt'].startswith(f'{clips}/mixed/notes.txt: not a video')
     assert 'skipped 3 unreadable' in printed
     m = api.load(ckpts['pretrain'], n_frames=5)

@@ -432,6 +432,12 @@ def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
     assert frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, progress=False)[:2] == (1, 7)
     assert list(convert_layout.read_tsv(f'{out}_3.tsv', f'{out}_3.lineidx')) == ['w0']
     assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]  # the crash's leftover was redone and renamed
+    # the failures fixed (here: removed), a rerun has none: the earlier list is stale and goes
+    assert os.path.isfile(tmp_path / 'img_x_train.failed.json')
+    os.remove(tmp_path / 'clips' / 'broken.mp4')
+    os.remove(tmp_path / 'clips' / 'empty.mp4')
+    assert frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, progress=False) == (0, 8, {})
+    assert not os.path.exists(tmp_path / 'img_x_train.failed.json')
 
 
 def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
@@ -440,7 +446,8 @@ def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
     # VIOLETv2 layout, one file, read back through the dataset's own layout finder
     code, printed = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/img_y.tsv', '--layout=v2', '--sample=2',
                                           '--workers=1'], capsys, monkeypatch)
-    assert code == 0 and f'{tmp_path}/img_y: 2 videos x 2 frames written, 0 already there; 0 unreadable' in printed
+    assert code == 0 and f'{tmp_path}/img_y: 2 videos x 2 frames written, 0 already there; 0 unreadable skipped\n' in printed
+    assert not os.path.exists(tmp_path / 'img_y.failed.json')  # nothing failed: no failures list
     assert convert_layout.read_frames(str(tmp_path / 'img_y')) == ('v2', want)
     # a rerun with one more video rewrites the one file with the old rows and the new
     clip_dir(vids, ['c'])
