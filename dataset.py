@@ -15,7 +15,8 @@ of each video's frames are sampled (sample_stored); a video with fewer is a bad 
 
 Bad samples (corrupt base64 or image, video id missing from frames / texts / vq, a lineidx offset that
 is not a line start, a wrong frame count, an item without a required key, a caption / question / option
-that is not a string, an answer out of range)
+that is not a string, or empty (only whitespace; a QA-MC question may be empty, said once per split), an
+answer out of range)
 raise BadSample (a DataError; KeyError too for missing keys) naming the file and the video id or line.
 With args['skip_bad'] = True, __getitem__ returns None instead, and collate_skip counts them.
 Missing files raise FileNotFoundError naming the path, always; any other unusable data file (a missing split or
@@ -630,13 +631,7 @@ class Dataset_Pretrain(Dataset_Base):
         img = self.decode_frames(fields[1:], vid, where)
         if vid not in self.txt:
             raise BadSample(f'{self.path_txt}["{self.split}"]: no caption for video "{vid}" ({where})')
-        caps = self.txt[vid]
-        if isinstance(caps, str):
-            caps = [caps]
-        if not isinstance(caps, list) or len(caps) == 0 or not isinstance(caps[0], str):
-            raise BadSample(f'{self.path_txt}["{self.split}"]["{vid}"]: {caps!r:.60} is not a caption or a non-empty '
-                            f'list of captions ({where})')
-        txt, mask = self.str2txt(caps[0])
+        txt, mask = self.str2txt(first_caption(self.txt[vid], f'{self.path_txt}["{self.split}"]["{vid}"]', where))
         hw = self.size_img // 32
         if self.vq is None:  # pixel targets: a placeholder token 0 per patch
             vq = np.zeros((self.size_frame, hw, hw), dtype=np.int64)
@@ -653,6 +648,21 @@ class Dataset_Pretrain(Dataset_Base):
                                 f'(min {vq.min()}, max {vq.max()})')
         vq = np.concatenate([np.full((self.size_frame, 1), -1, dtype=np.int64), vq.reshape(self.size_frame, -1)], 1)
         return img, txt, mask, vq.reshape(-1)
+
+
+EMPTY = 'empty (only [CLS] [SEP] would be left of it: no words to learn from or match)'
+
+
+def first_caption(caps, key, where):
+    """A pretraining video's captions (a string or a list of them) -> the first, the one trained on; BadSample
+    naming `key` (its place in txt_<dataset>.json) and `where` (its line) when there is none or it is empty."""
+    if isinstance(caps, str):
+        caps = [caps]
+    if not isinstance(caps, list) or len(caps) == 0 or not isinstance(caps[0], str):
+        raise BadSample(f'{key}: {caps!r:.60} is not a caption or a non-empty list of captions ({where})')
+    if not caps[0].strip():
+        raise BadSample(f'{key}: the caption is {EMPTY} ({where})')
+    return caps[0]
 
 
 def count_parts(args, dataset):
@@ -701,17 +711,25 @@ class Dataset_Downstream(Dataset_Base):
     def __len__(self):
         return len(self.txt)
 
-    def check_videos(self):
-        """Every item's video is in the frames file (the items' other faults are named when they are read)."""
+    words = ()  # the keys of an item whose text must not be empty (a sample without it means nothing)
+
+    def check_items(self):
+        """Every item's video is in the frames file and no text of `words` is empty (the items' other faults are
+        named when they are read)."""
         missing = [(i, it['video']) for i, it in enumerate(self.txt)
                    if isinstance(it, dict) and isinstance(it.get('video'), str) and it['video'] not in self.frames]
         if missing:
             (idx, vid), more = missing[0], len(missing) - 1
             raise BadSample(f'{self.path_txt}["{self.split}"][{idx}]: no video "{vid}" in {self.path_frames}'
                             + (f' ({more} more of the split\'s items lack theirs)' if more else ''))
+        empty = [i for i, it in enumerate(self.txt) if isinstance(it, dict)
+                 and any(isinstance(it.get(k), str) and not it[k].strip() for k in self.words)]
+        if empty:
+            self.item(empty[0], *self.words, more=f' ({len(empty) - 1} more of the split\'s items have an empty text)'
+                      if len(empty) > 1 else '')
 
-    def item(self, idx, *keys):
-        """Item idx, which must have `keys`; every key but 'answer' must hold a string."""
+    def item(self, idx, *keys, more=''):
+        """Item idx, which must have `keys`; every key but 'answer' must hold a string, not empty for `words`."""
         item, where = self.txt[idx], f'{self.path_txt}["{self.split}"][{idx}]'
         if not isinstance(item, dict):
             raise BadSample(f'{where}: {type(item).__name__} {item!r:.60}, not an object')
@@ -720,6 +738,8 @@ class Dataset_Downstream(Dataset_Base):
                 raise BadKey(f'{where}: no key "{k}"')
             if k != 'answer' and not isinstance(item[k], str):
                 raise BadSample(f'{where}: "{k}" is {type(item[k]).__name__} {item[k]!r:.60}, not a string')
+            if k in self.words and not item[k].strip():
+                raise BadSample(f'{where} (video "{item.get("video")}"): "{k}" is {EMPTY}{more}')
         return item
 
     def answer(self, idx, item, n, unknown_ok=False):
@@ -739,6 +759,14 @@ class Dataset_QAMC(Dataset_Downstream):
     def __init__(self, args, split):
         super().__init__(args, split)
         self.size_option = self.args['size_option']
+        self.words = tuple(f'option_{i}' for i in range(self.size_option))
+        # an empty question is allowed (caption-choice sets such as MSRVTT-MC have none: the options alone are
+        # scored), but said, once per split
+        empty = [i for i, it in enumerate(self.txt)
+                 if isinstance(it, dict) and isinstance(it.get('question'), str) and not it['question'].strip()]
+        if empty:
+            print(f'{self.path_txt}["{split}"]: {len(empty)} of {len(self.txt)} items have an empty "question" (first '
+                  f'[{empty[0]}], video "{self.txt[empty[0]].get("video")}"): their options are scored alone', flush=True)
 
     def get_item(self, idx):
         keys = ['video', 'question', 'answer'] + [f'option_{i}' for i in range(self.size_option)]
@@ -767,6 +795,7 @@ def answer_texts(vocab, where):
 class Dataset_QAOE(Dataset_Downstream):
     """-> (img, txt, mask, answer) with answer < size_vocab (args['size_vocab'], else len of the json's "vocab"),
     or -1: an answer outside the vocabulary (no loss in training, wrong in evaluation)."""
+    words = ('question',)
 
     def __init__(self, args, split):
         super().__init__(args, split)
@@ -784,6 +813,7 @@ class Dataset_QAOE(Dataset_Downstream):
 
 class Dataset_Retrieval(Dataset_Downstream):
     """-> (img, txt, mask) of item i; .txt is the list of {"video", "caption"} (eval_retrieval uses it)."""
+    words = ('caption',)
 
     def get_item(self, idx):
         item = self.item(idx, 'video', 'caption')

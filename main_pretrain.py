@@ -148,15 +148,16 @@ class Pretrain(tasks.Task):
 
     @staticmethod
     def check_videos(tsv, lineidx, path_txt, captions, val):
-        """32 videos spread over a part have a caption and (mvm_target 'vq') VQ tokens; the val set holds the
-        dataset's VQ file. A sample, not every line: reading every line's id of a WebVid-size part would cost a
+        """32 videos spread over a part have a (non-empty) caption and (mvm_target 'vq') VQ tokens; the val set holds
+        the dataset's VQ file. A sample, not every line: reading every line's id of a WebVid-size part would cost a
         random read per video at every start; a single missing entry is named when its sample is read."""
         for i in dataset.spread(range(len(lineidx))):
             offset = lineidx[i]
-            vid = tsv.first_field(offset)
+            vid, line = tsv.first_field(offset), f'{tsv.path} line {i} (offset {offset})'
             for where, has in ((f'{path_txt}["train"]: no caption', captions), (f'{val.path_vq}: no VQ tokens', val.vq)):
                 if has is not None and vid not in has:
-                    raise dataset.BadSample(f'{where} for video "{vid}" ({tsv.path} line {i} (offset {offset}))')
+                    raise dataset.BadSample(f'{where} for video "{vid}" ({line})')
+            dataset.first_caption(captions[vid], f'{path_txt}["train"]["{vid}"]', line)
 
     def eval_sets(self, unit):
         d = unit['dataset']

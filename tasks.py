@@ -70,12 +70,13 @@ class Downstream(Task):
         return self.args['task']
 
     def check_data(self):
-        """Also every item's video: one missing from the test split used to stop the run after a whole epoch of
-        training (under skip_bad such items are skipped and counted as they come)."""
+        """Also every item's video and texts: a video missing from the test split used to stop the run after a whole
+        epoch of training; an empty caption, question or option is named here too (under skip_bad such items are
+        skipped and counted as they come)."""
         super().check_data()
         if not self.args['skip_bad']:
             for ds in self.sets.values():
-                ds.check_videos()
+                ds.check_items()
 
     def build_model(self):
         self.record_frame_count()

@@ -715,6 +715,49 @@ def test_texts_must_be_strings(args, bad_copy):
         pre[1]
 
 
+def test_empty_texts_are_named(args, bad_copy, capsys):
+    """An empty (or blank) caption, question or option trained as [CLS] [SEP] without a word: now a bad sample naming
+    the file, item and video; a QA-MC question may be empty (caption-choice sets have none), counted once per split."""
+    a = dict(args, path_data=bad_copy, dataset='toy')
+    rt_vid = json.load(open(f'{bad_copy}/txt_toy-retrieval.json'))['val'][1]['video']
+    edit_json(f'{bad_copy}/txt_toy-retrieval.json', lambda t: (t['val'][1].update(caption=''),
+                                                               t['val'][2].update(caption=' \n ')))
+    edit_json(f'{bad_copy}/txt_toy-qamc.json', lambda t: (t['val'][0].update(question=''), t['val'][1].update(question=' '),
+                                                         t['val'][2].update(option_3='')))
+    edit_json(f'{bad_copy}/txt_toy-qaoe.json', lambda t: t['val'][3].update(question='  '))
+    rt = dataset.Dataset_Retrieval(dict(a, task='toy-retrieval'), 'val')
+    empty = r'is empty \(only \[CLS\] \[SEP\] would be left of it: no words to learn from or match\)'
+    with pytest.raises(dataset.BadSample, match=rf'txt_toy-retrieval.json\["val"\]\[1\] \(video "{rt_vid}"\): "caption" {empty}$'):
+        rt[1]
+    with pytest.raises(dataset.BadSample, match=rf'\[2\] .*"caption" {empty}$'):
+        rt[2]
+    with pytest.raises(dataset.BadSample, match=rf'txt_toy-retrieval.json\["val"\]\[1\] .*"caption" {empty} \(1 more of the '
+                                                r"split's items have an empty text\)"):
+        rt.check_items()
+    rt[0]
+    mc = dataset.Dataset_QAMC(dict(a, task='toy-qamc'), 'val')
+    qs = json.load(open(f'{bad_copy}/txt_toy-qamc.json'))['val']
+    assert capsys.readouterr().out == (f'{bad_copy}/txt_toy-qamc.json["val"]: 2 of {len(qs)} items have an empty "question" '
+                                       f'(first [0], video "{qs[0]["video"]}"): their options are scored alone\n')
+    tok = mc.tokzr
+    assert [tok.decode(t[m > 0]) for t, m in zip(*mc[0][1:3])] == [f'[CLS] {qs[0][f"option_{i}"]} [SEP]' for i in range(5)]
+    with pytest.raises(dataset.BadSample, match=rf'txt_toy-qamc.json\["val"\]\[2\] .*"option_3" {empty}$'):
+        mc[2]
+    with pytest.raises(dataset.BadSample, match=rf'txt_toy-qaoe.json\["val"\]\[3\] .*"question" {empty}$'):
+        dataset.Dataset_QAOE(dict(a, task='toy-qaoe'), 'val')[3]
+    assert dataset.Dataset_Retrieval(dict(a, task='toy-retrieval', skip_bad=True), 'val')[1] is None  # skippable
+    # pretraining: the first caption is the one trained on
+    vids = [ln.split('\t')[0] for ln in open(f'{bad_copy}/img_toyvid_val.tsv')]
+    edit_json(f'{bad_copy}/txt_toyvid.json', lambda t: t['val'].update({vids[0]: ['', 'a red dot'], vids[1]: ' '}))
+    pre = dataset.Dataset_Pretrain(args | dict(path_data=bad_copy), 'toyvid', 'val')
+    with pytest.raises(dataset.BadSample, match=rf'txt_toyvid.json\["val"\]\["{vids[0]}"\]: the caption {empty} '
+                                                rf'\(.*img_toyvid_val.tsv line 0'):
+        pre[0]
+    with pytest.raises(dataset.BadSample, match=rf'\["{vids[1]}"\]: the caption is empty'):
+        pre[1]
+    pre[2]
+
+
 class RunsCommand:
     """Unpickling this calls os.system(cmd): what a malicious data file could do."""
     def __init__(self, cmd):

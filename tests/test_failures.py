@@ -226,6 +226,12 @@ def test_data_checked_before_the_first_step(toy, tmp_path):
     main_pretrain.Pretrain(dict(args, skip_bad=True)).check_data()  # skipped and counted as they come
     with open(f'{toy}/vq_toyimg.pkl', 'wb') as f:
         pickle.dump(vq, f)
+    txt = json.load(open(f'{toy}/txt_toyimg.json'))  # an empty caption: a line of the spread sample
+    json.dump({**txt, 'train': {**txt['train'], gone: ' '}}, open(f'{toy}/txt_toyimg.json', 'w'))
+    with pytest.raises(ValueError, match=rf'txt_toyimg.json\["train"\]\["{gone}"\]: the caption is empty \(only \[CLS\] '
+                                         rf'\[SEP\] .*\) \({toy}/img_toyimg_train_1.tsv line 0 \(offset 0\)\)'):
+        main_pretrain.Pretrain(args).check_data()
+    json.dump(txt, open(f'{toy}/txt_toyimg.json', 'w'))
     open(f'{toy}/img_toyimg_train_1.lineidx', 'w').close()  # an empty part stopped only after the others trained
     with pytest.raises(ValueError, match=r'img_toyimg_train_1.lineidx: no video \(an empty part or index\)'):
         main_pretrain.Pretrain(args).check_data()
@@ -262,6 +268,15 @@ def test_unknown_video_checked_before_the_first_step(toy, tmp_path):
                    f"split's items lack theirs)")
     assert not os.path.exists(tmp_path / 'run')  # nothing trained, nothing written
     qamc(toy, tmp_path / 'skip', 'skip_bad=true', 'max_skip_frac=0.5', 'stop_after_steps=1')  # skipped as they come
+    # an empty option (here of the test split) trained and was evaluated as [CLS] [SEP] without a word
+    qs['test'][2]['video'] = qs['test'][5]['video'] = qs['test'][0]['video']
+    qs['test'][3]['option_1'], qs['test'][4]['option_4'] = '', ' \t'
+    json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
+    msg = stops(qamc, toy, tmp_path / 'run')
+    assert msg == (f'{toy}/txt_toy-qamc.json["test"][3] (video "{qs["test"][3]["video"]}"): "option_1" is empty (only '
+                   f"[CLS] [SEP] would be left of it: no words to learn from or match) (1 more of the split's items "
+                   f'have an empty text)')
+    assert not os.path.exists(tmp_path / 'run')
 
 
 def test_qaoe_size_vocab_past_the_vocabulary(toy, tmp_path):
