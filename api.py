@@ -28,6 +28,14 @@ import model as violet
 TEMPERATURE = {'qamc': 1.0, 'pretrain': violet.VTM_TEMPERATURE, 'retrieval': violet.VTM_TEMPERATURE}  # option probabilities: softmax(score / T), as trained
 
 
+def words(texts, what):
+    """Every text must hold a word: an empty one would be scored as [CLS] [SEP] alone (dataset.py makes it a bad
+    sample in training for the same reason). ValueError naming the first empty one."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f'{what} {i} is {t!r}: it needs words (an empty one would be scored as [CLS] [SEP] alone)')
+
+
 def find_config(ckpt, config=None):
     """-> (config dict, vocab list or None). config: a dict, a JSON file (a run's args.json, an _data/args_*.json
     or convert_ckpt's NAME.json holding {"config", "vocab"}), or None: NAME.json, then args.json beside ckpt."""
@@ -166,6 +174,7 @@ class Violet:
         per video; the pairs then cost one cross-encoder pass each, in batches (self.pairs_per_s: their speed)."""
         if self.type == 'qaoe':
             raise ValueError('a QA-OE model has no pair score: use answer()')
+        words(texts, 'text')
         if not len(videos) or not len(texts):
             return np.zeros((len(videos), len(texts)), np.float32)
         feats = [self.embed_video(v) for v in videos]
@@ -193,6 +202,7 @@ class Violet:
         if options is not None:
             if self.type == 'qaoe':
                 raise ValueError('a QA-OE model answers from its vocabulary: call answer() without options')
+            words(options, 'option')  # the question may be empty (caption-choice sets have none), an option not
             s = self.score([video], [f'{question} {o}' for o in options])[0]
             p = torch.softmax(torch.as_tensor(s, dtype=torch.float64) / TEMPERATURE[self.type], 0).numpy()
             i = int(np.argmax(s))
@@ -203,6 +213,7 @@ class Violet:
         if self.vocab is None:
             raise ValueError('no answer vocabulary: load(..., vocab=txt_<task>.json) (the official checkpoints '
                              'have none stored)')
+        words([question], 'question')
         feat_img, mask_img = self.embed_video(video)
         feat_txt, mask_txt = self.embed_text([question])
         with self.autocast():

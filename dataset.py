@@ -137,8 +137,14 @@ def read_video(path, n_frames):
         raise ValueError(f'n_frames must be >= 1, got {n_frames}')
     if not os.path.isfile(path):
         raise BadVideo(f'{path}: no such file')
+    if os.path.getsize(path) == 0:  # FFmpeg's word for it is 'Invalid data found when processing input'
+        raise BadVideo(f'{path}: an empty file (0 bytes)')
     try:
-        with av.open(path) as container:
+        container = av.open(path)
+    except av.FFmpegError as e:
+        raise BadVideo(f'{path}: not a video ({e})') from e
+    try:
+        with container:
             if not container.streams.video:
                 raise BadVideo(f'{path}: not a video (no video stream)')
             stream = container.streams.video[0]
@@ -154,8 +160,8 @@ def read_video(path, n_frames):
                     frames = _seek_decode(container, stream, [pts[i] for i in pick(len(pts), n_frames, path)], keys)
             if frames is None:  # no usable index: decode everything, as the original did
                 frames = _decode_all(container, stream, n_frames, path)
-    except av.FFmpegError as e:
-        raise BadVideo(f'{path}: not a video ({e})') from e
+    except av.FFmpegError as e:  # it opened as a video: its data is damaged
+        raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({e})') from e
     return frames
 
 
@@ -516,6 +522,7 @@ class Dataset_Base(torch.utils.data.Dataset):
         self.path_data = self.args['path_data']
         self.tokzr = get_tokenizer(self.args['txt_backbone'], self.args['txt_vocab'])
         self.frames, self.path_frames, self.size_frame, self.layout = None, None, None, None
+        self.failures = None  # the extraction's failures, read when a video is missing (why_missing)
 
     def path(self, name):
         return os.path.join(self.path_data, name)
@@ -541,10 +548,20 @@ class Dataset_Base(torch.utils.data.Dataset):
         if len(self.frames) == 0:
             raise DataError(f'{self.path_frames}: no videos')
 
+    def why_missing(self, vid):
+        """' (why)' when the extraction tool's list of failures beside the frames file names `vid`, else ''."""
+        path = os.path.splitext(self.path_frames)[0] + '.failed.json'
+        if self.failures is None:
+            self.failures = {}
+            failed = load_json(path) if os.path.isfile(path) else {}
+            if isinstance(failed, dict) and isinstance(failed.get('failed'), dict):
+                self.failures = {os.path.splitext(os.path.basename(p))[0]: why for p, why in failed['failed'].items()}
+        return f' (its extraction failed, {path}: {self.failures[vid]})' if vid in self.failures else ''
+
     def frames_b64(self, vid):
         """-> every frame stored for `vid` (base64 strings)."""
         if vid not in self.frames:
-            raise BadSample(f'{self.path_frames}: no video "{vid}"')
+            raise BadSample(f'{self.path_frames}: no video "{vid}"{self.why_missing(vid)}')
         if self.layout == 'pkl':
             return self.frames[vid]
         fields = self.tsv.read(self.frames[vid])
@@ -721,7 +738,7 @@ class Dataset_Downstream(Dataset_Base):
         if missing:
             (idx, vid), more = missing[0], len(missing) - 1
             raise BadSample(f'{self.path_txt}["{self.split}"][{idx}]: no video "{vid}" in {self.path_frames}'
-                            + (f' ({more} more of the split\'s items lack theirs)' if more else ''))
+                            + self.why_missing(vid) + (f' ({more} more of the split\'s items lack theirs)' if more else ''))
         empty = [i for i, it in enumerate(self.txt) if isinstance(it, dict)
                  and any(isinstance(it.get(k), str) and not it[k].strip() for k in self.words)]
         if empty:

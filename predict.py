@@ -26,8 +26,8 @@ import time
 
 from tqdm import tqdm
 
+import api
 import dataset
-from api import load
 
 MODES = ('retrieval', 'qamc', 'qaoe', 'pretrain')
 
@@ -47,13 +47,17 @@ def read_rows(path):
     for i, r in enumerate(rows):
         if not r.get('video'):
             raise SystemExit(f'{path}: row {i + 1} has no "video"')
-        if not (r.get('text') or r.get('question')):  # a misspelt column would otherwise score an empty text
+        if not str(r.get('text') or r.get('question') or '').strip():  # a misspelt column would score an empty text
             raise SystemExit(f'{path}: row {i + 1} has no "text" or "question" (its keys: {", ".join(r)})')
         opts = r.get('options')
         if isinstance(opts, str):
             opts = opts.split('|')
         if opts is None and 'option_0' in r:
             opts = [r[k] for k in sorted((k for k in r if k.startswith('option_')), key=lambda k: int(k[7:]))]
+        try:
+            api.words(opts or [], 'option')
+        except ValueError as e:
+            raise SystemExit(f'{path}: row {i + 1}: {e}') from e
         out.append(dict(video=os.path.join(base, r['video']), text=r.get('text') or r.get('question'),
                         options=opts))
     return out
@@ -102,9 +106,14 @@ def main(argv=None):
             ap.error('--text is required' if opt.mode in ('retrieval', 'pretrain') else '--question is required')
         if opt.mode == 'qamc' and not opt.options:
             ap.error('qamc needs --options')
+        try:
+            api.words(texts, 'text' if opt.mode in ('retrieval', 'pretrain') else 'question')
+            api.words(opt.options or [], 'option')
+        except ValueError as e:
+            ap.error(str(e))
         jobs = [dict(video=v, named=named, text=t, options=opt.options) for v, named in expand(opt.videos) for t in texts]
     try:
-        m = load(opt.ckpt, opt.config, opt.vocab, opt.device, 'bf16' if opt.bf16 else 'fp32', opt.frames,
+        m = api.load(opt.ckpt, opt.config, opt.vocab, opt.device, 'bf16' if opt.bf16 else 'fp32', opt.frames,
                  opt.cache or None, opt.set)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'predict: {e}') from e

@@ -16,7 +16,7 @@ Failures never stop the batch: each unreadable video (or one with fewer frames t
 dataset.read_video refuses) is named on stderr and listed with its reason in <out>.failed.json, written only when
 a video failed (a stale one from an earlier run is removed); the exit status is non-zero when no video could be read.
 """
-import argparse, base64, glob, io, json, os, pickle, sys
+import argparse, base64, collections, glob, io, json, os, pickle, sys
 from multiprocessing import Pool
 
 from PIL import Image
@@ -116,7 +116,14 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     videos found already written, {path: failure reason})."""
     if layout == 'pkl' and shard_size:
         raise ValueError('--shard_size needs --layout tsv or v2 (a pkl is one file)')
-    videos = list_videos(dir_in, exts)
+    videos, failed, first = [], {}, {}
+    for vid, path in list_videos(dir_in, exts):  # a.mp4 and a.avi would both be video "a": the second would replace the first
+        if vid in first:
+            failed[path] = f'{path}: the same video id "{vid}" as {first[vid]} (rename one)'
+            tqdm.write(f'skipped: {failed[path]}', file=sys.stderr)
+        else:
+            first[vid] = path
+            videos.append((vid, path))
     done, shards = {}, []  # already written: video id -> shard; the complete shards' numbers
     if shard_size:
         found = glob.glob(glob.escape(out) + '_*' + INDEX[layout])
@@ -129,7 +136,7 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
         old = read_output(out, layout, None) or {}
         done = dict.fromkeys(old)
     pending = [(vid, path) for vid, path in videos if vid not in done]
-    failed, written, batch = {}, 0, {}
+    written, batch = 0, {}
     next_shard = (k for k in range(10 ** 9) if k not in shards)  # fills the numbers of crashed shards first
     for vid, path, frames, reason in extract_all(pending, sample, workers, progress, os.path.basename(out)):
         if frames is None:
@@ -198,6 +205,12 @@ def main():
         found = sorted({os.path.splitext(f)[1] for f in os.listdir(dir_in) if os.path.isfile(os.path.join(dir_in, f))} - {''})
         sys.exit(f'no {" or ".join("*." + e for e in exts)} file in {dir_in}'
                  + (f' (it has {", ".join(found)} files: see --ext)' if found else ''))
+    want = {e.lower() for e in exts}
+    others = collections.Counter(os.path.splitext(f)[1] or 'without extension' for f in os.listdir(dir_in)
+                                 if os.path.isfile(os.path.join(dir_in, f)) and os.path.splitext(f)[1].lower()[1:] not in want)
+    if others:  # a folder of .mp4 and .avi files under the default --ext mp4 lost its .avi videos without a word
+        print(f'{dir_in}: not read (not --ext {args.ext}): ' + ', '.join(f'{n} {e}' for e, n in sorted(others.items())),
+              file=sys.stderr)
     try:
         written, before, failed = extract_to(dir_in, out, args.sample, args.layout, args.shard_size, args.workers, exts)
     except ValueError as e:

@@ -139,8 +139,15 @@ def test_read_video_names_the_bad_file(tmp_path):
     assert [int(round(f.mean() / 16)) for f in frames] == [2, 4, 6]  # 9 / 4 = 2.25 -> 2, 4, 6
     (tmp_path / 'junk.mp4').write_bytes(b'not a video' * 10)
     (tmp_path / 'empty.mp4').write_bytes(b'')
-    for name in ['junk.mp4', 'empty.mp4', 'missing.mp4']:
-        with pytest.raises(dataset.BadVideo, match=f'{tmp_path / name}: (not a video|no frames|no such file)'):
+    write_av_clip(str(tmp_path / 'x264.mp4'), 24, 'libx264')
+    raw = bytearray((tmp_path / 'x264.mp4').read_bytes())
+    raw[300:1500] = bytes((b * 7 + 13) % 256 for b in raw[300:1500])  # the frames' data damaged, the index intact
+    (tmp_path / 'garbled.mp4').write_bytes(bytes(raw))
+    # FFmpeg says 'Invalid data found when processing input' of all but the missing one: the message says which
+    for name, what in [('junk.mp4', r'not a video \(.*Invalid data'), ('empty.mp4', r'an empty file \(0 bytes\)$'),
+                       ('missing.mp4', 'no such file$'),
+                       ('garbled.mp4', r'a corrupt video, its frames cannot be decoded \(.*Invalid data')]:
+        with pytest.raises(dataset.BadVideo, match=f'^{tmp_path / name}: {what}'):
             dataset.read_video(str(tmp_path / name), 3)
 
 
@@ -185,6 +192,19 @@ def test_extract_cli_folder_without_the_extension(tmp_path):
                  '--out', str(tmp_path / 'img_mine.pkl'))
     assert r.returncode == 0, r.stderr
     assert list(dataset.load_pickle(str(tmp_path / 'img_mine.pkl'))) == ['C']
+    # the files of other extensions are named (the .avi videos beside the .mp4 ones were left out without a word)
+    assert f'{tmp_path}/clips: not read (not --ext mp4): 1 .avi, 1 without extension' in r.stderr
+    # two files of one video id: the second would have replaced the first; it is listed as failed instead
+    write_clip(str(tmp_path / 'clips' / 'C.avi'), [(k * 20,) * 3 for k in range(10)])
+    os.remove(tmp_path / 'img_mine.pkl')
+    r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(tmp_path / 'clips'), '--sample=5',
+                 '--out', str(tmp_path / 'img_mine.pkl'), '--ext', 'mp4,avi', '--workers=1')
+    assert r.returncode == 0 and '1 videos x 5 frames written, 0 already there; 2 unreadable skipped' in r.stdout, r.stderr
+    failed = json.load(open(tmp_path / 'img_mine.failed.json'))['failed']
+    assert failed[f'{tmp_path}/clips/C.avi'] == (f'{tmp_path}/clips/C.avi: the same video id "C" as {tmp_path}/clips/C.MP4 '
+                                                 f'(rename one)')
+    assert f'skipped: {tmp_path}/clips/C.avi: the same video id' in r.stderr
+    assert 'not read (not --ext mp4,avi): 1 without extension\n' in r.stderr  # a.avi was read (and failed: not a video)
 
 
 # ---- extract_tsv
@@ -756,6 +776,26 @@ def test_empty_texts_are_named(args, bad_copy, capsys):
     with pytest.raises(dataset.BadSample, match=rf'\["{vids[1]}"\]: the caption is empty'):
         pre[1]
     pre[2]
+
+
+def test_missing_video_names_its_extraction_failure(args, bad_copy):
+    """A video the extraction tool could not read is missing from the frames file: the message gives its reason
+    from the <frames>.failed.json beside it (it said only 'no video')."""
+    a = dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval')
+    edit_json(f'{bad_copy}/txt_toy-retrieval.json', lambda t: t['val'][1].update(video='my_clip'))
+    ds = dataset.Dataset_Retrieval(a, 'val')
+    with pytest.raises(dataset.BadSample, match=rf'^{bad_copy}/img_toy.pkl: no video "my_clip"$'):
+        ds[1]
+    why = '/videos/my_clip.mp4: 2 frames, fewer than the 5 asked for'
+    json.dump({'videos': '/videos', 'sample': 5, 'failed': {'/videos/my_clip.mp4': why}},
+              open(f'{bad_copy}/img_toy.failed.json', 'w'))
+    ds = dataset.Dataset_Retrieval(a, 'val')
+    because = f' \\(its extraction failed, {bad_copy}/img_toy.failed.json: {why}\\)'
+    with pytest.raises(dataset.BadSample, match=rf'^{bad_copy}/img_toy.pkl: no video "my_clip"{because}$'):
+        ds[1]
+    with pytest.raises(dataset.BadSample, match=rf'^{bad_copy}/txt_toy-retrieval.json\["val"\]\[1\]: no video "my_clip" in '
+                                                rf'{bad_copy}/img_toy.pkl{because}$'):
+        ds.check_items()
 
 
 class RunsCommand:

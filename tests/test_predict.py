@@ -283,7 +283,7 @@ def test_list_input_csv_and_json_and_safetensors(clips, ckpts, capsys, tmp_path)
     assert res_st['results'] == res['csv']['results']
 
 
-def test_list_row_without_text_is_refused(tmp_path):
+def test_list_row_without_text_is_refused(tmp_path, capsys):
     """A CSV whose header misspelt 'question' used to answer an empty question for every row, silently."""
     (tmp_path / 'rows.csv').write_text('video,questoin\nv.mp4,what is it?\n')
     with pytest.raises(SystemExit, match=rf'^{tmp_path}/rows.csv: row 1 has no "text" or "question" \(its keys: video, questoin\)$'):
@@ -291,6 +291,31 @@ def test_list_row_without_text_is_refused(tmp_path):
     json.dump([dict(video='v.mp4', text='a dog'), dict(video='w.mp4', text='')], open(tmp_path / 'rows.json', 'w'))
     with pytest.raises(SystemExit, match=r'rows.json: row 2 has no "text" or "question" \(its keys: video, text\)$'):
         predict.read_rows(str(tmp_path / 'rows.json'))
+    # blank texts and options were scored as [CLS] [SEP]
+    json.dump([dict(video='v.mp4', text='a dog'), dict(video='w.mp4', text=' \t')], open(tmp_path / 'rows.json', 'w'))
+    with pytest.raises(SystemExit, match=r'rows.json: row 2 has no "text" or "question" \(its keys: video, text\)$'):
+        predict.read_rows(str(tmp_path / 'rows.json'))
+    (tmp_path / 'rows.csv').write_text('video,question,options\nv.mp4,what is it?,a dog|a cat\nv.mp4,what is it?,a dog||a cat\n')
+    with pytest.raises(SystemExit, match=r"rows.csv: row 2: option 1 is '': it needs words \(an empty one would be "
+                                         r"scored as \[CLS\] \[SEP\] alone\)$"):
+        predict.read_rows(str(tmp_path / 'rows.csv'))
+    for argv, said in [(['retrieval', '--text', 'a dog', ' '], "text 1 is ' '"),
+                       (['qamc', '--question', 'what?', '--options', 'a', ''], "option 1 is ''"),
+                       (['qaoe', '--question', '  '], "question 0 is '  '")]:
+        with pytest.raises(SystemExit):
+            predict.main(argv + ['--ckpt', 'x.pt', '--video', 'v.mp4'])
+        assert f'error: {said}: it needs words' in capsys.readouterr().err
+
+
+def test_api_refuses_blank_texts(ckpts, clips):
+    path = str(clips / '_lib' / 'red.mp4')
+    with pytest.raises(ValueError, match=r"^text 1 is '': it needs words"):
+        api.load(ckpts['retrieval']).score([path], ['a red bar', ''])
+    with pytest.raises(ValueError, match=r"^option 0 is ' ': it needs words"):
+        api.load(ckpts['qamc']).answer(path, 'what?', options=[' ', 'a red bar'])
+    assert api.load(ckpts['qamc']).answer(path, '', options=['a blue bar', 'a red bar'])['answer']  # no question: allowed
+    with pytest.raises(ValueError, match=r"^question 0 is '': it needs words"):
+        api.load(ckpts['qaoe']).answer(path, '')
 
 
 def test_bf16_on_request(clips, ckpts):
