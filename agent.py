@@ -372,7 +372,8 @@ class Trainer:
         # its own generator: creating an iterator never touches the global RNG (exact resume)
         return torch.utils.data.DataLoader(
             ds, batch_size=self.args['size_batch'], sampler=indices, num_workers=self.args['num_workers'],
-            collate_fn=dataset.collate_skip, pin_memory=self.device.type == 'cuda', worker_init_fn=ignore_stop_signals,
+            collate_fn=dataset.collate_skip, pin_memory=self.device.type == 'cuda',
+            worker_init_fn=functools.partial(outlive_stop_signals, os.getpid()),
             generator=torch.Generator().manual_seed(seed_of(*position)))
 
     def to_device(self, batch):
@@ -643,10 +644,21 @@ class Trainer:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def ignore_stop_signals(worker_id):
-    """DataLoader workers live on until their process has saved its state (a scheduler signals them all)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+def outlive_stop_signals(trainer_pid, worker_id):
+    """DataLoader worker_init_fn: a stop signal sent to every process of the job must not kill the workers before
+    their trainer has finished its step and saved (it would die of 'DataLoader worker killed by signal' first),
+    while the trainer's own SIGTERM (the DataLoader ending a worker) still ends it at once, as torch's handler does.
+    Only the sender tells them apart: the signals are blocked here (and in every thread started from here on) and
+    taken by a thread that reads who sent them."""
+    if not hasattr(signal, 'sigwaitinfo'):  # (macOS: torch's default, the workers die with the job)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def take():
+        while True:
+            if signal.sigwaitinfo(STOP_SIGNALS).si_pid == trainer_pid:
+                os._exit(0)
+    threading.Thread(target=take, daemon=True, name='stop-signals').start()
 
 
 DATA_WAIT_WARN = 0.1  # a unit that waited longer than this share of its time for batches says so

@@ -443,3 +443,33 @@ def test_waiting_for_data_is_reported(toy, tmp_path, monkeypatch, capsys):
     assert share > 10, said  # (about half here)
     assert (f'data loading held up training {share}% of epoch 1: raise num_workers (now 0; {agent.usable_cpus()} CPUs '
             f'here)') in said
+
+
+def test_workers_still_end_with_their_loader(tmp_path):
+    """Workers outlive a stop signal from elsewhere, but not their trainer's own SIGTERM: a process that exits with
+    a DataLoader iterator still alive (multiprocessing terminates its workers, then waits for them) exits at once,
+    and a signal from another process leaves the worker serving batches."""
+    script = tmp_path / 'linger.py'
+    script.write_text(f'''import os, signal, sys, time, functools
+sys.path.insert(0, {REPO!r})
+import torch, agent
+loader = torch.utils.data.DataLoader(list(range(1000)), batch_size=1, num_workers=1,
+                                     worker_init_fn=functools.partial(agent.outlive_stop_signals, os.getpid()))
+it = iter(loader)
+next(it)
+print(it._workers[0].pid, flush=True)
+sys.stdin.readline()  # the test signals the worker meanwhile
+print(int(next(it)), flush=True)
+it._shutdown_workers = lambda: None  # as when an error leaves the iterator behind: the exit must terminate it
+''')
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(proc.stdout.readline())
+        os.kill(worker, signal.SIGTERM)  # from another process: ignored
+        time.sleep(0.5)
+        proc.stdin.write('\n')
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == '1'  # the worker served the next batch
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
