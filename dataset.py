@@ -53,7 +53,7 @@ class DataConfig:
     path_data: str = config.key('./_data', 'where the data files are')
     size_img: int = config.key(224, 'frame side after padding to square (multiple of 32, at most 448)',
                                choices=range(32, 449, 32))  # the VT's 32 px patches; emb_pos has 14 x 14
-    size_txt: int = config.key(32, 'text length in tokens (padded / truncated)', least=1)
+    size_txt: int = config.key(32, 'text length in tokens (padded / truncated; [CLS] and [SEP] included)', least=2)
     size_frame: int = config.key(0, 'downstream frames per video; 0: the count most of a sample of 32 videos have (5 in the released sets; the others are named; the run records it in its `args.json`); must be set for the `v2` layout (VIOLETv2 uses 5)', least=0)
     frame_layout: str = config.key('auto', 'downstream frame files (`dataset.find_layout`): `pkl` (`img_<dataset>.pkl`), `v2` (VIOLETv2: `img_<dataset>.tsv` + `img_<dataset>.id2lineidx.pkl`, `size_frame` of the stored frames sampled per video), `tsv` (`img_<dataset>.tsv` + `.lineidx`); `auto`: the first of these whose files are present', choices=FRAME_LAYOUTS)
     size_option: int = config.key(5, 'QA-MC options per question', least=1)
@@ -213,20 +213,22 @@ class BadKey(BadSample, KeyError):
     __str__ = BaseException.__str__  # KeyError would quote the message
 
 
-def b64_to_img(b64, size):
+def b64_to_img(b64, size, reduce=True):
     """base64 image -> float [3, size, size] in [0, 1] (pad_resize of the decoded RGB). JPEGs take the fast
-    tensor path (within 1/255 mean of PIL, tested), anything else goes through PIL. A JPEG at least 4x the target
-    size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (straight from the DCT, still at least twice `size`
-    on its long side, so the antialiased resize still does the filtering): the padding and the resize then work
-    on a small image (2-4x faster on such frames; the deviation from the original's PIL path is measured in
-    README and tested)."""
+    tensor path (within 1/255 mean of PIL, tested), anything else goes through PIL. With reduce (training), a JPEG
+    at least 4x the target size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (straight from the DCT,
+    still at least twice `size` on its long side, so the antialiased resize still does the filtering): the
+    padding and the resize then work on a small image (2-4x faster on such frames; the deviation from the
+    original's PIL path is measured in README and tested). reduce=False decodes every pixel, as the original did
+    (VQ extraction: its 56 px targets would take the reduced path for every frame of 224 px or more)."""
     raw = base64.b64decode(b64.strip(), validate=True)
     jpeg = raw[:2] == b'\xff\xd8'
-    pil = Image.open(io.BytesIO(raw)) if not jpeg or decode_jpeg is None or jpeg_side(raw) >= 4 * size else None
+    small = reduce and jpeg_side(raw) >= 4 * size
+    pil = Image.open(io.BytesIO(raw)) if not jpeg or decode_jpeg is None or small else None
     if pil is None:
         img = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     else:
-        if jpeg:
+        if jpeg and small:
             w, h = pil.size
             pil.draft('RGB', (-(-2 * size * w // max(w, h)), -(-2 * size * h // max(w, h))))  # long side >= 2 size
         img = torch.from_numpy(np.array(pil.convert('RGB'))).permute(2, 0, 1)

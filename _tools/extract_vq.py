@@ -1,7 +1,8 @@
 """DALL-E dVAE tokens of every frame: X.pkl (or X.tsv + X.lineidx) -> X_vq.pkl = {video_id: int16 [T, h, w]}
-(docs/violet.md#data-formats). Each frame is padded to square and resized as the training input, but to
-frame//32*8 px, mapped by map_pixels (x*(1-2*0.1)+0.1), encoded, argmax over the 8192 logits: h = w = frame//32,
-one token per 32x32 patch of the training input.
+(docs/violet.md#data-formats). Each frame is decoded whole (no reduced-scale JPEG decode, as the original),
+padded to square and resized as the training input, but to frame//32*8 px, mapped by map_pixels
+(x*(1-2*0.1)+0.1), encoded, argmax over the 8192 logits: h = w = frame//32, one token per 32x32 patch of the
+training input.
 
     python _tools/extract_vq.py --path=_data/img_webvid2.5m_train_0 --frame=224 --encoder=_snapshot/encoder.pkl
     python _tools/extract_vq.py --path _data/img_webvid2.5m_train_{0,1,2} _data/img_webvid2.5m_val --out _data/vq_webvid2.5m.pkl
@@ -40,7 +41,7 @@ def encode_frames(encoder, frames_b64, frame=224, device='cpu', batch=64):
     size = frame // 32 * 8
     out = []
     for i in range(0, len(frames_b64), batch):
-        x = torch.stack([b64_to_img(b, size) for b in frames_b64[i:i + batch]]).to(device)
+        x = torch.stack([b64_to_img(b, size, reduce=False) for b in frames_b64[i:i + batch]]).to(device)
         x = (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS  # dall_e.map_pixels
         out.append(encoder(x).argmax(1).cpu())
     return torch.cat(out).numpy().astype(np.int16)

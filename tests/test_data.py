@@ -4,6 +4,7 @@ import base64, io, json, os, pickle, shutil, subprocess, sys
 import numpy as np
 import pytest
 import torch
+import torchvision
 import torchvision.transforms as TV
 import torchvision.transforms.v2.functional as TVF
 from PIL import Image
@@ -853,6 +854,27 @@ def test_large_jpeg_decoded_at_reduced_scale_stays_close():
     ours, ref = dataset.b64_to_img(b64, 224), pil_reference(b64, 224)
     assert ours.shape == ref.shape == (3, 224, 224)
     assert (ours - ref).abs().mean().item() < 1 / 255
+
+
+def test_vq_extraction_decodes_every_pixel(monkeypatch):
+    """VQ targets are computed from full decodes, as the original's were: at VQ extraction's 56 px (frame 224) every
+    frame of 224 px or more would take the reduced-scale decode, whose values differ; extract_vq feeds the encoder
+    exactly the full decode, padded, resized and mapped."""
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    smooth_image(rng, 480, 640).save(buf, format='JPEG', quality=90)
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    full = dataset.pad_resize(torchvision.io.decode_jpeg(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8),
+                                                         mode=torchvision.io.ImageReadMode.RGB), 56)
+    assert torch.equal(dataset.b64_to_img(b64, 56, reduce=False), full)
+    assert not torch.equal(dataset.b64_to_img(b64, 56), full)  # the training path does reduce such a frame
+    seen = []
+
+    def encoder(x):
+        seen.append(x)
+        return torch.zeros(len(x), 8192, 7, 7)
+    tokens = extract_vq.encode_frames(encoder, [b64, b64], frame=224)
+    assert tokens.shape == (2, 7, 7) and torch.equal(seen[0], (0.8 * full + 0.1).expand(2, -1, -1, -1))
 
 
 def test_pretrain_part_gap_empty_part_and_vq_range(args, bad_copy, monkeypatch):

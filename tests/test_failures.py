@@ -190,6 +190,8 @@ def test_list_and_sign_checks():
     assert error_of('stop_after_steps=-1') == "config error: key 'stop_after_steps' must be >= 0, got -1 (--set)"
     assert error_of('save_every=-5') == "config error: key 'save_every' must be >= 0, got -5 (--set)"
     assert error_of('max_skip_frac=-0.1') == "config error: key 'max_skip_frac' must be >= 0, got -0.1 (--set)"
+    # one token would be [CLS] alone: the tokenizer then returns the text untruncated and batching failed
+    assert error_of('size_txt=1') == "config error: key 'size_txt' must be >= 2, got 1 (--set)"
     assert agent.load_args(CONFIG, ['vt_window=[2,2,2]', 'datasets=["a"]'])['vt_window'] == [2, 2, 2]
 
 
