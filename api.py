@@ -94,6 +94,8 @@ def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=
     mdl = violet.MODELS[type_](args)
     mdl.load_ckpt(ckpt, need='all')
     n_frames = n_frames or args['size_frame'] or (4 if type_ == 'pretrain' else 5)
+    if not 1 <= n_frames <= violet.MAX_FRAMES:
+        raise ValueError(f'frames: {n_frames}, but VIOLET takes 1 to {violet.MAX_FRAMES} per video (emb_len)')
     return Violet(mdl.to(device).eval(), args, type_, vocab, device, precision, n_frames, cache, ckpt)
 
 

@@ -38,7 +38,7 @@ except ImportError:  # a torchvision without them: every image goes through PIL
 from PIL import Image, UnidentifiedImageError
 
 import config
-from model import VQ_VOCAB
+from model import MAX_FRAMES, VQ_VOCAB
 
 FRAME_LAYOUTS = ('auto', 'pkl', 'tsv', 'v2')
 
@@ -54,7 +54,7 @@ class DataConfig:
     size_img: int = config.key(224, 'frame side after padding to square (multiple of 32, at most 448)',
                                choices=range(32, 449, 32))  # the VT's 32 px patches; emb_pos has 14 x 14
     size_txt: int = config.key(32, 'text length in tokens (padded / truncated; [CLS] and [SEP] included)', least=2)
-    size_frame: int = config.key(0, 'downstream frames per video; 0: the count most of a sample of 32 videos have (5 in the released sets; the others are named; the run records it in its `args.json`); must be set for the `v2` layout (VIOLETv2 uses 5)', least=0)
+    size_frame: int = config.key(0, 'downstream frames per video; 0: the count most of a sample of 32 videos have (5 in the released sets; the others are named; the run records it in its `args.json`); must be set for the `v2` layout (VIOLETv2 uses 5); at most 6 (`emb_len`)', choices=range(MAX_FRAMES + 1))
     frame_layout: str = config.key('auto', 'downstream frame files (`dataset.find_layout`): `pkl` (`img_<dataset>.pkl`), `v2` (VIOLETv2: `img_<dataset>.tsv` + `img_<dataset>.id2lineidx.pkl`, `size_frame` of the stored frames sampled per video), `tsv` (`img_<dataset>.tsv` + `.lineidx`); `auto`: the first of these whose files are present', choices=FRAME_LAYOUTS)
     size_option: int = config.key(5, 'QA-MC options per question', least=1)
     size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`); a training run refuses more classes than `vocab` names', least=0)
@@ -387,6 +387,15 @@ def common_frame_count(counts, where):
     return common
 
 
+def check_frames(count, where):
+    """The frame count of a set's videos, found in `where`; a DataError past what the model embeds (it failed in the
+    first training step)."""
+    if count > MAX_FRAMES:
+        raise DataError(f'{where}: its videos have {count} frames; VIOLET takes at most {MAX_FRAMES} (emb_len): '
+                        f'extract at most {MAX_FRAMES} per video (--sample)')
+    return count
+
+
 def spread(items, n=32):
     """Up to n of items, evenly spread over them (a sample that is not only the start of a file)."""
     items = list(items)
@@ -626,7 +635,7 @@ class Dataset_Pretrain(Dataset_Base):
                     counts[f'line {i}'] = len(self.tsv.read(self.lineidx[i])) - 1
                 except BadSample:
                     continue  # named when the sample is read
-            self.size_frame = common_frame_count(counts, self.tsv.path) if counts else 0
+            self.size_frame = check_frames(common_frame_count(counts, self.tsv.path) if counts else 0, self.tsv.path)
             return
         self.vq = load_pickle(self.path_vq)
         if len(self.vq) == 0:
@@ -638,7 +647,7 @@ class Dataset_Pretrain(Dataset_Base):
         if first.ndim != 3 or first.shape[1:] != (hw, hw):
             raise DataError(f'{self.path_vq}: VQ tokens of shape {first.shape}, expected [T, {hw}, {hw}] for '
                              f'size_img {self.size_img} (extract with _tools/extract_vq.py --frame={self.size_img})')
-        self.size_frame = first.shape[0]
+        self.size_frame = check_frames(first.shape[0], self.path_vq)
 
     def __len__(self):
         return len(self.lineidx)
@@ -713,7 +722,7 @@ class Dataset_Downstream(Dataset_Base):
         if self.layout == 'v2' and self.args['size_frame'] < 1:
             raise DataError(f'{self.path_frames}: the VIOLETv2 layout stores more frames than are used; '
                              f'set size_frame (VIOLETv2 uses 5)')
-        self.size_frame = self.args['size_frame'] or self.frame_count()
+        self.size_frame = self.args['size_frame'] or check_frames(self.frame_count(), self.path_frames)
 
     def frame_count(self):
         """The frame count most of a sample of the frames file's videos have."""

@@ -799,6 +799,17 @@ def test_missing_video_names_its_extraction_failure(args, bad_copy):
         ds.check_items()
 
 
+def test_more_frames_than_the_model_embeds(args, bad_copy):
+    """Videos of 8 frames (extracted with --sample 8) trained until the first step's 'img has 8 frames; VIOLET takes
+    at most 6', after the output folder was made: now the frames file is named when the set opens."""
+    edit_pickle(f'{bad_copy}/img_toy.pkl', lambda pkl: pkl.update({v: (f * 2)[:8] for v, f in pkl.items()}))
+    with pytest.raises(dataset.DataError, match=rf'^{bad_copy}/img_toy.pkl: its videos have 8 frames; VIOLET takes at '
+                                                r'most 6 \(emb_len\): extract at most 6 per video \(--sample\)$'):
+        dataset.Dataset_Retrieval(dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval'), 'val')
+    assert dataset.Dataset_Retrieval(dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval',
+                                          frame_layout='pkl', size_frame=6), 'val').size_frame == 6  # then bad samples
+
+
 class RunsCommand:
     """Unpickling this calls os.system(cmd): what a malicious data file could do."""
     def __init__(self, cmd):

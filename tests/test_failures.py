@@ -326,6 +326,7 @@ def test_config_keys_declared_once_with_type_default_help():
     sides = '[32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448]'
     assert error_of('size_img=0') == f"config error: key 'size_img' must be one of {sides}, got 0 (--set)"
     assert error_of('size_img=100') == f"config error: key 'size_img' must be one of {sides}, got 100 (--set)"  # was a traceback at the first step
+    assert error_of('size_frame=8') == "config error: key 'size_frame' must be one of [0, 1, 2, 3, 4, 5, 6], got 8 (--set)"
     assert error_of('lr="x"') == "config error: key 'lr' must be float, got str 'x' (--set)"
     assert error_of('precision=fp8') == "config error: key 'precision' must be one of ['auto', 'fp16', 'bf16', 'fp32'], got 'fp8' (--set)"
     assert agent.load_args(CONFIG, ['lr=1'])['lr'] == 1  # an int where a float goes

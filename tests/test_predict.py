@@ -307,8 +307,10 @@ def test_list_row_without_text_is_refused(tmp_path, capsys):
         assert f'error: {said}: it needs words' in capsys.readouterr().err
 
 
-def test_api_refuses_blank_texts(ckpts, clips):
+def test_api_refuses_blank_texts_and_too_many_frames(ckpts, clips):
     path = str(clips / '_lib' / 'red.mp4')
+    with pytest.raises(ValueError, match=r'^frames: 8, but VIOLET takes 1 to 6 per video \(emb_len\)$'):
+        api.load(ckpts['retrieval'], n_frames=8)  # it failed in the model's emb_len addition
     with pytest.raises(ValueError, match=r"^text 1 is '': it needs words"):
         api.load(ckpts['retrieval']).score([path], ['a red bar', ''])
     with pytest.raises(ValueError, match=r"^option 0 is ' ': it needs words"):
