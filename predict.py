@@ -69,8 +69,15 @@ def expand(paths):
     out = []
     for p in paths:
         if os.path.isdir(p):
-            out += [(os.path.join(p, f), False) for f in sorted(os.listdir(p))
-                    if not f.startswith('.') and os.path.isfile(os.path.join(p, f))]
+            files = [(os.path.join(p, f), False) for f in sorted(os.listdir(p))
+                     if not f.startswith('.') and os.path.isfile(os.path.join(p, f))]
+            folders = sorted(f for f in os.listdir(p) if os.path.isdir(os.path.join(p, f)))
+            if folders:  # 'no readable video' said nothing of the videos one level down
+                print(f'predict: {p}: its folders are not searched ({", ".join(folders[:5])}'
+                      f'{" ..." if len(folders) > 5 else ""}): name them to include them', file=sys.stderr)
+            if not files:
+                raise SystemExit(f'predict: {p}: no files' + (' (only folders)' if folders else ''))
+            out += files
         else:
             out.append((p, True))
     return out

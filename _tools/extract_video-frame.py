@@ -203,8 +203,10 @@ def main():
     exts = args.ext.split(',')
     if not list_videos(dir_in, exts):  # nothing to write: say what the folder holds instead of writing an empty file
         found = sorted({os.path.splitext(f)[1] for f in os.listdir(dir_in) if os.path.isfile(os.path.join(dir_in, f))} - {''})
+        folders = [f for f in os.listdir(dir_in) if os.path.isdir(os.path.join(dir_in, f))]
         sys.exit(f'no {" or ".join("*." + e for e in exts)} file in {dir_in}'
-                 + (f' (it has {", ".join(found)} files: see --ext)' if found else ''))
+                 + (f' (it has {", ".join(found)} files: see --ext)' if found else '')
+                 + (f' (it has {len(folders)} folders: their videos are not read, give each as --videos)' if folders else ''))
     want = {e.lower() for e in exts}
     others = collections.Counter(os.path.splitext(f)[1] or 'without extension' for f in os.listdir(dir_in)
                                  if os.path.isfile(os.path.join(dir_in, f)) and os.path.splitext(f)[1].lower()[1:] not in want)

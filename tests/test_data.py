@@ -188,6 +188,12 @@ def test_extract_cli_folder_without_the_extension(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f'no *.mp4 file in {tmp_path}/clips (it has .avi files: see --ext)'), r.stderr
     assert os.listdir(tmp_path) == ['clips']
+    (tmp_path / 'clips' / 'more').mkdir()  # videos in folders below are not read: said
+    r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(tmp_path / 'clips'), '--sample=5',
+                 '--out', str(tmp_path / 'img_mine.pkl'))
+    assert r.stderr.strip().splitlines()[-1] == (f'no *.mp4 file in {tmp_path}/clips (it has .avi files: see --ext) (it has '
+                                                 f'1 folders: their videos are not read, give each as --videos)')
+    os.rmdir(tmp_path / 'clips' / 'more')
     write_clip(str(tmp_path / 'clips' / 'C.MP4'), [(k * 20,) * 3 for k in range(10)])
     r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(tmp_path / 'clips'), '--sample=5',
                  '--out', str(tmp_path / 'img_mine.pkl'))

@@ -307,6 +307,18 @@ def test_list_row_without_text_is_refused(tmp_path, capsys):
         assert f'error: {said}: it needs words' in capsys.readouterr().err
 
 
+def test_folders_inside_a_folder_are_named(tmp_path, capsys):
+    """A folder of class folders gave 'predict: no readable video' without a word of the videos one level down."""
+    for d in ('class_a', 'class_b'):
+        (tmp_path / 'lib' / d).mkdir(parents=True)
+        (tmp_path / 'lib' / d / 'v.mp4').write_bytes(b'x')
+    with pytest.raises(SystemExit, match=rf'^predict: {tmp_path}/lib: no files \(only folders\)$'):
+        predict.expand([str(tmp_path / 'lib')])
+    assert capsys.readouterr().err == (f'predict: {tmp_path}/lib: its folders are not searched (class_a, class_b): name '
+                                       f'them to include them\n')
+    assert predict.expand([str(tmp_path / 'lib' / 'class_a')]) == [(str(tmp_path / 'lib' / 'class_a' / 'v.mp4'), False)]
+
+
 def test_api_refuses_blank_texts_and_too_many_frames(ckpts, clips):
     path = str(clips / '_lib' / 'red.mp4')
     with pytest.raises(ValueError, match=r'^frames: 8, but VIOLET takes 1 to 6 per video \(emb_len\)$'):
