@@ -560,7 +560,11 @@ class Dataset_Base(torch.utils.data.Dataset):
             raise DataError(f'{self.path_frames}: no videos')
 
     def why_missing(self, vid):
-        """' (why)' when the extraction tool's list of failures beside the frames file names `vid`, else ''."""
+        """' (why)' when the extraction tool's list of failures beside the frames file names `vid`, or when `vid`
+        is a file name whose extension the ids lack, else ''."""
+        stem = os.path.splitext(vid)[0]
+        if stem != vid and stem in self.frames:
+            return f' (the ids are file names without their extension: "{stem}")'
         path = os.path.splitext(self.path_frames)[0] + '.failed.json'
         if self.failures is None:
             self.failures = {}

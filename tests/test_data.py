@@ -803,6 +803,11 @@ def test_missing_video_names_its_extraction_failure(args, bad_copy):
     with pytest.raises(dataset.BadSample, match=rf'^{bad_copy}/txt_toy-retrieval.json\["val"\]\[1\]: no video "my_clip" in '
                                                 rf'{bad_copy}/img_toy.pkl{because}$'):
         ds.check_items()
+    vid = ds.txt[0]['video']
+    ds.txt[0]['video'] += '.mp4'  # the file's name, not its id
+    with pytest.raises(dataset.BadSample, match=rf'^{bad_copy}/img_toy.pkl: no video "{vid}.mp4" \(the ids are file names '
+                                                rf'without their extension: "{vid}"\)$'):
+        ds[0]
 
 
 def test_more_frames_than_the_model_embeds(args, bad_copy):
