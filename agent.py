@@ -352,6 +352,7 @@ class Trainer:
         self.pending = 0                  # backward passes since the last optimiser step
         self.speed = 0.0                  # samples/s of the last unit, over the ranks
         self.data_wait = 0.0              # the share of the last unit's time rank 0 waited for its DataLoader
+        self.data_warned = False          # said once per invocation that the loader held training up
         self.nonfinite_run = 0            # consecutive non-finite steps (same on every rank)
         self.signalled = 0                # a stop signal this process received (fit's handlers), 0 when none
         self.local = self.fresh_local()   # this rank's running sums of the current unit
@@ -625,7 +626,8 @@ class Trainer:
             say(f'{unit["name"]}: loss {fmt(losses)} | ' + ' | '.join(f'{t} {fmt(a)}' for t, a in accs.items()) +
                 f' | {self.speed:.1f} samples/s | skipped {self.log["n_skipped"]} non-finite {self.log["n_nonfinite"]}'
                 f' | waited for data {self.data_wait:.0%}')
-            if self.data_wait > DATA_WAIT_WARN:
+            if self.data_wait > DATA_WAIT_WARN and not self.data_warned:
+                self.data_warned = True
                 say(f'data loading held up training {self.data_wait:.0%} of {unit["name"]}: raise num_workers '
                     f'(now {self.args["num_workers"]}; {usable_cpus()} CPUs here)')
             if self.stopping() and self.unit < len(units):
@@ -661,7 +663,7 @@ def outlive_stop_signals(trainer_pid, worker_id):
     threading.Thread(target=take, daemon=True, name='stop-signals').start()
 
 
-DATA_WAIT_WARN = 0.1  # a unit that waited longer than this share of its time for batches says so
+DATA_WAIT_WARN = 0.1  # the first unit that waited longer than this share of its time for batches says so
 
 
 def usable_cpus():

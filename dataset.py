@@ -60,7 +60,7 @@ class DataConfig:
     size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`); a training run refuses more classes than `vocab` names', least=0)
     txt_vocab: str = config.key('', 'the tokenizer\'s vocabulary: a `vocab.txt` file or a tokenizer directory; `""`: the tokenizer of `txt_backbone`. Either must fit the BERT config (same `vocab_size`, `[CLS]`/`[SEP]`/`[PAD]`/`[MASK]` at 101/102/0/103, as bert-base-uncased), else the run stops naming what is missing; a directory without `vocab.txt` or `tokenizer.json` is an error, never a stand-in tokenizer')
     skip_bad: bool = config.key(False, 'skip and count bad samples instead of stopping')
-    num_workers: int = config.key(4, 'DataLoader workers per process (on one H100, 4 keep up with every full-size bf16 step but QA-OE, which needs 8; see Benchmark). Each unit\'s line says what share of its time rank 0 waited for batches, and over 10 % to raise this', least=0)
+    num_workers: int = config.key(4, 'DataLoader workers per process (on one H100, 4 keep up with every full-size bf16 step but QA-OE, which needs 8; see Benchmark). Each unit\'s line says what share of its time rank 0 waited for batches; the first over 10 % says to raise this', least=0)
 
 
 DEFAULTS = config.defaults(DataConfig)

@@ -432,7 +432,7 @@ def test_stop_signal_to_one_rank_stops_all(toy, tmp_path):
 
 
 def test_waiting_for_data_is_reported(toy, tmp_path, monkeypatch, capsys):
-    """Each unit's line says what share of its time rank 0 waited for batches; over 10 % it says to raise
+    """Each unit's line says what share of its time rank 0 waited for batches; over 10 % it says (once) to raise
     num_workers. Here every sample takes 50 ms to load (no workers): most of the time is waiting."""
     item = main_qamc.QAMC.Dataset.__getitem__
 
@@ -440,12 +440,13 @@ def test_waiting_for_data_is_reported(toy, tmp_path, monkeypatch, capsys):
         time.sleep(0.05)
         return item(self, i)
     monkeypatch.setattr(main_qamc.QAMC.Dataset, '__getitem__', slow)
-    qamc(toy, tmp_path / 'slow', 'num_workers=0')
+    qamc(toy, tmp_path / 'slow', 'num_workers=0', 'size_epoch=2')
     said = capsys.readouterr().out
     share = int(re.search(r'epoch 1: .* \| waited for data (\d+)%\n', said).group(1))
     assert share > 10, said  # (about half here)
     assert (f'data loading held up training {share}% of epoch 1: raise num_workers (now 0; {agent.usable_cpus()} CPUs '
             f'here)') in said
+    assert re.search(r'epoch 2: .* \| waited for data \d+%\n', said) and said.count('held up') == 1  # said once
 
 
 def test_workers_still_end_with_their_loader(tmp_path):
