@@ -43,6 +43,7 @@ def convert(src, dst, to, sample=0, src_layout='auto'):
             raise ValueError(f'{src}: video "{short[0]}" has {len(frames[short[0]])} frames, fewer than --sample '
                              f'{sample} ({len(short)} such videos)')
         frames = {v: [b[i] for i in sample_stored(len(b), sample, train=False)] for v, b in frames.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     write_frames(frames, dst, to)
     return layout, len(frames)
 

@@ -116,6 +116,7 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     videos found already written, {path: failure reason})."""
     if layout == 'pkl' and shard_size:
         raise ValueError('--shard_size needs --layout tsv or v2 (a pkl is one file)')
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # not after decoding every video: it crashed there
     videos, failed, first = [], {}, {}
     for vid, path in list_videos(dir_in, exts):  # a.mp4 and a.avi would both be video "a": the second would replace the first
         if vid in first:

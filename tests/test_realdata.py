@@ -199,6 +199,9 @@ def test_convert_layout_round_trips(tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == sorted(['a.pkl', 'b.tsv', 'b.lineidx', 'c.tsv', 'c.id2lineidx.pkl', 'd.pkl',
                                                    'img_msrvtt.tsv', 'img_msrvtt.id2lineidx.pkl', 'txt_msrvtt-mc.json',
                                                    'txt_msrvtt-qa.json', 'txt_msrvtt-retrieval.json'])  # no .tmp left
+    # a --dst folder that does not exist yet is made (it was a FileNotFoundError naming Y.tsv.tmp)
+    convert_layout.convert(str(tmp_path / 'a'), str(tmp_path / 'new' / 'e'), 'tsv')
+    assert convert_layout.read_frames(str(tmp_path / 'new' / 'e')) == ('tsv', stored)
     # our v2 rows: vid, frame count, frames; offsets point at row starts
     data = (tmp_path / 'c.tsv').read_bytes()
     with open(tmp_path / 'c.id2lineidx.pkl', 'rb') as f:
@@ -465,6 +468,10 @@ def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
     code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/z.pkl', '--sample=2', '--shard_size=2'],
                   capsys, monkeypatch)
     assert code == '--shard_size needs --layout tsv or v2 (a pkl is one file)'
+    # an --out folder that does not exist yet is made first (the run decoded every video, then crashed writing)
+    code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/new/dir/z.pkl', '--sample=2', '--ext=mp4,avi',
+                                    '--workers=1'], capsys, monkeypatch)
+    assert code == 0 and dataset.load_pickle(str(tmp_path / 'new' / 'dir' / 'z.pkl')) == want
 
 
 # ---- the toy corpus in VIOLETv2's layout trains a downstream epoch
