@@ -162,9 +162,10 @@ def extract(model, ds, args, device, rank=0, world=1, precision='fp32'):
     return feat_img, mask_img, torch.cat(feat_txt), mask, true_video, vids
 
 
-def evaluate(model, args, split, device, rank=0, world=1, size_pair=256):
-    """Rank every caption of `split` against every video; returns the metrics dict (same on every rank)."""
-    ds = dataset.Dataset_Retrieval(args, split)
+def evaluate(model, args, split, device, rank=0, world=1, size_pair=256, ds=None):
+    """Rank every caption of `split` (of `ds` when given: its Dataset_Retrieval) against every video; returns the
+    metrics dict (same on every rank)."""
+    ds = ds or dataset.Dataset_Retrieval(args, split)
     if not ds.txt:
         raise SystemExit(f'{ds.path_txt}: split "{split}" has no captions')
     was_training = model.training
@@ -213,6 +214,10 @@ def main():
         args['path_ckpt'] = opt.ckpt  # the model's VT may come from it (model.load_vt)
     rank, world, device = agent.init_dist(opt.local_rank)
     agent.seed_all(args['seed'])  # same random init on every rank when no checkpoint is given
+    # every split's items first: an unknown video or an empty caption of test stopped the run after val was scored
+    sets = {split: dataset.Dataset_Retrieval(args, split) for split in opt.splits}
+    for ds in sets.values():
+        ds.check_items()
 
     path_ckpt = args['path_ckpt']
     try:
@@ -238,7 +243,7 @@ def main():
     results = {}
     try:
         for split in opt.splits:
-            res = evaluate(model, args, split, device, rank, world, size_pair)
+            res = evaluate(model, args, split, device, rank, world, size_pair, sets[split])
             results[split] = res
             if rank == 0:
                 print(report(split, res))

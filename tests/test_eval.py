@@ -449,3 +449,17 @@ def test_eval_into_a_run_folder_keeps_its_args(toy, tmp_path):
     assert json.load(open(tmp_path / 'args.json')) == {'type': 'retrieval', 'lr': 0.5}
     assert json.load(open(tmp_path / 'eval_retrieval_args.json'))['type'] == 'retrieval'
     assert 'val' in json.load(open(tmp_path / 'eval_retrieval.json'))
+
+
+def test_every_split_checked_before_scoring(toy, tmp_path):
+    """An empty caption (or an unknown video) in test stopped the evaluation after val had been scored, with nothing
+    written: every split's items are checked before the model is built."""
+    txt = json.load(open(os.path.join(toy[0], 'txt_toy-retrieval.json')))
+    txt['test'][1]['caption'] = ' '
+    json.dump(txt, open(os.path.join(toy[0], 'txt_toy-emptycap.json'), 'w'))
+    p = subprocess.run([sys.executable, 'eval_retrieval.py', toy[1], '--set', 'task=toy-emptycap', '--out', str(tmp_path / 'out')],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        f'{toy[0]}/txt_toy-emptycap.json["test"][1] (video "{txt["test"][1]["video"]}"): "caption" is empty (only [CLS] '
+        f'[SEP] would be left of it: no words to learn from or match)'), p.stderr[-2000:]
+    assert 'val t2v' not in p.stdout and 'checkpoint' not in p.stdout and not os.path.exists(tmp_path / 'out')
