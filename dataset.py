@@ -780,8 +780,11 @@ class Dataset_Downstream(Dataset_Base):
         if unknown_ok and a == -1 and not isinstance(a, bool):
             return -1
         if not isinstance(a, (int, np.integer)) or isinstance(a, bool) or not 0 <= a < n:
+            # an answer written as its text (by hand): say which index it is
+            texts = getattr(self, 'answers', None) or [item.get(f'option_{i}') for i in range(n)]
+            hint = f' (an answer is the index of its text: "{a}" is {texts.index(a)})' if isinstance(a, str) and a in texts else ''
             raise BadSample(f'{self.path_txt}["{self.split}"][{idx}] (video "{item["video"]}"): '
-                            f'answer {a!r} not in 0..{n - 1}')
+                            f'answer {a!r} not in 0..{n - 1}{hint}')
         return int(a)
 
 

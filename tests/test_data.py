@@ -572,7 +572,11 @@ def test_bad_texts_and_answers(args, bad_copy):
         mc[0]
     with pytest.raises(KeyError, match=r'txt_toy-qamc.json\["val"\]\[1\]: no key "option_4"'):
         mc[1]
-    with pytest.raises(ValueError, match="answer 'left' not in"):
+    with pytest.raises(ValueError, match=r"answer 'left' not in 0..4$"):
+        mc[2]
+    mc.txt[2]['answer'] = mc.txt[2]['option_3']  # the answer's text where its index goes (a file written by hand)
+    with pytest.raises(ValueError, match=rf"answer '{mc.txt[2]['option_3']}' not in 0..4 \(an answer is the index of its "
+                                         rf'text: "{mc.txt[2]["option_3"]}" is 3\)$'):
         mc[2]
     mc[3]
     assert dataset.Dataset_QAMC(dict(a, task='toy-qamc', size_option=4), 'val')[1] is not None  # option_4 unused
@@ -584,8 +588,13 @@ def test_bad_texts_and_answers(args, bad_copy):
         del t['val'][1]['question']
     edit_json(f'{bad_copy}/txt_toy-qaoe.json', damage_oe)
     oe = dataset.Dataset_QAOE(dict(a, task='toy-qaoe'), 'val')
-    with pytest.raises(ValueError, match=r'answer 12 not in 0..11'):
+    with pytest.raises(ValueError, match=r'answer 12 not in 0..11$'):
         oe[0]
+    oe.txt[0]['answer'] = oe.answers[7]
+    with pytest.raises(ValueError, match=rf"answer '{oe.answers[7]}' not in 0..11 \(an answer is the index of its text: "
+                                         rf'"{oe.answers[7]}" is 7\)$'):
+        oe[0]
+    oe.txt[0]['answer'] = 12
     with pytest.raises(KeyError, match='no key "question"'):
         oe[1]
     assert dataset.Dataset_QAOE(dict(a, task='toy-qaoe', size_vocab=20), 'val')[0][3] == 12
