@@ -132,7 +132,7 @@ def read_video(path, n_frames):
     each frame's timestamp come from the packet index (demuxing reads no pixels; the container's header count
     is not trusted); each chosen frame is reached by seeking to the keyframe before it and decoding forward to
     its exact timestamp. A file without timestamps or keyframe flags, or one where a chosen timestamp is not
-    found, is decoded in full instead (same frames, tested)."""
+    found, is decoded in full instead (same frames, tested). Frames come upright (upright_rgb)."""
     if n_frames < 1:
         raise ValueError(f'n_frames must be >= 1, got {n_frames}')
     if not os.path.isfile(path):
@@ -168,10 +168,18 @@ def read_video(path, n_frames):
 def _decode_all(container, stream, n_frames, path):
     stream.codec_context.skip_frame = 'DEFAULT'  # a failed _seek_decode may have left it skipping frames
     container.seek(0)
-    frames = [f.to_ndarray(format='rgb24') for f in container.decode(stream)]
+    frames = [upright_rgb(f) for f in container.decode(stream)]
     if not frames:
         raise BadVideo(f'{path}: no frames')
     return [frames[i] for i in pick(len(frames), n_frames, path)]
+
+
+def upright_rgb(frame):
+    """A decoded frame -> RGB uint8 [H, W, 3] as a player shows it: a phone's portrait video is stored landscape with
+    a rotation in its display matrix (frame.rotation, degrees counter-clockwise), which OpenCV, the original's
+    decoder, applies too; without it such a video came out on its side."""
+    rgb = frame.to_ndarray(format='rgb24')
+    return np.ascontiguousarray(np.rot90(rgb, frame.rotation // 90)) if frame.rotation % 360 else rgb
 
 
 def pick(count, n_frames, path):
@@ -200,7 +208,7 @@ def _seek_decode(container, stream, targets, keys):
             for f in codec.decode(packet):
                 last = f.pts
                 if f.pts in want:
-                    out[f.pts] = f.to_ndarray(format='rgb24')
+                    out[f.pts] = upright_rgb(f)
             if t in out:
                 break
         else:

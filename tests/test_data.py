@@ -133,6 +133,30 @@ def test_read_video_seeks_to_the_frames_of_a_full_decode(tmp_path, monkeypatch, 
     assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), 5)))
 
 
+def rotate_in_header(path, out, matrix):
+    """A copy of an mp4 whose track header (tkhd, version 0) carries `matrix`: the display matrix a phone writes
+    for a portrait video stored landscape."""
+    raw = bytearray(open(path, 'rb').read())
+    at = raw.find(b'tkhd') + 4 + 4 + 20 + 16  # version/flags, 5 fields, reserved, layer ... volume
+    for i, v in enumerate(matrix):
+        raw[at + 4 * i:at + 4 * i + 4] = (v & 0xFFFFFFFF).to_bytes(4, 'big')
+    open(out, 'wb').write(bytes(raw))
+
+
+@pytest.mark.parametrize('degrees, matrix', [(90, [0, 1 << 16, 0, -1 << 16, 0, 0, 0, 0, 1 << 30]),
+                                             (180, [-1 << 16, 0, 0, 0, -1 << 16, 0, 0, 0, 1 << 30]),
+                                             (270, [0, -1 << 16, 0, 1 << 16, 0, 0, 0, 0, 1 << 30])])
+def test_read_video_turns_a_rotated_video_upright(tmp_path, degrees, matrix):
+    """A phone's portrait video (stored 96 x 64 with a rotation in its header) came out on its side; now upright, as
+    OpenCV (the original's decoder) shows it, pixel for pixel."""
+    write_av_clip(str(tmp_path / 'flat.mp4'), 12, 'libx264', size=(96, 64))
+    rotate_in_header(str(tmp_path / 'flat.mp4'), str(tmp_path / 'phone.mp4'), matrix)
+    every = full_decode(str(tmp_path / 'phone.mp4'))
+    assert every[0].shape == ((64, 96, 3) if degrees == 180 else (96, 64, 3))
+    got = dataset.read_video(str(tmp_path / 'phone.mp4'), 5)
+    assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), 5)))
+
+
 def test_read_video_names_the_bad_file(tmp_path):
     write_clip(str(tmp_path / 'grey.mp4'), [(k * 16,) * 3 for k in range(9)], size=(48, 32))
     frames = dataset.read_video(str(tmp_path / 'grey.mp4'), 3)
