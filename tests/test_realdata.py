@@ -497,3 +497,50 @@ def test_read_video_reads_gifs(tmp_path):
     frames[0].save(tmp_path / 'g.gif', save_all=True, append_images=frames[1:], duration=100, loop=0)
     got = dataset.read_video(str(tmp_path / 'g.gif'), 4)
     assert [int(round(f.mean() / 20)) for f in got] == [2, 4, 6, 8] == dataset.sample_inside(10, 4)
+
+
+# ---- a researcher's own clips, the steps of README's "Your own videos, end to end"
+
+def test_own_videos_end_to_end(tmp_path, capsys, monkeypatch):
+    """Clips of every kind a folder holds (mp4, an odd-sized avi, a portrait clip, a 2-frame clip, a corrupt and an
+    empty file) -> frames -> captions by hand -> one toy epoch -> eval_retrieval -> predict.py; each bad clip named."""
+    import cv2
+    import agent, eval_retrieval, main_retrieval, predict
+    vids = tmp_path / 'my_videos'
+    vids.mkdir()
+    for name, size, n, fourcc in [('red.mp4', (48, 32), 10, 'mp4v'), ('blue.mp4', (48, 32), 12, 'mp4v'),
+                                  ('tall.mp4', (32, 48), 10, 'mp4v'), ('odd.avi', (45, 31), 9, 'MJPG'),
+                                  ('two.mp4', (48, 32), 2, 'mp4v')]:
+        out = cv2.VideoWriter(str(vids / name), cv2.VideoWriter_fourcc(*fourcc), 8, size)
+        for k in range(n):
+            out.write(np.full((size[1], size[0], 3), (len(name) * 40 + k * 9) % 256, np.uint8))
+        out.release()
+    (vids / 'corrupt.mp4').write_bytes((vids / 'red.mp4').read_bytes()[:300])
+    (vids / 'empty.mp4').write_bytes(b'')
+    data = tmp_path / 'mydata'
+    code, printed = cli(frame_tool.main, ['--videos', str(vids), '--ext', 'mp4,avi', '--sample', '5', '--out',
+                                          str(data / 'img_mine.pkl'), '--workers', '1'], capsys, monkeypatch)
+    assert code == 0 and '4 videos x 5 frames written, 0 already there; 3 unreadable skipped' in printed
+    failed = json.load(open(data / 'img_mine.failed.json'))['failed']
+    assert {os.path.basename(p): r.split(': ', 1)[1][:14] for p, r in failed.items()} == {
+        'corrupt.mp4': 'not a video ([', 'empty.mp4': 'an empty file ', 'two.mp4': '2 frames, fewe'}
+    items = [dict(video=v, caption=f'a {v} clip') for v in ('red', 'blue', 'tall', 'odd')]
+    json.dump(dict(train=items + [dict(video='two', caption='a short clip')], val=items, test=items),
+              open(data / 'txt_mine-retrieval.json', 'w'))
+    config = os.path.join(ROOT, '_data', 'toy', 'args_toy-retrieval.json')
+    sets = ['--set', f'path_data={data}', 'dataset=mine', 'task=mine-retrieval', 'size_epoch=1', 'size_batch=4',
+            f'path_output={tmp_path / "run"}']
+    with pytest.raises(SystemExit, match=rf'txt_mine-retrieval.json\["train"\]\[4\]: no video "two" in {data}/img_mine.pkl '
+                                         rf'\(its extraction failed, {data}/img_mine.failed.json: {vids}/two.mp4: 2 frames, '
+                                         r'fewer than the 5 asked for\)'):
+        agent.main(main_retrieval.Retrieval, config, [config] + sets)
+    assert not os.path.exists(tmp_path / 'run')  # stopped before the first step
+    json.dump(dict(train=items, val=items, test=items), open(data / 'txt_mine-retrieval.json', 'w'))
+    agent.main(main_retrieval.Retrieval, config, [config] + sets)
+    ckpt = str(tmp_path / 'run' / 'ckpt_violet_mine-retrieval_1.pt')
+    code, printed = cli(eval_retrieval.main, [str(tmp_path / 'run' / 'args.json'), '--ckpt', ckpt, '--out',
+                                              str(tmp_path / 'eval')], capsys, monkeypatch)
+    assert code == 0 and 'test t2v: R@1' in printed
+    res = predict.main(['retrieval', '--ckpt', ckpt, '--videos', str(vids), '--text', 'a red clip', '--device', 'cpu'])
+    assert sorted(os.path.basename(r['video']) for r in res['results'][0]['ranking']) == ['blue.mp4', 'odd.avi', 'red.mp4', 'tall.mp4']
+    assert sorted(os.path.basename(s['video']) for s in res['skipped']) == ['corrupt.mp4', 'empty.mp4', 'two.mp4']
