@@ -178,15 +178,24 @@ class _Serial:
         return map(fn, jobs)
 
 
+def at_least(least):
+    """An argparse type: an int >= least (--sample 0 failed after the start, --shard_size -3 wrote one shard)."""
+    def parse(text):
+        if not text.lstrip('-').isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer >= {least}')
+        return int(text)
+    return parse
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--path', help='X: videos in _X/ (next to X), output X.pkl (or X.tsv + index)')
     parser.add_argument('--videos', help='the video folder (instead of _X/)')
-    parser.add_argument('--sample', required=True, type=int, help='frames per video (4 pretraining, 5 downstream, 1 images)')
+    parser.add_argument('--sample', required=True, type=at_least(1), help='frames per video (4 pretraining, 5 downstream, 1 images)')
     parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument('--out', default=None, help='output: the pkl file, or the prefix of the .tsv + index (default X)')
     parser.add_argument('--layout', default='pkl', choices=['pkl', 'tsv', 'v2'])
-    parser.add_argument('--shard_size', type=int, default=0, help='videos per TSV shard <out>_<k>; 0: one file')
+    parser.add_argument('--shard_size', type=at_least(0), default=0, help='videos per TSV shard <out>_<k>; 0: one file')
     parser.add_argument('--ext', default='mp4', help='video file extensions, comma separated (e.g. mp4,avi,gif)')
     args = parser.parse_args()
     if not args.path and not (args.videos and args.out):

@@ -468,6 +468,13 @@ def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
     code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/z.pkl', '--sample=2', '--shard_size=2'],
                   capsys, monkeypatch)
     assert code == '--shard_size needs --layout tsv or v2 (a pkl is one file)'
+    # counts checked when parsed (--sample 0 failed after the start; --shard_size -3 wrote one shard of everything)
+    for bad in (['--sample=0'], ['--sample=2', '--shard_size=-3', '--layout=tsv']):
+        monkeypatch.setattr(sys, 'argv', ['tool', f'--videos={vids}', f'--out={tmp_path}/n/q', *bad])
+        with pytest.raises(SystemExit) as e:
+            frame_tool.main()
+        assert e.value.code == 2 and 'is not an integer >= ' in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'n')
     # an --out folder that does not exist yet is made first (the run decoded every video, then crashed writing)
     code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/new/dir/z.pkl', '--sample=2', '--ext=mp4,avi',
                                     '--workers=1'], capsys, monkeypatch)
