@@ -36,6 +36,8 @@ def write_frames(frames, prefix, layout):
 
 def convert(src, dst, to, sample=0, src_layout='auto'):
     """-> (source layout, number of videos)."""
+    if sample < 0:  # it wrote every video with no frame
+        raise ValueError(f'--sample must be 0 (every frame) or more, got {sample}')
     layout, frames = read_frames(src, src_layout)
     if sample:
         short = [v for v, b in frames.items() if len(b) < sample]

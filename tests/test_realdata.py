@@ -199,6 +199,8 @@ def test_convert_layout_round_trips(tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == sorted(['a.pkl', 'b.tsv', 'b.lineidx', 'c.tsv', 'c.id2lineidx.pkl', 'd.pkl',
                                                    'img_msrvtt.tsv', 'img_msrvtt.id2lineidx.pkl', 'txt_msrvtt-mc.json',
                                                    'txt_msrvtt-qa.json', 'txt_msrvtt-retrieval.json'])  # no .tmp left
+    with pytest.raises(ValueError, match=r'^--sample must be 0 \(every frame\) or more, got -2$'):
+        convert_layout.convert(str(tmp_path / 'a'), str(tmp_path / 'f'), 'pkl', sample=-2)
     # a --dst folder that does not exist yet is made (it was a FileNotFoundError naming Y.tsv.tmp)
     convert_layout.convert(str(tmp_path / 'a'), str(tmp_path / 'new' / 'e'), 'tsv')
     assert convert_layout.read_frames(str(tmp_path / 'new' / 'e')) == ('tsv', stored)
