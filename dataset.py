@@ -632,7 +632,7 @@ class Dataset_Pretrain(Dataset_Base):
         self.dataset, self.split = dataset, split
         path_txt = self.path(f'txt_{dataset}.json')
         self.path_txt = path_txt
-        self.txt = json_key(load_json(path_txt), split, path_txt)
+        self.txt = load_captions(path_txt, split)
         name = f'img_{dataset}_{split}_{part}' if split == 'train' else f'img_{dataset}_{split}'
         self.tsv = TSV(self.path(name + '.tsv'))
         self.path_lineidx = self.path(name + '.lineidx')
@@ -693,6 +693,16 @@ class Dataset_Pretrain(Dataset_Base):
 EMPTY = 'empty (only [CLS] [SEP] would be left of it: no words to learn from or match)'
 
 
+def load_captions(path_txt, split):
+    """txt_<dataset>.json[split] of a pretraining set: {video id: caption or [captions]}; a DataError naming the file
+    when it is not a dict (a downstream list of items made every video 'without a caption')."""
+    captions = json_key(load_json(path_txt), split, path_txt)
+    if not isinstance(captions, dict):
+        raise DataError(f'{path_txt}: "{split}" is a {type(captions).__name__}, not a dict video id -> caption(s) '
+                        f'(a list of items is the downstream format)')
+    return captions
+
+
 def first_caption(caps, key, where):
     """A pretraining video's captions (a string or a list of them) -> the first, the one trained on; BadSample
     naming `key` (its place in txt_<dataset>.json) and `where` (its line) when there is none or it is empty."""
@@ -730,6 +740,9 @@ class Dataset_Downstream(Dataset_Base):
         self.path_txt = self.path(f'txt_{self.args["task"]}.json')
         self.json = load_json(self.path_txt)
         self.txt = json_key(self.json, split, self.path_txt)
+        if not isinstance(self.txt, list):  # a dict (pretraining's video -> caption) failed in item() with KeyError: 0
+            raise DataError(f'{self.path_txt}: "{split}" is a {type(self.txt).__name__}, not a list of items '
+                            f'{{"video": ..., ...}} (a dict of video -> caption is the pretraining format)')
         self.open_frames(self.args['dataset'])
         if self.layout == 'v2' and self.args['size_frame'] < 1:
             raise DataError(f'{self.path_frames}: the VIOLETv2 layout stores more frames than are used; '

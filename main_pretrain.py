@@ -137,7 +137,7 @@ class Pretrain(tasks.Task):
         for d, unit in first.items():
             self.eval_sets(unit)
             path_txt = os.path.join(self.args['path_data'], f'txt_{d}.json')
-            captions = dataset.json_key(dataset.load_json(path_txt), 'train', path_txt)
+            captions = dataset.load_captions(path_txt, 'train')
             for p in range(dataset.count_parts(self.args, d)):
                 path_index = os.path.join(self.args['path_data'], f'img_{d}_train_{p}.lineidx')
                 tsv = dataset.TSV(os.path.join(self.args['path_data'], f'img_{d}_train_{p}.tsv'))

@@ -625,6 +625,11 @@ def test_bad_texts_and_answers(args, bad_copy):
     oe = dataset.Dataset_QAOE(dict(a, task='toy-qaoe', skip_bad=True), 'val')
     assert dataset.collate_skip([oe[i] for i in range(4)])[1] == 2
 
+    edit_json(f'{bad_copy}/txt_toy-retrieval.json', lambda t: t.update(val={it['video']: it['caption'] for it in t['val']}))
+    with pytest.raises(ValueError, match=r'^.*txt_toy-retrieval.json: "val" is a dict, not a list of items \{"video": ..., '
+                                         r'...\} \(a dict of video -> caption is the pretraining format\)$'):
+        dataset.Dataset_Retrieval(dict(a, task='toy-retrieval'), 'val')  # it failed in item() with KeyError: 0
+
     edit_json(f'{bad_copy}/txt_toy-qaoe.json', lambda t: t.pop('vocab'))
     with pytest.raises(KeyError, match='txt_toy-qaoe.json: no key "vocab"'):
         dataset.Dataset_QAOE(dict(a, task='toy-qaoe'), 'val')
@@ -816,6 +821,10 @@ def test_empty_texts_are_named(args, bad_copy, capsys):
     with pytest.raises(dataset.BadSample, match=rf'\["{vids[1]}"\]: the caption is empty'):
         pre[1]
     pre[2]
+    edit_json(f'{bad_copy}/txt_toyvid.json', lambda t: t.update(val=[dict(video=v, caption='x') for v in vids]))
+    with pytest.raises(ValueError, match=r'txt_toyvid.json: "val" is a list, not a dict video id -> caption\(s\) \(a list '
+                                         r'of items is the downstream format\)$'):  # every video was 'without a caption'
+        dataset.Dataset_Pretrain(args | dict(path_data=bad_copy), 'toyvid', 'val')
 
 
 def test_missing_video_names_its_extraction_failure(args, bad_copy):
