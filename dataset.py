@@ -573,6 +573,8 @@ class Dataset_Base(torch.utils.data.Dataset):
         stem = os.path.splitext(vid)[0]
         if stem != vid and stem in self.frames:
             return f' (the ids are file names without their extension: "{stem}")'
+        if vid.strip() != vid and vid.strip() in self.frames:
+            return f' (there is "{vid.strip()}": the id has white space around it)'
         path = os.path.splitext(self.path_frames)[0] + '.failed.json'
         if self.failures is None:
             self.failures = {}

@@ -850,6 +850,10 @@ def test_missing_video_names_its_extraction_failure(args, bad_copy):
     with pytest.raises(dataset.BadSample, match=rf'^{bad_copy}/img_toy.pkl: no video "{vid}.mp4" \(the ids are file names '
                                                 rf'without their extension: "{vid}"\)$'):
         ds[0]
+    ds.txt[0]['video'] = vid + ' '
+    with pytest.raises(dataset.BadSample, match=rf'^{bad_copy}/img_toy.pkl: no video "{vid} " \(there is "{vid}": the id has '
+                                                r'white space around it\)$'):
+        ds[0]
 
 
 def test_more_frames_than_the_model_embeds(args, bad_copy):
