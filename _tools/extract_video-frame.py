@@ -130,11 +130,14 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
         found = glob.glob(glob.escape(out) + '_*' + INDEX[layout])
         suffixes = [p[len(out) + 1:-len(INDEX[layout])] for p in found]
         for k in sorted(int(x) for x in suffixes if x.isdigit()):
-            done.update(dict.fromkeys(read_output(out, layout, k), k))
+            shard = read_output(out, layout, k)
+            check_sample(shard, sample, output_files(out, layout, k)[0])
+            done.update(dict.fromkeys(shard, k))
             shards.append(k)
         old = {}
     else:
         old = read_output(out, layout, None) or {}
+        check_sample(old, sample, output_files(out, layout, None)[0])
         done = dict.fromkeys(old)
     pending = [(vid, path) for vid, path in videos if vid not in done]
     written, batch = 0, {}
@@ -160,6 +163,15 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     elif os.path.exists(report):  # an earlier run's failures were retried and read this time: its list is stale
         os.remove(report)
     return written, len(done), failed
+
+
+def check_sample(frames, sample, path):
+    """The videos already written must have `sample` frames: a rerun with another --sample mixed both counts in one
+    set (whose odd videos are then bad samples)."""
+    other = next((vid for vid, f in frames.items() if len(f) != sample), None)
+    if other is not None:
+        raise ValueError(f'{path} holds videos of {len(frames[other])} frames (e.g. "{other}"), not --sample {sample}: '
+                         f'give the --sample it was written with, or another --out')
 
 
 def failed_report(out, layout):

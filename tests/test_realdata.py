@@ -429,6 +429,8 @@ def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
     assert [list(s) for s in shards] == [['v0', 'v1', 'v2'], ['v3', 'v4', 'v5'], ['v6']]
     assert {v: f for s in shards for v, f in s.items()} == want
     assert dataset.count_parts({'path_data': str(tmp_path)}, 'x') == 3  # readable as pretraining parts
+    with pytest.raises(ValueError, match=rf'^{out}_0.tsv holds videos of 3 frames \(e.g. "v0"\), not --sample 4'):
+        frame_tool.extract_to(vids, out, 4, layout='tsv', shard_size=3, progress=False)  # the shards checked too
     # nothing left to do: a rerun writes nothing and changes nothing
     before_bytes = [(tmp_path / f'img_x_train_{k}.tsv').read_bytes() for k in range(3)]
     assert frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, progress=False)[:2] == (0, 7)
@@ -461,6 +463,12 @@ def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
     code, printed = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/img_y', '--layout=v2', '--sample=2',
                                           '--workers=1'], capsys, monkeypatch)
     assert code == 0 and '1 videos x 2 frames written, 2 already there' in printed
+    assert convert_layout.read_frames(str(tmp_path / 'img_y')) == ('v2', want)
+    # a rerun with another --sample would mix frame counts in one set
+    code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/img_y', '--layout=v2', '--sample=3',
+                                    '--workers=1'], capsys, monkeypatch)
+    assert code == (f'{tmp_path}/img_y.tsv holds videos of 2 frames (e.g. "a"), not --sample 3: give the --sample it was '
+                    f'written with, or another --out')
     assert convert_layout.read_frames(str(tmp_path / 'img_y')) == ('v2', want)
     # other extensions (--ext), pkl output, and the errors
     os.rename(os.path.join(vids, 'c.mp4'), os.path.join(vids, 'c.avi'))
