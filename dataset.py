@@ -769,8 +769,8 @@ class Dataset_Downstream(Dataset_Base):
     words = ()  # the keys of an item whose text must not be empty (a sample without it means nothing)
 
     def check_items(self):
-        """Every item's video is in the frames file and no text of `words` is empty (the items' other faults are
-        named when they are read)."""
+        """Every item's video is in the frames file, no text of `words` is empty, and every answer is in range (the
+        items' other faults are named when they are read)."""
         missing = [(i, it['video']) for i, it in enumerate(self.txt)
                    if isinstance(it, dict) and isinstance(it.get('video'), str) and it['video'] not in self.frames]
         if missing:
@@ -782,6 +782,14 @@ class Dataset_Downstream(Dataset_Base):
         if empty:
             self.item(empty[0], *self.words, more=f' ({len(empty) - 1} more of the split\'s items have an empty text)'
                       if len(empty) > 1 else '')
+        if self.answer_range:
+            wrong = [i for i, it in enumerate(self.txt)
+                     if isinstance(it, dict) and 'answer' in it and not answer_ok(it['answer'], *self.answer_range)]
+            if wrong:
+                self.answer(wrong[0], self.txt[wrong[0]], *self.answer_range,
+                            more=f' ({len(wrong) - 1} more of the split\'s answers are not)' if len(wrong) > 1 else '')
+
+    answer_range = ()  # (classes, whether -1 is allowed) of a task with answers
 
     def item(self, idx, *keys, more=''):
         """Item idx, which must have `keys`; every key but 'answer' must hold a string, not empty for `words`."""
@@ -797,18 +805,21 @@ class Dataset_Downstream(Dataset_Base):
                 raise BadSample(f'{where} (video "{item.get("video")}"): "{k}" is {EMPTY}{more}')
         return item
 
-    def answer(self, idx, item, n, unknown_ok=False):
+    def answer(self, idx, item, n, unknown_ok=False, more=''):
         """The int answer of item idx in 0..n-1; with unknown_ok, also -1 (QA-OE: not in the answer vocabulary)."""
         a = item['answer']
-        if unknown_ok and a == -1 and not isinstance(a, bool):
-            return -1
-        if not isinstance(a, (int, np.integer)) or isinstance(a, bool) or not 0 <= a < n:
+        if not answer_ok(a, n, unknown_ok):
             # an answer written as its text (by hand): say which index it is
             texts = getattr(self, 'answers', None) or [item.get(f'option_{i}') for i in range(n)]
             hint = f' (an answer is the index of its text: "{a}" is {texts.index(a)})' if isinstance(a, str) and a in texts else ''
-            raise BadSample(f'{self.path_txt}["{self.split}"][{idx}] (video "{item["video"]}"): '
-                            f'answer {a!r} not in 0..{n - 1}{hint}')
+            raise BadSample(f'{self.path_txt}["{self.split}"][{idx}] (video "{item.get("video")}"): '
+                            f'answer {a!r} not in 0..{n - 1}{hint}{more}')
         return int(a)
+
+
+def answer_ok(a, n, unknown_ok=False):
+    """An int in 0..n-1 (or -1 with unknown_ok); a bool is not an answer."""
+    return isinstance(a, (int, np.integer)) and not isinstance(a, bool) and (0 <= a < n or (unknown_ok and a == -1))
 
 
 class Dataset_QAMC(Dataset_Downstream):
@@ -818,6 +829,7 @@ class Dataset_QAMC(Dataset_Downstream):
         super().__init__(args, split)
         self.size_option = self.args['size_option']
         self.words = tuple(f'option_{i}' for i in range(self.size_option))
+        self.answer_range = (self.size_option, False)
         # an empty question is allowed (caption-choice sets such as MSRVTT-MC have none: the options alone are
         # scored), but said, once per split
         empty = [i for i, it in enumerate(self.txt)
@@ -861,6 +873,7 @@ class Dataset_QAOE(Dataset_Downstream):
         self.vocab = json_key(self.json, key, self.path_txt)
         self.answers = answer_texts(self.vocab, self.path_txt)
         self.size_vocab = self.args.get('size_vocab') or len(self.vocab)
+        self.answer_range = (self.size_vocab, True)  # -1: not in the answer vocabulary
 
     def get_item(self, idx):
         item = self.item(idx, 'video', 'question', 'answer')

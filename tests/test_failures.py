@@ -477,3 +477,27 @@ it._shutdown_workers = lambda: None  # as when an error leaves the iterator behi
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def test_answers_checked_before_the_first_step(toy, tmp_path):
+    """An answer out of range in the test split stopped the run after a whole epoch of training (when the sample was
+    read); now before anything is trained or written, naming the first and counting the others. QA-OE's -1 (not in
+    the answer vocabulary) stays allowed."""
+    qs = json.load(open(f'{toy}/txt_toy-qamc.json'))
+    qs['test'][3]['answer'], qs['test'][5]['answer'] = 7, 'left'
+    json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
+    msg = stops(qamc, toy, tmp_path / 'run')
+    assert msg == (f'{toy}/txt_toy-qamc.json["test"][3] (video "{qs["test"][3]["video"]}"): answer 7 not in 0..4 (1 more '
+                   f'of the split\'s answers are not)')
+    assert not os.path.exists(tmp_path / 'run')
+    oe = json.load(open(f'{toy}/txt_toy-qaoe.json'))
+    oe['val'][0]['answer'] = -1
+    json.dump(oe, open(f'{toy}/txt_toy-qaoe.json', 'w'))
+    config = f'{REPO}/_data/toy/args_toy-qaoe.json'
+    sets = ['--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}', f'path_output={tmp_path / "oe"}']
+    main_qaoe.QAOE(agent.load_args(config, sets[1:])).check_data()  # -1 passes
+    oe['val'][1]['answer'] = len(oe['vocab'])
+    json.dump(oe, open(f'{toy}/txt_toy-qaoe.json', 'w'))
+    with pytest.raises(ValueError, match=rf'txt_toy-qaoe.json\["val"\]\[1\] \(video "[^"]+"\): answer '
+                                         rf'{len(oe["vocab"])} not in 0..{len(oe["vocab"]) - 1}$'):
+        main_qaoe.QAOE(agent.load_args(config, sets[1:])).check_data()
