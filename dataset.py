@@ -787,7 +787,7 @@ class Dataset_Downstream(Dataset_Base):
                      if isinstance(it, dict) and 'answer' in it and not answer_ok(it['answer'], *self.answer_range)]
             if wrong:
                 self.answer(wrong[0], self.txt[wrong[0]], *self.answer_range,
-                            more=f' ({len(wrong) - 1} more of the split\'s answers are not)' if len(wrong) > 1 else '')
+                            more=f' ({len(wrong) - 1} more of the split\'s answers out of range)' if len(wrong) > 1 else '')
 
     answer_range = ()  # (classes, whether -1 is allowed) of a task with answers
 

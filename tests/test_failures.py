@@ -488,7 +488,7 @@ def test_answers_checked_before_the_first_step(toy, tmp_path):
     json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
     msg = stops(qamc, toy, tmp_path / 'run')
     assert msg == (f'{toy}/txt_toy-qamc.json["test"][3] (video "{qs["test"][3]["video"]}"): answer 7 not in 0..4 (1 more '
-                   f'of the split\'s answers are not)')
+                   f'of the split\'s answers out of range)')
     assert not os.path.exists(tmp_path / 'run')
     oe = json.load(open(f'{toy}/txt_toy-qaoe.json'))
     oe['val'][0]['answer'] = -1
