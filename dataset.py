@@ -786,7 +786,7 @@ class Dataset_Downstream(Dataset_Base):
             wrong = [i for i, it in enumerate(self.txt)
                      if isinstance(it, dict) and 'answer' in it and not answer_ok(it['answer'], *self.answer_range)]
             if wrong:
-                self.answer(wrong[0], self.txt[wrong[0]], *self.answer_range,
+                self.answer(wrong[0], self.txt[wrong[0]],
                             more=f' ({len(wrong) - 1} more of the split\'s answers out of range)' if len(wrong) > 1 else '')
 
     answer_range = ()  # (classes, whether -1 is allowed) of a task with answers
@@ -805,9 +805,10 @@ class Dataset_Downstream(Dataset_Base):
                 raise BadSample(f'{where} (video "{item.get("video")}"): "{k}" is {EMPTY}{more}')
         return item
 
-    def answer(self, idx, item, n, unknown_ok=False, more=''):
-        """The int answer of item idx in 0..n-1; with unknown_ok, also -1 (QA-OE: not in the answer vocabulary)."""
-        a = item['answer']
+    def answer(self, idx, item, more=''):
+        """The int answer of item idx in 0..n-1, (n, unknown_ok) = answer_range; with unknown_ok, also -1 (QA-OE: not
+        in the answer vocabulary)."""
+        a, (n, unknown_ok) = item['answer'], self.answer_range
         if not answer_ok(a, n, unknown_ok):
             # an answer written as its text (by hand): say which index it is
             texts = getattr(self, 'answers', None) or [item.get(f'option_{i}') for i in range(n)]
@@ -841,7 +842,7 @@ class Dataset_QAMC(Dataset_Downstream):
     def get_item(self, idx):
         keys = ['video', 'question', 'answer'] + [f'option_{i}' for i in range(self.size_option)]
         item = self.item(idx, *keys)
-        answer = self.answer(idx, item, self.size_option)
+        answer = self.answer(idx, item)
         img = self.get_img(item['video'])
         txt, mask = zip(*[self.str2txt(item['question'] + ' ' + item[f'option_{i}']) for i in range(self.size_option)])
         return img, np.stack(txt), np.stack(mask), answer
@@ -877,7 +878,7 @@ class Dataset_QAOE(Dataset_Downstream):
 
     def get_item(self, idx):
         item = self.item(idx, 'video', 'question', 'answer')
-        answer = self.answer(idx, item, self.size_vocab, unknown_ok=True)
+        answer = self.answer(idx, item)
         txt, mask = self.str2txt(item['question'])
         return self.get_img(item['video']), txt, mask, answer
 

@@ -70,9 +70,9 @@ class Downstream(Task):
         return self.args['task']
 
     def check_data(self):
-        """Also every item's video and texts: a video missing from the test split used to stop the run after a whole
-        epoch of training; an empty caption, question or option is named here too (under skip_bad such items are
-        skipped and counted as they come)."""
+        """Also every item's video, texts and answer: a video missing from the test split used to stop the run after
+        a whole epoch of training; an empty caption, question or option and an answer out of range are named here too
+        (under skip_bad such items are skipped and counted as they come)."""
         super().check_data()
         if not self.args['skip_bad']:
             for ds in self.sets.values():
