@@ -63,7 +63,7 @@ class TrainConfig:
     log_tb: bool = config.key(False, 'also write TensorBoard scalars to `<path_output>/tb` (`steps.jsonl` is always written)')
     stop_after_steps: int = config.key(0, '> 0: stop (resumably) after this many steps of this invocation; not carried over by `--resume` (the resumed run goes to the end unless `--set stop_after_steps=N` is given again)', least=0)
     max_nonfinite: int = config.key(10, 'a non-finite loss skips its step and is counted; this many in a row stop the run', least=1)
-    compile: bool = config.key(False, '`torch.compile` each VT block and the CT layer (training and `eval_retrieval`; in place, checkpoint keys unchanged; numbers equal within float noise). Compilation takes minutes for the full model; see Benchmark')
+    compile: bool = config.key(False, '`torch.compile` the VT blocks (once per kind of block, not per block) and the CT layer (training and `eval_retrieval`; in place, checkpoint keys unchanged; numbers equal within float noise). Compilation takes minutes for the full model; see Benchmark')
 
 
 DEFAULTS = config.defaults(TrainConfig)

@@ -133,6 +133,7 @@ class SwinTransformerBlock3D(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, dim*4, act_layer=nn.GELU)
+        self.compiled = None  # compile_blocks(): (attend, feed_forward) compiled once for every block
 
     def attend(self, x, mask):
         B, D, H, W, C = x.shape
@@ -154,9 +155,15 @@ class SwinTransformerBlock3D(nn.Module):
             x = torch.roll(x, shifts=shift, dims=(1, 2, 3))
         return x[:, :D, :H, :W]
 
+    def feed_forward(self, x):
+        return self.mlp(self.norm2(x))
+
     def forward(self, x, mask):
-        x = x + self.drop_path(self.attend(x, mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        # the drop path stays outside the compiled branches: its rate differs per block, and as a constant of the
+        # graph it would give each block a compilation of its own
+        attend, feed_forward = self.compiled or (type(self).attend, type(self).feed_forward)
+        x = x + self.drop_path(attend(self, x, mask))
+        return x + self.drop_path(feed_forward(self, x))
 
 
 class PatchMerging(nn.Module):
@@ -352,9 +359,11 @@ class VIOLET_Base(nn.Module):
         cfg = torch._dynamo.config
         name = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'
         setattr(cfg, name, max(getattr(cfg, name), 64))  # 4 stages x (shifted or not) x input shapes
+        cls = SwinTransformerBlock3D
+        branches = (torch.compile(cls.attend, dynamic=False), torch.compile(cls.feed_forward, dynamic=False))
         for layer in self.enc_img.swin.layers:
             for blk in layer.blocks:
-                blk.compile(dynamic=False)
+                blk.compiled = branches
         self.cross_layer = torch.compile(bert_layer, dynamic=False)
 
     def go_cross(self, feat_img, mask_img, feat_txt, mask_txt, output_attentions=False, only=None):

@@ -429,6 +429,23 @@ def test_compile_blocks_keeps_numbers_and_keys():
         assert torch.allclose(out, ref, atol=1e-4), (cls.__name__, (out - ref).abs().max())
 
 
+def test_compile_blocks_graphs_do_not_grow_with_depth():
+    """compile: true compiles each kind of VT block once (per stage, shifted or not), not once per block: the
+    per-block drop-path rate stays out of the graphs (as a constant it made all 24 Swin-S blocks distinct graphs,
+    and compiling took 3x as long). A deeper stage 3, in training with drop path, adds no graph."""
+    from torch._dynamo.utils import counters
+    img = small_batch(B=1, T=2)[0]
+    graphs = []
+    for depths in ([2, 2, 2, 2], [2, 2, 4, 2]):
+        torch._dynamo.reset()
+        counters.clear()
+        m = model.VIOLET_QAOE({**SMALL, 'vt_depths': depths, 'vt_drop_path': 0.2}).train()
+        m.compile_blocks()
+        m.enc_img(img)
+        graphs.append(counters['stats']['unique_graphs'])
+    assert graphs[0] == graphs[1] > 0, graphs
+
+
 @pytest.mark.parametrize('window,n', [((2, 3, 3), 18), ((2, 3, 3), 9)])
 def test_window_attention_matches_explicit(window, n):
     """Swin's window attention (SDPA on windows x heads, the bias gathered with index_select) against the textbook
