@@ -364,7 +364,10 @@ class VIOLET_Base(nn.Module):
         for layer in self.enc_img.swin.layers:
             for blk in layer.blocks:
                 blk.compiled = branches
-        self.cross_layer = torch.compile(bert_layer, dynamic=False)
+        # the CT's sequence length follows the batch's longest text (fused_cls drops shared padding): torch's automatic
+        # dynamic shapes compile a length-generic graph at the second length instead of one graph per length. Not for
+        # the VT, whose shapes a config fixes: a batch-generic Swin graph compiles several times slower
+        self.cross_layer = torch.compile(bert_layer)
 
     def go_cross(self, feat_img, mask_img, feat_txt, mask_txt, output_attentions=False, only=None):
         """CT on [video tokens ; text tokens] -> [B, L, D] (and the attention probabilities when asked).

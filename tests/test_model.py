@@ -446,6 +446,28 @@ def test_compile_blocks_graphs_do_not_grow_with_depth():
     assert graphs[0] == graphs[1] > 0, graphs
 
 
+def test_compile_blocks_one_graph_for_every_text_length():
+    """Pair scoring drops the text columns that are padding in every pair, so the CT's length varies with the
+    batch's longest caption: compiled, it must not compile a graph per length (25 lengths, each a few seconds for
+    bert-base, and past torch's recompile limit it silently runs uncompiled)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    m = model.VIOLET_Retrieval({**SMALL, 'size_txt': 25}).eval()
+    m.compile_blocks()
+    img, txt, _ = small_batch(B=2, T=2, X=25)
+    graphs = []
+    with torch.no_grad():
+        feat_img, mask_img = m.enc_img(img)
+        for lengths in ([5, 9], [13, 17, 21, 25]):
+            for n in lengths:
+                mask = (torch.arange(25) < n).long().expand(2, -1)
+                ref = m.fc(m.go_cross(feat_img, mask_img, m.enc_txt(txt), mask)[0][:, feat_img.shape[1]]).squeeze(-1)
+                assert torch.allclose(m.score(feat_img, mask_img, m.enc_txt(txt), mask), ref, atol=1e-5), n
+            graphs.append(counters['stats']['unique_graphs'])
+    assert graphs[0] == graphs[1], graphs
+
+
 @pytest.mark.parametrize('window,n', [((2, 3, 3), 18), ((2, 3, 3), 9)])
 def test_window_attention_matches_explicit(window, n):
     """Swin's window attention (SDPA on windows x heads, the bias gathered with index_select) against the textbook
