@@ -90,8 +90,8 @@ def score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair=256, ra
     """Raw score of every (text, video) pair -> [N_text, N_video], identical on every rank.
     The flat pair space (text-major) is cut into blocks of size_pair; block b runs on rank b % world, so a
     block's batch is the same whatever the world size (sharded ranks == single-process ranks, bit for bit).
-    The last block is filled up with repeats of the last pair: every batch has one shape (a compiled model
-    compiles once)."""
+    The last block is filled up with repeats of the last pair: every batch has one size (a compiled CT then
+    compiles once more, for the text lengths, and never for a batch size)."""
     n_txt, n_vid = feat_txt.shape[0], feat_img.shape[0]
     n_pair = n_txt * n_vid
     n_block = (n_pair + size_pair - 1) // size_pair
