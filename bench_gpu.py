@@ -424,7 +424,7 @@ class Suite:
         for size in self.opt.frame_sizes:
             res[size] = r = bench.decode_rates(bench.synthetic_frames(self.opt.data_frames, size))
             self.log(f"data: source {size}: {r['ours']:.0f} frames/s per worker, {r['speedup']:.2f}x the original's "
-                     f"PIL path ({r['original_pil']:.0f})")
+                     f"PIL path ({r['original_pil']:.0f}); with fast_decode {r['ours_fast_decode']:.0f}")
         torch.set_num_threads(os.cpu_count() or 1)
         frames = bench.synthetic_frames(self.opt.data_frames, self.opt.frame_sizes[0])
         res['cpus'] = os.cpu_count()

@@ -60,6 +60,7 @@ class DataConfig:
     size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`); a training run refuses more classes than `vocab` names', least=0)
     txt_vocab: str = config.key('', 'the tokenizer\'s vocabulary: a `vocab.txt` file or a tokenizer directory; `""`: the tokenizer of `txt_backbone`. Either must fit the BERT config (same `vocab_size`, `[CLS]`/`[SEP]`/`[PAD]`/`[MASK]` at 101/102/0/103, as bert-base-uncased), else the run stops naming what is missing; a directory without `vocab.txt` or `tokenizer.json` is an error, never a stand-in tokenizer')
     skip_bad: bool = config.key(False, 'skip and count bad samples instead of stopping')
+    fast_decode: bool = config.key(False, 'decode JPEG frames at least 4x `size_img` at 1/2, 1/4 or 1/8 scale (libjpeg\'s DCT scaling): decoding 1.2x (1280x720) to 1.5x (1920x1080) faster, but their values move from the original\'s (0.1-0.6/255 on average, up to 9/255 at single pixels of photo-like frames; see Benchmark). Off: every pixel is decoded, within 1/255 of the original\'s PIL path')
     num_workers: int = config.key(4, 'DataLoader workers per process (on one H100, 4 keep up with every full-size bf16 step but QA-OE, which needs 8; see Benchmark). Each unit\'s line says what share of its time rank 0 waited for batches; the first over 10 % says to raise this', least=0)
 
 
@@ -221,14 +222,13 @@ class BadKey(BadSample, KeyError):
     __str__ = BaseException.__str__  # KeyError would quote the message
 
 
-def b64_to_img(b64, size, reduce=True):
+def b64_to_img(b64, size, reduce=False):
     """base64 image -> float [3, size, size] in [0, 1] (pad_resize of the decoded RGB). JPEGs take the fast
-    tensor path (within 1/255 mean of PIL, tested), anything else goes through PIL. With reduce (training), a JPEG
-    at least 4x the target size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (straight from the DCT,
-    still at least twice `size` on its long side, so the antialiased resize still does the filtering): the
-    padding and the resize then work on a small image (2-4x faster on such frames; the deviation from the
-    original's PIL path is measured in README and tested). reduce=False decodes every pixel, as the original did
-    (VQ extraction: its 56 px targets would take the reduced path for every frame of 224 px or more)."""
+    tensor path (within 1/255 of the original's PIL path at every value, tested), anything else goes through PIL.
+    With reduce (the fast_decode key), a JPEG at least 4x the target size is decoded at 1/2, 1/4 or 1/8 scale by
+    libjpeg itself (straight from the DCT, still at least twice `size` on its long side, so the antialiased resize
+    still filters): the padding and the resize then work on a small image (1.2-1.5x faster on HD frames), but values
+    move by more than 1/255 (measured in README, tested); so it is not the default."""
     raw = base64.b64decode(b64.strip(), validate=True)
     jpeg = raw[:2] == b'\xff\xd8'
     small = reduce and jpeg_side(raw) >= 4 * size
@@ -547,7 +547,7 @@ class Dataset_Base(torch.utils.data.Dataset):
         return os.path.join(self.path_data, name)
 
     def str2img(self, b64):
-        return b64_to_img(b64, self.size_img)
+        return b64_to_img(b64, self.size_img, reduce=self.args['fast_decode'])
 
     def str2txt(self, s):
         return tokenize(self.tokzr, s, self.size_txt)

@@ -1,6 +1,6 @@
 """DALL-E dVAE tokens of every frame: X.pkl (or X.tsv + X.lineidx) -> X_vq.pkl = {video_id: int16 [T, h, w]}
-(docs/violet.md#data-formats). Each frame is decoded whole (no reduced-scale JPEG decode, as the original),
-padded to square and resized as the training input, but to frame//32*8 px, mapped by map_pixels
+(docs/violet.md#data-formats). Each frame is decoded whole (never fast_decode's reduced-scale JPEG decode, as
+the original), padded to square and resized as the training input, but to frame//32*8 px, mapped by map_pixels
 (x*(1-2*0.1)+0.1), encoded, argmax over the 8192 logits: h = w = frame//32, one token per 32x32 patch of the
 training input.
 

@@ -348,6 +348,7 @@ def test_bench_cli_small(toy, tmp_path):
     assert res['eval_pairs']['ratio'] > 0 and res['data']['frames_per_s'] > 0
     r = res['decode_224']['320x240']
     assert r['ours'] > 0 and r['original_pil'] > 0 and r['speedup'] == r['ours'] / r['original_pil']
+    assert r['speedup_fast_decode'] == r['ours_fast_decode'] / r['original_pil']
     assert "decode 320x240 -> 224 px, one worker: " in p.stdout
 
 
