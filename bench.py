@@ -1,7 +1,8 @@
 """Throughput of VIOLET on one device: training steps of every task (the scripts' own step code on synthetic
-inputs of the config's shapes), retrieval pair scoring vs the bare cross-encoder (the original's way: every padded
-text token, masked attention), frame decoding (the toy corpus per worker, and 224 px from photo-like JPEGs of several
-sizes against the original's PIL path), peak memory and, on CUDA, model FLOP utilisation.
+inputs of the config's shapes; pretraining also against the original's way: its arithmetic on the same weights),
+retrieval pair scoring vs the bare cross-encoder (the original's way: every padded text token, masked attention),
+frame decoding (the toy corpus per worker, and 224 px from photo-like JPEGs of several sizes against the original's
+PIL path), peak memory and, on CUDA, model FLOP utilisation.
 
     python bench.py [CONFIG] [--set KEY=VALUE ...] [--device cpu|cuda] [--steps N]
     python bench.py                                   (toy model on CPU: _data/toy/args_pretrain.json)
@@ -32,6 +33,7 @@ import main_qamc
 import main_qaoe
 import main_retrieval
 import model as violet
+import tasks
 
 TASKS = {'pretrain': (main_pretrain.Pretrain, 4), 'qamc': (main_qamc.QAMC, 5), 'qaoe': (main_qaoe.QAOE, 5),
          'retrieval': (main_retrieval.Retrieval, 5)}  # task -> (script's Task, frames per video)
@@ -84,28 +86,41 @@ def synthetic_batch(name, args, T, gen):
     return [img, *random_text((B,), X, gen)]
 
 
-def bench_train(name, args, device, steps, tflops, frames=None, flops=None):
-    """samples/s of full training steps (forward incl. masking, backward, optimiser): agent.Trainer.train_step, the
-    training loop's own step, on one synthetic batch."""
+def train_setup(name, args, device, frames=None, task=None):
+    """A Trainer for task `name` (task: another Task class for its batches, the original's way) and step(i), one
+    agent.Trainer.train_step, the training loop's own step, on one synthetic batch. -> (trainer, step, frames)."""
     Task, T = TASKS[name]
-    T = frames or T
+    Task, T = task or Task, frames or T
     args = {**args, 'type': name, 'path_ckpt': '', 'dataset': args['dataset'] or 'bench',
             'task': args['task'] or 'bench', 'size_vocab': args['size_vocab'] or 1000}
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
     trainer = agent.Trainer(Task(args), device)
     trainer.model.train()
     batch = [x.to(device) for x in synthetic_batch(name, args, T, torch.Generator().manual_seed(0))]
 
     def step(i):
         trainer.train_step(batch, agent.generator(device, 0, 0, i, 0))
+    return trainer, step, T
 
-    for i in range(2):  # warm-up: allocator, autotuning, lazy inits
+
+def warm_and_count(step, flops=None):
+    """Two warm-up steps (allocator, autotuning, lazy inits), then the FLOPs of a third, counted on the eager model
+    (or given, for a compiled one)."""
+    for i in range(2):
         step(i)
-    if flops is None:  # FLOPs of one step, counted on the eager model (or given, for a compiled one)
+    if flops is None:
         with FlopCounterMode(display=False) as counter:
             step(2)
         flops = counter.get_total_flops()
+    return flops
+
+
+def bench_train(name, args, device, steps, tflops, frames=None, flops=None):
+    """samples/s of full training steps (forward incl. masking, backward, optimiser) of task `name`: the mean of
+    `steps` timed steps after warm_and_count."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer, step, T = train_setup(name, args, device, frames)
+    flops = warm_and_count(step, flops)
     sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
@@ -119,6 +134,90 @@ def bench_train(name, args, device, steps, tflops, frames=None, flops=None):
         res['mfu'] = res['achieved_tflops'] / tflops
     del trainer
     return res
+
+
+def bench_pretrain_vs_original(args, device, steps):
+    """Our pretraining step against the original's way (PretrainOriginalWay: the original's arithmetic, same batch),
+    both trainers alive, their timed steps alternating so that drifts of the machine hit both alike; the fastest
+    step of each (single steps vary by 10-30 % on a small CPU machine, mostly page faults of fresh allocations)."""
+    runs = {'ours': train_setup('pretrain', args, device), 'original': train_setup('pretrain', args, device,
+                                                                                  task=PretrainOriginalWay)}
+    flops = {k: warm_and_count(step) for k, (_, step, _) in runs.items()}
+    best = dict.fromkeys(runs, float('inf'))
+    for i in range(steps):
+        for k, (_, step, _) in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step(3 + i)
+            sync(device)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    B = args['size_batch']
+    return dict(samples_per_s=B / best['ours'], original_samples_per_s=B / best['original'],
+                speedup=best['original'] / best['ours'], gflops_per_step=flops['ours'] / 1e9,
+                original_gflops_per_step=flops['original'] / 1e9, batch=B, frames=runs['ours'][2], steps=steps)
+
+
+def original_window_attention(self, x, B, mask=None):
+    """WindowAttention3D.forward as the original release computes it: explicit softmax on 5-D windows, the bias
+    gathered by indexing and added per window (no fused kernel)."""
+    B_, N, C = x.shape
+    q, k, v = self.qkv(x).reshape(B_, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+    att = (q * (C // self.heads) ** -0.5) @ k.transpose(-2, -1)
+    bias = self.relative_position_bias_table[self.relative_position_index[:N, :N].reshape(-1)]
+    att = att + bias.reshape(N, N, -1).permute(2, 0, 1)[None]
+    if mask is not None:
+        nW = mask.shape[0]
+        att = (att.view(B_ // nW, nW, self.heads, N, N) + mask[None, :, None]).view(-1, self.heads, N, N)
+    return self.proj((att.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, C))
+
+
+def original_cross(mdl, feat_img, mask_img, feat_txt, mask_txt):
+    """The original's go_cross: transformers' own BERT encoder (eager attention) on the whole [video ; text]
+    sequence, every padded text token, the additive mask (1 - mask) * -10000. -> last hidden state."""
+    additive = (1.0 - torch.cat([mask_img, mask_txt], 1)[:, None, None, :].to(feat_img.dtype)) * -10000.0
+    cfg = mdl.trsfr.layer[0].attention.self.config
+    was, cfg._attn_implementation = cfg._attn_implementation, 'eager'
+    try:
+        return mdl.trsfr(torch.cat([feat_img, feat_txt], 1), attention_mask=additive)[0]
+    finally:
+        cfg._attn_implementation = was
+
+
+class PretrainOriginalWay(main_pretrain.Pretrain):
+    """The original release's pretraining step, for a CPU comparison (the release itself runs on CUDA only): the
+    same masking, weights and losses (tests/test_eval.py checks they are equal), but the original's arithmetic:
+    its window attention, transformers' BERT encoder with the additive mask, the MLM / MVM heads at every
+    position, and each VTM pair through the whole CT, padding included."""
+
+    def build_model(self):
+        mdl = super().build_model()
+        for layer in mdl.enc_img.swin.layers:
+            for blk in layer.blocks:
+                blk.attn.forward = original_window_attention.__get__(blk.attn)
+        return mdl
+
+    def step(self, model, batch, gen):
+        img, txt, mask, vq = batch
+        raw = agent.unwrap(model)
+        if raw.args['mvm_target'] != 'vq':
+            raise ValueError('PretrainOriginalWay: the original has VQ targets only')
+
+        def get_att():
+            with torch.no_grad():
+                return raw.get_att(img, txt, mask)
+
+        img_m, txt_m, ans_mtm, ans_mvm, _ = main_pretrain.mask_batch(img, txt, vq, gen, get_att)
+        feat_img, mask_img, feat_txt, mask_txt = raw.go_feat(img_m, txt_m, mask)
+        L_img, B = feat_img.shape[1], img.shape[0]
+        out = original_cross(raw, feat_img, mask_img, feat_txt, mask_txt)
+        i_img, i_txt = violet.vtm_pairs(B, min(B, violet.VTM_OPTIONS), img.device)
+        fused = original_cross(raw, feat_img[i_img], mask_img[i_img], feat_txt[i_txt], mask_txt[i_txt])
+        out_vtm = raw.fc(fused[:, L_img]).view(B, -1) / violet.VTM_TEMPERATURE
+        ls_mtm, hit_mtm = tasks.ce_hits(raw.fc_mtm(out[:, L_img:]), ans_mtm)
+        ls_mvm, hit_mvm = tasks.ce_hits(raw.fc_mvm(out[:, :L_img]), ans_mvm)
+        ls_vtm, hit_vtm = tasks.ce_hits(out_vtm, torch.zeros(B, dtype=torch.long, device=img.device))
+        return (ls_mtm + ls_mvm + ls_vtm, dict(mtm=ls_mtm, mvm=ls_mvm, vtm=ls_vtm),
+                dict(mtm=hit_mtm, mvm=hit_mvm, vtm=hit_vtm))
 
 
 @torch.no_grad()
@@ -232,6 +331,8 @@ def main():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
     p.add_argument('--steps', type=int, default=3, help='timed training steps per task (after 3 untimed)')
     p.add_argument('--tasks', nargs='+', default=list(TASKS), choices=list(TASKS))
+    p.add_argument('--no_original', action='store_true',
+                   help="skip the pretraining step the original's way (its arithmetic on the same weights)")
     p.add_argument('--size_pair', type=int, default=0, help='pairs per scoring batch (0: 512 CUDA, 64 CPU)')
     p.add_argument('--pair_items', type=int, default=0,
                    help='videos = texts in the pair benchmark (0: 64 on CUDA, 16 on CPU)')
@@ -255,6 +356,9 @@ def main():
     for name in opt.tasks:
         res['train'][name] = bench_train(name, args, device, opt.steps, tflops)
         print(f"train {name}: {res['train'][name]['samples_per_s']:.2f} samples/s", flush=True)
+    if 'pretrain' in opt.tasks and not opt.no_original:
+        r = res['pretrain_vs_original'] = bench_pretrain_vs_original(args, device, opt.steps)
+        print(f"train pretrain vs the original's way: {r['speedup']:.2f}x", flush=True)
 
     agent.seed_all(0)
     mdl = violet.VIOLET_Retrieval(args).to(device).eval()
@@ -275,6 +379,11 @@ def main():
         mfu = f"{r['mfu'] * 100:5.1f}%" if 'mfu' in r else '     -'
         print(f"{name:<10} {r['samples_per_s']:10.2f} {r['sec_per_step']:8.3f} {r['gflops_per_step']:11.1f} "
               f"{r['achieved_tflops']:8.3f} {mfu:>6} {r['peak_mem_mb']:8.0f}")
+    if 'pretrain_vs_original' in res:
+        r = res['pretrain_vs_original']
+        print(f"pretraining step, fastest of {r['steps']} alternating: ours {r['samples_per_s']:.2f} samples/s "
+              f"({r['gflops_per_step']:.1f} GFLOP), the original's way {r['original_samples_per_s']:.2f} "
+              f"({r['original_gflops_per_step']:.1f} GFLOP): {r['speedup']:.2f}x")
     e = res['eval_pairs']
     print(f"eval pairs: {e['pairs_per_s']:.0f} pairs/s vs bare cross-encoder {e['bare_pairs_per_s']:.0f} pairs/s "
           f"(ratio {e['ratio']:.2f}, {e['size_pair']} pairs per batch)")

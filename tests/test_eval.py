@@ -337,12 +337,16 @@ def test_bench_cli_small(toy, tmp_path):
     """bench.py end to end on the small model (one task, tiny batch: the full run is in the README)."""
     out = tmp_path / 'bench.json'
     p = subprocess.run([sys.executable, 'bench.py', toy[1], '--set', 'size_batch=2', '--tasks', 'retrieval',
-                        '--steps', '1', '--reps', '1', '--pair_items', '8', '--data', toy[1], '--data_items', '4',
+                        'pretrain', '--steps', '1', '--reps', '1', '--pair_items', '8', '--data', toy[1], '--data_items', '4',
                         '--frame_sizes', '320x240', '--frames', '2', '--out', str(out)],
                        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.load(open(out))
-    assert set(res['train']) == {'retrieval'}
+    assert set(res['train']) == {'retrieval', 'pretrain'}
+    r = res['pretrain_vs_original']
+    assert r['gflops_per_step'] < r['original_gflops_per_step']  # the heads at masked positions alone, the CLS row
+    assert r['speedup'] == pytest.approx(r['samples_per_s'] / r['original_samples_per_s'])
+    assert "pretraining step, fastest of 1 alternating: ours " in p.stdout
     for r in res['train'].values():
         assert r['samples_per_s'] > 0 and r['gflops_per_step'] > 0 and r['peak_mem_mb'] > 0
     assert res['eval_pairs']['ratio'] > 0 and res['data']['frames_per_s'] > 0
@@ -369,6 +373,41 @@ def test_bench_train_times_the_loops_own_step(monkeypatch):
                            [f"txt_backbone={SMALL['txt_backbone']}", 'size_batch=2'])
     res = bench.bench_train('qamc', args, torch.device('cpu'), 2, None)
     assert calls == [True] * 5 and res['batch'] == 2 and res['samples_per_s'] > 0
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_bench_original_way_pretraining_step_equals_ours(train):
+    """bench.py's stand-in for the original's pretraining step (its window attention, transformers' BERT encoder with
+    the additive mask, heads at every position, VTM through the whole CT) computes the same losses and hits as ours
+    on the same weights, masks and VTM pairs, and the same gradients (the toy model has no dropout): what it times
+    is the original's work for our step."""
+    import agent
+    import bench
+    import main_pretrain
+    args = agent.load_args(os.path.join(ROOT, '_data', 'toy', 'args_pretrain.json'), ['size_batch=3', 'size_img=96'])
+    args = {**args, 'path_ckpt': ''}
+    ours, original = main_pretrain.Pretrain(args), bench.PretrainOriginalWay(args)
+    torch.manual_seed(0)
+    m_ours = ours.build_model().train(train)
+    torch.manual_seed(0)
+    m_orig = original.build_model().train(train)
+    batch = bench.synthetic_batch('pretrain', args, 3, torch.Generator().manual_seed(0))
+    batch[0] = torch.rand(3, 3, 3, 96, 64, generator=torch.Generator().manual_seed(1))  # non-square: windows padded
+    batch[3] = batch[3].view(3, 3, -1)[:, :, :1 + 6].flatten(1)  # 3x2 patches a frame
+    res = []
+    for task, m in ((ours, m_ours), (original, m_orig)):
+        torch.manual_seed(5)  # vtm_pairs draws from the global generator
+        loss, losses, hits = task.step(m, batch, torch.Generator().manual_seed(3))
+        loss.backward()
+        res.append((loss, losses, hits, {k: p.grad for k, p in m.named_parameters() if p.grad is not None}))
+    (loss, losses, hits, grads), (loss_o, losses_o, hits_o, grads_o) = res
+    assert losses_o.keys() == losses.keys() and all(bool(hits_o[k][1] > 0) for k in hits_o)
+    for k in losses:
+        assert torch.allclose(losses[k], losses_o[k], atol=1e-5, rtol=1e-5), (k, losses[k], losses_o[k])
+        assert [int(x) for x in hits[k]] == [int(x) for x in hits_o[k]], k
+    assert grads.keys() == grads_o.keys()
+    for k in grads:
+        assert torch.allclose(grads[k], grads_o[k], atol=1e-5, rtol=1e-4), (k, (grads[k] - grads_o[k]).abs().max())
 
 
 def test_checkpoint_that_does_not_fit_is_refused(toy, tmp_path):
