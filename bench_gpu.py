@@ -14,6 +14,8 @@ Parts, in order of importance (each is skipped when the time budget is spent):
            x 1,000 videos) extrapolated from a measured 100 x 1,000 slice plus the video features
   data     frame decoding (base64 JPEG -> 224 px tensor) per worker, DataLoaders of 4 / 8 / 16 workers against the
            measured training steps, and batched GPU JPEG decoding
+  original the pretraining step against the original's way (bench.PretrainOriginalWay: its arithmetic, same weights
+           and batch), alternating steps, in fp16 (the original's precision) and bf16
   compile  the training steps again with compile: true
 No network and no pretrained weights: BERT is bert-base-uncased's config with random (or golden) weights.
 """
@@ -247,6 +249,21 @@ class Suite:
             self.save()
         return
 
+    def part_original(self, res):
+        for prec in ('fp16', 'bf16'):
+            if self.left() < 30:
+                res[prec] = dict(skipped='time budget spent')
+                continue
+            args = self.args('pretrain', size_batch=self.opt.original_batch, precision=prec)
+            try:
+                with time_limit(self.left() - 10):
+                    r = res[prec] = bench.bench_pretrain_vs_original(args, self.device, self.opt.steps)
+            finally:
+                self.free()
+            self.log(f"original pretrain {prec} batch {r['batch']}: ours {r['samples_per_s']:.1f} samples/s, the "
+                     f"original's way {r['original_samples_per_s']:.1f}: {r['speedup']:.2f}x")
+            self.save()
+
     def part_compile(self, res):
         for task in self.opt.compile_tasks:
             eager = self.res.get('train', {}).get(task, {})
@@ -455,6 +472,9 @@ class Suite:
             for name in () if not isinstance(r, dict) else ('bf16', 'fp16', 'bf16_grad_ckpt'):
                 if name in r:
                     self.log(f'train {task:<9} {name:<15} batch {r[name]["batch"]:>4}: {fmt_train(r[name])}')
+        for prec, r in self.res.get('original', {}).items():
+            if isinstance(r, dict) and 'speedup' in r:
+                self.log(f"pretrain vs the original's way, {prec}: {r['speedup']:.2f}x")
         for task, r in self.res.get('compile', {}).items():
             if isinstance(r, dict):
                 self.log(f'compile {task}: ' + (fmt_train(r) if 'samples_per_s' in r else str(r)))
@@ -528,12 +548,13 @@ def main(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cpu', 'cuda'])
     p.add_argument('--small', action='store_true', help='toy model, 64 px (to test this script on a CPU)')
     p.add_argument('--budget', type=float, default=400, help='seconds for all parts together')
-    p.add_argument('--parts', nargs='+', default=['parity', 'train', 'eval', 'data', 'compile'],
-                   choices=['parity', 'train', 'eval', 'data', 'compile', 'profile'])
+    p.add_argument('--parts', nargs='+', default=['parity', 'train', 'eval', 'data', 'original', 'compile'],
+                   choices=['parity', 'train', 'eval', 'data', 'original', 'compile', 'profile'])
     p.add_argument('--tasks', nargs='+', default=['pretrain', 'retrieval', 'qamc', 'qaoe'], choices=list(CONFIGS))
     p.add_argument('--reserve', type=float, default=100, help='seconds the train part leaves for the parts after it')
     p.add_argument('--compile_tasks', nargs='+', default=['pretrain', 'retrieval'], choices=list(CONFIGS))
     p.add_argument('--compile_limit', type=float, default=150, help='seconds for one compiled measurement')
+    p.add_argument('--original_batch', type=int, default=32, help='batch of the pretraining step vs the original')
     p.add_argument('--compile_batch', type=int, default=32, help='batch of compile / profile when train did not run')
     p.add_argument('--eval_compile', action='store_true', help='also score pairs with compile_blocks()')
     p.add_argument('--eval_texts', type=int, default=20, help='texts x 1,000 videos scored per pair measurement')
@@ -551,6 +572,7 @@ def main(argv=None):
     opt = p.parse_args(argv)
     if opt.small:
         opt.batch0, opt.max_batch, opt.size_pairs, opt.reserve = 2, min(opt.max_batch, 4), [64], min(opt.reserve, 30)
+        opt.original_batch = min(opt.original_batch, 4)
     suite = Suite(opt)
     suite.run()
     return suite.res

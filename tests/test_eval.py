@@ -429,7 +429,7 @@ def test_bench_gpu_suite_small_on_cpu(tmp_path):
     """The one-shot device check runs end to end on the toy model (how it is tested before a GPU lease): every
     part writes its figures into bench_gpu.json, in order, within its time budget."""
     p = subprocess.run([sys.executable, 'bench_gpu.py', '--device', 'cpu', '--small', '--out', str(tmp_path),
-                        '--parts', 'parity', 'train', 'eval', 'data', '--tasks', 'qaoe', '--max_batch', '2',
+                        '--parts', 'parity', 'train', 'eval', 'data', 'original', '--tasks', 'qaoe', '--max_batch', '2',
                         '--steps', '1', '--workers', '1', '--data_frames', '4', '--frame_sizes', '320x240',
                         '--budget', '240'],
                        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=400)
@@ -448,6 +448,9 @@ def test_bench_gpu_suite_small_on_cpu(tmp_path):
     assert probe['pairs_per_s'] > 0 and 0 <= probe['bf16_weights_top10_overlap_vs_fp32'] <= 1
     assert 0 < probe['bf16_weights_max_abs_diff_vs_fp32'] < 1  # bf16 moves the scores, a little
     assert res['data']['320x240']['ours'] > 0 and res['data']['loader_1_workers_frames_per_s'] > 0
+    for prec in ('fp16', 'bf16'):
+        r = res['original'][prec]
+        assert r['batch'] == 4 and r['original_gflops_per_step'] > r['gflops_per_step'] > 0 and r['speedup'] > 0
     assert (tmp_path / 'bench_gpu.log').read_text().count('\n') > 5
 
 
