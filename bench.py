@@ -171,16 +171,23 @@ def original_window_attention(self, x, B, mask=None):
     return self.proj((att.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, C))
 
 
-def original_cross(mdl, feat_img, mask_img, feat_txt, mask_txt):
+def original_cross(mdl, feat_img, mask_img, feat_txt, mask_txt, attentions=False):
     """The original's go_cross: transformers' own BERT encoder (eager attention) on the whole [video ; text]
-    sequence, every padded text token, the additive mask (1 - mask) * -10000. -> last hidden state."""
+    sequence, every padded text token, the additive mask (1 - mask) * -10000 as transformers 4.18 built it.
+    -> last hidden state (and, with attentions, the per-layer attention probabilities)."""
     additive = (1.0 - torch.cat([mask_img, mask_txt], 1)[:, None, None, :].to(feat_img.dtype)) * -10000.0
+    att = []
+    hooks = [layer.attention.self.register_forward_hook(lambda mod, args, out: att.append(out[1]))
+             for layer in mdl.trsfr.layer] if attentions else []
     cfg = mdl.trsfr.layer[0].attention.self.config
     was, cfg._attn_implementation = cfg._attn_implementation, 'eager'
     try:
-        return mdl.trsfr(torch.cat([feat_img, feat_txt], 1), attention_mask=additive)[0]
+        out = mdl.trsfr(torch.cat([feat_img, feat_txt], 1), attention_mask=additive)[0]
     finally:
         cfg._attn_implementation = was
+        for h in hooks:
+            h.remove()
+    return (out, att) if attentions else out
 
 
 class PretrainOriginalWay(main_pretrain.Pretrain):

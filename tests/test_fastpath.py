@@ -6,6 +6,7 @@ h and w after the VT too), non-square frames, 1-12 tokens, texts without padding
 import pytest
 import torch
 
+import bench
 import model
 
 # (B, T, H, W, X, text): 'full' no padding, 'pad' each sample padded after its own length, 'allpad' one sample
@@ -30,22 +31,9 @@ def inputs(B, T, H, W, X, text, seed):
 
 
 def plain_cross(m, feat_img, mask_img, feat_txt, mask_txt):
-    """The original's go_cross: transformers' BERT encoder (eager attention) on the whole sequence, additive mask
-    (1 - mask) * -10000 as transformers 4.18 built it. -> (last hidden state, per-layer attention probabilities)."""
-    x = torch.cat([feat_img, feat_txt], 1)
-    additive = (1.0 - torch.cat([mask_img, mask_txt], 1)[:, None, None, :].float()) * -10000.0
-    att = []
-    hooks = [layer.attention.self.register_forward_hook(lambda mod, args, out: att.append(out[1]))
-             for layer in m.trsfr.layer]
-    cfg = m.trsfr.layer[0].attention.self.config
-    was, cfg._attn_implementation = cfg._attn_implementation, 'eager'
-    try:
-        out = m.trsfr(x, attention_mask=additive)
-    finally:
-        cfg._attn_implementation = was
-        for h in hooks:
-            h.remove()
-    return out[0], att
+    """The original's go_cross (bench.original_cross: transformers' BERT encoder, eager attention, additive mask)
+    -> (last hidden state, per-layer attention probabilities)."""
+    return bench.original_cross(m, feat_img, mask_img, feat_txt, mask_txt, attentions=True)
 
 
 def close(a, b):
