@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+import bench
 import golden_weights as gw
 import model
 
@@ -470,24 +471,18 @@ def test_compile_blocks_one_graph_for_every_text_length():
 
 @pytest.mark.parametrize('window,n', [((2, 3, 3), 18), ((2, 3, 3), 9)])
 def test_window_attention_matches_explicit(window, n):
-    """Swin's window attention (SDPA on windows x heads, the bias gathered with index_select) against the textbook
-    formula softmax(q k^T / sqrt(d) + bias[index] + mask) v: outputs and every gradient, the bias table's included
-    (the original gathers with table[index]), also for a window shrunk to its first n tokens."""
+    """Swin's window attention (SDPA on windows x heads, the bias gathered with index_select) against the
+    original's formula softmax(q k^T / sqrt(d) + bias[index] + mask) v (bench.original_window_attention): outputs
+    and every gradient, the bias table's included (the original gathers with table[index]), also for a window
+    shrunk to its first n tokens."""
     torch.manual_seed(0)
     B, nW, heads, C = 2, 3, 2, 8
     attn = model.WindowAttention3D(C, window, heads)
     x = torch.randn(B * nW, n, C)
     mask = torch.where(torch.rand(nW, n, n) < 0.3, -100.0, 0.0)
 
-    def explicit(x, mask):
-        q, k, v = attn.qkv(x).view(B * nW, n, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
-        table = attn.relative_position_bias_table
-        bias = table[attn.relative_position_index[:n, :n].reshape(-1)].view(n, n, heads).permute(2, 0, 1)
-        a = q @ k.transpose(-1, -2) / (C // heads) ** 0.5 + bias + mask.repeat(B, 1, 1)[:, None]
-        return attn.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(B * nW, n, C))
-
     grads = []
-    for fn in (lambda: attn(x, B, mask), lambda: explicit(x, mask)):
+    for fn in (lambda: attn(x, B, mask), lambda: bench.original_window_attention(attn, x, B, mask)):
         attn.zero_grad()
         out = fn()
         (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()

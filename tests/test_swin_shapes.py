@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import model
 
 
@@ -41,19 +42,6 @@ def region_mask(D, H, W, w, s):
     return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
 
 
-def window_attention(attn, x, mask):
-    B_, N, C = x.shape
-    qkv = attn.qkv(x).reshape(B_, N, 3, attn.heads, C // attn.heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * (C // attn.heads) ** -0.5, qkv[1], qkv[2]
-    a = q @ k.transpose(-2, -1)
-    bias = attn.relative_position_bias_table[attn.relative_position_index[:N, :N].reshape(-1)].reshape(N, N, -1)
-    a = a + bias.permute(2, 0, 1).unsqueeze(0)
-    if mask is not None:
-        nW = mask.shape[0]
-        a = (a.view(B_ // nW, nW, attn.heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, attn.heads, N, N)
-    return attn.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, C))
-
-
 def original_swin(swin, x):
     """[B, 3, T, H, W] -> [B, T, H/32, W/32, C], the original video_swin.py's order of operations."""
     W, H = x.shape[4], x.shape[3]
@@ -78,7 +66,7 @@ def original_swin(swin, x):
             shifted = any(i > 0 for i in bs)
             if shifted:
                 y = torch.roll(y, shifts=tuple(-i for i in bs), dims=(1, 2, 3))
-            y = window_attention(blk.attn, partition(y, bw), mask if shifted else None)
+            y = bench.original_window_attention(blk.attn, partition(y, bw), None, mask if shifted else None)
             y = reverse(y, bw, B, Dp, Hp, Wp)
             if shifted:
                 y = torch.roll(y, shifts=tuple(bs), dims=(1, 2, 3))
