@@ -356,6 +356,21 @@ def test_bench_cli_small(toy, tmp_path):
     assert "decode 320x240 -> 224 px, one worker: " in p.stdout
 
 
+def test_bench_pixel_target_pretraining_has_no_original_way(tmp_path, monkeypatch):
+    """With mvm_target pixel (VIOLETv2's, not the original's) bench.py still times our pretraining step and says why
+    the comparison with the original's way is left out (it raised a ValueError from the original's-way step)."""
+    import bench
+    out = tmp_path / 'bench.json'
+    monkeypatch.setattr(sys, 'argv', ['bench.py', os.path.join(ROOT, '_data', 'toy', 'args_pretrain.json'), '--tasks',
+                                      'pretrain', '--set', 'mvm_target=pixel', 'size_batch=2', '--steps', '1',
+                                      '--frame_sizes', '--data_items', '1', '--pair_items', '4', '--reps', '1',
+                                      '--out', str(out)])
+    bench.main()
+    res = json.load(open(out))
+    assert res['train']['pretrain']['samples_per_s'] > 0
+    assert res['pretrain_vs_original'] == {'skipped': 'mvm_target pixel: the original has VQ targets only'}
+
+
 def test_bench_train_times_the_loops_own_step(monkeypatch):
     """bench_train runs Trainer.train_step itself (the training loop's step), not a copy of it: every warm-up,
     counted and timed step goes through it, each one an optimiser step that moves the weights."""
