@@ -372,7 +372,7 @@ class Trainer:
     def loader(self, ds, indices, *position):
         # its own generator: creating an iterator never touches the global RNG (exact resume)
         return torch.utils.data.DataLoader(
-            ds, batch_size=self.args['size_batch'], sampler=indices, num_workers=self.args['num_workers'],
+            ds, batch_size=self.args['size_batch'], sampler=indices, num_workers=loader_workers(self.args),
             collate_fn=dataset.collate_skip, pin_memory=self.device.type == 'cuda',
             worker_init_fn=functools.partial(outlive_stop_signals, os.getpid()),
             generator=torch.Generator().manual_seed(seed_of(*position)))
@@ -629,7 +629,7 @@ class Trainer:
             if self.data_wait > DATA_WAIT_WARN and not self.data_warned:
                 self.data_warned = True
                 say(f'data loading held up training {self.data_wait:.0%} of {unit["name"]}: raise num_workers '
-                    f'(now {self.args["num_workers"]}; {usable_cpus()} CPUs here)')
+                    f'(now {loader_workers(self.args)}; {usable_cpus()} CPUs here)')
             if self.stopping() and self.unit < len(units):
                 return False
         return True
@@ -668,6 +668,18 @@ DATA_WAIT_WARN = 0.1  # the first unit that waited longer than this share of its
 
 def usable_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()  # (macOS: no affinity)
+
+
+MAX_AUTO_WORKERS = 8  # on one H100 with 16 cores, 8 workers keep up with every full-size bf16 step (README, Benchmark)
+
+
+def loader_workers(args):
+    """The DataLoader worker count of num_workers: itself, or for -1 (auto) one per CPU of this process's share of
+    the node but one (the training process's own), at most MAX_AUTO_WORKERS."""
+    if args['num_workers'] >= 0:
+        return args['num_workers']
+    share = usable_cpus() // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+    return max(0, min(MAX_AUTO_WORKERS, share - 1))
 
 
 def timed(batches, waited):
@@ -894,7 +906,8 @@ def lock_folder(out, what='path_output'):
 def run(cli, task, state, device, out):
     args, world = task.args, get_world()
     if is_main():
-        print(f'{task.name}: {world} process(es) on {device}, output {out}', flush=True)
+        print(f'{task.name}: {world} process(es) on {device}, {loader_workers(args)} DataLoader workers each, '
+              f'output {out}', flush=True)
     try:
         trainer = Trainer(task, device, state, need='all' if cli.eval else None)
     except violet.CheckpointError as e:

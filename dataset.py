@@ -61,7 +61,7 @@ class DataConfig:
     txt_vocab: str = config.key('', 'the tokenizer\'s vocabulary: a `vocab.txt` file or a tokenizer directory; `""`: the tokenizer of `txt_backbone`. Either must fit the BERT config (same `vocab_size`, `[CLS]`/`[SEP]`/`[PAD]`/`[MASK]` at 101/102/0/103, as bert-base-uncased), else the run stops naming what is missing; a directory without `vocab.txt` or `tokenizer.json` is an error, never a stand-in tokenizer')
     skip_bad: bool = config.key(False, 'skip and count bad samples instead of stopping')
     fast_decode: bool = config.key(False, 'decode JPEG frames at least 4x `size_img` at 1/2, 1/4 or 1/8 scale (libjpeg\'s DCT scaling): decoding 1.2x (1280x720) to 1.5x (1920x1080) faster, but their values move from the original\'s (0.1-0.6/255 on average, up to 9/255 at single pixels of photo-like frames; see Benchmark). Off: every pixel is decoded, within 1/255 of the original\'s PIL path')
-    num_workers: int = config.key(4, 'DataLoader workers per process (on one H100, 4 keep up with every full-size bf16 step but QA-OE, which needs 8; see Benchmark). Each unit\'s line says what share of its time rank 0 waited for batches; the first over 10 % says to raise this', least=0)
+    num_workers: int = config.key(-1, 'DataLoader workers per process; `-1`: one per CPU of the process\'s share of the node (usable CPUs / LOCAL_WORLD_SIZE) but one, at most 8 (on one H100 with 16 cores, 8 keep up with every full-size bf16 step, 4 with all but QA-OE; see Benchmark); `0`: load in the main process. Each unit\'s line says what share of its time rank 0 waited for batches; the first over 10 % says to raise this', least=-1)
 
 
 DEFAULTS = config.defaults(DataConfig)

@@ -138,7 +138,7 @@ def extract(model, ds, args, device, rank=0, world=1, precision='fp32'):
     chunk = (len(vids) + world - 1) // world
     padded = vids + vids[-1:] * (chunk * world - len(vids))  # equal shards for all_gather
     mine = Videos(ds, padded[rank * chunk:(rank + 1) * chunk])
-    loader = torch.utils.data.DataLoader(mine, batch_size=args['size_batch'], num_workers=args['num_workers'],
+    loader = torch.utils.data.DataLoader(mine, batch_size=args['size_batch'], num_workers=agent.loader_workers(args),
                                          pin_memory=device.type == 'cuda')
     feats, masks = [], []
     for img in tqdm(loader, disable=rank != 0, desc='videos', unit='batch'):

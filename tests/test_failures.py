@@ -449,6 +449,24 @@ def test_waiting_for_data_is_reported(toy, tmp_path, monkeypatch, capsys):
     assert re.search(r'epoch 2: .* \| waited for data \d+%\n', said) and said.count('held up') == 1  # said once
 
 
+def test_auto_worker_count(toy, tmp_path, monkeypatch, capsys):
+    """num_workers -1 (the default): one worker per CPU of the process's share of the node but one, at most 8; a
+    count given is kept. The training loader gets it and the run's first line says it."""
+    for cpus, local_world, given, want in ((16, 1, -1, 8), (64, 8, -1, 7), (16, 8, -1, 1), (2, 1, -1, 1), (1, 1, -1, 0),
+                                           (96, 1, -1, 8), (2, 1, 4, 4), (64, 1, 0, 0)):
+        monkeypatch.setattr(agent, 'usable_cpus', lambda: cpus)
+        monkeypatch.setenv('LOCAL_WORLD_SIZE', str(local_world))
+        assert agent.loader_workers({'num_workers': given}) == want, (cpus, local_world, given)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE')
+    monkeypatch.setattr(agent, 'usable_cpus', lambda: 3)
+    made, loader = [], agent.Trainer.loader
+    monkeypatch.setattr(agent.Trainer, 'loader', lambda self, *a: made.append(loader(self, *a)) or made[-1])
+    qamc(toy, tmp_path / 'auto', 'num_workers=-1')
+    assert made and {d.num_workers for d in made} == {2}
+    assert 'toy-qamc: 1 process(es) on cpu, 2 DataLoader workers each, output ' in capsys.readouterr().out
+    assert json.load(open(tmp_path / 'auto' / 'args.json'))['num_workers'] == -1  # the setting, not this machine's count
+
+
 def test_workers_still_end_with_their_loader(tmp_path):
     """Workers outlive a stop signal from elsewhere, but not their trainer's own SIGTERM: a process that exits with
     a DataLoader iterator still alive (multiprocessing terminates its workers, then waits for them) exits at once,
