@@ -178,8 +178,13 @@ def _decode_all(container, stream, n_frames, path):
 def upright_rgb(frame):
     """A decoded frame -> RGB uint8 [H, W, 3] as a player shows it: a phone's portrait video is stored landscape with
     a rotation in its display matrix (frame.rotation, degrees counter-clockwise), which OpenCV, the original's
-    decoder, applies too; without it such a video came out on its side."""
-    rgb = frame.to_ndarray(format='rgb24')
+    decoder, applies too; without it such a video came out on its side. The pixels are converted as OpenCV converts
+    them (swscale to BGR24 with bicubic chroma upsampling, then reversed to RGB): PyAV's default (bilinear, straight to
+    RGB24) agrees only on 8-bit 4:2:0 with even sides, and moved odd-sized and 10-bit videos by up to 28 / 255."""
+    bgr = frame.to_ndarray(format='bgr24', interpolation='BICUBIC')
+    rgb = np.empty_like(bgr)
+    for c in range(3):  # one plane at a time: 6x faster than copying bgr[..., ::-1] (HD: 0.65 ms against 4)
+        rgb[..., c] = bgr[..., 2 - c]
     return np.ascontiguousarray(np.rot90(rgb, frame.rotation // 90)) if frame.rotation % 360 else rgb
 
 

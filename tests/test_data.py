@@ -157,6 +157,31 @@ def test_read_video_turns_a_rotated_video_upright(tmp_path, degrees, matrix):
     assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), 5)))
 
 
+@pytest.mark.parametrize('name, codec, size, pix_fmt', [
+    ('even.mp4', 'libx264', (96, 64), 'yuv420p'),       # the common case: swscale's 8-bit fast path
+    ('odd.avi', 'mpeg4', (77, 45), 'yuv420p'),          # odd sides: PyAV's default conversion was 2 / 255 off
+    ('deep.mp4', 'libx264', (96, 64), 'yuv420p10le'),   # 10-bit: 28 / 255 off (bilinear chroma, RGB-order dither)
+    ('prores.mov', 'prores_ks', (96, 64), 'yuv422p10le')])
+def test_read_video_converts_pixels_as_opencv(tmp_path, name, codec, size, pix_fmt):
+    """Colour noise (chroma differs between neighbours, where upsampling filters disagree) in the formats cameras
+    and editors write: the RGB frames equal OpenCV's, the original's decoder, value for value."""
+    path, rng = str(tmp_path / name), np.random.default_rng(0)
+    with av.open(path, 'w') as c:
+        s = c.add_stream(codec, rate=8)
+        s.width, s.height, s.pix_fmt = size[0], size[1], pix_fmt
+        for k in range(6):
+            img = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    every = full_decode(path)
+    assert len(every) == 6 and every[0].shape == (size[1], size[0], 3)
+    got = dataset.read_video(path, 6)
+    assert all(np.array_equal(a, b) for a, b in zip(got, every)), \
+        max(np.abs(a.astype(int) - b).max() for a, b in zip(got, every))
+
+
 def test_read_video_names_the_bad_file(tmp_path):
     write_clip(str(tmp_path / 'grey.mp4'), [(k * 16,) * 3 for k in range(9)], size=(48, 32))
     frames = dataset.read_video(str(tmp_path / 'grey.mp4'), 3)
