@@ -13,6 +13,7 @@ get_rank(), get_world(), is_main(), say(), all_sum(); save_json() / save_torch()
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import difflib
 import fcntl
@@ -29,6 +30,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 
 import numpy as np
 import safetensors.torch
@@ -397,13 +399,20 @@ class Trainer:
         t0, n_samples, waited = time.time(), 0, [0.0]
         bar = tqdm(timed(loader, waited), total=n_batch, initial=self.step, disable=not is_main(), ascii=True,
                    desc=unit['name'])
-        for i, (batch, n_skip) in enumerate(bar, start=self.step):
+        window_start = self.position()  # what resume.pt holds if this window's data fails
+        for i, item in enumerate(bar, start=self.step):
+            failed, (batch, n_skip) = (item, (None, 0)) if isinstance(item, Exception) else (None, item)
             self.local['n_skipped'] += n_skip
             last_of_window = (i + 1) % args['grad_accum'] == 0 or i + 1 == n_batch
             if batch is not None:
                 batch = self.to_device(batch)
                 n_samples += len(batch[0])
-            r = self.train_step(batch, generator(self.device, args['seed'], u, i, self.rank), last_of_window)
+            r = self.train_step(batch, generator(self.device, args['seed'], u, i, self.rank), last_of_window,
+                                failed=failed is not None)
+            if r['failed']:
+                bar.close()
+                self.save_resume(window_start)
+                self.stop_for_data(failed, r['failed'] - 1, f"{unit['name']} step {self.step}")
             if r['most_skipped'] > args['max_skip_frac'] * len(ds):  # the sum over ranks is larger still
                 raise SystemExit(too_many_skipped(r['most_skipped'], len(ds), unit['name'], args['max_skip_frac'], 'at least '))
             if r['nonfinite']:
@@ -420,6 +429,7 @@ class Trainer:
                     window = new_window()
             self.step = i + 1
             self.steps_run += 1
+            window_start = self.position()
             if args['save_every'] and self.step % args['save_every'] == 0 and self.step < n_batch:
                 self.save_resume()
             if r['signalled'] and self.step < n_batch:  # (at the unit's end it finishes the unit first)
@@ -432,39 +442,49 @@ class Trainer:
         self.data_wait = waited[0] / max(time.time() - t0, 1e-9)
         return self.unit_losses(unit['name'], len(ds), n_samples, time.time() - t0)
 
-    def train_step(self, batch, gen, last_of_window=True):
-        """One batch of training: forward; one reduction over the ranks, so that a step is trained on every rank or
-        on none (not when a rank has no batch or a non-finite loss); backward (DDP syncs the gradients only at the
-        window's last batch); at the last batch of a grad_accum window, the optimiser step.
-        batch: on the device, or None when every sample of this rank's batch was bad.
+    def train_step(self, batch, gen, last_of_window=True, failed=False):
+        """One batch of training: a reduction over the ranks, so that a step is trained on every rank or on none (not
+        when a rank has no batch); forward; a reduction of whether every loss is finite (else none is trained);
+        backward (DDP syncs the gradients only at the window's last batch); at the last batch of a grad_accum window,
+        the optimiser step.
+        batch: on the device, or None when every sample of this rank's batch was bad or (failed) its loading failed.
         -> dict(loss, losses (None when not trained), nonfinite (a rank's loss was not finite), most_skipped (bad
         samples skipped in this unit by the rank that skipped most), stepped (the optimiser stepped), signalled (a
-        stop signal some rank received, 0 when none))."""
-        loss = losses = None
-        if batch is not None:
-            with self.autocast():
-                loss, losses, _ = self.task.step(self.model, batch, gen)
-        present = batch is not None
-        finite = present and bool(torch.isfinite(loss))
-        # one reduction: the min of present and finite, -max of the ranks' skip counts and of their stop signals
-        present, finite, most_skipped, signalled = all_reduce(
-            [present, finite, -self.local['n_skipped'], -self.signalled], dist.ReduceOp.MIN if self.world > 1 else None)
-        trained = bool(present and finite)
-        if trained:
+        stop signal some rank received, 0 when none), failed (1 + the first rank whose loading failed, 0 when none:
+        then nothing is trained or stepped, the run is to stop))."""
+        # before the forward, which DDP may start with a collective of its own (the bucket rebuild of its second
+        # forward) that a rank without a batch would leave waiting: the min of present, -max of the ranks' skip counts
+        # and of their stop signals, the first rank whose loading failed; after it, whether every loss is finite and
+        # the stop signals again (one that came during the forward stops the run at this step)
+        min_over_ranks = dist.ReduceOp.MIN if self.world > 1 else None
+        present, most_skipped, signalled, first_failed = all_reduce(
+            [batch is not None, -self.local['n_skipped'], -self.signalled, self.rank + 1 if failed else self.world + 1],
+            min_over_ranks)
+        out = dict(loss=None, losses=None, nonfinite=False, most_skipped=int(-most_skipped), stepped=False,
+                   signalled=int(-signalled), failed=0)
+        if first_failed <= self.world:
+            return {**out, 'failed': int(first_failed)}
+        trained = False
+        if present:
             sync = last_of_window or self.world == 1
-            with contextlib.nullcontext() if sync else self.model.no_sync():
-                self.scaler.scale(loss / self.args['grad_accum']).backward()
-            self.pending += 1
-        elif last_of_window and self.world > 1:
+            with contextlib.nullcontext() if sync else self.model.no_sync():  # DDP decides at the forward
+                with self.autocast():
+                    loss, losses, _ = self.task.step(self.model, batch, gen)
+                finite, signalled = all_reduce([bool(torch.isfinite(loss)), -self.signalled], min_over_ranks)
+                trained = bool(finite)
+                if trained:
+                    self.scaler.scale(loss / self.args['grad_accum']).backward()
+                    self.pending += 1
+            out.update(loss=loss, losses=losses if trained else None, nonfinite=not trained, signalled=int(-signalled))
+        if not trained and last_of_window and self.world > 1:
             self.pending = 0  # the window's DDP all-reduce never ran (its last backward was skipped): drop it
-        stepped = last_of_window and self.pending > 0
-        if stepped:
+        out['stepped'] = last_of_window and self.pending > 0
+        if out['stepped']:
             self.optimiser_step()
         if last_of_window:
             self.optim.zero_grad(set_to_none=True)
             self.pending = 0
-        return dict(loss=loss, losses=losses if trained else None, nonfinite=bool(present and not finite),
-                    most_skipped=int(-most_skipped), stepped=stepped, signalled=int(-signalled))
+        return out
 
     def count_nonfinite(self, where, i):
         self.log['n_nonfinite'] += 1
@@ -540,13 +560,22 @@ class Trainer:
         return {k: tot[2*j] / tot[2*j+1] if tot[2*j+1] else None for j, k in enumerate(metrics)}
 
     # ---- checkpoints, resume, log
-    def save_resume(self):
-        """resume.pt: weights, optimiser, scaler, position, log and every rank's RNG states and running sums.
-        Collective: every rank calls it at the same point; rank 0 writes."""
-        ranks = gather_objects(dict(rng=rng_state(), **self.local))
+    def position(self):
+        """This rank's RNG states, running sums and non-finite counts now: with the weights, the optimiser and
+        self.step, where training stands before the next batch is fetched."""
+        return dict(rng=rng_state(), local=copy.deepcopy(self.local), nonfinite_run=self.nonfinite_run,
+                    n_nonfinite=self.log['n_nonfinite'])
+
+    def save_resume(self, at=None):
+        """resume.pt: weights, optimiser, scaler, position, log and every rank's RNG states and running sums (those
+        of `at`, a position() taken at self.step, when given). Collective: every rank calls it at the same point;
+        rank 0 writes."""
+        at = at or self.position()
+        ranks = gather_objects(dict(rng=at['rng'], **at['local']))
         if is_main():
             save_torch(dict(model=self.raw.state_dict(), optim=self.optim.state_dict(), scaler=self.scaler.state_dict(),
-                            unit=self.unit, step=self.step, nonfinite_run=self.nonfinite_run, log=self.log,
+                            unit=self.unit, step=self.step, nonfinite_run=at['nonfinite_run'],
+                            log={**self.log, 'n_nonfinite': at['n_nonfinite']},
                             global_step=self.global_step,
                             ranks=ranks, world=self.world, args=self.args), os.path.join(self.out, 'resume.pt'))
 
@@ -595,6 +624,16 @@ class Trainer:
     def on_signal(self, signum, frame):
         """A scheduler's warning before it kills the job: finish the step, save resume.pt, stop (train_unit)."""
         self.signalled = signum
+
+    def stop_for_data(self, error, first_failed, where):
+        """After a batch could not be loaded (a bad sample without skip_bad, an unreadable file, a dead worker) and
+        resume.pt was saved at the start of its window: the rank that failed raises its error (a DataError becomes
+        its one-line message), the others stop naming that rank. Nothing trained is lost."""
+        say(f'\n{where}: rank {first_failed} could not load its batch; resume.pt saved there: fix the data (or set '
+            f'skip_bad: true) and continue with --resume {self.out}')
+        if error is not None:
+            raise error
+        raise SystemExit(f'stopped at {where}: rank {first_failed} could not load its batch (its message says why)')
 
     def stopped_by(self, signum, where):
         return (f'stopped by {signal.Signals(signum).name} at {where}: resume.pt saved; continue with '
@@ -684,13 +723,21 @@ def loader_workers(args):
 
 def timed(batches, waited):
     """The batches of a loader, adding the seconds spent waiting for each to waited[0] (the first is not counted:
-    it includes starting the workers)."""
+    it includes starting the workers). A batch that cannot be loaded ends them with its exception, yielded rather
+    than raised, so that the trainer saves where it stands first."""
     it, first = iter(batches), True
     while True:
         t0 = time.perf_counter()
         try:
             batch = next(it)
         except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001  raised again by Trainer.stop_for_data, whatever it is
+            # its traceback's frames and this one held the loader's iterator, whose workers (and the output folder's
+            # lock they inherited) then outlived the run in a process that goes on
+            it = None
+            traceback.clear_frames(e.__traceback__)
+            yield e
             return
         if not first:
             waited[0] += time.perf_counter() - t0

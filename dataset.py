@@ -607,7 +607,8 @@ class Dataset_Base(torch.utils.data.Dataset):
             try:
                 img.append(self.str2img(b))
             except (binascii.Error, RuntimeError, OSError, UnidentifiedImageError, ValueError) as e:
-                raise BadSample(f'{where}: video "{vid}" frame {i}: cannot decode image ({e})') from e
+                why = re.sub(r' <[^<>]* at 0x[0-9a-f]+>', '', str(e))  # PIL names its BytesIO by address
+                raise BadSample(f'{where}: video "{vid}" frame {i}: cannot decode image ({why})') from e
         return torch.stack(img)
 
     def get_img(self, vid):

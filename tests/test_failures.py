@@ -376,6 +376,37 @@ def test_stop_signal_saves_and_resumes_exactly(toy, tmp_path, monkeypatch, signu
     assert (state['unit'], state['step']) == (1, 0)
 
 
+@pytest.mark.parametrize('grad_accum, workers, saved_at', [(1, 0, 3), (2, 1, 2)])
+def test_bad_sample_mid_unit_saves_and_resumes_exactly(toy, tmp_path, monkeypatch, capsys, grad_accum, workers, saved_at):
+    """A sample that cannot be read halfway through a unit (a corrupt frame, found only when it is decoded) stopped
+    the run and lost the unit's steps. Now resume.pt is saved at the start of the failing batch's window (with the
+    RNG states and sums of that moment), the message stays the sample's one line, and --resume after the fix ends
+    with the weights and losses of a run that never failed. Here the 14th training sample (batch 4 of epoch 1)
+    fails; head dropout makes the weights depend on the RNG states."""
+    sets = ('size_epoch=2', f'grad_accum={grad_accum}', f'num_workers={workers}', 'head_dropout=0.3')
+    whole = qamc(toy, tmp_path / 'whole', *sets)
+    calls, get_item = [0], main_qamc.QAMC.Dataset.get_item
+    said = f'{toy}/img_toy.pkl: frame 2 of video "v" is not a JPEG'
+
+    def failing(self, i):
+        calls[0] += self.split == 'train'
+        if calls[0] == 14 and self.split == 'train':
+            raise dataset.BadSample(said)
+        return get_item(self, i)
+    monkeypatch.setattr(main_qamc.QAMC.Dataset, 'get_item', failing)
+    out = tmp_path / 'failed'
+    assert stops(qamc, toy, out, *sets) == said
+    assert (f'epoch 1 step {saved_at}: rank 0 could not load its batch; resume.pt saved there: fix the data (or set '
+            f'skip_bad: true) and continue with --resume {out}') in capsys.readouterr().out
+    assert torch.load(out / 'resume.pt', weights_only=True)['step'] == saved_at
+    monkeypatch.undo()
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
+    for ep in (1, 2):
+        a, b = (torch.load(os.path.join(d, f'ckpt_violet_toy-qamc_{ep}.pt'), weights_only=True) for d in (whole, out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ep
+    assert json.load(open(out / 'log.json')) == json.load(open(os.path.join(whole, 'log.json')))
+
+
 def wait_for_steps(out, proc, n=1, timeout=120):
     t0 = time.time()
     while not (os.path.exists(out / 'steps.jsonl') and len(open(out / 'steps.jsonl').readlines()) >= n):
@@ -429,6 +460,35 @@ def test_stop_signal_to_one_rank_stops_all(toy, tmp_path):
     steps = set(re.findall(r'stopped by SIGUSR1 at epoch \d+ step (\d+): resume.pt saved', stderr))
     assert len(steps) == 1 and stderr.count('stopped by SIGUSR1') == 2, stderr[-3000:]  # both ranks, one step
     assert torch.load(out / 'resume.pt', weights_only=True)['step'] == int(steps.pop())
+
+
+def test_bad_sample_on_one_rank_stops_all(toy, tmp_path):
+    """Under torchrun, a corrupt frame that only rank 1 reads (its 3rd sample of epoch 1, batch 2): both ranks stop at
+    the same step, none left waiting in a collective; rank 0 saves resume.pt there; rank 1 says what was wrong with
+    the sample, rank 0 which rank failed."""
+    items = json.load(open(f'{toy}/txt_toy-qamc.json'))['train']
+    order = []
+    for rank in (0, 1):
+        sampler = torch.utils.data.DistributedSampler(range(len(items)), num_replicas=2, rank=rank, shuffle=True,
+                                                      seed=agent.load_args(CONFIG)['seed'])
+        sampler.set_epoch(1)
+        order.append([items[i]['video'] for i in sampler])
+    vid = order[1][2]
+    assert vid not in order[0] and vid not in order[1][:2]  # (else choose another sample)
+    frames = pickle.load(open(f'{toy}/img_toy.pkl', 'rb'))
+    frames[vid][1] = 'bm90IGEgSlBFRw=='  # base64 of 'not a JPEG'
+    pickle.dump(frames, open(f'{toy}/img_toy.pkl', 'wb'))
+    out = tmp_path / 'ddp'
+    cmd = ['torchrun', '--standalone', '--nproc_per_node=2', 'main_qamc.py', CONFIG, '--set',
+           f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}', f'path_output={out}', 'size_epoch=1',
+           'size_batch=2']
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode != 0
+    assert 'epoch 1 step 1: rank 1 could not load its batch; resume.pt saved there' in proc.stdout, proc.stdout[-2000:]
+    assert 'stopped at epoch 1 step 1: rank 1 could not load its batch (its message says why)' in proc.stderr
+    assert f'{toy}/img_toy.pkl: video "{vid}" frame 1: cannot decode image (cannot identify image file)\n' in proc.stderr
+    assert torch.load(out / 'resume.pt', weights_only=True)['step'] == 1
 
 
 def test_waiting_for_data_is_reported(toy, tmp_path, monkeypatch, capsys):
