@@ -132,8 +132,10 @@ def read_video(path, n_frames):
     Decodes only what it returns (PyAV, one thread: parallelism belongs to the caller). The frame count and
     each frame's timestamp come from the packet index (demuxing reads no pixels; the container's header count
     is not trusted); each chosen frame is reached by seeking to the keyframe before it and decoding forward to
-    its exact timestamp. A file without timestamps or keyframe flags, or one where a chosen timestamp is not
-    found, is decoded in full instead (same frames, tested). Frames come upright (upright_rgb)."""
+    its exact timestamp. A file without timestamps or keyframe flags, one where a chosen timestamp is not found,
+    and a damaged one (a packet cut short, as in a truncated download, or one the decoder refuses on the way) is
+    decoded from the start instead, as the original's OpenCV loop read it (_decode_all: same frames, tested).
+    Frames come upright (upright_rgb)."""
     if n_frames < 1:
         raise ValueError(f'n_frames must be >= 1, got {n_frames}')
     if not os.path.isfile(path):
@@ -150,29 +152,62 @@ def read_video(path, n_frames):
                 raise BadVideo(f'{path}: not a video (no video stream)')
             stream = container.streams.video[0]
             stream.codec_context.thread_count = 1
-            packets = [(p.pts, p.dts, p.is_keyframe) for p in container.demux(stream) if p.size and not p.is_discard]
+            packets = [(p.pts, p.dts, p.is_keyframe, p.is_corrupt) for p in container.demux(stream)
+                       if p.size and not p.is_discard]
             if not packets:
                 raise BadVideo(f'{path}: no frames')
             frames = None
-            if all(pts is not None for pts, _, _ in packets):
-                pts = sorted(pts for pts, _, _ in packets)
-                keys = sorted((pts, pts if dts is None else dts) for pts, dts, key in packets if key)
+            if all(pts is not None for pts, _, _, _ in packets) and not any(bad for *_, bad in packets):
+                pts = sorted(pts for pts, _, _, _ in packets)
+                keys = sorted((pts, pts if dts is None else dts) for pts, dts, key, _ in packets if key)
                 if keys:  # a stream that flags no keyframe cannot be entered by seeking
-                    frames = _seek_decode(container, stream, [pts[i] for i in pick(len(pts), n_frames, path)], keys)
-            if frames is None:  # no usable index: decode everything, as the original did
-                frames = _decode_all(container, stream, n_frames, path)
+                    targets = [pts[i] for i in pick(len(pts), n_frames, path)]
+                    try:
+                        frames = _seek_decode(container, stream, targets, keys)
+                    except av.FFmpegError:  # a damaged packet on the way: the original stopped reading there
+                        frames = None
+            if frames is None:  # no usable index, or damage: decode from the start, as the original did
+                frames = _decode_all(path, n_frames)
     except av.FFmpegError as e:  # it opened as a video: its data is damaged
         raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({e})') from e
     return frames
 
 
-def _decode_all(container, stream, n_frames, path):
-    stream.codec_context.skip_frame = 'DEFAULT'  # a failed _seek_decode may have left it skipping frames
-    container.seek(0)
-    frames = [upright_rgb(f) for f in container.decode(stream)]
-    if not frames:
+def _decode_all(path, n_frames):
+    """The chosen frames of the video as the original's OpenCV loop read it (_frames_as_opencv): every frame up to
+    the first packet the decoder refuses. Two passes (count, then keep the chosen), one frame in memory at a time."""
+    error = []
+    count = sum(1 for _ in _frames_as_opencv(path, error))
+    if error and count < n_frames:
+        raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({error[0]})' +
+                       (f'; the {count} before the damage are fewer than the {n_frames} asked for' if count else ''))
+    want = pick(count, n_frames, path) if count else None
+    if not want:
         raise BadVideo(f'{path}: no frames')
-    return [frames[i] for i in pick(len(frames), n_frames, path)]
+    kept = {}
+    for k, frame in enumerate(_frames_as_opencv(path, [])):
+        if k in want:
+            kept[k] = upright_rgb(frame)
+        if k == want[-1]:
+            break
+    return [kept[i] for i in want]
+
+
+def _frames_as_opencv(path, error):
+    """Yield the decoded frames of the video's first stream from the start, ending, as OpenCV's read() does, at the
+    first packet the decoder refuses (its exception appended to `error`; the frames the decoder still holds are
+    never returned) or at the end, where the empty packet demux() ends with flushes them. The file is opened
+    afresh: a raw stream (.h264) cannot seek back to its start."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        for packet in container.demux(stream):
+            try:
+                frames = stream.codec_context.decode(packet)
+            except av.FFmpegError as e:
+                error.append(e)
+                return
+            yield from frames
 
 
 def upright_rgb(frame):

@@ -182,6 +182,40 @@ def test_read_video_converts_pixels_as_opencv(tmp_path, name, codec, size, pix_f
         max(np.abs(a.astype(int) - b).max() for a, b in zip(got, every))
 
 
+def test_read_video_reads_damaged_and_raw_streams_as_opencv(tmp_path):
+    """A download cut short (an mp4 with its index first, 'faststart', truncated) and a raw H.264 stream (no
+    timestamps): the frames sampled from those OpenCV (the original) could decode, which stops at the first packet
+    the decoder refuses. Before, the packet index counted the frames lost in the cut, so other frames were sampled,
+    and a raw stream was 'a corrupt video' (it cannot seek back to its start)."""
+    def clip(path, **kw):
+        with av.open(str(path), 'w', **kw) as c:
+            s = c.add_stream('libx264', rate=25, options={'x264-params': 'keyint=10:bframes=2'})
+            s.width, s.height, s.pix_fmt = 96, 64, 'yuv420p'
+            for k in range(60):
+                img = np.full((64, 96, 3), k * 4, np.uint8)
+                img[:, :k] = 255
+                for p in s.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+    clip(tmp_path / 'whole.mp4', options={'movflags': 'faststart'})
+    clip(tmp_path / 'raw.h264', format='h264')
+    raw = (tmp_path / 'whole.mp4').read_bytes()
+    (tmp_path / 'cut.mp4').write_bytes(raw[:int(len(raw) * 0.8)])
+    (tmp_path / 'stub.mp4').write_bytes(raw[:int(len(raw) * 0.5)])
+    for name in ('cut.mp4', 'raw.h264'):
+        every = full_decode(str(tmp_path / name))
+        # (cut: the frames after the cut and those the decoder held back are lost; 35 of 60 with the pinned FFmpeg)
+        assert 5 <= len(every) < 59 if name == 'cut.mp4' else len(every) == 60
+        got = dataset.read_video(str(tmp_path / name), 5)
+        assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), 5))), name
+    left = len(full_decode(str(tmp_path / 'stub.mp4')))
+    assert 0 < left < 5
+    with pytest.raises(dataset.BadVideo, match=rf'^{tmp_path}/stub.mp4: a corrupt video, its frames cannot be decoded '
+                                               rf'\(.*Invalid data.*\); the {left} before the damage are fewer than the 5'):
+        dataset.read_video(str(tmp_path / 'stub.mp4'), 5)
+
+
 def test_read_video_names_the_bad_file(tmp_path):
     write_clip(str(tmp_path / 'grey.mp4'), [(k * 16,) * 3 for k in range(9)], size=(48, 32))
     frames = dataset.read_video(str(tmp_path / 'grey.mp4'), 3)
