@@ -142,6 +142,8 @@ def read_video(path, n_frames):
         raise BadVideo(f'{path}: no such file')
     if os.path.getsize(path) == 0:  # FFmpeg's word for it is 'Invalid data found when processing input'
         raise BadVideo(f'{path}: an empty file (0 bytes)')
+    if is_image(path):
+        return [read_image(path, n_frames)]
     try:
         container = av.open(path)
     except av.FFmpegError as e:
@@ -171,6 +173,34 @@ def read_video(path, n_frames):
     except av.FFmpegError as e:  # it opened as a video: its data is damaged
         raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({e})') from e
     return frames
+
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')  # (a GIF is a video: TGIF's are)
+
+
+def is_image(path):
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTS
+
+
+def read_image(path, n_frames=1):
+    """A photo as a one-frame video: RGB uint8 [H, W, 3], decoded by decode_image, as training decodes a stored frame
+    (the extraction tool stores a JPEG's own bytes), so a prediction on the file sees what training on it saw."""
+    if n_frames > 1:
+        raise BadVideo(f'{path}: 1 frame (an image), fewer than the {n_frames} asked for')
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        return decode_image(raw).permute(1, 2, 0).numpy()
+    except IMAGE_ERRORS as e:
+        raise BadVideo(f'{path}: not an image ({image_error(e)})') from e
+
+
+IMAGE_ERRORS = (binascii.Error, RuntimeError, OSError, UnidentifiedImageError, ValueError)  # what decoding raises
+
+
+def image_error(e):
+    """A decoder's message without PIL's address of its BytesIO or torchvision's source file and line."""
+    return re.sub(r'^\w+, \S+\.cpp:\d+, | <[^<>]* at 0x[0-9a-f]+>', '', str(e))
 
 
 def _decode_all(path, n_frames):
@@ -269,18 +299,22 @@ def b64_to_img(b64, size, reduce=False):
     libjpeg itself (straight from the DCT, still at least twice `size` on its long side, so the antialiased resize
     still filters): the padding and the resize then work on a small image (1.2-1.5x faster on HD frames), but values
     move by more than 1/255 (measured in README, tested); so it is not the default."""
-    raw = base64.b64decode(b64.strip(), validate=True)
+    return pad_resize(decode_image(base64.b64decode(b64.strip(), validate=True), size if reduce else 0), size)
+
+
+def decode_image(raw, reduce_for=0):
+    """The one image decoder: the bytes of an image file -> RGB uint8 [3, H, W]. JPEGs through torchvision's
+    decode_jpeg, anything else through PIL. reduce_for=size: b64_to_img's reduce."""
     jpeg = raw[:2] == b'\xff\xd8'
-    small = reduce and jpeg_side(raw) >= 4 * size
+    small = reduce_for and jpeg_side(raw) >= 4 * reduce_for
     pil = Image.open(io.BytesIO(raw)) if not jpeg or decode_jpeg is None or small else None
     if pil is None:
-        img = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    else:
-        if jpeg and small:
-            w, h = pil.size
-            pil.draft('RGB', (-(-2 * size * w // max(w, h)), -(-2 * size * h // max(w, h))))  # long side >= 2 size
-        img = torch.from_numpy(np.array(pil.convert('RGB'))).permute(2, 0, 1)
-    return pad_resize(img, size)
+        return decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if jpeg and small:
+        w, h = pil.size
+        side = 2 * reduce_for  # long side >= 2 size
+        pil.draft('RGB', (-(-side * w // max(w, h)), -(-side * h // max(w, h))))
+    return torch.from_numpy(np.array(pil.convert('RGB'))).permute(2, 0, 1)
 
 
 def jpeg_side(raw):
@@ -641,9 +675,8 @@ class Dataset_Base(torch.utils.data.Dataset):
         for i, b in enumerate(b64s):
             try:
                 img.append(self.str2img(b))
-            except (binascii.Error, RuntimeError, OSError, UnidentifiedImageError, ValueError) as e:
-                why = re.sub(r' <[^<>]* at 0x[0-9a-f]+>', '', str(e))  # PIL names its BytesIO by address
-                raise BadSample(f'{where}: video "{vid}" frame {i}: cannot decode image ({why})') from e
+            except IMAGE_ERRORS as e:
+                raise BadSample(f'{where}: video "{vid}" frame {i}: cannot decode image ({image_error(e)})') from e
         return torch.stack(img)
 
     def get_img(self, vid):

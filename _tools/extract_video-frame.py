@@ -6,9 +6,12 @@
         --out _data/img_msrvtt [--shard_size 0]
         writes _data/img_msrvtt.tsv + .lineidx ('tsv') or + .id2lineidx.pkl ('v2', VIOLETv2's); with
         --shard_size S > 0, shards of S videos: _data/img_webvid2.5m_train_<k>.tsv + index (the pretraining parts)
+    python _tools/extract_video-frame.py --videos CC3M/images --ext jpg,png --sample 1 --layout tsv \
+        --shard_size 500000 --out _data/img_cc3m_train          # images: one frame each
 
 Frames: dataset.read_video (frames int(n*(i+1)) of the F frames, n = F / (N+1); only those are decoded), each
-encoded as RGB JPEG with PIL's defaults, base64 ASCII; the video id is the file name without its extension.
+encoded as RGB JPEG with PIL's defaults, base64 ASCII; the video id is the file name without its extension. An
+image is one frame: a JPEG is stored as its own bytes, another format (PNG, ...) encoded as the frames are.
 Resumable: every output file is written under a temporary name and renamed when complete (the index last), so
 a crash never leaves a partial shard; a rerun skips the videos already in complete outputs and writes the
 rest into new shards (or, without shards, rewrites the one file with the old rows plus the new).
@@ -25,7 +28,7 @@ from tqdm import tqdm
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
-from dataset import BadVideo, load_pickle, read_video  # noqa: E402
+from dataset import BadVideo, is_image, load_pickle, read_video  # noqa: E402
 from extract_tsv import read_tsv, write_tsv  # noqa: E402
 
 
@@ -36,11 +39,19 @@ def jpeg_b64(rgb):
 
 
 def extract_video(path, sample):
-    """-> ([base64 JPEG] of the `sample` chosen frames, None), or (None, reason) when the video cannot be read."""
+    """-> ([base64 JPEG] of the `sample` chosen frames, None), or (None, reason) when the video cannot be read.
+    An image (IMAGE_EXTS: CC3M's photos, --sample 1) is one frame: a JPEG file is stored as its own bytes (no
+    second lossy encoding; training decodes them as they are), after decoding once to be sure it can be."""
     try:
-        return [jpeg_b64(rgb) for rgb in read_video(path, sample)], None
+        frames = read_video(path, sample)
     except BadVideo as e:
         return None, str(e)
+    if is_image(path):
+        with open(path, 'rb') as f:
+            raw = f.read()
+        if raw[:2] == b'\xff\xd8':
+            return [base64.b64encode(raw).decode('ascii')], None
+    return [jpeg_b64(rgb) for rgb in frames], None
 
 
 def _work(job):
@@ -208,7 +219,8 @@ def main():
     parser.add_argument('--out', default=None, help='output: the pkl file, or the prefix of the .tsv + index (default X)')
     parser.add_argument('--layout', default='pkl', choices=['pkl', 'tsv', 'v2'])
     parser.add_argument('--shard_size', type=at_least(0), default=0, help='videos per TSV shard <out>_<k>; 0: one file')
-    parser.add_argument('--ext', default='mp4', help='video file extensions, comma separated (e.g. mp4,avi,gif)')
+    parser.add_argument('--ext', default='mp4', help='video file extensions, comma separated (e.g. mp4,avi,gif; '
+                                                     'images: jpg,png with --sample 1)')
     args = parser.parse_args()
     if not args.path and not (args.videos and args.out):
         parser.error('give --path, or --videos and --out')

@@ -516,6 +516,36 @@ def test_read_video_reads_gifs(tmp_path):
     assert [int(round(f.mean() / 20)) for f in got] == [2, 4, 6, 8] == dataset.sample_inside(10, 4)
 
 
+def test_extract_images_one_frame_each(tmp_path):
+    """CC3M is images: --ext jpg,png --sample 1. A JPEG is stored as its own bytes (no second lossy encoding), a PNG
+    encoded as frames are; a file that does not decode is listed, not stored. A photo given to predict.py (read_video)
+    is decoded as training decodes its stored frame (before, FFmpeg decoded it: other values than training saw)."""
+    rng = np.random.default_rng(0)
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(photos / 'street.jpg', quality=90)
+    Image.fromarray(np.kron(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))).save(
+        photos / 'chart.png')
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).convert('CMYK').save(photos / 'print.jpeg')
+    (photos / 'cut.jpg').write_bytes((photos / 'street.jpg').read_bytes()[:200])
+    written, _, failed = frame_tool.extract_to(str(photos), str(tmp_path / 'img_cc3m_train_0'), 1, layout='tsv',
+                                                exts=('jpg', 'jpeg', 'png'), progress=False)
+    assert written == 3 and list(failed) == [str(photos / 'cut.jpg')]
+    assert failed[str(photos / 'cut.jpg')].startswith(f'{photos}/cut.jpg: not an image (')
+    stored = convert_layout.read_frames(str(tmp_path / 'img_cc3m_train_0'))[1]
+    assert sorted(stored) == ['chart', 'print', 'street'] and all(len(f) == 1 for f in stored.values())
+    for name in ('street.jpg', 'print.jpeg'):
+        assert base64.b64decode(stored[name.split('.')[0]][0]) == (photos / name).read_bytes()
+        seen_by_training = dataset.b64_to_img(stored[name.split('.')[0]][0], 64)
+        seen_by_predict = dataset.pad_resize(torch.from_numpy(dataset.read_video(str(photos / name), 1)[0]).permute(2, 0, 1), 64)
+        assert torch.equal(seen_by_training, seen_by_predict), name
+    chart = dataset.b64_to_img(stored['chart'][0], 40)  # PIL's JPEG of the PNG: close to it, not equal
+    png = dataset.pad_resize(torch.from_numpy(np.array(Image.open(photos / 'chart.png'))).permute(2, 0, 1), 40)
+    assert 0 < (chart - png).abs().mean() < 0.02
+    with pytest.raises(dataset.BadVideo, match=rf'^{photos}/street.jpg: 1 frame \(an image\), fewer than the 5 asked for$'):
+        dataset.read_video(str(photos / 'street.jpg'), 5)
+
+
 # ---- a researcher's own clips, the steps of README's "Your own videos, end to end"
 
 def test_own_videos_end_to_end(tmp_path, capsys, monkeypatch):
