@@ -61,6 +61,7 @@ class TrainConfig:
     max_skip_frac: float = config.key(0.01, 'under `skip_bad`: more than this fraction of a unit\'s (or an evaluation\'s) samples skipped stops the run', least=0)
     path_output: str = config.key('', 'output dir; `""`: `_snapshot/_<task>_<time>_<random>` (a new one per run)')
     save_every: int = config.key(0, '> 0: also write `resume.pt` every this many steps inside a part / epoch', least=0)
+    save_minutes: float = config.key(30.0, '> 0: also write `resume.pt` inside a part / epoch once this many minutes have passed since the last one (rank 0\'s clock), so that a job killed without warning (kill -9, a lost node) loses at most that; 0: off', least=0)
     save_safetensors: bool = config.key(False, 'also write each checkpoint as `.safetensors` beside the `.pt` (shareable; loading it cannot run code)')
     log_tb: bool = config.key(False, 'also write TensorBoard scalars to `<path_output>/tb` (`steps.jsonl` is always written)')
     stop_after_steps: int = config.key(0, '> 0: stop (resumably) after this many steps of this invocation; not carried over by `--resume` (the resumed run goes to the end unless `--set stop_after_steps=N` is given again)', least=0)
@@ -357,6 +358,7 @@ class Trainer:
         self.data_warned = False          # said once per invocation that the loader held training up
         self.nonfinite_run = 0            # consecutive non-finite steps (same on every rank)
         self.signalled = 0                # a stop signal this process received (fit's handlers), 0 when none
+        self.last_resume = time.time()    # when resume.pt was last written (or this invocation started): save_minutes
         self.local = self.fresh_local()   # this rank's running sums of the current unit
         if state is None:
             seed_all(args['seed'] * 1000 + self.rank)  # dropout differs per rank
@@ -430,7 +432,7 @@ class Trainer:
             self.step = i + 1
             self.steps_run += 1
             window_start = self.position()
-            if args['save_every'] and self.step % args['save_every'] == 0 and self.step < n_batch:
+            if (r['resume_due'] or args['save_every'] and self.step % args['save_every'] == 0) and self.step < n_batch:
                 self.save_resume()
             if r['signalled'] and self.step < n_batch:  # (at the unit's end it finishes the unit first)
                 self.save_resume()
@@ -454,14 +456,15 @@ class Trainer:
         then nothing is trained or stepped, the run is to stop))."""
         # before the forward, which DDP may start with a collective of its own (the bucket rebuild of its second
         # forward) that a rank without a batch would leave waiting: the min of present, -max of the ranks' skip counts
-        # and of their stop signals, the first rank whose loading failed; after it, whether every loss is finite and
+        # and of their stop signals, the first rank whose loading failed, whether rank 0 finds a resume.pt due (its
+        # clock decides for all: save_minutes); after it, whether every loss is finite and
         # the stop signals again (one that came during the forward stops the run at this step)
         min_over_ranks = dist.ReduceOp.MIN if self.world > 1 else None
-        present, most_skipped, signalled, first_failed = all_reduce(
-            [batch is not None, -self.local['n_skipped'], -self.signalled, self.rank + 1 if failed else self.world + 1],
-            min_over_ranks)
+        present, most_skipped, signalled, first_failed, resume_due = all_reduce(
+            [batch is not None, -self.local['n_skipped'], -self.signalled, self.rank + 1 if failed else self.world + 1,
+             -self.resume_due()], min_over_ranks)
         out = dict(loss=None, losses=None, nonfinite=False, most_skipped=int(-most_skipped), stepped=False,
-                   signalled=int(-signalled), failed=0)
+                   signalled=int(-signalled), failed=0, resume_due=bool(resume_due))
         if first_failed <= self.world:
             return {**out, 'failed': int(first_failed)}
         trained = False
@@ -560,6 +563,11 @@ class Trainer:
         return {k: tot[2*j] / tot[2*j+1] if tot[2*j+1] else None for j, k in enumerate(metrics)}
 
     # ---- checkpoints, resume, log
+    def resume_due(self):
+        """On rank 0: save_minutes have passed since the last resume.pt (or the start of this invocation)."""
+        minutes = self.args['save_minutes']
+        return bool(minutes) and is_main() and time.time() - self.last_resume >= 60 * minutes
+
     def position(self):
         """This rank's RNG states, running sums and non-finite counts now: with the weights, the optimiser and
         self.step, where training stands before the next batch is fetched."""
@@ -571,6 +579,7 @@ class Trainer:
         of `at`, a position() taken at self.step, when given). Collective: every rank calls it at the same point;
         rank 0 writes."""
         at = at or self.position()
+        self.last_resume = time.time()
         ranks = gather_objects(dict(rng=at['rng'], **at['local']))
         if is_main():
             save_torch(dict(model=self.raw.state_dict(), optim=self.optim.state_dict(), scaler=self.scaler.state_dict(),

@@ -407,6 +407,35 @@ def test_bad_sample_mid_unit_saves_and_resumes_exactly(toy, tmp_path, monkeypatc
     assert json.load(open(out / 'log.json')) == json.load(open(os.path.join(whole, 'log.json')))
 
 
+def test_killed_without_warning_resumes_from_save_minutes(toy, tmp_path):
+    """kill -9 (no signal to catch) mid-epoch: with save_minutes, resume.pt was written inside the epoch (here every
+    step: 1e-9 minutes), so --resume loses nothing and ends epochs 1 and 2 with the weights of an unbroken run."""
+    whole = qamc(toy, tmp_path / 'whole', 'size_epoch=50', 'stop_after_steps=8')  # 16 items, batch 4: 2 epochs
+    out = tmp_path / 'killed'
+    cmd = [sys.executable, 'main_qamc.py', CONFIG, '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}',
+           f'path_output={out}', 'size_epoch=50', 'size_batch=4', 'save_minutes=1e-9']
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+        t0, state = time.time(), None
+        while state is None or state['step'] == 0:  # a position inside an epoch
+            assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
+            if os.path.exists(out / 'resume.pt'):
+                state = torch.load(out / 'resume.pt', weights_only=True)
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    state = torch.load(out / 'resume.pt', weights_only=True)  # (it may have moved on before the kill)
+    assert state['step'] > 0 and state['unit'] < 2, (state['unit'], state['step'])
+    left = 8 - 4 * state['unit'] - state['step']
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', f'stop_after_steps={left}'])
+    for ep in (1, 2):
+        a, b = (torch.load(os.path.join(d, f'ckpt_violet_toy-qamc_{ep}.pt'), weights_only=True) for d in (whole, out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ep
+
+
 def wait_for_steps(out, proc, n=1, timeout=120):
     t0 = time.time()
     while not (os.path.exists(out / 'steps.jsonl') and len(open(out / 'steps.jsonl').readlines()) >= n):
