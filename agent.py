@@ -967,7 +967,7 @@ def run(cli, task, state, device, out):
     try:
         trainer = Trainer(task, device, state, need='all' if cli.eval else None)
     except violet.CheckpointError as e:
-        raise SystemExit(f'path_ckpt: {e}') from e
+        raise SystemExit(str(e) if str(e).startswith('path_vt: ') else f'path_ckpt: {e}') from e
     if is_main():
         save_json(args, os.path.join(out, 'args.json'))  # after the task filled in what it derives (size_vocab)
         for name, obj in task.run_files().items():

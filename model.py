@@ -306,8 +306,11 @@ def load_vt(swin, path, path_ckpt=''):
     own = swin.state_dict()
     misfit = sorted(k for k in own.keys() | sd.keys() if k not in sd or k not in own or sd[k].shape != own[k].shape)
     if misfit:
-        raise ValueError(f'{path}: Video Swin weights do not fit the configured VT '
-                         f'({len(misfit)} keys missing, extra or of another shape, e.g. {misfit[:3]})')
+        hint = ('; it is an unconverted Video Swin checkpoint ("backbone." keys): convert it with '
+                '_tools/convert_video-swin.py' if any(str(k).startswith('backbone.') for k in sd.get('state_dict', sd)) else
+                ' (vt_dim, vt_depths, vt_heads, vt_window and the checkpoint must describe the same Video Swin)')
+        raise CheckpointError(f'path_vt: {path}: Video Swin weights do not fit the configured VT ({len(misfit)} keys '
+                              f'missing, extra or of another shape, e.g. {misfit[:3]}){hint}')
     swin.load_state_dict(sd)
     print(f'VT: loaded {path}')
 

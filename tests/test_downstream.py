@@ -177,6 +177,13 @@ def test_training_refuses_a_checkpoint_without_the_encoders(toy, tmp_path):
     assert str(e.value).startswith(f"path_ckpt: {tmp_path / 'wrong.pt'}: ")
     assert 'set init_partial: true to start from a partial checkpoint on purpose' in str(e.value)
     assert not os.path.exists(out / 'ckpt_violet_toy-qamc_0.pt')
+    # Video Swin weights of another shape (path_vt): one line naming that key, not a traceback nor 'path_ckpt'
+    vt = {k.removeprefix('enc_img.swin.'): torch.zeros(*v.shape, 2) for k, v in sd.items() if k.startswith('enc_img.swin.')}
+    torch.save(vt, tmp_path / 'vt.pt')
+    with pytest.raises(SystemExit) as e:
+        agent.main(main_qamc.QAMC, '', [f'{REPO}/_data/toy/args_toy-qamc.json', '--set', f'txt_backbone={TINY}',
+                                        f'path_data={toy}', f'path_vt={tmp_path / "vt.pt"}', f'path_output={out}'])
+    assert str(e.value).startswith(f"path_vt: {tmp_path / 'vt.pt'}: Video Swin weights do not fit the configured VT (")
     trainer = agent.Trainer(main_qamc.QAMC(dict(args, path_ckpt=str(tmp_path / 'wrong.pt'), init_partial=True)),
                             torch.device('cpu'))
     assert len(trainer.not_loaded) == sum(not k.endswith('relative_position_index') for k in sd)

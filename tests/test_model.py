@@ -311,8 +311,13 @@ def test_convert_video_swin_and_path_vt(tmp_path, capsys):
         model.VIOLET_Retrieval({**SMALL, 'path_vt': absent, 'path_ckpt': str(tmp_path / 'part.pt')})
     bad = model.SwinTransformer3D(8, [2, 2, 2, 2], [1, 2, 4, 8]).state_dict()
     torch.save(bad, tmp_path / 'bad.pt')
-    with pytest.raises(ValueError, match='do not fit the configured VT'):
+    with pytest.raises(model.CheckpointError, match=rf'^path_vt: {tmp_path}/bad.pt: Video Swin weights do not fit the '
+                                                    r'configured VT \(.*\) \(vt_dim, vt_depths'):
         model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'bad.pt')})
+    # the Kinetics file itself, not converted: said so
+    with pytest.raises(model.CheckpointError, match=r'an unconverted Video Swin checkpoint \("backbone." keys\): convert '
+                                                    r'it with _tools/convert_video-swin.py$'):
+        model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'k400.pth')})
 
 
 def test_load_ckpt_need(tmp_path, capsys):
