@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import re
 import secrets
 import shutil
 import signal
@@ -96,6 +95,8 @@ def data_errors_in_one_line(fn):
             return fn(*args, **kwargs)
         except (dataset.DataError, FileNotFoundError) as e:
             raise SystemExit(dataset.error_message(e)) from e
+        except dataset.WriteError as e:
+            raise SystemExit(str(e)) from e
     return wrapped
 
 
@@ -227,49 +228,25 @@ def unwrap(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# files: written to a tmp file in the same dir, then renamed, so a crash never leaves half a file
-
-def _atomic(path, write):
-    """write(tmp), flushed to disk (fsync), then renamed over path: after a crash or kill -9 at any moment path
-    holds the old file or the new one, whole; what a kill leaves is a stale tmp file (remove_stale_tmp)."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    write(tmp)
-    with open(tmp, 'rb+') as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if hasattr(os, 'O_DIRECTORY'):  # the rename itself reaches the disk with the directory's entry
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def remove_stale_tmp(folder):
-    """Remove the tmp files of writes a kill interrupted (X.tmp<pid>). Called by the run that holds the folder's
-    lock, so no other run of this folder is writing one."""
-    stale = sorted(f for f in os.listdir(folder) if re.fullmatch(r'.+\.tmp\d+', f))
-    for f in stale:
-        os.remove(os.path.join(folder, f))
-    if stale:
-        print(f'{folder}: removed {len(stale)} temporary file(s) of interrupted writes: {", ".join(stale)}', flush=True)
-
+# files: written through dataset.write_atomic (a tmp file in the same dir, then renamed), so a crash never leaves
+# half a file and a full disk stops the run with one line naming the file
 
 def save_json(obj, path):
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=2)
-    _atomic(path, write)
+    dataset.write_json(obj, path, indent=2)
 
 
 def save_torch(obj, path):
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    dataset.write_torch(obj, path)
 
 
 def save_safetensors(state_dict, path):
     # safetensors refuses tensors that share memory (BERT's MLM head ties two biases): each key gets its own copy
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    _atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+    data = safetensors.torch.save({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()})
+
+    def write(tmp):  # written by Python, so a failed write is the OS's error (save_file raises its own kind)
+        with open(tmp, 'wb') as f:
+            f.write(data)
+    dataset.write_atomic(path, write)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,45 +379,51 @@ class Trainer:
         bar = tqdm(timed(loader, waited), total=n_batch, initial=self.step, disable=not is_main(), ascii=True,
                    desc=unit['name'])
         window_start = self.position()  # what resume.pt holds if this window's data fails
-        for i, item in enumerate(bar, start=self.step):
-            failed, (batch, n_skip) = (item, (None, 0)) if isinstance(item, Exception) else (None, item)
-            self.local['n_skipped'] += n_skip
-            last_of_window = (i + 1) % args['grad_accum'] == 0 or i + 1 == n_batch
-            if batch is not None:
-                batch = self.to_device(batch)
-                n_samples += len(batch[0])
-            r = self.train_step(batch, generator(self.device, args['seed'], u, i, self.rank), last_of_window,
-                                failed=failed is not None)
-            if r['failed']:
-                bar.close()
-                self.save_resume(window_start)
-                self.stop_for_data(failed, r['failed'] - 1, f"{unit['name']} step {self.step}")
-            if r['most_skipped'] > args['max_skip_frac'] * len(ds):  # the sum over ranks is larger still
-                raise SystemExit(too_many_skipped(r['most_skipped'], len(ds), unit['name'], args['max_skip_frac'], 'at least '))
-            if r['nonfinite']:
-                self.count_nonfinite(unit['name'], i)
-            if r['losses'] is not None:
-                self.nonfinite_run = 0
-                self.add_losses(r['loss'], r['losses'], len(batch[0]), window, bar)
-            if not last_of_window:
-                continue
-            if r['stepped']:
-                self.global_step += 1
-                if self.steplog and window['n']:
-                    self.steplog.train(self.global_step, unit['name'], i + 1, window, self.optim.param_groups[0]['lr'])
-                    window = new_window()
-            self.step = i + 1
-            self.steps_run += 1
-            window_start = self.position()
-            if (r['resume_due'] or args['save_every'] and self.step % args['save_every'] == 0) and self.step < n_batch:
-                self.save_resume()
-            if r['signalled'] and self.step < n_batch:  # (at the unit's end it finishes the unit first)
-                self.save_resume()
-                raise SystemExit(self.stopped_by(r['signalled'], f"{unit['name']} step {self.step}"))
-            if self.step < n_batch and self.stopping():
-                self.save_resume()
-                return None
-        bar.close()
+        try:  # the bar shows where the unit stopped, also when it stops early
+            for i, item in enumerate(bar, start=self.step):
+                failed, (batch, n_skip) = (item, (None, 0)) if isinstance(item, Exception) else (None, item)
+                self.local['n_skipped'] += n_skip
+                last_of_window = (i + 1) % args['grad_accum'] == 0 or i + 1 == n_batch
+                if batch is not None:
+                    batch = self.to_device(batch)
+                    n_samples += len(batch[0])
+                r = self.train_step(batch, generator(self.device, args['seed'], u, i, self.rank), last_of_window,
+                                    failed=failed is not None)
+                if r['failed']:
+                    bar.close()  # (before the stop message)
+                    self.save_resume(window_start)
+                    self.stop_for_data(failed, r['failed'] - 1, f"{unit['name']} step {self.step}")
+                if r['most_skipped'] > args['max_skip_frac'] * len(ds):  # the sum over ranks is larger still
+                    raise SystemExit(too_many_skipped(r['most_skipped'], len(ds), unit['name'], args['max_skip_frac'], 'at least '))
+                if r['nonfinite']:
+                    self.count_nonfinite(unit['name'], i)
+                if r['losses'] is not None:
+                    self.nonfinite_run = 0
+                    self.add_losses(r['loss'], r['losses'], len(batch[0]), window, bar)
+                if not last_of_window:
+                    continue
+                if r['stepped']:
+                    self.global_step += 1
+                    if self.steplog and window['n']:
+                        self.steplog.train(self.global_step, unit['name'], i + 1, window, self.optim.param_groups[0]['lr'])
+                        window = new_window()
+                self.step = i + 1
+                self.steps_run += 1
+                window_start = self.position()
+                if (r['resume_due'] or args['save_every'] and self.step % args['save_every'] == 0) and self.step < n_batch:
+                    self.save_resume()
+                if r['signalled'] and self.step < n_batch:  # (at the unit's end it finishes the unit first)
+                    bar.update(self.step - bar.n)  # (tqdm counts a batch when the next is fetched)
+                    self.save_resume()
+                    raise SystemExit(self.stopped_by(r['signalled'], f"{unit['name']} step {self.step}"))
+                if self.step < n_batch and self.stop_asked():
+                    bar.update(self.step - bar.n)
+                    bar.close()
+                    self.save_resume()
+                    self.say_stopped()
+                    return None
+        finally:
+            bar.close()
         self.data_wait = waited[0] / max(time.time() - t0, 1e-9)
         return self.unit_losses(unit['name'], len(ds), n_samples, time.time() - t0)
 
@@ -678,15 +661,16 @@ class Trainer:
                 self.data_warned = True
                 say(f'data loading held up training {self.data_wait:.0%} of {unit["name"]}: raise num_workers '
                     f'(now {loader_workers(self.args)}; {usable_cpus()} CPUs here)')
-            if self.stopping() and self.unit < len(units):
+            if self.unit < len(units) and self.stop_asked():
+                self.say_stopped()
                 return False
         return True
 
-    def stopping(self):
-        if self.args['stop_after_steps'] and self.steps_run >= self.args['stop_after_steps']:
-            say(f'stopped after {self.steps_run} steps (stop_after_steps); continue with --resume {self.out}')
-            return True
-        return False
+    def stop_asked(self):
+        return bool(self.args['stop_after_steps']) and self.steps_run >= self.args['stop_after_steps']
+
+    def say_stopped(self):
+        say(f'stopped after {self.steps_run} steps (stop_after_steps); continue with --resume {self.out}')
 
 
 # what schedulers send some time before they kill a job (Slurm: SIGTERM at preemption or the time limit, and
@@ -782,7 +766,7 @@ class StepLog:
                 def write(tmp):
                     with open(tmp, 'w') as f:
                         f.writelines(kept)
-                _atomic(path, write)
+                dataset.write_atomic(path, write)
         self.file = open(path, 'a')
         self.tb = None
         if tb:
@@ -793,8 +777,12 @@ class StepLog:
             self.tb = SummaryWriter(os.path.join(out, 'tb'), purge_step=step + 1 if step else None)
 
     def write(self, rec, scalars):
-        self.file.write(json.dumps(rec) + '\n')
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(rec) + '\n')
+            self.file.flush()
+        except OSError as e:  # a full disk: stop here, as a failed checkpoint does (a cut line is dropped on resume)
+            raise dataset.WriteError(f'could not write {self.file.name}: {e.strerror or e} '
+                                     f'({dataset.disk_free(self.file.name)} free on its disk)') from e
         if self.tb:
             for k, v in scalars.items():
                 if v is not None:
@@ -815,7 +803,8 @@ class StepLog:
         self.write(dict(step=step, unit=unit, eval=metrics), {f'eval/{k}': v for k, v in metrics.items()})
 
     def close(self):
-        self.file.close()
+        with contextlib.suppress(OSError):  # a write that failed (full disk) was raised by write(), once
+            self.file.close()
         if self.tb:
             self.tb.close()
 
@@ -888,6 +877,11 @@ def main(task_cls, default_config, argv=None):
     args['path_output'] = out
     try:
         return run(cli, task, state, device, out)
+    except dataset.WriteError as e:  # a full disk: what is on it is whole (write_atomic); say how to go on
+        resumable = not cli.eval and os.path.isfile(os.path.join(out, 'resume.pt'))
+        raise SystemExit(f'{e}; the files written before are whole: make room and ' +
+                         (f'continue with --resume {out} (from its last resume.pt)' if resumable else
+                          'start it again (--overwrite replaces the files of this run)')) from e
     finally:
         if lock:
             lock.close()  # releases the folder (a killed process releases it too)
@@ -935,15 +929,18 @@ def take_folder(out, resume, overwrite, own_files=()):
         for f in old:
             (shutil.rmtree if os.path.isdir(os.path.join(out, f)) else os.remove)(os.path.join(out, f))
         print(f'--overwrite: removed {len(old)} file(s) of the previous run in {out}', flush=True)
-    remove_stale_tmp(out)
+    dataset.remove_stale_tmp(out)
     return lock
 
 
 def lock_folder(out, what='path_output'):
     """Create the folder and lock it for this process (flock on out/.lock, held until the process ends or the
     returned file is closed); a folder locked by another process is refused, naming it."""
-    os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, '.lock'), 'a+')
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, '.lock'), 'a+')
+    except OSError as e:  # not a folder one may write in (permission, a read-only disk, a file of that name)
+        raise SystemExit(f'{what}: cannot write in {out}: {e.strerror or e}') from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

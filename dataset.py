@@ -24,7 +24,7 @@ Missing files raise FileNotFoundError naming the path, always; any other unusabl
 Pickled data files (img_*.pkl, vq_*.pkl, and the tools' inputs) are read by load_pickle, which refuses anything
 but containers, str, bytes, numbers and numpy arrays: reading a downloaded data file never runs code.
 """
-import base64, binascii, collections, dataclasses, functools, io, json, math, os, pickle, random, re
+import base64, binascii, collections, contextlib, dataclasses, functools, io, json, math, os, pickle, random, re, shutil
 
 import av
 import numpy as np
@@ -442,6 +442,102 @@ def load_pickle(path):
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
             raise DataError(f'{path}: not a readable pickle (truncated or another format?): '
                              f'{type(e).__name__}: {e}') from e
+
+
+class WriteError(Exception):
+    """A file could not be written (disk full, quota, read-only, permission): the message names it and why."""
+
+
+def write_atomic(path, write):
+    """write(tmp) into a temporary file beside `path`, flush it to disk (fsync), rename it over `path`: after a crash
+    or kill -9 at any moment `path` holds the old file or the new one, whole; a kill leaves a stale X.tmp<pid>.
+    Every data file, checkpoint and log of the project is written through here. When the write fails (the disk
+    fills up, a quota, permission, a read-only disk) the temporary file is removed (half a checkpoint would keep
+    the disk full), `path` is as it was, and WriteError names the file, the reason and the space left on its disk.
+    write(tmp) writes the file at tmp itself; its failure must carry the OS's error (OSError), also as the cause or
+    context of another exception (write_torch)."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        write(tmp)
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # (KeyboardInterrupt too: the temporary file goes in every case)
+        written = os.path.getsize(tmp) if os.path.isfile(tmp) else 0
+        if os.path.lexists(tmp):
+            with contextlib.suppress(OSError):  # (never in place of the error being raised)
+                os.remove(tmp)
+        why = os_error(e) if isinstance(e, (OSError, RuntimeError)) else None
+        if why is None:  # not a failed write (a bug in write, an interrupt): raised as it is
+            raise
+        raise WriteError(f'could not write {path}: {why} ' + (f'(after {size_text(written)} of it; ' if written else '(')
+                         + f'{disk_free(path)} free on its disk)') from e
+    if hasattr(os, 'O_DIRECTORY'):  # the rename itself reaches the disk with the directory's entry
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_tmp(folder, prefix=''):
+    """Remove the temporary files (X.tmp<pid>) that a kill left in `folder`, of names starting with `prefix`.
+    Called by the one process that writes there (a run holding its folder's lock, an extraction of its outputs)."""
+    stale = sorted(f for f in os.listdir(folder) if f.startswith(prefix) and re.fullmatch(r'.+\.tmp\d+', f))
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    if stale:
+        print(f'{folder}: removed {len(stale)} temporary file(s) of interrupted writes: {", ".join(stale)}', flush=True)
+
+
+def os_error(e):
+    """The OS's reason ('No space left on device') of an exception or of one in its chain (torch wraps the OSError
+    of a failed write in a RuntimeError); None when there is none."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e.strerror or str(e)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def disk_free(path):
+    try:
+        return size_text(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)
+    except OSError:
+        return 'unknown space'
+
+
+def size_text(n):
+    unit = next(u for u in range(3, -1, -1) if n >= 1024 ** u or u == 0)
+    return f'{n / 1024 ** unit:.1f} {("bytes", "KB", "MB", "GB")[unit]}' if unit else f'{n} bytes'
+
+
+def write_json(obj, path, indent=None):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=indent)
+    write_atomic(path, write)
+
+
+def write_pickle(obj, path):
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            pickle.dump(obj, f)
+    write_atomic(path, write)
+
+
+def write_torch(obj, path):
+    def write(tmp):
+        try:
+            torch.save(obj, tmp)  # given a path, torch writes twice as fast as through a Python file
+            return
+        except RuntimeError:  # ... but its error says nothing of why ("unexpected pos"): once more through a Python
+            pass  # file, whose failed write raises the OS's error; outside this block, so that the first writer
+        with open(tmp, 'wb') as f:  # (held by the first error's frames) has closed its file and freed its space
+            torch.save(obj, f)
+    write_atomic(path, write)
 
 
 def json_key(obj, key, path):

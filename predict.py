@@ -134,6 +134,8 @@ def main(argv=None):
     for v in tqdm(videos, desc='videos', unit='video', ascii=True, disable=len(videos) < 10):
         try:
             m.embed_video(v)
+        except dataset.WriteError as e:  # the --cache folder's disk is full: nothing is lost but time, say so
+            raise SystemExit(f'predict: {e}; make room, or run without --cache') from e
         except (dataset.BadVideo, OSError) as e:
             if any(j['named'] for j in jobs if j['video'] == v):
                 raise SystemExit(f'predict: {e}') from e
@@ -156,8 +158,10 @@ def main(argv=None):
         print(f'skipped {len(skipped)} unreadable: ' + ', '.join(s['video'] for s in skipped))
     if opt.out:
         os.makedirs(os.path.dirname(os.path.abspath(opt.out)), exist_ok=True)
-        with open(opt.out, 'w') as f:
-            json.dump(res, f, indent=1)
+        try:
+            dataset.write_json(res, opt.out, indent=1)
+        except dataset.WriteError as e:  # the results are printed above: say that only the file is missing
+            raise SystemExit(f'predict: {e} (the results are printed above)') from e
         print(f'wrote {opt.out}')
     return res
 

@@ -22,6 +22,9 @@ unknown video stops it with a message naming the file and the line.
 """
 import argparse, collections, csv, json, os, sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataset import WriteError, write_json  # noqa: E402  (whole or not at all; a full disk named)
+
 # published split sizes: MSR-VTT (Xu et al. 2016) with JSFusion's 1k-A split (Yu et al. 2018),
 # MSRVTT-QA and MSVD-QA (Xu et al. 2017), TGIF-QA (Jang et al. 2017)
 PUBLISHED = {
@@ -195,9 +198,10 @@ def main():
         out, sizes = convert(args.task, args.src, args.size_vocab)
     except (FileNotFoundError, BadAnnotation) as e:
         sys.exit(str(e))
-    with open(args.out + '.tmp', 'w') as f:
-        json.dump(out, f)
-    os.replace(args.out + '.tmp', args.out)
+    try:
+        write_json(out, args.out)
+    except WriteError as e:
+        sys.exit(str(e))
     print(f'{args.out}:')
     for split in ['train', 'val', 'test']:
         print(f'  {split}: {sizes[split]} (published: {PUBLISHED[args.task][split]})')

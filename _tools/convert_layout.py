@@ -10,12 +10,12 @@ evaluation rule (dataset.sample_stored: evenly over the whole video, first and l
 v2 set (more frames stored than used) into one of the original's fixed count; a video with fewer than N frames
 is an error naming it. A v2 row's second field is written as the frame count; when reading, it is ignored.
 """
-import argparse, os, pickle, sys
+import argparse, os, sys
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
-from dataset import FRAME_LAYOUTS, find_layout, load_pickle, sample_stored  # noqa: E402
+from dataset import FRAME_LAYOUTS, WriteError, find_layout, load_pickle, sample_stored, write_pickle  # noqa: E402
 from extract_tsv import read_tsv, write_tsv  # noqa: E402
 
 
@@ -27,9 +27,7 @@ def read_frames(prefix, layout='auto'):
 
 def write_frames(frames, prefix, layout):
     if layout == 'pkl':
-        with open(prefix + '.pkl.tmp', 'wb') as f:
-            pickle.dump(frames, f)
-        os.replace(prefix + '.pkl.tmp', prefix + '.pkl')
+        write_pickle(frames, prefix + '.pkl')
     else:
         write_tsv(frames, prefix + '.tsv', prefix + ('.id2lineidx.pkl' if layout == 'v2' else '.lineidx'))
 
@@ -64,7 +62,7 @@ def main():
         sys.exit('--src and --dst must differ (the source would be overwritten while read)')
     try:
         layout, n = convert(args.src, args.dst, args.to, args.sample, args.src_layout)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, WriteError) as e:
         sys.exit(str(e))
     print(f'{args.src} ({layout}) -> {args.dst} ({args.to}): {n} videos')
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataset import WriteError, write_torch  # noqa: E402
 from model import weights_only_refusal  # noqa: E402
 
 try:
@@ -55,8 +56,10 @@ def convert(src, dst, trust_pickle=False):
     if not out:
         sys.exit(f'convert_video-swin: {src} has no backbone.* keys (found e.g. {list(sd)[:3]})')
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    torch.save(out, dst + '.tmp')
-    os.replace(dst + '.tmp', dst)
+    try:
+        write_torch(out, dst)
+    except WriteError as e:
+        sys.exit(f'convert_video-swin: {e}')
     dropped = sorted({k.split('.')[0] for k in sd if not k.startswith('backbone.')})
     print(f'convert_video-swin: wrote {len(out)} tensors to {dst} (dropped: {dropped})')
     return out

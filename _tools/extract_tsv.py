@@ -6,12 +6,12 @@ offset of each line, one decimal number per line) (docs/violet.md#data-formats).
 write_tsv / read_tsv also handle VIOLETv2's layout (an index X.id2lineidx.pkl = {video_id: offset} and rows
 `video_id\\t<frame count>\\tb64...`); _tools/convert_layout.py converts between the layouts.
 """
-import argparse, os, pickle, sys
+import argparse, os, sys
 
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import load_id2lineidx, load_pickle, read_lineidx  # noqa: E402  plain data only: a downloaded pkl never runs code
+from dataset import WriteError, load_id2lineidx, load_pickle, read_lineidx, write_atomic, write_pickle  # noqa: E402  plain data only: a downloaded pkl never runs code
 
 
 def is_v2(path_index):
@@ -19,22 +19,23 @@ def is_v2(path_index):
 
 
 def write_tsv(pkl, path_tsv, path_index, progress=False):
-    """Rows of `pkl` in its order; the layout follows the index name (X.lineidx or X.id2lineidx.pkl). Both files
-    are written under a temporary name, then renamed (the index last): a crash never leaves a partial file."""
+    """Rows of `pkl` in its order; the layout follows the index name (X.lineidx or X.id2lineidx.pkl). Each file
+    is written whole or not at all (dataset.write_atomic), the index last: a TSV without its index is incomplete."""
     v2, offsets = is_v2(path_index), {}
-    with open(path_tsv + '.tmp', 'wb') as tsv:
-        for vid, frames in tqdm(pkl.items(), ascii=True, disable=not progress):
-            if '\t' in vid or '\n' in vid:
-                raise ValueError(f'video id {vid!r} holds a tab or a newline')
-            offsets[vid] = tsv.tell()
-            tsv.write(('\t'.join([vid] + ([str(len(frames))] if v2 else []) + list(frames)) + '\n').encode('utf-8'))
-    with open(path_index + '.tmp', 'wb') as f:
-        if v2:
-            pickle.dump(offsets, f)
-        else:
-            f.write(''.join(f'{o}\n' for o in offsets.values()).encode())
-    os.replace(path_tsv + '.tmp', path_tsv)
-    os.replace(path_index + '.tmp', path_index)
+
+    def rows(tmp):
+        with open(tmp, 'wb') as tsv:
+            for vid, frames in tqdm(pkl.items(), ascii=True, disable=not progress):
+                if '\t' in vid or '\n' in vid:
+                    raise ValueError(f'video id {vid!r} holds a tab or a newline')
+                offsets[vid] = tsv.tell()
+                tsv.write(('\t'.join([vid] + ([str(len(frames))] if v2 else []) + list(frames)) + '\n').encode('utf-8'))
+
+    def lines(tmp):
+        with open(tmp, 'w') as f:
+            f.write(''.join(f'{o}\n' for o in offsets.values()))
+    write_atomic(path_tsv, rows)
+    write_pickle(offsets, path_index) if v2 else write_atomic(path_index, lines)
 
 
 def read_tsv(path_tsv, path_index):
@@ -58,7 +59,10 @@ def main():
     if not os.path.isfile(args.path + '.pkl'):
         sys.exit(f'missing {args.path}.pkl')
     pkl = load_pickle(args.path + '.pkl')
-    write_tsv(pkl, args.path + '.tsv', args.path + '.lineidx', progress=True)
+    try:
+        write_tsv(pkl, args.path + '.tsv', args.path + '.lineidx', progress=True)
+    except WriteError as e:
+        sys.exit(str(e))
     print(f'{args.path}.tsv, {args.path}.lineidx: {len(pkl)} lines')
 
 

@@ -19,7 +19,7 @@ Failures never stop the batch: each unreadable video (or one with fewer frames t
 dataset.read_video refuses) is named on stderr and listed with its reason in <out>.failed.json, written only when
 a video failed (a stale one from an earlier run is removed); the exit status is non-zero when no video could be read.
 """
-import argparse, base64, collections, glob, io, json, os, pickle, sys
+import argparse, base64, collections, glob, io, os, sys
 from multiprocessing import Pool
 
 from PIL import Image
@@ -28,7 +28,8 @@ from tqdm import tqdm
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
-from dataset import BadVideo, is_image, load_pickle, read_video  # noqa: E402
+from dataset import (BadVideo, WriteError, is_image, load_pickle, read_video, remove_stale_tmp,  # noqa: E402
+                     write_json, write_pickle)
 from extract_tsv import read_tsv, write_tsv  # noqa: E402
 
 
@@ -88,14 +89,8 @@ def extract_dir(dir_in, sample, path_out=None, workers=1, progress=True):
         else:
             pkl[vid] = frames
     if path_out is not None:
-        write_pkl(pkl, path_out)
+        write_pickle(pkl, path_out)
     return pkl, bad
-
-
-def write_pkl(pkl, path):
-    with open(path + '.tmp', 'wb') as f:
-        pickle.dump(pkl, f)
-    os.replace(path + '.tmp', path)
 
 
 INDEX = {'tsv': '.lineidx', 'v2': '.id2lineidx.pkl'}
@@ -119,7 +114,7 @@ def read_output(out, layout, shard):
 
 def write_output(frames, out, layout, shard):
     data, index = output_files(out, layout, shard)
-    write_pkl(frames, data) if layout == 'pkl' else write_tsv(frames, data, index)
+    write_pickle(frames, data) if layout == 'pkl' else write_tsv(frames, data, index)
 
 
 def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=('mp4',), progress=True):
@@ -128,6 +123,7 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     if layout == 'pkl' and shard_size:
         raise ValueError('--shard_size needs --layout tsv or v2 (a pkl is one file)')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # not after decoding every video: it crashed there
+    remove_stale_tmp(os.path.dirname(os.path.abspath(out)), os.path.basename(out))  # what a kill -9 left of a shard
     videos, failed, first = [], {}, {}
     for vid, path in list_videos(dir_in, exts):  # a.mp4 and a.avi would both be video "a": the second would replace the first
         if vid in first:
@@ -168,9 +164,7 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     written += len(batch)
     report = failed_report(out, layout)
     if failed:
-        with open(report + '.tmp', 'w') as f:
-            json.dump({'videos': dir_in, 'sample': sample, 'failed': failed}, f, indent=1)
-        os.replace(report + '.tmp', report)
+        write_json({'videos': dir_in, 'sample': sample, 'failed': failed}, report, indent=1)
     elif os.path.exists(report):  # an earlier run's failures were retried and read this time: its list is stale
         os.remove(report)
     return written, len(done), failed
@@ -251,6 +245,9 @@ def main():
         written, before, failed = extract_to(dir_in, out, args.sample, args.layout, args.shard_size, args.workers, exts)
     except ValueError as e:
         sys.exit(str(e))
+    except WriteError as e:  # a full disk: the outputs written before are whole, and a rerun goes on from them
+        sys.exit(f'{e}; the files written before are whole: make room and run the same command again (it goes on '
+                 f'with the videos not yet written)')
     print(f'{out}: {written} videos x {args.sample} frames written, {before} already there; '
           f'{len(failed)} unreadable skipped' + (f' (listed in {failed_report(out, args.layout)})' if failed else ''))
     if written + before == 0:

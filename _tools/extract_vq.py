@@ -10,14 +10,14 @@ training input.
 The encoder is the original's https://cdn.openai.com/dall-e/encoder.pkl (see the DALL-E package README,
 https://github.com/openai/DALL-E).
 """
-import argparse, os, pickle, sys
+import argparse, os, sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import b64_to_img, load_pickle  # noqa: E402  the same pad + resize as training; plain-data pickles
+from dataset import WriteError, b64_to_img, load_pickle, write_pickle  # noqa: E402  the same pad + resize as training; plain-data pickles
 from extract_tsv import read_tsv  # noqa: E402
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -92,9 +92,10 @@ def main():
             sys.exit(f'missing {path}.pkl (or {path}.tsv + .lineidx)')
         vq.update(encode_videos(encoder, pkl, args.frame, args.device, args.batch))
     path_out = args.out or args.path[0] + '_vq.pkl'
-    with open(path_out + '.tmp', 'wb') as f:  # renamed when complete: a crash never leaves a partial file
-        pickle.dump(vq, f)
-    os.replace(path_out + '.tmp', path_out)
+    try:
+        write_pickle(vq, path_out)  # whole or not at all
+    except WriteError as e:
+        sys.exit(str(e))
     print(f'{path_out}: {len(vq)} videos, tokens [T, {args.frame // 32}, {args.frame // 32}]')
 
 

@@ -22,6 +22,7 @@ import main_pretrain  # noqa: E402
 import main_qamc  # noqa: E402
 import main_qaoe  # noqa: E402
 from extract_tsv import write_tsv  # noqa: E402
+from file_limits import file_size_limit, refused_write  # noqa: E402
 from make_toy import make_toy  # noqa: E402
 
 CONFIG = f'{REPO}/_data/toy/args_toy-qamc.json'
@@ -167,9 +168,73 @@ def test_output_folder_is_one_runs(toy, tmp_path, capsys):
     assert torch.load(out / 'resume.pt', weights_only=True)['step'] == 1
 
 
+def test_output_folder_that_cannot_be_written(toy, tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    assert stops(qamc, toy, tmp_path / 'a_file' / 'run') == f"path_output: cannot write in {tmp_path / 'a_file' / 'run'}: Not a directory"
+
+
 def test_default_output_names_differ_within_a_second():
     names = {agent.default_output('toy-qamc') for _ in range(50)}
     assert len(names) == 50 and all(re.fullmatch(r'_snapshot/_toy-qamc_\d{14}_[0-9a-f]{6}', n) for n in names)
+
+
+def test_refused_write_keeps_the_old_file_and_names_the_new(tmp_path):
+    """Each kind of file the project writes, when the OS refuses the write part way: the file there before is
+    intact, no temporary file is left behind (it would keep a full disk full), and the error names the file and the
+    OS's reason (torch.save's own message would be '[enforce fail at inline_container.cc:672] . unexpected pos')."""
+    big = torch.arange(200_000, dtype=torch.float32)
+    writers = {'a.pt': lambda obj, p: dataset.write_torch(obj, p),
+               'a.json': lambda obj, p: dataset.write_json(obj if isinstance(obj, list) else obj.tolist(), p),
+               'a.pkl': lambda obj, p: dataset.write_pickle(obj, p),
+               'a.safetensors': lambda obj, p: agent.save_safetensors({'w': torch.as_tensor(obj)}, p),
+               'a.tsv': lambda obj, p: write_tsv({'v': [str(x) for x in torch.as_tensor(obj).tolist()]}, str(p),
+                                                 str(p.with_suffix('.lineidx')))}
+    for name, write in writers.items():
+        path = tmp_path / name
+        write(big[:10], path)
+        old = path.read_bytes()
+        with file_size_limit(100_000):
+            with pytest.raises(dataset.WriteError) as e:
+                write(big, path)
+        assert re.fullmatch(refused_write(path), str(e.value)), str(e.value)
+        assert path.read_bytes() == old, name
+        assert not [f for f in os.listdir(tmp_path) if '.tmp' in f], (name, os.listdir(tmp_path))
+    # a failure that is not the OS refusing the write is raised as it is (its temporary file removed all the same)
+    def broken(tmp):
+        open(tmp, 'w').write('half')
+        raise RuntimeError('a bug in the writer')
+    with pytest.raises(RuntimeError, match='^a bug in the writer$'):
+        dataset.write_atomic(tmp_path / 'b.json', broken)
+    assert sorted(os.listdir(tmp_path)) == sorted(list(writers) + ['a.lineidx'])
+
+
+def test_full_disk_stops_the_run_and_resume_goes_on(toy, tmp_path):
+    """A long run whose disk fills up: the checkpoint that does not fit stops the run with one line naming it; every
+    file written before is whole, nothing half-written is left, and once there is room --resume goes on from the
+    last resume.pt to the weights and log of an unbroken run."""
+    whole = qamc(toy, tmp_path / 'whole', 'size_epoch=50', 'stop_after_steps=8')  # 16 items, batch 4: 2 epochs
+    out = tmp_path / 'run'
+    qamc(toy, out, 'size_epoch=50', 'stop_after_steps=2')  # resume.pt at step 2 of epoch 1
+    resume = (out / 'resume.pt').read_bytes()
+    ckpt = os.path.getsize(out / 'ckpt_violet_toy-qamc_0.pt')
+    with file_size_limit((ckpt + len(resume)) // 2):  # an epoch's weights fit, a resume state (optimiser too) not
+        msg = stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', 'stop_after_steps=6'])
+    assert re.fullmatch(refused_write(out / 'resume.pt') + re.escape(
+        f'; the files written before are whole: make room and continue with --resume {out} (from its last '
+        f'resume.pt)'), msg), msg
+    assert (out / 'resume.pt').read_bytes() == resume  # (epoch 1 trained to its end, evaluated, its weights written)
+    assert not [f for f in os.listdir(out) if '.tmp' in f] and os.path.isfile(out / 'ckpt_violet_toy-qamc_1.pt')
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', 'stop_after_steps=6'])
+    for ep in (1, 2):
+        a, b = (torch.load(os.path.join(d, f'ckpt_violet_toy-qamc_{ep}.pt'), weights_only=True) for d in (whole, out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ep
+    assert json.load(open(out / 'log.json')) == json.load(open(os.path.join(whole, 'log.json')))
+    # a new run whose first checkpoint does not fit: there is no resume.pt to go on from, and the line says so
+    with file_size_limit(ckpt // 2):
+        msg = stops(qamc, toy, tmp_path / 'new')
+    assert re.fullmatch(refused_write(tmp_path / 'new' / 'ckpt_violet_toy-qamc_0.pt') + re.escape(
+        '; the files written before are whole: make room and start it again (--overwrite replaces the files of this '
+        'run)'), msg), msg
 
 
 # ---------------------------------------------------------------------------------------------- config and data

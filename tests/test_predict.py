@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ import api
 import dataset
 import model as violet
 import predict
+from file_limits import file_size_limit, refused_write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = f'{REPO}/_data/bert-tiny'
@@ -176,6 +178,24 @@ def test_retrieval_mode_ranks_folder_and_cache(clips, ckpts, capsys, tmp_path, m
     got, ref = res2['results'][0]['ranking'], res['results'][1]['ranking']
     assert [x['video'] for x in got] == [x['video'] for x in ref]
     assert np.allclose([x['score'] for x in got], [x['score'] for x in ref], atol=1e-5)
+
+
+def test_full_disk_named_for_cache_and_results(clips, ckpts, capsys, tmp_path):
+    """A cache file or the results file that cannot be written (a full disk; here the OS's file size limit): one line
+    naming it, no half file left; the results are printed before their file is written."""
+    cache, out = tmp_path / 'cache', tmp_path / 'r.json'
+    args = ['retrieval', '--ckpt', ckpts['retrieval'], '--videos', str(clips / '_lib'), '--text', 'a red bar']
+    with file_size_limit(100), pytest.raises(SystemExit) as e:
+        predict.main(args + ['--cache', str(cache)])
+    assert re.fullmatch(rf'predict: could not write {re.escape(str(cache))}/[0-9a-f]{{32}}\.safetensors: File too large '
+                        rf'\(after \d+(\.\d)? (bytes|KB) of it; [\d.]+ (MB|GB) free on its disk\); make room, or run '
+                        rf'without --cache', str(e.value)), str(e.value)
+    assert os.listdir(cache) == []
+    capsys.readouterr()
+    with file_size_limit(100), pytest.raises(SystemExit) as e:
+        predict.main(args + ['--out', str(out)])
+    assert re.fullmatch('predict: ' + refused_write(out) + re.escape(' (the results are printed above)'), str(e.value))
+    assert '"a red bar"' in capsys.readouterr().out and os.listdir(tmp_path) == ['cache']
 
 
 def test_folder_skips_bad_files_named_file_stops(clips, ckpts, capsys):

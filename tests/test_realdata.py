@@ -1,6 +1,6 @@
 """Data as it exists today: VIOLETv2's downstream layout, layout conversion, annotation converters, extraction
 at scale. Every file here is written by the test itself, in the real formats. Small and CPU-only."""
-import base64, io, json, os, pickle, random, subprocess, sys
+import base64, io, json, os, pickle, random, re, subprocess, sys
 
 import numpy as np
 import pytest
@@ -378,6 +378,7 @@ def test_convert_tgif_action_and_transition(tmp_path, capsys, monkeypatch):
 
 import cv2  # noqa: E402
 import make_toy  # noqa: E402
+from file_limits import file_size_limit, refused_write  # noqa: E402
 
 frame_tool = make_toy.load_frame_tool()
 
@@ -396,6 +397,25 @@ def clip_dir(d, names):
     return d
 
 
+def test_extract_on_a_full_disk_keeps_what_was_written(tmp_path, monkeypatch):
+    """Frames extraction whose output no longer fits (a full disk, a quota): the tool stops with one line naming the
+    file, the output written before is intact, and the same command, once there is room, goes on from it."""
+    vids = clip_dir(str(tmp_path / 'clips'), ['v0', 'v1'])
+    out = tmp_path / 'img_x.pkl'
+    assert frame_tool.extract_to(vids, str(out), 3, progress=False)[:2] == (2, 0)
+    old = out.read_bytes()
+    clip_dir(vids, [f'w{i}' for i in range(6)])  # the pkl is one file: old rows and new are written again
+    monkeypatch.setattr(sys, 'argv', ['extract_video-frame.py', '--videos', vids, '--out', str(out), '--sample', '3'])
+    with file_size_limit(len(old) + 1000), pytest.raises(SystemExit) as e:
+        frame_tool.main()
+    assert re.fullmatch(refused_write(out) + re.escape(
+        '; the files written before are whole: make room and run the same command again (it goes on with the videos '
+        'not yet written)'), str(e.value)), str(e.value)
+    assert out.read_bytes() == old and sorted(os.listdir(tmp_path)) == ['clips', 'img_x.pkl']
+    assert frame_tool.extract_to(vids, str(out), 3, progress=False)[:2] == (6, 2)
+    assert sorted(dataset.load_pickle(str(out))) == ['v0', 'v1'] + [f'w{i}' for i in range(6)]
+
+
 def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
     vids = clip_dir(str(tmp_path / 'clips'), [f'v{i}' for i in range(7)])
     (tmp_path / 'clips' / 'broken.mp4').write_bytes(b'not a video' * 10)
@@ -404,7 +424,8 @@ def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
     out = str(tmp_path / 'img_x_train')
 
     # a crash while the second shard is being written (its rows renamed into place, its index not yet): the
-    # first shard is complete, the second has no index, so it does not count as written
+    # first shard is complete, the second has no index, so it does not count as written; the interrupted write
+    # removed its temporary file, and the one a kill -9 would have left (here made by hand) goes at the rerun
     real_replace = os.replace
     def crash_on_index_1(src, dst):
         if dst.endswith('_1.lineidx'):
@@ -414,8 +435,9 @@ def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, workers=2, progress=False)
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ['clips', 'img_x_train_0.lineidx', 'img_x_train_0.tsv',
-                                            'img_x_train_1.lineidx.tmp', 'img_x_train_1.tsv']
+    assert sorted(os.listdir(tmp_path)) == ['clips', 'img_x_train_0.lineidx', 'img_x_train_0.tsv', 'img_x_train_1.tsv']
+    (tmp_path / 'img_x_train_1.lineidx.tmp4242').write_text('0\n')
+    (tmp_path / 'other.tsv.tmp4242').write_text('not ours')
 
     # the rerun skips the 3 written videos and fills shard 1, then 2; failures are reported, never fatal
     written, before, failed = frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, workers=2, progress=False)
@@ -439,7 +461,8 @@ def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
     clip_dir(vids, ['w0'])
     assert frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, progress=False)[:2] == (1, 7)
     assert list(convert_layout.read_tsv(f'{out}_3.tsv', f'{out}_3.lineidx')) == ['w0']
-    assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]  # the crash's leftover was redone and renamed
+    assert not [f for f in os.listdir(tmp_path) if '.tmp' in f and f.startswith('img_x')]  # the kill's leftover went
+    assert os.path.isfile(tmp_path / 'other.tsv.tmp4242')  # (another output's is not this run's to remove)
     # the failures fixed (here: removed), a rerun has none: the earlier list is stale and goes
     assert os.path.isfile(tmp_path / 'img_x_train.failed.json')
     os.remove(tmp_path / 'clips' / 'broken.mp4')
