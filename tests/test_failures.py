@@ -173,6 +173,13 @@ def test_output_folder_that_cannot_be_written(toy, tmp_path):
     assert stops(qamc, toy, tmp_path / 'a_file' / 'run') == f"path_output: cannot write in {tmp_path / 'a_file' / 'run'}: Not a directory"
 
 
+def test_stop_after_the_last_step_is_done(toy, tmp_path, capsys):
+    """stop_after_steps reached at the run's very end: the run is done, not 'stopped' (it said both)."""
+    out = qamc(toy, tmp_path / 'run', 'stop_after_steps=4')  # 16 items, batch 4: the epoch's 4 steps
+    said = capsys.readouterr().out
+    assert said.strip().endswith(f'done: {out}') and 'stopped after' not in said, said
+
+
 def test_default_output_names_differ_within_a_second():
     names = {agent.default_output('toy-qamc') for _ in range(50)}
     assert len(names) == 50 and all(re.fullmatch(r'_snapshot/_toy-qamc_\d{14}_[0-9a-f]{6}', n) for n in names)
