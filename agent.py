@@ -371,6 +371,10 @@ class Trainer:
         sampler.set_epoch(unit['epoch'])
         indices = list(sampler)
         n_batch = math.ceil(len(indices) / B)
+        if self.step >= n_batch:  # resumed from the unit's end, before its evaluation
+            losses = self.unit_losses(unit['name'], len(ds), 0, 0.0)
+            self.speed = None
+            return losses
         loader = self.loader(ds, indices[self.step * B:], args['seed'], u, self.step, self.rank)
         self.model.train()
         self.pending = 0
@@ -425,7 +429,9 @@ class Trainer:
         finally:
             bar.close()
         self.data_wait = waited[0] / max(time.time() - t0, 1e-9)
-        return self.unit_losses(unit['name'], len(ds), n_samples, time.time() - t0)
+        sec = time.time() - t0
+        self.save_resume()  # the unit trained: a kill or a stop signal during its evaluation loses the evaluation alone
+        return self.unit_losses(unit['name'], len(ds), n_samples, sec)
 
     def train_step(self, batch, gen, last_of_window=True, failed=False):
         """One batch of training: a reduction over the ranks, so that a step is trained on every rank or on none (not
@@ -524,7 +530,12 @@ class Trainer:
         self.raw.eval()
         metrics = self.task.metrics
         sums, n_skipped, n_samples = [0.0] * (2 * len(metrics)), 0, 0
+        n_common = math.ceil(len(ds) // self.world / self.args['size_batch'])  # batches every rank has
         for i, (batch, n_skip) in enumerate(tqdm(loader, disable=not is_main(), ascii=True, desc=f'eval {tag}')):
+            signalled = i < n_common and int(all_reduce([self.signalled], dist.ReduceOp.MAX if self.world > 1 else None)[0])
+            if signalled:  # a stop signal: stop now, not after the whole evaluation (a kill may come first);
+                # resume.pt is at the end of the unit's training, from which --resume evaluates
+                raise SystemExit(self.stopped_by(signalled, f'the evaluation of {self.task.units()[u]["name"]} ({tag})'))
             n_skipped += n_skip
             if batch is None:
                 continue
@@ -600,7 +611,8 @@ class Trainer:
         stopped early (resumable)."""
         self.out, self.steps_run = out or self.out, 0
         if is_main():
-            self.steplog = StepLog(out, self.args['log_tb'], self.global_step)
+            # (a position at a unit's end is before its evaluation: an evaluation logged there is done again)
+            self.steplog = StepLog(out, self.args['log_tb'], self.global_step, evaluated=self.step == 0)
         handlers = {}
         if threading.current_thread() is threading.main_thread():  # (signal handlers can only be set there)
             handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
@@ -654,8 +666,9 @@ class Trainer:
             signalled = int(all_reduce([self.signalled], dist.ReduceOp.MAX if self.world > 1 else None)[0])
             if signalled and self.unit < len(units):
                 raise SystemExit(self.stopped_by(signalled, f'the end of {unit["name"]}'))
+            speed = f'{self.speed:.1f} samples/s' if self.speed is not None else 'trained before the resume'
             say(f'{unit["name"]}: loss {fmt(losses)} | ' + ' | '.join(f'{t} {fmt(a)}' for t, a in accs.items()) +
-                f' | {self.speed:.1f} samples/s | skipped {self.log["n_skipped"]} non-finite {self.log["n_nonfinite"]}'
+                f' | {speed} | skipped {self.log["n_skipped"]} non-finite {self.log["n_nonfinite"]}'
                 f' | waited for data {self.data_wait:.0%}')
             if self.data_wait > DATA_WAIT_WARN and not self.data_warned:
                 self.data_warned = True
@@ -742,12 +755,14 @@ def new_window():
     return dict(sums={}, n=0, n_samples=0, t0=time.time())
 
 
-def logged_step(line):
-    """The step of a steps.jsonl line; inf for a line a kill cut short."""
+def logged_before(line, step, evaluated):
+    """Whether a steps.jsonl line was logged before the position a resumed run goes on from: a training step up to
+    `step`, an evaluation at `step` only when that position comes after it (evaluated). Not a line a kill cut short."""
     try:
-        return json.loads(line)['step']
+        rec = json.loads(line)
+        return rec['step'] < step or rec['step'] == step and (evaluated or 'eval' not in rec)
     except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
+        return False
 
 
 class StepLog:
@@ -756,12 +771,12 @@ class StepLog:
     as TensorBoard events in <out>/tb. Appended: a resumed run goes on in the same files, from its position `step`
     (what a killed run logged after its last resume.pt is dropped: the resumed run does those steps again)."""
 
-    def __init__(self, out, tb, step=0):
+    def __init__(self, out, tb, step=0, evaluated=True):
         path = os.path.join(out, 'steps.jsonl')
         if os.path.exists(path):
             with open(path) as f:
                 lines = f.readlines()
-            kept = [ln for ln in lines if logged_step(ln) <= step]
+            kept = [ln for ln in lines if logged_before(ln, step, evaluated)]
             if len(kept) < len(lines):
                 def write(tmp):
                     with open(tmp, 'w') as f:

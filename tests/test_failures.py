@@ -229,8 +229,8 @@ def test_full_disk_stops_the_run_and_resume_goes_on(toy, tmp_path):
     assert re.fullmatch(refused_write(out / 'resume.pt') + re.escape(
         f'; the files written before are whole: make room and continue with --resume {out} (from its last '
         f'resume.pt)'), msg), msg
-    assert (out / 'resume.pt').read_bytes() == resume  # (epoch 1 trained to its end, evaluated, its weights written)
-    assert not [f for f in os.listdir(out) if '.tmp' in f] and os.path.isfile(out / 'ckpt_violet_toy-qamc_1.pt')
+    assert (out / 'resume.pt').read_bytes() == resume  # (the save at the end of epoch 1's training failed)
+    assert not [f for f in os.listdir(out) if '.tmp' in f] and len(open(out / 'steps.jsonl').readlines()) == 4
     agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', 'stop_after_steps=6'])
     for ep in (1, 2):
         a, b = (torch.load(os.path.join(d, f'ckpt_violet_toy-qamc_{ep}.pt'), weights_only=True) for d in (whole, out))
@@ -422,7 +422,8 @@ def signal_at(monkeypatch, signum, at):
 def test_stop_signal_saves_and_resumes_exactly(toy, tmp_path, monkeypatch, signum):
     """SIGTERM / SIGUSR1 (a scheduler's warning before a kill) during a step: the step finishes, resume.pt is saved
     at it, the run stops with the signal named (not 'done'), and --resume ends with the weights of a run never
-    stopped. During a unit's last step, the unit is finished (evaluated, checkpointed) first."""
+    stopped. During a unit's last step, the unit's training ends (resume.pt there) and the run stops at its evaluation
+    (it used to evaluate and checkpoint first, while a kill may come soon)."""
     whole = qamc(toy, tmp_path / 'whole', 'size_epoch=2')
     before = signal.getsignal(signum)
     signal_at(monkeypatch, signum, 2)
@@ -438,14 +439,14 @@ def test_stop_signal_saves_and_resumes_exactly(toy, tmp_path, monkeypatch, signu
     for ep in (1, 2):
         a, b = (torch.load(os.path.join(d, f'ckpt_violet_toy-qamc_{ep}.pt'), weights_only=True) for d in (whole, out))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ep
-    # the last step of epoch 1 (16 items, batch 4): epoch 1 ends whole, the run stops before epoch 2
+    # the last step of epoch 1 (16 items, batch 4): its training ends, the run stops at its evaluation
     signal_at(monkeypatch, signum, 4)
     out = tmp_path / 'at_the_end'
     assert stops(qamc, toy, out, 'size_epoch=2') == (
-        f'stopped by {name} at the end of epoch 1: resume.pt saved; continue with --resume {out}')
-    assert (out / 'ckpt_violet_toy-qamc_1.pt').exists() and not (out / 'ckpt_violet_toy-qamc_2.pt').exists()
+        f'stopped by {name} at the evaluation of epoch 1 (vl): resume.pt saved; continue with --resume {out}')
+    assert not (out / 'ckpt_violet_toy-qamc_1.pt').exists()
     state = torch.load(out / 'resume.pt', weights_only=True)
-    assert (state['unit'], state['step']) == (1, 0)
+    assert (state['unit'], state['step']) == (0, 4)
 
 
 @pytest.mark.parametrize('grad_accum, workers, saved_at', [(1, 0, 3), (2, 1, 2)])
@@ -520,6 +521,40 @@ def stopped_step(stderr, out):
                   stderr.strip())
     assert m, stderr[-3000:]
     return int(m.group(2))
+
+
+def test_stop_signal_during_evaluation_resumes_from_the_units_end(toy, tmp_path, monkeypatch):
+    """A stop signal during an evaluation stops it at once (a kill may follow soon): resume.pt is at the end of the
+    unit's training, and --resume evaluates, then trains on, to the weights, log (bad samples counted once) and
+    steps.jsonl (each evaluation logged once) of an unbroken run."""
+    frames = dataset.load_pickle(f'{toy}/img_toy.pkl')
+    train = [it['video'] for it in json.load(open(f'{toy}/txt_toy-qamc.json'))['train']]
+    dataset.write_pickle({v: f[:2] if v in train[:2] else f for v, f in frames.items()}, f'{toy}/img_toy.pkl')
+    sets = ('size_epoch=50', 'stop_after_steps=8', 'skip_bad=true', 'max_skip_frac=0.2')  # 2 epochs of 4 steps
+    whole = qamc(toy, tmp_path / 'whole', *sets)
+    out = tmp_path / 'run'
+    evaluate = agent.Trainer.evaluate
+    def signalled_during_evaluation(self, u, tag, ds):
+        if (u, tag) == (0, 'vl'):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return evaluate(self, u, tag, ds)
+    monkeypatch.setattr(agent.Trainer, 'evaluate', signalled_during_evaluation)
+    assert stops(qamc, toy, out, *sets) == (f'stopped by SIGUSR1 at the evaluation of epoch 1 (vl): resume.pt saved; '
+                                            f'continue with --resume {out}')
+    monkeypatch.undo()
+    state = torch.load(out / 'resume.pt', weights_only=True)
+    assert (state['unit'], state['step']) == (0, 4) and 'ckpt_violet_toy-qamc_1.pt' not in os.listdir(out)
+    with open(out / 'steps.jsonl', 'a') as f:  # as if a kill had come after the evaluation logged its line
+        f.write(json.dumps(dict(step=4, unit='epoch 1', eval={'vl/ac': 0.5})) + '\n')
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', 'stop_after_steps=4'])
+    for ep in (1, 2):
+        a, b = (torch.load(os.path.join(d, f'ckpt_violet_toy-qamc_{ep}.pt'), weights_only=True) for d in (whole, out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ep
+    log = json.load(open(out / 'log.json'))
+    assert log == json.load(open(os.path.join(whole, 'log.json'))) and log['n_skipped'] > 0
+    lines = [[{k: v for k, v in json.loads(x).items() if k != 'samples_per_s'} for x in open(d / 'steps.jsonl')]
+             for d in (tmp_path / 'whole', out)]
+    assert lines[0] == lines[1] and sum('eval' in x for x in lines[1]) == 2
 
 
 def test_stop_signal_to_the_whole_job_with_workers(toy, tmp_path):
