@@ -135,35 +135,69 @@ class SwinTransformerBlock3D(nn.Module):
         self.mlp = Mlp(dim, dim*4, act_layer=nn.GELU)
         self.compiled = None  # compile_blocks(): (attend, feed_forward) compiled once for every block
 
-    def attend(self, x, mask):
-        B, D, H, W, C = x.shape
-        window, shift = shrink_window((D, H, W), self.window, self.shift)
-        x = self.norm1(x)
-        # padded tokens are not masked: they take part as keys and values, as in the original
-        pad = (-D % window[0], -H % window[1], -W % window[2])
-        if any(pad):  # (F.pad copies even when it adds nothing)
-            x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
-        shifted = any(s > 0 for s in shift)
-        if shifted:
-            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-        Dp, Hp, Wp = x.shape[1:4]
-        spec = dict(p=window[0], q=window[1], r=window[2], d=Dp//window[0], h=Hp//window[1], w=Wp//window[2])
-        x = rearrange(x, 'b (d p) (h q) (w r) c -> (b d h w) (p q r) c', **spec)
-        x = self.attn(x, B, mask if shifted else None)
-        x = rearrange(x, '(b d h w) (p q r) c -> b (d p) (h q) (w r) c', b=B, **spec)
-        if shifted:
-            x = torch.roll(x, shifts=shift, dims=(1, 2, 3))
-        return x[:, :D, :H, :W]
+    def attend(self, x, N, mask, pad):
+        B, L, C = x.shape
+        h = self.norm1(x)
+        if pad is not None:  # padded tokens are zeros after norm1 and are not masked: keys and values, as in the original
+            h = h.masked_fill(pad, 0)
+        return self.attn(h.view(-1, N, C), B, mask).view(B, L, C)
 
     def feed_forward(self, x):
         return self.mlp(self.norm2(x))
 
-    def forward(self, x, mask):
+    def forward(self, x, N, mask, pad):
+        """x: [B, L, C], the layer's (zero-padded) tokens in the order of this block's windows, N tokens each;
+        mask: the shifted windows' mask or None; pad: [L, 1], True at tokens of padding, or None.
+        LayerNorm, MLP, residual and drop path act per token (per sample), so they run in any order."""
         # the drop path stays outside the compiled branches: its rate differs per block, and as a constant of the
         # graph it would give each block a compilation of its own
         attend, feed_forward = self.compiled or (type(self).attend, type(self).feed_forward)
-        x = x + self.drop_path(attend(self, x, mask))
+        x = x + self.drop_path(attend(self, x, N, mask, pad))
         return x + self.drop_path(feed_forward(self, x))
+
+
+def windows(grid, window, shift):
+    """The token order a block attends in, as a key of window_order: None when it is the row-major order itself
+    (no shift, and each window spans whole rows and planes: a window covering the grid, or time alone split)."""
+    if not any(shift) and tuple(window[1:]) == tuple(grid[1:]):
+        return None
+    return tuple(grid), tuple(window), tuple(shift)
+
+
+@functools.lru_cache(maxsize=64)
+def window_order(grid, window, shift):
+    """[D*H*W]: the row-major index in the (padded) D x H x W grid of each token of the windows a block attends
+    in, window by window: the original's roll by -shift, then its partition into windows."""
+    idx = torch.roll(torch.arange(math.prod(grid)).view(grid), shifts=tuple(-s for s in shift), dims=(0, 1, 2))
+    return rearrange(idx, '(d p) (h q) (w r) -> (d h w p q r)', p=window[0], q=window[1], r=window[2])
+
+
+def in_order(order, n):
+    return torch.arange(n) if order is None else window_order(*order)
+
+
+@functools.lru_cache(maxsize=64)
+def reorder_index(src, dst, n, device):
+    """[n]: the index that takes tokens in order src to order dst (keys of window_order, None: row-major)."""
+    where = torch.empty(n, dtype=torch.long)
+    where[in_order(src, n)] = torch.arange(n)
+    return where[in_order(dst, n)].to(device)
+
+
+def reorder(x, src, dst):
+    """[B, L, C] tokens from order src to order dst, one gather (the original rolls and partitions, then reverses
+    and rolls back: four copies per shifted block) -> (tokens, dst)."""
+    return (x if src == dst else x.index_select(1, reorder_index(src, dst, x.shape[1], x.device))), dst
+
+
+@functools.lru_cache(maxsize=64)
+def padding(size, grid, order, device):
+    """[L, 1] True at the tokens that pad size up to grid, in the given order; None when nothing is padded."""
+    if tuple(size) == tuple(grid):
+        return None
+    pad = F.pad(torch.zeros(size, dtype=torch.bool), (0, grid[2] - size[2], 0, grid[1] - size[1], 0, grid[0] - size[0]),
+                value=True)
+    return pad.view(-1)[in_order(order, pad.numel())].view(-1, 1).to(device)
 
 
 class PatchMerging(nn.Module):
@@ -189,15 +223,25 @@ class BasicLayer(nn.Module):
         self.downsample = PatchMerging(dim) if downsample else None
 
     def forward(self, x):  # [B, D, H, W, C]
-        D, H, W = x.shape[1:4]
+        B, D, H, W, C = x.shape
         window, shift = shrink_window((D, H, W), self.window, self.shift)
-        padded = tuple(math.ceil(s / w) * w for s, w in zip((D, H, W), window))
-        mask = shift_mask(*padded, window, shift, x.device)
+        grid = tuple(math.ceil(s / w) * w for s, w in zip((D, H, W), window))  # padded up to whole windows
+        mask = shift_mask(*grid, window, shift, x.device)
+        # the residual stream stays in the token order of the current block's windows, padding included (zeros on
+        # entry, cropped at the end): one gather between blocks where the original rolls and partitions into windows,
+        # then reverses and rolls back
+        if grid != (D, H, W):
+            x = F.pad(x, (0, 0, 0, grid[2] - W, 0, grid[1] - H, 0, grid[0] - D))
+        x, order = x.flatten(1, 3), None  # None: row-major
         for blk in self.blocks:
+            shifted = blk.shift != (0, 0, 0) and any(shift)
+            x, order = reorder(x, order, windows(grid, window, shift if shifted else (0, 0, 0)))
+            args = (math.prod(window), mask if shifted else None, padding((D, H, W), grid, order, x.device))
             if self.grad_ckpt and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, *args, use_reentrant=False)
             else:
-                x = blk(x, mask)
+                x = blk(x, *args)
+        x = reorder(x, order, None)[0].view(B, *grid, C)[:, :D, :H, :W]
         return self.downsample(x) if self.downsample is not None else x
 
 
