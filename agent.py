@@ -391,8 +391,11 @@ class Trainer:
                 if batch is not None:
                     batch = self.to_device(batch)
                     n_samples += len(batch[0])
-                r = self.train_step(batch, generator(self.device, args['seed'], u, i, self.rank), last_of_window,
-                                    failed=failed is not None)
+                try:
+                    r = self.train_step(batch, generator(self.device, args['seed'], u, i, self.rank), last_of_window,
+                                        failed=failed is not None)
+                except torch.OutOfMemoryError as e:  # torch's traceback says where, not what to change
+                    raise SystemExit(self.out_of_memory(e, f"{unit['name']} step {self.step}")) from None
                 if r['failed']:
                     bar.close()  # (before the stop message)
                     self.save_resume(window_start)
@@ -628,6 +631,16 @@ class Trainer:
     def on_signal(self, signum, frame):
         """A scheduler's warning before it kills the job: finish the step, save resume.pt, stop (train_unit)."""
         self.signalled = signum
+
+    def out_of_memory(self, e, where):
+        """The one line for a training step that ran out of (GPU) memory: torch's first line, the settings that
+        decide the memory, what to change. What resume.pt holds is whole (nothing was saved after the failure)."""
+        a, first = self.args, (str(e).strip().splitlines() or ['out of memory'])[0]
+        change = (['set grad_ckpt: true (the same batches in less memory)'] if not a['grad_ckpt'] else []) + [
+            'lower size_batch (raising grad_accum keeps the samples per optimiser step; from a unit boundary, as '
+            'size_batch cannot change inside one)']
+        return (f'{where}: {first} (size_batch {a["size_batch"]} per process, precision {self.precision}, grad_ckpt '
+                f'{str(a["grad_ckpt"]).lower()}): ' + ', or '.join(change))
 
     def stop_for_data(self, error, first_failed, where):
         """After a batch could not be loaded (a bad sample without skip_bad, an unreadable file, a dead worker) and

@@ -180,6 +180,24 @@ def test_stop_after_the_last_step_is_done(toy, tmp_path, capsys):
     assert said.strip().endswith(f'done: {out}') and 'stopped after' not in said, said
 
 
+def test_out_of_memory_is_one_line_with_what_to_change(toy, tmp_path, monkeypatch):
+    """A training step that runs out of GPU memory (here raised by hand: this machine has no GPU) stops the run with
+    torch's first line, the settings that decide the memory and what to change, not a traceback."""
+    step, calls = main_qamc.QAMC.step, [0]
+    def step_out_of_memory(self, *a):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of '
+                                         '79.19 GiB of which 1.20 GiB is free.\nOf the allocated memory 75 GiB ...')
+        return step(self, *a)
+    monkeypatch.setattr(main_qamc.QAMC, 'step', step_out_of_memory)
+    assert stops(qamc, toy, tmp_path / 'run') == (
+        'epoch 1 step 1: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of '
+        'which 1.20 GiB is free. (size_batch 4 per process, precision fp32, grad_ckpt false): set grad_ckpt: true (the '
+        'same batches in less memory), or lower size_batch (raising grad_accum keeps the samples per optimiser step; '
+        'from a unit boundary, as size_batch cannot change inside one)')
+
+
 def test_default_output_names_differ_within_a_second():
     names = {agent.default_output('toy-qamc') for _ in range(50)}
     assert len(names) == 50 and all(re.fullmatch(r'_snapshot/_toy-qamc_\d{14}_[0-9a-f]{6}', n) for n in names)
