@@ -147,11 +147,11 @@ def read_video(path, n_frames):
     try:
         container = av.open(path)
     except av.FFmpegError as e:
-        raise BadVideo(f'{path}: not a video ({e})') from e
+        raise BadVideo(f'{path}: ' + (mp4_cut_short(path) or f'not a video ({e})')) from e
     try:
         with container:
             if not container.streams.video:
-                raise BadVideo(f'{path}: not a video (no video stream)')
+                raise BadVideo(f'{path}: ' + (mp4_cut_short(path) or 'not a video (no video stream)'))
             stream = container.streams.video[0]
             stream.codec_context.thread_count = 1
             packets = [(p.pts, p.dts, p.is_keyframe, p.is_corrupt) for p in container.demux(stream)
@@ -173,6 +173,37 @@ def read_video(path, n_frames):
     except av.FFmpegError as e:  # it opened as a video: its data is damaged
         raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({e})') from e
     return frames
+
+
+def mp4_cut_short(path):
+    """For an MP4 / MOV file that FFmpeg cannot open (it says 'Invalid data', 'End of file' or finds no stream,
+    depending on where the file stops): why, when it is cut short, as an interrupted download or copy leaves it:
+    its last top-level box reaching past its end, or its index (the moov box, often written last) missing; else
+    None (not an MP4, or not cut)."""
+    size, pos, kinds = os.path.getsize(path), 0, []
+    with open(path, 'rb') as f:
+        while pos < size:
+            f.seek(pos)
+            head = f.read(16)
+            n, kind = int.from_bytes(head[:4], 'big'), head[4:8] if len(head) >= 8 else None
+            if n == 1:  # a 64-bit size follows
+                n = int.from_bytes(head[8:16], 'big') if len(head) == 16 else size + 1
+            elif n == 0:  # to the end of the file
+                n = size - pos
+            if not kinds and kind != b'ftyp' or kind is not None and n < 8:
+                return None  # not an ISO media file, or not the box structure of one
+            kinds.append(kind)
+            pos += max(n, 8)
+    index = b'moov' in kinds[:-1]
+    if pos > size:
+        before = '' if index else ', before its index (moov)'
+        last = (f'inside the header of a box{before}' if kinds[-1] is None else
+                f'{pos - size} bytes short of the end of its index (the moov box)' if kinds[-1] == b'moov' else
+                f"{pos - size} bytes short of the end of its {kinds[-1].decode('latin-1')!r} box{before}")
+        return f'an MP4 cut short: it ends {last}: an interrupted download or copy?'
+    if b'moov' not in kinds:
+        return 'an MP4 without its index (no moov box): an interrupted download or copy?'
+    return None
 
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')  # (a GIF is a video: TGIF's are)

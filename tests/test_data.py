@@ -227,9 +227,21 @@ def test_read_video_names_the_bad_file(tmp_path):
     raw = bytearray((tmp_path / 'x264.mp4').read_bytes())
     raw[300:1500] = bytes((b * 7 + 13) % 256 for b in raw[300:1500])  # the frames' data damaged, the index intact
     (tmp_path / 'garbled.mp4').write_bytes(bytes(raw))
+    # an mp4 with its index last (OpenCV's writer, like most encoders) cut short, before or inside its index: FFmpeg
+    # says 'Invalid data', 'End of file' or finds no stream, depending on where; the message says what happened
+    whole = (tmp_path / 'grey.mp4').read_bytes()
+    moov = whole.index(b'moov') - 4
+    (tmp_path / 'cut.mp4').write_bytes(whole[:moov - 10])
+    (tmp_path / 'cut_index.mp4').write_bytes(whole[:moov + 50])
+    (tmp_path / 'no_index.mp4').write_bytes(whole[:moov])
     # FFmpeg says 'Invalid data found when processing input' of all but the missing one: the message says which
     for name, what in [('junk.mp4', r'not a video \(.*Invalid data'), ('empty.mp4', r'an empty file \(0 bytes\)$'),
                        ('missing.mp4', 'no such file$'),
+                       ('cut.mp4', r"an MP4 cut short: it ends 10 bytes short of the end of its 'mdat' box, before its "
+                                   r"index \(moov\): an interrupted download or copy\?$"),
+                       ('cut_index.mp4', r'an MP4 cut short: it ends \d+ bytes short of the end of its index \(the moov '
+                                         r'box\): an interrupted download or copy\?$'),
+                       ('no_index.mp4', r'an MP4 without its index \(no moov box\): an interrupted download or copy\?$'),
                        ('garbled.mp4', r'a corrupt video, its frames cannot be decoded \(.*Invalid data')]:
         with pytest.raises(dataset.BadVideo, match=f'^{tmp_path / name}: {what}'):
             dataset.read_video(str(tmp_path / name), 3)

@@ -593,7 +593,7 @@ def test_own_videos_end_to_end(tmp_path, capsys, monkeypatch):
     assert code == 0 and '4 videos x 5 frames written, 0 already there; 3 unreadable skipped' in printed
     failed = json.load(open(data / 'img_mine.failed.json'))['failed']
     assert {os.path.basename(p): r.split(': ', 1)[1][:14] for p, r in failed.items()} == {
-        'corrupt.mp4': 'not a video ([', 'empty.mp4': 'an empty file ', 'two.mp4': '2 frames, fewe'}
+        'corrupt.mp4': 'an MP4 cut sho', 'empty.mp4': 'an empty file ', 'two.mp4': '2 frames, fewe'}
     items = [dict(video=v, caption=f'a {v} clip') for v in ('red', 'blue', 'tall', 'odd')]
     json.dump(dict(train=items + [dict(video='two', caption='a short clip')], val=items, test=items),
               open(data / 'txt_mine-retrieval.json', 'w'))
