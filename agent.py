@@ -778,6 +778,12 @@ def logged_before(line, step, evaluated):
         return False
 
 
+def train_scalars(rec):
+    """The TensorBoard scalars of a training line of steps.jsonl."""
+    return {'train/loss': rec['loss'], **{f'train/{k}': v for k, v in rec['losses'].items()}, 'train/lr': rec['lr'],
+            'train/samples_per_s': rec['samples_per_s']}
+
+
 class StepLog:
     """Rank 0's curves: steps.jsonl (one JSON line per optimiser step: rank 0's mean losses over the step's batches,
     lr and samples/s since the previous line; one line per unit's evaluation) and, under log_tb, the same scalars
@@ -785,7 +791,7 @@ class StepLog:
     (what a killed run logged after its last resume.pt is dropped: the resumed run does those steps again)."""
 
     def __init__(self, out, tb, step=0, evaluated=True):
-        path = os.path.join(out, 'steps.jsonl')
+        path, kept = os.path.join(out, 'steps.jsonl'), []
         if os.path.exists(path):
             with open(path) as f:
                 lines = f.readlines()
@@ -802,7 +808,13 @@ class StepLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise SystemExit(f'log_tb: TensorBoard is not installed ({e}); pip install -r requirements.txt') from e
-            self.tb = SummaryWriter(os.path.join(out, 'tb'), purge_step=step + 1 if step else None)
+            # TensorBoard purges by step alone: from a unit's end before its evaluation, the step itself goes (an
+            # evaluation the killed run logged there is done again) and its training scalars are written back
+            self.tb = SummaryWriter(os.path.join(out, 'tb'), purge_step=(step + evaluated) if step else None)
+            if step and not evaluated:
+                for rec in map(json.loads, kept):  # (lines a kill cut short are not kept)
+                    if rec['step'] == step and 'eval' not in rec:
+                        self.add_scalars(train_scalars(rec), step)
 
     def write(self, rec, scalars):
         try:
@@ -812,10 +824,13 @@ class StepLog:
             raise dataset.WriteError(f'could not write {self.file.name}: {e.strerror or e} '
                                      f'({dataset.disk_free(self.file.name)} free on its disk)') from e
         if self.tb:
-            for k, v in scalars.items():
-                if v is not None:
-                    self.tb.add_scalar(k, v, rec['step'])
-            self.tb.flush()
+            self.add_scalars(scalars, rec['step'])
+
+    def add_scalars(self, scalars, step):
+        for k, v in scalars.items():
+            if v is not None:
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
 
     def train(self, step, unit, unit_step, window, lr):
         n = window['n']
@@ -823,8 +838,7 @@ class StepLog:
         losses = {k: v / n for k, v in window['sums'].items() if k != 'loss'}
         rec = dict(step=step, unit=unit, unit_step=unit_step, loss=window['sums']['loss'] / n, losses=losses, lr=lr,
                    samples_per_s=speed)
-        self.write(rec, {'train/loss': rec['loss'], **{f'train/{k}': v for k, v in losses.items()},
-                         'train/lr': lr, 'train/samples_per_s': speed})
+        self.write(rec, train_scalars(rec))
 
     def evaluation(self, step, unit, accs):
         metrics = {f'{tag}/{k}': v for tag, acc in accs.items() for k, v in acc.items()}

@@ -548,7 +548,7 @@ def test_stop_signal_during_evaluation_resumes_from_the_units_end(toy, tmp_path,
     frames = dataset.load_pickle(f'{toy}/img_toy.pkl')
     train = [it['video'] for it in json.load(open(f'{toy}/txt_toy-qamc.json'))['train']]
     dataset.write_pickle({v: f[:2] if v in train[:2] else f for v, f in frames.items()}, f'{toy}/img_toy.pkl')
-    sets = ('size_epoch=50', 'stop_after_steps=8', 'skip_bad=true', 'max_skip_frac=0.2')  # 2 epochs of 4 steps
+    sets = ('size_epoch=50', 'stop_after_steps=8', 'skip_bad=true', 'max_skip_frac=0.2', 'log_tb=true')  # 2 epochs of 4
     whole = qamc(toy, tmp_path / 'whole', *sets)
     out = tmp_path / 'run'
     evaluate = agent.Trainer.evaluate
@@ -564,6 +564,9 @@ def test_stop_signal_during_evaluation_resumes_from_the_units_end(toy, tmp_path,
     assert (state['unit'], state['step']) == (0, 4) and 'ckpt_violet_toy-qamc_1.pt' not in os.listdir(out)
     with open(out / 'steps.jsonl', 'a') as f:  # as if a kill had come after the evaluation logged its line
         f.write(json.dumps(dict(step=4, unit='epoch 1', eval={'vl/ac': 0.5})) + '\n')
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(out / 'tb')) as tb:  # ... and its scalar
+        tb.add_scalar('eval/vl/ac', 0.5, 4)
     agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', 'stop_after_steps=4'])
     for ep in (1, 2):
         a, b = (torch.load(os.path.join(d, f'ckpt_violet_toy-qamc_{ep}.pt'), weights_only=True) for d in (whole, out))
@@ -573,6 +576,14 @@ def test_stop_signal_during_evaluation_resumes_from_the_units_end(toy, tmp_path,
     lines = [[{k: v for k, v in json.loads(x).items() if k != 'samples_per_s'} for x in open(d / 'steps.jsonl')]
              for d in (tmp_path / 'whole', out)]
     assert lines[0] == lines[1] and sum('eval' in x for x in lines[1]) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tbs = [EventAccumulator(str(d / 'tb')) for d in (tmp_path / 'whole', out)]
+    for tb in tbs:
+        tb.Reload()
+    assert tbs[0].Tags()['scalars'] == tbs[1].Tags()['scalars']
+    for tag in tbs[0].Tags()['scalars']:
+        got = [[(s.step, s.value if tag != 'train/samples_per_s' else 0) for s in tb.Scalars(tag)] for tb in tbs]
+        assert got[0] == got[1], tag
 
 
 def test_stop_signal_to_the_whole_job_with_workers(toy, tmp_path):
