@@ -132,9 +132,10 @@ def read_video(path, n_frames):
     Decodes only what it returns (PyAV, one thread: parallelism belongs to the caller). The frame count and
     each frame's timestamp come from the packet index (demuxing reads no pixels; the container's header count
     is not trusted); each chosen frame is reached by seeking to the keyframe before it and decoding forward to
-    its exact timestamp. A file without timestamps or keyframe flags, one where a chosen timestamp is not found,
-    and a damaged one (a packet cut short, as in a truncated download, or one the decoder refuses on the way) is
-    decoded from the start instead, as the original's OpenCV loop read it (_decode_all: same frames, tested).
+    its exact timestamp. A file without timestamps or keyframe flags or with two frames of one timestamp, one
+    where a chosen timestamp is not found, and a damaged one (a packet cut short, as in a truncated download, or
+    one the decoder refuses on the way) is decoded from the start instead, as the original's OpenCV loop read it
+    (_decode_all: same frames, tested).
     Frames come upright (upright_rgb)."""
     if n_frames < 1:
         raise ValueError(f'n_frames must be >= 1, got {n_frames}')
@@ -162,7 +163,9 @@ def read_video(path, n_frames):
             if all(pts is not None for pts, _, _, _ in packets) and not any(bad for *_, bad in packets):
                 pts = sorted(pts for pts, _, _, _ in packets)
                 keys = sorted((pts, pts if dts is None else dts) for pts, dts, key, _ in packets if key)
-                if keys:  # a stream that flags no keyframe cannot be entered by seeking
+                # a stream that flags no keyframe cannot be entered by seeking; one that gives two frames the same
+                # timestamp cannot be indexed by it (a frame would stand for both)
+                if keys and len(set(pts)) == len(pts):
                     targets = [pts[i] for i in pick(len(pts), n_frames, path)]
                     try:
                         frames = _seek_decode(container, stream, targets, keys)

@@ -216,6 +216,33 @@ def test_read_video_reads_damaged_and_raw_streams_as_opencv(tmp_path):
         dataset.read_video(str(tmp_path / 'stub.mp4'), 5)
 
 
+def test_read_video_two_frames_of_one_timestamp_as_opencv(tmp_path):
+    """A stream that gives two frames the same timestamp (a remux gone wrong): the packet index cannot tell them
+    apart, so the file is decoded from the start as OpenCV does; before, one frame stood for both."""
+    src, dup = str(tmp_path / 'src.mkv'), str(tmp_path / 'dup.mkv')
+    with av.open(src, 'w') as c:
+        s = c.add_stream('mpeg4', rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, 'yuv420p'
+        s.codec_context.gop_size = 5
+        for k in range(20):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), k * 12, np.uint8), format='rgb24')):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    with av.open(src) as ic, av.open(dup, 'w') as oc:
+        ist = ic.streams.video[0]
+        ost = oc.add_stream_from_template(ist)
+        packets = [p for p in ic.demux(ist) if p.size]
+        packets[11].pts, packets[11].dts = packets[10].pts, packets[10].dts
+        for p in packets:
+            p.stream = ost
+            oc.mux(p)
+    every = full_decode(dup)
+    assert len(every) == 20
+    got = dataset.read_video(dup, 19)
+    assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(20, 19)))
+
+
 def test_read_video_names_the_bad_file(tmp_path):
     write_clip(str(tmp_path / 'grey.mp4'), [(k * 16,) * 3 for k in range(9)], size=(48, 32))
     frames = dataset.read_video(str(tmp_path / 'grey.mp4'), 3)
