@@ -420,7 +420,7 @@ class Trainer:
                 if (r['resume_due'] or args['save_every'] and self.step % args['save_every'] == 0) and self.step < n_batch:
                     self.save_resume()
                 if r['signalled'] and self.step < n_batch:  # (at the unit's end it finishes the unit first)
-                    bar.update(self.step - bar.n)  # (tqdm counts a batch when the next is fetched)
+                    bar.update(self.step - bar.n)  # (tqdm counts a batch when the next is fetched; leaving the loop closes it)
                     self.save_resume()
                     raise SystemExit(self.stopped_by(r['signalled'], f"{unit['name']} step {self.step}"))
                 if self.step < n_batch and self.stop_asked():
@@ -821,8 +821,7 @@ class StepLog:
             self.file.write(json.dumps(rec) + '\n')
             self.file.flush()
         except OSError as e:  # a full disk: stop here, as a failed checkpoint does (a cut line is dropped on resume)
-            raise dataset.WriteError(f'could not write {self.file.name}: {e.strerror or e} '
-                                     f'({dataset.disk_free(self.file.name)} free on its disk)') from e
+            raise dataset.write_error(self.file.name, e.strerror or e) from e
         if self.tb:
             self.add_scalars(scalars, rec['step'])
 

@@ -504,14 +504,19 @@ def write_atomic(path, write):
         why = os_error(e) if isinstance(e, (OSError, RuntimeError)) else None
         if why is None:  # not a failed write (a bug in write, an interrupt): raised as it is
             raise
-        raise WriteError(f'could not write {path}: {why} ' + (f'(after {size_text(written)} of it; ' if written else '(')
-                         + f'{disk_free(path)} free on its disk)') from e
+        raise write_error(path, why, written) from e
     if hasattr(os, 'O_DIRECTORY'):  # the rename itself reaches the disk with the directory's entry
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def write_error(path, why, written=0):
+    """WriteError naming the file, the OS's reason, how much of it was written and the space left on its disk."""
+    return WriteError(f'could not write {path}: {why} ' + (f'(after {size_text(written)} of it; ' if written else '(')
+                      + f'{disk_free(path)} free on its disk)')
 
 
 def remove_stale_tmp(folder, prefix=''):

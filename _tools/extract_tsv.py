@@ -35,7 +35,10 @@ def write_tsv(pkl, path_tsv, path_index, progress=False):
         with open(tmp, 'w') as f:
             f.write(''.join(f'{o}\n' for o in offsets.values()))
     write_atomic(path_tsv, rows)
-    write_pickle(offsets, path_index) if v2 else write_atomic(path_index, lines)
+    if v2:
+        write_pickle(offsets, path_index)
+    else:
+        write_atomic(path_index, lines)
 
 
 def read_tsv(path_tsv, path_index):
