@@ -67,12 +67,13 @@ def read_vocab(src):
     return dataset.answer_texts(obj['vocab'] if isinstance(obj, dict) else obj, src)
 
 
-def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=0, cache=None, sets=()):
+def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=0, cache=None, sets=(), upright=False):
     """Build the model the config's type names (pretrain, qamc, qaoe, retrieval), fill every key from `ckpt`
     (.pt or .safetensors). vocab: QA-OE answer texts (a list or a file; default the run's vocab.json beside the
     checkpoint or convert_ckpt's). precision 'fp32' or 'bf16' (autocast). n_frames: frames sampled from a video
     file (0: the config's size_frame, else 5, the released downstream sets; 4 for pretraining). cache: a folder
-    for per-video features. sets: KEY=VALUE config overrides. -> Violet."""
+    for per-video features. sets: KEY=VALUE config overrides. upright: turn rotated video files upright
+    (dataset.read_video; as the extraction tool's --upright: off, as the original, frames as they are encoded). -> Violet."""
     cfg, cfg_vocab = find_config(ckpt, config)
     args = agent.load_args(sets=sets, base=cfg)
     args['path_ckpt'] = ckpt  # the VT weights come from it (model.load_vt), not from path_vt
@@ -96,15 +97,16 @@ def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=
     n_frames = n_frames or args['size_frame'] or (4 if type_ == 'pretrain' else 5)
     if not 1 <= n_frames <= violet.MAX_FRAMES:
         raise ValueError(f'frames: {n_frames}, but VIOLET takes 1 to {violet.MAX_FRAMES} per video (emb_len)')
-    return Violet(mdl.to(device).eval(), args, type_, vocab, device, precision, n_frames, cache, ckpt)
+    return Violet(mdl.to(device).eval(), args, type_, vocab, device, precision, n_frames, cache, ckpt, upright)
 
 
 class Violet:
-    def __init__(self, mdl, args, type_, vocab, device, precision, n_frames, cache, ckpt):
+    def __init__(self, mdl, args, type_, vocab, device, precision, n_frames, cache, ckpt, upright=False):
         if precision not in ('fp32', 'bf16'):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.model, self.args, self.type, self.vocab = mdl, args, type_, vocab
         self.device, self.precision, self.n_frames, self.cache = device, precision, n_frames, cache
+        self.upright = upright
         self.tokzr = dataset.get_tokenizer(args['txt_backbone'], args['txt_vocab'])
         st = os.stat(ckpt)
         # a cached feature belongs to these weights and this input shape
@@ -122,7 +124,7 @@ class Violet:
         """-> float [T, 3, S, S] in [0, 1]: a path (n_frames sampled by dataset.read_video), a [T, H, W, 3] uint8
         array or a list of PIL images, each frame through dataset.pad_resize."""
         if isinstance(video, str):
-            rgb = dataset.read_video(video, self.n_frames)  # a video with fewer frames is a BadVideo
+            rgb = dataset.read_video(video, self.n_frames, self.upright)  # a video with fewer frames is a BadVideo
         elif isinstance(video, np.ndarray):
             if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
                 raise ValueError(f'a video array must be uint8 [T, H, W, 3], got {video.dtype} {list(video.shape)}')
@@ -137,7 +139,7 @@ class Violet:
 
     def cache_file(self, video):
         st = os.stat(video)
-        key = f'{self.fingerprint}|{os.path.abspath(video)}|{st.st_size}|{st.st_mtime_ns}|{self.n_frames}'
+        key = f'{self.fingerprint}|{os.path.abspath(video)}|{st.st_size}|{st.st_mtime_ns}|{self.n_frames}' + '|upright' * self.upright
         return os.path.join(self.cache, hashlib.sha256(key.encode()).hexdigest()[:32] + '.safetensors')
 
     @torch.no_grad()

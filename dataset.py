@@ -122,21 +122,23 @@ def sample_stored(count, n, train, rng=random):
     return sample_even(start, end, n)
 
 
-def read_video(path, n_frames):
+def read_video(path, n_frames, upright=False):
     """-> `n_frames` RGB uint8 arrays [H, W, 3] of the video file at `path`: frames sample_inside(count, n_frames)
-    of its first video stream, count = all its frames. Raises BadVideo naming the file, also when it has fewer
-    than n_frames frames: the original's extraction repeated frames of such a clip, but every reader here refuses
-    a video short of the frames it needs (prediction, convert_layout, the v2 layout), so the extraction tool lists
-    it as failed instead of storing a clip of repeated frames.
+    of its first video stream, count = all its frames, each converted as the original's extraction converted it
+    (frame_rgb). Raises BadVideo naming the file, also when it has fewer than n_frames frames: the original's
+    extraction repeated frames of such a clip, but every reader here refuses a video short of the frames it needs
+    (prediction, convert_layout, the v2 layout), so the extraction tool lists it as failed instead of storing a
+    clip of repeated frames.
 
     Decodes only what it returns (PyAV, one thread: parallelism belongs to the caller). The frame count and
     each frame's timestamp come from the packet index (demuxing reads no pixels; the container's header count
     is not trusted); each chosen frame is reached by seeking to the keyframe before it and decoding forward to
-    its exact timestamp. A file without timestamps or keyframe flags or with two frames of one timestamp, one
-    where a chosen timestamp is not found, and a damaged one (a packet cut short, as in a truncated download, or
-    one the decoder refuses on the way) is decoded from the start instead, as the original's OpenCV loop read it
-    (_decode_all: same frames, tested).
-    Frames come upright (upright_rgb)."""
+    its exact timestamp. A file without timestamps or keyframe flags or with two frames of one timestamp, and one
+    where a chosen timestamp is not found, is decoded from the start instead, as the original decoded every file
+    (_decode_all: same frames, tested). So is a damaged one (a packet cut short, as in a truncated download, or one
+    the decoder refuses on the way), which the original's loop stopped at with an error, ending its whole
+    extraction: here the frames before the damage are sampled, as OpenCV's read loop would give them.
+    upright: turn a video with a rotation in its header upright (frame_rgb); off, as the original."""
     if n_frames < 1:
         raise ValueError(f'n_frames must be >= 1, got {n_frames}')
     if not os.path.isfile(path):
@@ -168,11 +170,11 @@ def read_video(path, n_frames):
                 if keys and len(set(pts)) == len(pts):
                     targets = [pts[i] for i in pick(len(pts), n_frames, path)]
                     try:
-                        frames = _seek_decode(container, stream, targets, keys)
-                    except av.FFmpegError:  # a damaged packet on the way: the original stopped reading there
+                        frames = _seek_decode(container, stream, targets, keys, upright)
+                    except av.FFmpegError:  # a damaged packet on the way: decoded from the start, up to it
                         frames = None
-            if frames is None:  # no usable index, or damage: decode from the start, as the original did
-                frames = _decode_all(path, n_frames)
+            if frames is None:  # no usable index, or damage: decode from the start, as the original decoded all
+                frames = _decode_all(path, n_frames, upright)
     except av.FFmpegError as e:  # it opened as a video: its data is damaged
         raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({e})') from e
     return frames
@@ -237,11 +239,12 @@ def image_error(e):
     return re.sub(r'^\w+, \S+\.cpp:\d+, | <[^<>]* at 0x[0-9a-f]+>', '', str(e))
 
 
-def _decode_all(path, n_frames):
-    """The chosen frames of the video as the original's OpenCV loop read it (_frames_as_opencv): every frame up to
-    the first packet the decoder refuses. Two passes (count, then keep the chosen), one frame in memory at a time."""
+def _decode_all(path, n_frames, upright=False):
+    """The chosen frames of the video decoded from the start (_frames_in_order): every frame up to the first packet
+    the decoder refuses. Two passes (count, then keep the chosen), one frame in memory at a time (the original held
+    every frame of the video as an image)."""
     error = []
-    count = sum(1 for _ in _frames_as_opencv(path, error))
+    count = sum(1 for _ in _frames_in_order(path, error))
     if error and count < n_frames:
         raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({error[0]})' +
                        (f'; the {count} before the damage are fewer than the {n_frames} asked for' if count else ''))
@@ -249,19 +252,20 @@ def _decode_all(path, n_frames):
     if not want:
         raise BadVideo(f'{path}: no frames')
     kept = {}
-    for k, frame in enumerate(_frames_as_opencv(path, [])):
+    for k, frame in enumerate(_frames_in_order(path, [])):
         if k in want:
-            kept[k] = upright_rgb(frame)
+            kept[k] = frame_rgb(frame, upright)
         if k == want[-1]:
             break
     return [kept[i] for i in want]
 
 
-def _frames_as_opencv(path, error):
-    """Yield the decoded frames of the video's first stream from the start, ending, as OpenCV's read() does, at the
-    first packet the decoder refuses (its exception appended to `error`; the frames the decoder still holds are
-    never returned) or at the end, where the empty packet demux() ends with flushes them. The file is opened
-    afresh: a raw stream (.h264) cannot seek back to its start."""
+def _frames_in_order(path, error):
+    """Yield the decoded frames of the video's first stream from the start, as the original's demux-and-decode loop
+    gave them, to the end, where the empty packet demux() ends with flushes the frames the decoder holds back. At
+    the first packet the decoder refuses (where the original's loop raised) it ends as OpenCV's read() does: its
+    exception appended to `error`, the frames held back never returned. The file is opened afresh: a raw stream
+    (.h264) cannot seek back to its start."""
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
@@ -274,17 +278,17 @@ def _frames_as_opencv(path, error):
             yield from frames
 
 
-def upright_rgb(frame):
-    """A decoded frame -> RGB uint8 [H, W, 3] as a player shows it: a phone's portrait video is stored landscape with
-    a rotation in its display matrix (frame.rotation, degrees counter-clockwise), which OpenCV, the original's
-    decoder, applies too; without it such a video came out on its side. The pixels are converted as OpenCV converts
-    them (swscale to BGR24 with bicubic chroma upsampling, then reversed to RGB): PyAV's default (bilinear, straight to
-    RGB24) agrees only on 8-bit 4:2:0 with even sides, and moved odd-sized and 10-bit videos by up to 28 / 255."""
-    bgr = frame.to_ndarray(format='bgr24', interpolation='BICUBIC')
-    rgb = np.empty_like(bgr)
-    for c in range(3):  # one plane at a time: 6x faster than copying bgr[..., ::-1] (HD: 0.65 ms against 4)
-        rgb[..., c] = bgr[..., 2 - c]
-    return np.ascontiguousarray(np.rot90(rgb, frame.rotation // 90)) if frame.rotation % 360 else rgb
+def frame_rgb(frame, upright=False):
+    """A decoded frame -> RGB uint8 [H, W, 3], converted as the original's extraction converted it: PyAV's
+    `frame.to_image()` (swscale to RGB24 with PyAV's defaults: bilinear chroma upsampling, the frame's colorspace);
+    `to_ndarray` makes the same call without the PIL image (equal values, tested on 8- and 10-bit, 4:2:0 and 4:2:2,
+    odd sizes). OpenCV converts otherwise (bicubic, into BGR): 0 apart on 8-bit 4:2:0 clips of even sides, but up
+    to 21 / 255 on odd sides and 27 / 255 on 10-bit.
+    upright: a phone's portrait video is stored landscape with a rotation in its display matrix (frame.rotation,
+    degrees counter-clockwise), which players and OpenCV apply; the original's extraction did not (such a clip came
+    out on its side), so it is applied only when asked for (the extraction tool's and predict.py's --upright)."""
+    rgb = frame.to_ndarray(format='rgb24')
+    return np.ascontiguousarray(np.rot90(rgb, frame.rotation // 90)) if upright and frame.rotation % 360 else rgb
 
 
 def pick(count, n_frames, path):
@@ -294,7 +298,7 @@ def pick(count, n_frames, path):
     return sample_inside(count, n_frames)
 
 
-def _seek_decode(container, stream, targets, keys):
+def _seek_decode(container, stream, targets, keys, upright=False):
     """-> the RGB frames with timestamps `targets` (ascending), or None when one is not where the index says.
     `keys` = (pts, dts) of the keyframes, ascending. Seeks only when the next target's keyframe lies beyond
     what has been decoded, and to the keyframe's decoding timestamp: demuxers that index by dts (AVI) would
@@ -313,7 +317,7 @@ def _seek_decode(container, stream, targets, keys):
             for f in codec.decode(packet):
                 last = f.pts
                 if f.pts in want:
-                    out[f.pts] = upright_rgb(f)
+                    out[f.pts] = frame_rgb(f, upright)
             if t in out:
                 break
         else:

@@ -97,6 +97,8 @@ def main(argv=None):
     ap.add_argument('--top', type=int, default=5, help='qaoe: answers shown; retrieval: videos shown per text')
     ap.add_argument('--frames', type=int, default=0, help="frames per video (0: the config's size_frame, else 5; 4 pretrain)")
     ap.add_argument('--cache', default='', help='folder of per-video features, reused by later runs')
+    ap.add_argument('--upright', action='store_true', help="turn videos with a rotation in their header upright (as "
+                    "the extraction tool's --upright; off: frames as encoded, as the original extracted them)")
     ap.add_argument('--device', default=None, help='cpu, cuda, cuda:1 ... (default: cuda when present)')
     ap.add_argument('--bf16', action='store_true', help='bf16 autocast (CUDA; the heads stay in fp32)')
     ap.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='config overrides (e.g. txt_backbone=DIR)')
@@ -121,7 +123,7 @@ def main(argv=None):
         jobs = [dict(video=v, named=named, text=t, options=opt.options) for v, named in expand(opt.videos) for t in texts]
     try:
         m = api.load(opt.ckpt, opt.config, opt.vocab, opt.device, 'bf16' if opt.bf16 else 'fp32', opt.frames,
-                 opt.cache or None, opt.set)
+                 opt.cache or None, opt.set, opt.upright)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'predict: {e}') from e
     if (opt.mode == 'qaoe') != (m.type == 'qaoe'):

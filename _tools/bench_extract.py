@@ -4,9 +4,9 @@
 
 Writes two sets of 320x240 30 fps clips of moving noise: OpenCV's VideoWriter (mp4v, every frame a keyframe)
 and H.264 from PyAV with `--keyint` frames per GOP and B-frames (what downloaded videos look like). Times
-"full" = the original's way (OpenCV, decode every frame to count, then again up to the last chosen one) and
-"seek" = dataset.read_video, each followed by the tool's JPEG + base64 encoding; both return the same frames
-(asserted). One process, one decoder thread, best of --repeat.
+"full" = the original's way (the release's extraction loop: PyAV demuxes and decodes every packet, turns every
+frame into a PIL image, then keeps the chosen ones) and "seek" = dataset.read_video, each followed by the tool's
+JPEG + base64 encoding; both return the same frames (asserted). One process, one decoder thread, best of --repeat.
 """
 import argparse, os, sys, tempfile, time
 
@@ -22,17 +22,16 @@ jpeg_b64 = load_frame_tool().jpeg_b64  # the extraction's own encoding, the same
 
 
 def full_decode_sample(path, n):
-    """The original tool's decoding: count every frame, then decode again up to the last chosen one."""
-    open_1 = lambda: cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])  # noqa: E731
-    cap, count = open_1(), 0
-    while cap.grab():
-        count += 1
-    wanted, cap, kept = sample_inside(count, n), open_1(), {}
-    for k in range(wanted[-1] + 1):
-        cap.grab()
-        if k in wanted:
-            kept[k] = cv2.cvtColor(cap.retrieve()[1], cv2.COLOR_BGR2RGB)
-    return [kept[i] for i in wanted]
+    """The original tool's decoding: every frame of the file decoded and turned into an image, then the chosen kept
+    (its frames int(len / (n + 1) * (i + 1)), i < n: sample_inside)."""
+    imgs = []
+    with av.open(path) as container:
+        container.streams.video[0].codec_context.thread_count = 1  # one decoder thread, as read_video
+        for packet in container.demux():
+            for frame in packet.decode():
+                if isinstance(frame, av.VideoFrame):
+                    imgs.append(frame.to_image().convert('RGB'))
+    return [np.array(imgs[i]) for i in sample_inside(len(imgs), n)]
 
 
 def frames(n, rng):

@@ -9,8 +9,10 @@
     python _tools/extract_video-frame.py --videos CC3M/images --ext jpg,png --sample 1 --layout tsv \
         --shard_size 500000 --out _data/img_cc3m_train          # images: one frame each
 
-Frames: dataset.read_video (frames int(n*(i+1)) of the F frames, n = F / (N+1); only those are decoded), each
-encoded as RGB JPEG with PIL's defaults, base64 ASCII; the video id is the file name without its extension. An
+Frames: dataset.read_video (frames int(n*(i+1)) of the F frames, n = F / (N+1); only those are decoded, converted
+to RGB as the original's PyAV to_image() converted them; --upright turns a phone's rotated clip upright, which the
+original did not), each encoded as RGB JPEG with PIL's defaults, base64 ASCII; the video id is the file name without
+its extension. An
 image is one frame: a JPEG is stored as its own bytes, another format (PNG, ...) encoded as the frames are.
 Resumable: every output file is written under a temporary name and renamed when complete (the index last), so
 a crash never leaves a partial shard; a rerun skips the videos already in complete outputs and writes the
@@ -39,12 +41,12 @@ def jpeg_b64(rgb):
     return base64.b64encode(buf.getvalue()).decode('ascii')
 
 
-def extract_video(path, sample):
+def extract_video(path, sample, upright=False):
     """-> ([base64 JPEG] of the `sample` chosen frames, None), or (None, reason) when the video cannot be read.
     An image (IMAGE_EXTS: CC3M's photos, --sample 1) is one frame: a JPEG file is stored as its own bytes (no
     second lossy encoding; training decodes them as they are), after decoding once to be sure it can be."""
     try:
-        frames = read_video(path, sample)
+        frames = read_video(path, sample, upright)
     except BadVideo as e:
         return None, str(e)
     if is_image(path):
@@ -56,8 +58,8 @@ def extract_video(path, sample):
 
 
 def _work(job):
-    vid, path, sample = job
-    return (vid, path) + extract_video(path, sample)
+    vid, path, sample, upright = job
+    return (vid, path) + extract_video(path, sample, upright)
 
 
 def list_videos(dir_in, exts=('mp4',)):
@@ -67,10 +69,10 @@ def list_videos(dir_in, exts=('mp4',)):
                   if os.path.splitext(f)[1].lower() in want and os.path.isfile(os.path.join(dir_in, f)))
 
 
-def extract_all(videos, sample, workers=1, progress=True, desc=None):
+def extract_all(videos, sample, workers=1, progress=True, desc=None, upright=False):
     """Yield (video id, path, frames or None, failure reason or None) for each (id, path), in order; a tqdm bar
     in videos/s."""
-    jobs = [(vid, path, sample) for vid, path in videos]
+    jobs = [(vid, path, sample, upright) for vid, path in videos]
     with tqdm(total=len(jobs), ascii=True, disable=not progress, desc=desc, unit='video') as bar, \
             (Pool(workers) if workers > 1 else _Serial()) as pool:
         for vid, path, frames, reason in pool.imap(_work, jobs, chunksize=4):
@@ -80,10 +82,10 @@ def extract_all(videos, sample, workers=1, progress=True, desc=None):
             yield vid, path, frames, reason
 
 
-def extract_dir(dir_in, sample, path_out=None, workers=1, progress=True):
+def extract_dir(dir_in, sample, path_out=None, workers=1, progress=True, upright=False):
     """Extract every dir_in/*.mp4 in memory; write the pkl to path_out (if given). -> (pkl dict sorted by id, [bad paths])."""
     pkl, bad = {}, []
-    for vid, path, frames, _ in extract_all(list_videos(dir_in), sample, workers, progress, os.path.basename(dir_in)):
+    for vid, path, frames, _ in extract_all(list_videos(dir_in), sample, workers, progress, os.path.basename(dir_in), upright):
         if frames is None:
             bad.append(path)
         else:
@@ -117,7 +119,7 @@ def write_output(frames, out, layout, shard):
     write_pickle(frames, data) if layout == 'pkl' else write_tsv(frames, data, index)
 
 
-def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=('mp4',), progress=True):
+def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=('mp4',), progress=True, upright=False):
     """Extract dir_in's videos into `out` (resumably, see the module doc). -> (videos written by this run,
     videos found already written, {path: failure reason})."""
     if layout == 'pkl' and shard_size:
@@ -149,7 +151,7 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     pending = [(vid, path) for vid, path in videos if vid not in done]
     written, batch = 0, {}
     next_shard = (k for k in range(10 ** 9) if k not in shards)  # fills the numbers of crashed shards first
-    for vid, path, frames, reason in extract_all(pending, sample, workers, progress, os.path.basename(out)):
+    for vid, path, frames, reason in extract_all(pending, sample, workers, progress, os.path.basename(out), upright):
         if frames is None:
             failed[path] = reason
             continue
@@ -215,6 +217,9 @@ def main():
     parser.add_argument('--shard_size', type=at_least(0), default=0, help='videos per TSV shard <out>_<k>; 0: one file')
     parser.add_argument('--ext', default='mp4', help='video file extensions, comma separated (e.g. mp4,avi,gif; '
                                                      'images: jpg,png with --sample 1)')
+    parser.add_argument('--upright', action='store_true',
+                        help="turn videos with a rotation in their header (phones' portrait clips) upright; the "
+                             "original stored their frames as encoded, on their side")
     args = parser.parse_args()
     if not args.path and not (args.videos and args.out):
         parser.error('give --path, or --videos and --out')
@@ -242,7 +247,8 @@ def main():
         print(f'{dir_in}: not read (not --ext {args.ext}): ' + ', '.join(f'{n} {e}' for e, n in sorted(others.items())),
               file=sys.stderr)
     try:
-        written, before, failed = extract_to(dir_in, out, args.sample, args.layout, args.shard_size, args.workers, exts)
+        written, before, failed = extract_to(dir_in, out, args.sample, args.layout, args.shard_size, args.workers, exts,
+                                              upright=args.upright)
     except ValueError as e:
         sys.exit(str(e))
     except WriteError as e:  # a full disk: the outputs written before are whole, and a rerun goes on from them

@@ -95,8 +95,21 @@ def write_av_clip(path, n, codec, options=None, size=(96, 64)):
             c.mux(p)
 
 
-def full_decode(path):
-    """Every frame, decoded in order by OpenCV (the original's decoder), RGB."""
+def original_frames(path):
+    """Every frame as the original's extraction decoded it (_tools/extract_video-frame.py of the release: PyAV,
+    every packet of the file demuxed and decoded, each video frame to_image().convert('RGB')), RGB arrays."""
+    frames = []
+    with av.open(path) as c:
+        for packet in c.demux():
+            for frame in packet.decode():
+                if isinstance(frame, av.VideoFrame):
+                    frames.append(np.array(frame.to_image().convert('RGB')))
+    return frames
+
+
+def opencv_frames(path):
+    """Every frame OpenCV's read loop gives, RGB: the reference where the original's loop raises (a damaged file:
+    OpenCV stops at the first packet the decoder refuses) and for rotation (OpenCV turns rotated videos upright)."""
     cap, out = cv2.VideoCapture(path), []
     while True:
         ok, bgr = cap.read()
@@ -116,7 +129,7 @@ def test_read_video_seeks_to_the_frames_of_a_full_decode(tmp_path, monkeypatch, 
         write_clip(path, [(k * 5,) * 3 for k in range(45)])
     else:
         write_av_clip(path, 61, codec, options)
-    every = full_decode(path)
+    every = original_frames(path)
     assert len(every) in (45, 61)
     monkeypatch.setattr(dataset, '_decode_all', None)  # the fallback must not be what makes this pass
     for n in [1, 2, 3, 5, 8, 16, 44, len(every)]:
@@ -128,7 +141,7 @@ def test_read_video_seeks_to_the_frames_of_a_full_decode(tmp_path, monkeypatch, 
         dataset.read_video(path, len(every) + 1)
     monkeypatch.undo()  # the full-decode fallback (a target not found by seeking) gives the same frames
     seek_decode = dataset._seek_decode
-    monkeypatch.setattr(dataset, '_seek_decode', lambda c, s, targets, keys: seek_decode(c, s, [t + 0.5 for t in targets], keys))  # never found
+    monkeypatch.setattr(dataset, '_seek_decode', lambda c, s, targets, keys, upright: seek_decode(c, s, [t + 0.5 for t in targets], keys, upright))  # never found
     got = dataset.read_video(path, 5)
     assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), 5)))
 
@@ -146,15 +159,36 @@ def rotate_in_header(path, out, matrix):
 @pytest.mark.parametrize('degrees, matrix', [(90, [0, 1 << 16, 0, -1 << 16, 0, 0, 0, 0, 1 << 30]),
                                              (180, [-1 << 16, 0, 0, 0, -1 << 16, 0, 0, 0, 1 << 30]),
                                              (270, [0, -1 << 16, 0, 1 << 16, 0, 0, 0, 0, 1 << 30])])
-def test_read_video_turns_a_rotated_video_upright(tmp_path, degrees, matrix):
-    """A phone's portrait video (stored 96 x 64 with a rotation in its header) came out on its side; now upright, as
-    OpenCV (the original's decoder) shows it, pixel for pixel."""
+def test_read_video_keeps_a_rotated_video_as_the_original_unless_upright(tmp_path, degrees, matrix):
+    """A phone's portrait video (stored 96 x 64 with a rotation in its header): by default its frames as the
+    original's extraction stored them (as encoded, on their side); with upright=True turned as OpenCV and players
+    show it, pixel for pixel."""
     write_av_clip(str(tmp_path / 'flat.mp4'), 12, 'libx264', size=(96, 64))
     rotate_in_header(str(tmp_path / 'flat.mp4'), str(tmp_path / 'phone.mp4'), matrix)
-    every = full_decode(str(tmp_path / 'phone.mp4'))
-    assert every[0].shape == ((64, 96, 3) if degrees == 180 else (96, 64, 3))
+    stored, shown = original_frames(str(tmp_path / 'phone.mp4')), opencv_frames(str(tmp_path / 'phone.mp4'))
+    assert stored[0].shape == (64, 96, 3) and shown[0].shape == ((64, 96, 3) if degrees == 180 else (96, 64, 3))
+    assert not np.array_equal(stored[5], shown[5])  # frame 5: a white band on its left side
+    pos = dataset.sample_inside(12, 5)
     got = dataset.read_video(str(tmp_path / 'phone.mp4'), 5)
-    assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), 5)))
+    assert all(np.array_equal(a, stored[i]) for a, i in zip(got, pos))
+    got = dataset.read_video(str(tmp_path / 'phone.mp4'), 5, upright=True)
+    assert all(np.array_equal(a, shown[i]) for a, i in zip(got, pos))
+
+
+def test_extraction_tool_upright_flag(tmp_path, monkeypatch, capsys):
+    """The extraction tool stores a rotated clip as the original did (as encoded) and upright with --upright, through
+    its worker pool too."""
+    os.makedirs(tmp_path / 'v')
+    write_av_clip(str(tmp_path / 'flat.mp4'), 12, 'libx264', size=(96, 64))
+    rotate_in_header(str(tmp_path / 'flat.mp4'), str(tmp_path / 'v' / 'phone.mp4'), [0, 1 << 16, 0, -1 << 16, 0, 0, 0, 0, 1 << 30])
+    shapes = {}
+    for flags in ([], ['--upright']):
+        out = str(tmp_path / f'out{len(flags)}.pkl')
+        monkeypatch.setattr(sys, 'argv', ['tool', f'--videos={tmp_path / "v"}', f'--out={out}', '--sample=3',
+                                          '--workers=2', *flags])
+        frame_tool.main()
+        shapes[len(flags)] = {b64_to_array(b).shape for b in dataset.load_pickle(out)['phone']}
+    assert shapes == {0: {(64, 96, 3)}, 1: {(96, 64, 3)}}
 
 
 @pytest.mark.parametrize('name, codec, size, pix_fmt', [
@@ -162,9 +196,11 @@ def test_read_video_turns_a_rotated_video_upright(tmp_path, degrees, matrix):
     ('odd.avi', 'mpeg4', (77, 45), 'yuv420p'),          # odd sides: PyAV's default conversion was 2 / 255 off
     ('deep.mp4', 'libx264', (96, 64), 'yuv420p10le'),   # 10-bit: 28 / 255 off (bilinear chroma, RGB-order dither)
     ('prores.mov', 'prores_ks', (96, 64), 'yuv422p10le')])
-def test_read_video_converts_pixels_as_opencv(tmp_path, name, codec, size, pix_fmt):
+def test_read_video_converts_pixels_as_the_original(tmp_path, name, codec, size, pix_fmt):
     """Colour noise (chroma differs between neighbours, where upsampling filters disagree) in the formats cameras
-    and editors write: the RGB frames equal OpenCV's, the original's decoder, value for value."""
+    and editors write: the RGB frames equal the original extraction's (PyAV's to_image()), value for value. OpenCV's
+    conversion (bicubic into BGR, used here until 2026-11-28) is 0 apart on even.mp4 but 21 / 255 on odd.avi, 27 on
+    deep.mp4, 3 on prores.mov."""
     path, rng = str(tmp_path / name), np.random.default_rng(0)
     with av.open(path, 'w') as c:
         s = c.add_stream(codec, rate=8)
@@ -175,18 +211,19 @@ def test_read_video_converts_pixels_as_opencv(tmp_path, name, codec, size, pix_f
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
-    every = full_decode(path)
+    every = original_frames(path)
     assert len(every) == 6 and every[0].shape == (size[1], size[0], 3)
     got = dataset.read_video(path, 6)
     assert all(np.array_equal(a, b) for a, b in zip(got, every)), \
         max(np.abs(a.astype(int) - b).max() for a, b in zip(got, every))
 
 
-def test_read_video_reads_damaged_and_raw_streams_as_opencv(tmp_path):
-    """A download cut short (an mp4 with its index first, 'faststart', truncated) and a raw H.264 stream (no
-    timestamps): the frames sampled from those OpenCV (the original) could decode, which stops at the first packet
-    the decoder refuses. Before, the packet index counted the frames lost in the cut, so other frames were sampled,
-    and a raw stream was 'a corrupt video' (it cannot seek back to its start)."""
+def test_read_video_reads_damaged_and_raw_streams(tmp_path):
+    """A download cut short (an mp4 with its index first, 'faststart', truncated): the original's loop stops with
+    an error at its damage (and its whole extraction with it); here the frames are sampled from those decoded
+    before it, as OpenCV's read loop gives them. A raw H.264 stream (no timestamps): the original's frames. Before,
+    the packet index counted the frames lost in the cut, so other frames were sampled, and a raw stream was 'a
+    corrupt video' (it cannot seek back to its start)."""
     def clip(path, **kw):
         with av.open(str(path), 'w', **kw) as c:
             s = c.add_stream('libx264', rate=25, options={'x264-params': 'keyint=10:bframes=2'})
@@ -203,22 +240,25 @@ def test_read_video_reads_damaged_and_raw_streams_as_opencv(tmp_path):
     raw = (tmp_path / 'whole.mp4').read_bytes()
     (tmp_path / 'cut.mp4').write_bytes(raw[:int(len(raw) * 0.8)])
     (tmp_path / 'stub.mp4').write_bytes(raw[:int(len(raw) * 0.5)])
+    with pytest.raises(av.InvalidDataError):
+        original_frames(str(tmp_path / 'cut.mp4'))
     for name in ('cut.mp4', 'raw.h264'):
-        every = full_decode(str(tmp_path / name))
+        every = (opencv_frames if name == 'cut.mp4' else original_frames)(str(tmp_path / name))
         # (cut: the frames after the cut and those the decoder held back are lost; 35 of 60 with the pinned FFmpeg)
         assert 5 <= len(every) < 59 if name == 'cut.mp4' else len(every) == 60
         got = dataset.read_video(str(tmp_path / name), 5)
         assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), 5))), name
-    left = len(full_decode(str(tmp_path / 'stub.mp4')))
+    left = len(opencv_frames(str(tmp_path / 'stub.mp4')))
     assert 0 < left < 5
     with pytest.raises(dataset.BadVideo, match=rf'^{tmp_path}/stub.mp4: a corrupt video, its frames cannot be decoded '
                                                rf'\(.*Invalid data.*\); the {left} before the damage are fewer than the 5'):
         dataset.read_video(str(tmp_path / 'stub.mp4'), 5)
 
 
-def test_read_video_two_frames_of_one_timestamp_as_opencv(tmp_path):
+def test_read_video_two_frames_of_one_timestamp(tmp_path):
     """A stream that gives two frames the same timestamp (a remux gone wrong): the packet index cannot tell them
-    apart, so the file is decoded from the start as OpenCV does; before, one frame stood for both."""
+    apart, so the file is decoded from the start, as the original decoded every file; before, one frame stood for
+    both."""
     src, dup = str(tmp_path / 'src.mkv'), str(tmp_path / 'dup.mkv')
     with av.open(src, 'w') as c:
         s = c.add_stream('mpeg4', rate=10)
@@ -237,7 +277,7 @@ def test_read_video_two_frames_of_one_timestamp_as_opencv(tmp_path):
         for p in packets:
             p.stream = ost
             oc.mux(p)
-    every = full_decode(dup)
+    every = original_frames(dup)
     assert len(every) == 20
     got = dataset.read_video(dup, 19)
     assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(20, 19)))

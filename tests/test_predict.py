@@ -358,3 +358,14 @@ def test_bf16_on_request(clips, ckpts):
     s32 = api.load(ckpts['retrieval'], device='cpu').score(vids, ['a red bar'])
     s16 = api.load(ckpts['retrieval'], device='cpu', precision='bf16').score(vids, ['a red bar'])
     assert np.abs(s16 - s32).max() < 0.05 * max(np.abs(s32).max(), 1)
+
+
+def test_upright_reaches_the_video_reader(clips, ckpts, capsys, monkeypatch):
+    """predict.py --upright (and api.load(upright=True)) reads videos as the extraction tool's --upright does; the
+    default reads them as the original extracted them. (The reader itself: tests/test_data.py.)"""
+    seen, read_video = [], dataset.read_video
+    monkeypatch.setattr(dataset, 'read_video', lambda path, n, upright=False: seen.append(upright) or read_video(path, n, upright))
+    path = str(clips / 'mixed' / 'ok.mp4')
+    for flags in ([], ['--upright']):
+        run_predict(capsys, 'retrieval', '--ckpt', ckpts['retrieval'], '--video', path, '--text', 'a red bar', *flags)
+    assert seen == [False, True]
