@@ -1,8 +1,7 @@
 """DALL-E dVAE tokens of every frame: X.pkl (or X.tsv + X.lineidx) -> X_vq.pkl = {video_id: int16 [T, h, w]}
-(docs/violet.md#data-formats). Each frame is decoded whole (never fast_decode's reduced-scale JPEG decode, as
-the original), padded to square and resized as the training input, but to frame//32*8 px, mapped by map_pixels
-(x*(1-2*0.1)+0.1), encoded, argmax over the 8192 logits: h = w = frame//32, one token per 32x32 patch of the
-training input.
+(docs/violet.md#data-formats). Each frame is decoded whole, padded to square and resized as the training input,
+but to frame//32*8 px, with the original's own arithmetic (PIL: vq_input), mapped by map_pixels (x*(1-2*0.1)+0.1),
+encoded, argmax over the 8192 logits: h = w = frame//32, one token per 32x32 patch of the training input.
 
     python _tools/extract_vq.py --path=_data/img_webvid2.5m_train_0 --frame=224 --encoder=_snapshot/encoder.pkl
     python _tools/extract_vq.py --path _data/img_webvid2.5m_train_{0,1,2} _data/img_webvid2.5m_val --out _data/vq_webvid2.5m.pkl
@@ -10,14 +9,16 @@ training input.
 The encoder is the original's https://cdn.openai.com/dall-e/encoder.pkl (see the DALL-E package README,
 https://github.com/openai/DALL-E).
 """
-import argparse, os, sys
+import argparse, base64, io, os, sys
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TVF
+from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import WriteError, b64_to_img, load_pickle, write_pickle  # noqa: E402  the same pad + resize as training; plain-data pickles
+from dataset import WriteError, load_pickle, write_pickle  # noqa: E402  plain-data pickles
 from extract_tsv import read_tsv  # noqa: E402
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -35,13 +36,28 @@ def load_encoder(path, device='cpu'):
     return enc.to(device).eval()
 
 
+def vq_input(b64, size):
+    """A base64 frame -> float [3, size, size] in [0, 1], to the bit as the original made the encoder's input: PIL
+    decodes it, zero rows (columns) of (long - short) // 2 on both sides of the short one, PIL's bilinear resize to
+    size x size, then to a tensor. The training input (dataset.b64_to_img) is within 1/255 of this, about 0.1 % of
+    values 1/255 apart; a token is a label, so its input keeps the original's arithmetic (the encoder, not this,
+    is the cost). Frames that are not RGB (greyscale, CMYK) are made RGB first (the original's encoder failed on
+    them)."""
+    img = Image.open(io.BytesIO(base64.b64decode(b64.strip(), validate=True))).convert('RGB')
+    w, h = img.size
+    rows, cols = ((w - h) // 2, 0) if w > h else (0, (h - w) // 2)
+    square = Image.new('RGB', (w + 2 * cols, h + 2 * rows))
+    square.paste(img, (cols, rows))
+    return TVF.to_tensor(square.resize((size, size), Image.BILINEAR))
+
+
 @torch.no_grad()
 def encode_frames(encoder, frames_b64, frame=224, device='cpu', batch=64):
     """[b64] -> int16 [len, frame//32, frame//32] token ids."""
     size = frame // 32 * 8
     out = []
     for i in range(0, len(frames_b64), batch):
-        x = torch.stack([b64_to_img(b, size, reduce=False) for b in frames_b64[i:i + batch]]).to(device)
+        x = torch.stack([vq_input(b, size) for b in frames_b64[i:i + batch]]).to(device)
         x = (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS  # dall_e.map_pixels
         out.append(encoder(x).argmax(1).cpu())
     return torch.cat(out).numpy().astype(np.int16)

@@ -814,6 +814,25 @@ def test_extract_vq_without_encoder_names_the_alternative(tmp_path):
                                                 r'https://cdn.openai.com/dall-e/encoder.pkl.*"mvm_target": "pixel"'):
         extract_vq.load_encoder(str(tmp_path / 'encoder.pkl'))
 
+@pytest.mark.parametrize('h,w', [(240, 320), (321, 241), (100, 100), (35, 48)])
+def test_extract_vq_input_is_the_originals_to_the_bit(h, w):
+    """A VQ token is a label: the encoder's input is the original's (PIL pad, resize, to tensor) exactly, not the
+    training input's 1/255 (which differs at about 0.1 % of values and could flip an argmax)."""
+    buf = io.BytesIO()
+    smooth_image(np.random.default_rng(h + w), h, w).save(buf, format='JPEG')
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    seen = []
+
+    class Record(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return torch.zeros(x.shape[0], 8192, x.shape[2] // 8, x.shape[3] // 8)
+    assert extract_vq.encode_frames(Record(), [b64, b64], frame=224).shape == (2, 7, 7)
+    ref = pil_reference(b64, 56)
+    assert torch.equal(seen[0][1], 0.8 * ref + 0.1)  # dall_e.map_pixels
+    assert torch.equal(extract_vq.vq_input(b64, 16), pil_reference(b64, 16))
+
+
 def test_extract_vq_with_random_small_encoder(toy, tmp_path, monkeypatch):
     from dall_e import Encoder
     torch.manual_seed(0)
@@ -1072,25 +1091,23 @@ def test_large_jpeg_default_exact_fast_decode_close(args, monkeypatch):
             assert torch.equal(ours, dataset.b64_to_img(b64, 224))
 
 
-def test_vq_extraction_decodes_every_pixel(monkeypatch):
+def test_vq_extraction_decodes_every_pixel():
     """VQ targets are computed from full decodes, as the original's were: at VQ extraction's 56 px (frame 224) every
-    frame of 224 px or more would take the reduced-scale decode, whose values differ; extract_vq feeds the encoder
-    exactly the full decode, padded, resized and mapped."""
+    frame of 224 px or more would take fast_decode's reduced-scale decode, whose values differ; extract_vq feeds the
+    encoder the original's full decode, padded, resized and mapped."""
     rng = np.random.default_rng(3)
     buf = io.BytesIO()
     smooth_image(rng, 480, 640).save(buf, format='JPEG', quality=90)
     b64 = base64.b64encode(buf.getvalue()).decode()
-    full = dataset.pad_resize(torchvision.io.decode_jpeg(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8),
-                                                         mode=torchvision.io.ImageReadMode.RGB), 56)
-    assert torch.equal(dataset.b64_to_img(b64, 56, reduce=False), full)
-    assert not torch.equal(dataset.b64_to_img(b64, 56, reduce=True), full)  # fast_decode would reduce such a frame
+    original = pil_reference(b64, 56)
+    assert not torch.equal(dataset.b64_to_img(b64, 56, reduce=True), original)  # fast_decode would reduce such a frame
     seen = []
 
     def encoder(x):
         seen.append(x)
         return torch.zeros(len(x), 8192, 7, 7)
     tokens = extract_vq.encode_frames(encoder, [b64, b64], frame=224)
-    assert tokens.shape == (2, 7, 7) and torch.equal(seen[0], (0.8 * full + 0.1).expand(2, -1, -1, -1))
+    assert tokens.shape == (2, 7, 7) and torch.equal(seen[0], (0.8 * original + 0.1).expand(2, -1, -1, -1))
 
 
 def test_pretrain_part_gap_empty_part_and_vq_range(args, bad_copy, monkeypatch):
