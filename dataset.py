@@ -124,8 +124,8 @@ def sample_stored(count, n, train, rng=random):
 
 def read_video(path, n_frames, upright=False):
     """-> `n_frames` RGB uint8 arrays [H, W, 3] of the video file at `path`: frames sample_inside(count, n_frames)
-    of its first video stream, count = all its frames, each converted as the original's extraction converted it
-    (frame_rgb). Raises BadVideo naming the file, also when it has fewer than n_frames frames: the original's
+    of its video stream (video_stream: never a cover picture, whose frame the original counted: pick), count = all
+    its frames, each converted as the original's extraction converted it (frame_rgb). Raises BadVideo naming the file, also when it has fewer than n_frames frames: the original's
     extraction repeated frames of such a clip, but every reader here refuses a video short of the frames it needs
     (prediction, convert_layout, the v2 layout), so the extraction tool lists it as failed instead of storing a
     clip of repeated frames.
@@ -133,8 +133,9 @@ def read_video(path, n_frames, upright=False):
     Decodes only what it returns (PyAV, one thread: parallelism belongs to the caller). The frame count and
     each frame's timestamp come from the packet index (demuxing reads no pixels; the container's header count
     is not trusted); each chosen frame is reached by seeking to the keyframe before it and decoding forward to
-    its exact timestamp. A file without timestamps or keyframe flags or with two frames of one timestamp, and one
-    where a chosen timestamp is not found, is decoded from the start instead, as the original decoded every file
+    its exact timestamp. A file without timestamps or keyframe flags or with two frames of one timestamp, one that
+    does not open with a keyframe (cut without re-encoding), and one where a chosen timestamp is not found, is
+    decoded from the start instead, as the original decoded every file
     (_decode_all: same frames, tested). So is a damaged one (a packet cut short, as in a truncated download, or one
     the decoder refuses on the way), which the original's loop stopped at with an error, ending its whole
     extraction: here the frames before the damage are sampled, as OpenCV's read loop would give them.
@@ -155,8 +156,7 @@ def read_video(path, n_frames, upright=False):
         with container:
             if not container.streams.video:
                 raise BadVideo(f'{path}: ' + (mp4_cut_short(path) or 'not a video (no video stream)'))
-            stream = container.streams.video[0]
-            stream.codec_context.thread_count = 1
+            stream, covers = video_stream(container)
             packets = [(p.pts, p.dts, p.is_keyframe, p.is_corrupt) for p in container.demux(stream)
                        if p.size and not p.is_discard]
             if not packets:
@@ -166,15 +166,18 @@ def read_video(path, n_frames, upright=False):
                 pts = sorted(pts for pts, _, _, _ in packets)
                 keys = sorted((pts, pts if dts is None else dts) for pts, dts, key, _ in packets if key)
                 # a stream that flags no keyframe cannot be entered by seeking; one that gives two frames the same
-                # timestamp cannot be indexed by it (a frame would stand for both)
-                if keys and len(set(pts)) == len(pts):
-                    targets = [pts[i] for i in pick(len(pts), n_frames, path)]
+                # timestamp cannot be indexed by it (a frame would stand for both); one that does not open with
+                # the keyframe of its first frame (cut mid-GOP without re-encoding) has packets before it that
+                # give no frame, which only decoding counts (the packet index would count them as frames)
+                first_pts, _, first_key, _ = packets[0]
+                if keys and len(set(pts)) == len(pts) and first_key and first_pts == pts[0]:
+                    targets = [pts[i] for i in pick(len(pts), n_frames, path, covers)]
                     try:
                         frames = _seek_decode(container, stream, targets, keys, upright)
                     except av.FFmpegError:  # a damaged packet on the way: decoded from the start, up to it
                         frames = None
             if frames is None:  # no usable index, or damage: decode from the start, as the original decoded all
-                frames = _decode_all(path, n_frames, upright)
+                frames = _decode_all(path, n_frames, upright, covers)
     except av.FFmpegError as e:  # it opened as a video: its data is damaged
         raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({e})') from e
     return frames
@@ -239,7 +242,7 @@ def image_error(e):
     return re.sub(r'^\w+, \S+\.cpp:\d+, | <[^<>]* at 0x[0-9a-f]+>', '', str(e))
 
 
-def _decode_all(path, n_frames, upright=False):
+def _decode_all(path, n_frames, upright=False, covers=0):
     """The chosen frames of the video decoded from the start (_frames_in_order): every frame up to the first packet
     the decoder refuses. Two passes (count, then keep the chosen), one frame in memory at a time (the original held
     every frame of the video as an image)."""
@@ -248,7 +251,7 @@ def _decode_all(path, n_frames, upright=False):
     if error and count < n_frames:
         raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({error[0]})' +
                        (f'; the {count} before the damage are fewer than the {n_frames} asked for' if count else ''))
-    want = pick(count, n_frames, path) if count else None
+    want = pick(count, n_frames, path, covers) if count else None
     if not want:
         raise BadVideo(f'{path}: no frames')
     kept = {}
@@ -261,14 +264,13 @@ def _decode_all(path, n_frames, upright=False):
 
 
 def _frames_in_order(path, error):
-    """Yield the decoded frames of the video's first stream from the start, as the original's demux-and-decode loop
+    """Yield the decoded frames of the video stream (video_stream) from the start, as the original's demux-and-decode loop
     gave them, to the end, where the empty packet demux() ends with flushes the frames the decoder holds back. At
     the first packet the decoder refuses (where the original's loop raised) it ends as OpenCV's read() does: its
     exception appended to `error`, the frames held back never returned. The file is opened afresh: a raw stream
     (.h264) cannot seek back to its start."""
     with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1
+        stream = video_stream(container)[0]
         for packet in container.demux(stream):
             try:
                 frames = stream.codec_context.decode(packet)
@@ -291,11 +293,25 @@ def frame_rgb(frame, upright=False):
     return np.ascontiguousarray(np.rot90(rgb, frame.rotation // 90)) if upright and frame.rotation % 360 else rgb
 
 
-def pick(count, n_frames, path):
-    """sample_inside(count, n_frames) of the video at `path`; BadVideo when it has fewer frames than that."""
+def video_stream(container):
+    """-> (the video stream to read, with one decoder thread; how many cover pictures the file holds). The stream
+    is FFmpeg's best (av_find_best_stream, as OpenCV and players choose): never a cover picture (an attached_pic,
+    as a download's embedded thumbnail is), which may come first. The original's loop decoded every stream's
+    packets, so each cover was a frame of its list, before the video's first: `pick` counts them."""
+    stream = container.streams.best('video') or container.streams.video[0]
+    stream.codec_context.thread_count = 1
+    covers = sum(1 for s in container.streams.video if s is not stream and s.disposition & av.stream.Disposition.attached_pic)
+    return stream, covers
+
+
+def pick(count, n_frames, path, covers=0):
+    """The frames the original's extraction kept of a video of `count` frames at `path`: sample_inside of its list,
+    which began with the file's `covers` cover pictures (video_stream), as indices of the video's own frames
+    (a cover is never chosen when count >= n_frames: frame 0 stands for one if it were). BadVideo when the video
+    has fewer than n_frames frames."""
     if count < n_frames:
         raise BadVideo(f'{path}: {count} frame{"s" * (count != 1)}, fewer than the {n_frames} asked for')
-    return sample_inside(count, n_frames)
+    return [max(i - covers, 0) for i in sample_inside(count + covers, n_frames)]
 
 
 def _seek_decode(container, stream, targets, keys, upright=False):

@@ -146,6 +146,63 @@ def test_read_video_seeks_to_the_frames_of_a_full_decode(tmp_path, monkeypatch, 
     assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), 5)))
 
 
+def write_clip_with_still(path, n, still):
+    """A 96 x 64 x264 clip of n frames (write_av_clip's, B-frames) beside one still picture: 'cover', a PNG with
+    the attached_pic disposition (a thumbnail embedded by a download tool; the mp4 muxer stores it as cover art
+    after the video track), or 'track', a one-frame MJPEG track before the video's (no disposition)."""
+    with av.open(path, 'w') as c:
+        if still == 'track':
+            pic = c.add_stream('mjpeg', rate=1)
+            pic.width, pic.height, pic.pix_fmt = 96, 64, 'yuvj420p'
+        s = c.add_stream('libx264', rate=25, options={'x264-params': 'bframes=2:keyint=8'})
+        s.width, s.height, s.pix_fmt = 96, 64, 'yuv420p'
+        if still == 'cover':
+            pic = c.add_stream('png', rate=1)
+            pic.width, pic.height, pic.pix_fmt = 96, 64, 'rgb24'
+            pic.disposition = av.stream.Disposition.attached_pic
+        for k in range(n):
+            img = np.full((64, 96, 3), k * 7 % 256, np.uint8)
+            img[:, :k] = 255
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+        still_img = av.VideoFrame.from_ndarray(np.full((64, 96, 3), 200, np.uint8), format='rgb24')
+        for p in pic.encode(still_img.reformat(format=pic.pix_fmt)) + pic.encode():
+            c.mux(p)
+
+
+def test_read_video_counts_a_cover_picture_as_the_original(tmp_path, monkeypatch):
+    """An mp4 with a cover picture: the original's loop decoded it as a frame at the head of its list (31 frames
+    for 30), which moved every frame it chose; read_video chooses the same frames and never the cover, by seeking
+    and by decoding from the start."""
+    path = str(tmp_path / 'covered.mp4')
+    write_clip_with_still(path, 30, 'cover')
+    every = original_frames(path)
+    assert len(every) == 31 and every[0].mean() == 200  # the cover first
+    for n in [1, 4, 5, 8, 30]:
+        want = [every[i] for i in dataset.sample_inside(31, n)]
+        assert all(np.array_equal(a, b) for a, b in zip(dataset.read_video(path, n), want)), n
+    with pytest.raises(dataset.BadVideo, match='covered.mp4: 30 frames, fewer than the 31 asked for'):
+        dataset.read_video(path, 31)
+    monkeypatch.setattr(dataset, '_seek_decode', lambda *a: None)  # decoded from the start instead
+    want = [every[i] for i in dataset.sample_inside(31, 5)]
+    assert all(np.array_equal(a, b) for a, b in zip(dataset.read_video(path, 5), want))
+
+
+def test_read_video_reads_the_video_track_not_a_still_before_it(tmp_path):
+    """A one-frame picture track before the video's (an mkv): the frames are the video's (FFmpeg's best stream),
+    not a refusal of the still as a one-frame video."""
+    path = str(tmp_path / 'still_first.mkv')
+    write_clip_with_still(path, 30, 'track')
+    with av.open(path) as c:
+        assert [s.codec_context.name for s in c.streams.video] == ['mjpeg', 'h264']
+        video = [np.array(f.to_image()) for f in c.decode(c.streams.video[1])]
+    assert len(video) == 30
+    got = dataset.read_video(path, 5)
+    assert all(np.array_equal(a, video[i]) for a, i in zip(got, dataset.sample_inside(30, 5)))
+
+
 def rotate_in_header(path, out, matrix):
     """A copy of an mp4 whose track header (tkhd, version 0) carries `matrix`: the display matrix a phone writes
     for a portrait video stored landscape."""
@@ -281,6 +338,32 @@ def test_read_video_two_frames_of_one_timestamp(tmp_path):
     assert len(every) == 20
     got = dataset.read_video(dup, 19)
     assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(20, 19)))
+
+
+@pytest.mark.parametrize('ext, params, cut_at, count', [
+    ('mkv', 'bframes=0:keyint=20:scenecut=0', 'packet 5', 60),
+    ('ts', 'bframes=0:keyint=20:scenecut=0', 'packet 5', 60),
+    ('mkv', 'bframes=3:keyint=12:open-gop=1:scenecut=0', 'keyframe 2', 78)])
+def test_read_video_of_a_stream_cut_without_reencoding(tmp_path, ext, params, cut_at, count):
+    """A clip cut without re-encoding. Mid-GOP (at packet 5 of 80): the 15 packets before its first keyframe give no
+    frame, so the original's loop counted 60 frames of 75 packets. At an open GOP's keyframe: the B-frames after
+    it refer to the GOP cut away and give no frame either (78 of 81). Every n takes the original's frames; the
+    packet index, which counts every packet, took others."""
+    src, cut = str(tmp_path / 'src.mkv'), str(tmp_path / f'cut.{ext}')
+    write_av_clip(src, 80 if cut_at == 'packet 5' else 90, 'libx264', {'x264-params': params})
+    with av.open(src) as ic, av.open(cut, 'w') as oc:
+        ist = ic.streams.video[0]
+        ost = oc.add_stream_from_template(ist)
+        packets = [p for p in ic.demux(ist) if p.size]
+        first = 5 if cut_at == 'packet 5' else [i for i, p in enumerate(packets) if p.is_keyframe][1]
+        for p in packets[first:]:
+            p.stream = ost
+            oc.mux(p)
+    every = original_frames(cut)
+    assert len(every) == count
+    for n in [1, 4, 5, 8]:
+        got = dataset.read_video(cut, n)
+        assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(count, n))), n
 
 
 def test_read_video_names_the_bad_file(tmp_path):
