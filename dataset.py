@@ -125,10 +125,10 @@ def sample_stored(count, n, train, rng=random):
 def read_video(path, n_frames, upright=False):
     """-> `n_frames` RGB uint8 arrays [H, W, 3] of the video file at `path`: frames sample_inside(count, n_frames)
     of its video stream (video_stream: never a cover picture, whose frame the original counted: pick), count = all
-    its frames, each converted as the original's extraction converted it (frame_rgb). Raises BadVideo naming the file, also when it has fewer than n_frames frames: the original's
-    extraction repeated frames of such a clip, but every reader here refuses a video short of the frames it needs
-    (prediction, convert_layout, the v2 layout), so the extraction tool lists it as failed instead of storing a
-    clip of repeated frames.
+    its frames, each converted as the original's extraction converted it (frame_rgb). Raises BadVideo naming the
+    file, also when it has fewer than n_frames frames: the original's extraction repeated frames of such a clip, but
+    every reader here refuses a video short of the frames it needs (prediction, convert_layout, the v2 layout), so
+    the extraction tool lists it as failed instead of storing a clip of repeated frames.
 
     Decodes only what it returns (PyAV, one thread: parallelism belongs to the caller). The frame count and
     each frame's timestamp come from the packet index (demuxing reads no pixels; the container's header count
@@ -264,9 +264,9 @@ def _decode_all(path, n_frames, upright=False, covers=0):
 
 
 def _frames_in_order(path, error):
-    """Yield the decoded frames of the video stream (video_stream) from the start, as the original's demux-and-decode loop
-    gave them, to the end, where the empty packet demux() ends with flushes the frames the decoder holds back. At
-    the first packet the decoder refuses (where the original's loop raised) it ends as OpenCV's read() does: its
+    """Yield the decoded frames of the video stream (video_stream) from the start, as the original's demux-and-decode
+    loop gave them, to the end, where the empty packet demux() ends with flushes the frames the decoder holds back.
+    At the first packet the decoder refuses (where the original's loop raised) it ends as OpenCV's read() does: its
     exception appended to `error`, the frames held back never returned. The file is opened afresh: a raw stream
     (.h264) cannot seek back to its start."""
     with av.open(path) as container:
@@ -295,12 +295,13 @@ def frame_rgb(frame, upright=False):
 
 def video_stream(container):
     """-> (the video stream to read, with one decoder thread; how many cover pictures the file holds). The stream
-    is FFmpeg's best (av_find_best_stream, as OpenCV and players choose): never a cover picture (an attached_pic,
-    as a download's embedded thumbnail is), which may come first. The original's loop decoded every stream's
-    packets, so each cover was a frame of its list, before the video's first: `pick` counts them."""
+    is FFmpeg's best (av_find_best_stream): never a cover picture (an attached_pic, as a download's embedded
+    thumbnail is) nor a one-frame still track, wherever they lie in the file. The original's loop decoded every
+    stream's packets, so each cover was a frame of its list, before the video's first: `pick` counts them."""
     stream = container.streams.best('video') or container.streams.video[0]
     stream.codec_context.thread_count = 1
-    covers = sum(1 for s in container.streams.video if s is not stream and s.disposition & av.stream.Disposition.attached_pic)
+    cover = av.stream.Disposition.attached_pic
+    covers = sum(1 for s in container.streams.video if s is not stream and s.disposition & cover)
     return stream, covers
 
 
