@@ -312,6 +312,17 @@ def test_read_video_reads_damaged_and_raw_streams(tmp_path):
         dataset.read_video(str(tmp_path / 'stub.mp4'), 5)
 
 
+def remux(src, dst, edit):
+    """Copy the video stream of `src` into `dst` without re-encoding, its packets (those with data) edited by
+    `edit(packets) -> packets`: the remuxes and cuts that leave real files without a clean packet index."""
+    with av.open(src) as ic, av.open(dst, 'w') as oc:
+        ist = ic.streams.video[0]
+        ost = oc.add_stream_from_template(ist)
+        for p in edit([p for p in ic.demux(ist) if p.size]):
+            p.stream = ost
+            oc.mux(p)
+
+
 def test_read_video_two_frames_of_one_timestamp(tmp_path):
     """A stream that gives two frames the same timestamp (a remux gone wrong): the packet index cannot tell them
     apart, so the file is decoded from the start, as the original decoded every file; before, one frame stood for
@@ -326,14 +337,11 @@ def test_read_video_two_frames_of_one_timestamp(tmp_path):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
-    with av.open(src) as ic, av.open(dup, 'w') as oc:
-        ist = ic.streams.video[0]
-        ost = oc.add_stream_from_template(ist)
-        packets = [p for p in ic.demux(ist) if p.size]
+
+    def one_timestamp_twice(packets):
         packets[11].pts, packets[11].dts = packets[10].pts, packets[10].dts
-        for p in packets:
-            p.stream = ost
-            oc.mux(p)
+        return packets
+    remux(src, dup, one_timestamp_twice)
     every = original_frames(dup)
     assert len(every) == 20
     got = dataset.read_video(dup, 19)
@@ -351,14 +359,8 @@ def test_read_video_of_a_stream_cut_without_reencoding(tmp_path, ext, params, cu
     packet index, which counts every packet, took others."""
     src, cut = str(tmp_path / 'src.mkv'), str(tmp_path / f'cut.{ext}')
     write_av_clip(src, 80 if cut_at == 'packet 5' else 90, 'libx264', {'x264-params': params})
-    with av.open(src) as ic, av.open(cut, 'w') as oc:
-        ist = ic.streams.video[0]
-        ost = oc.add_stream_from_template(ist)
-        packets = [p for p in ic.demux(ist) if p.size]
-        first = 5 if cut_at == 'packet 5' else [i for i, p in enumerate(packets) if p.is_keyframe][1]
-        for p in packets[first:]:
-            p.stream = ost
-            oc.mux(p)
+    remux(src, cut, lambda packets: packets[5:] if cut_at == 'packet 5' else
+          packets[[i for i, p in enumerate(packets) if p.is_keyframe][1]:])
     every = original_frames(cut)
     assert len(every) == count
     for n in [1, 4, 5, 8]:
