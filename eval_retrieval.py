@@ -39,11 +39,21 @@ def rank_metrics(score, true_video):
     each text's own video. Each text sorts the videos by sigmoid(score) in float32, descending, with Python's stable
     sort over the videos in order: rank = 1 + videos with a higher sigmoid + EARLIER videos with an equal one (the
     sigmoid saturates, so confident pairs tie). NaN is worst."""
-    prob = torch.nan_to_num(torch.sigmoid(score.float()), nan=-math.inf)
+    prob = torch.nan_to_num(sigmoid32(score), nan=-math.inf)
     true_video = true_video.long()[:, None]
     true = prob.gather(1, true_video)
     earlier = torch.arange(prob.shape[1])[None, :] < true_video
     return summarise(1 + ((prob > true) | ((prob == true) & earlier)).sum(1))
+
+
+def sigmoid32(score):
+    """The float32 sigmoid the original took on its GPU, 1 / (1 + exp(-x)), with the same value at every position of
+    the matrix: torch.sigmoid on the CPU rounds the elements past the last full vector (its scalar tail) otherwise
+    than the rest, which can split two videos of bit-equal scores that the original ties. exp is taken in float64 and
+    rounded (the float32 exp, correctly rounded), the sum and the division in float32 (exact IEEE operations), so the
+    sigmoid saturates to 1.0 where the original's does (x > 16.6)."""
+    e = torch.exp(-score.double()).float()
+    return 1 / (1 + e)
 
 
 def strict_metrics(score, true_video):

@@ -40,10 +40,9 @@ def brute_ranks(score, true_video):
 def original_ranks(score, true_video):
     """The original's eval_retrieval, literally: per text, [video, float(sigmoid(score))] pairs in video order, sorted
     by -probability (Python's stable sort), rank = position of the own video + 1; R@k summed as 1/n per hit."""
-    prob = torch.sigmoid(score.float())
     ranks = []
     for i_t, t in enumerate(true_video.tolist()):
-        tmp = sorted([[v, float(o)] for v, o in enumerate(prob[i_t].numpy())], key=lambda d: -d[1])
+        tmp = sorted([[v, original_sigmoid(o)] for v, o in enumerate(score[i_t].tolist())], key=lambda d: -d[1])
         ranks.append([d[0] for d in tmp].index(t) + 1)
     res = {'r@1': 0, 'r@5': 0, 'r@10': 0}
     for p in ranks:
@@ -51,6 +50,26 @@ def original_ranks(score, true_video):
             if p <= k:
                 res[f'r@{k}'] += 1.0 / len(ranks)
     return ranks, res
+
+
+def original_sigmoid(x):
+    """One float32 sigmoid as the original's GPU took it, 1 / (1 + expf(-x)), element by element (exp rounded)."""
+    with np.errstate(over='ignore'):
+        e = np.float32(np.exp(-np.float64(x)))
+    return float(np.float32(1) / (np.float32(1) + e))
+
+
+def test_equal_scores_tie_wherever_they_lie():
+    """A video scoring bit-equal to the own video ties with it (the original's sigmoid is one function of the score):
+    torch.sigmoid on the CPU rounded the last elements of a matrix (its scalar tail) otherwise than the rest, so the
+    own video last of 33, scoring as every other, was ranked 1 instead of 33 for about 4 % of scores."""
+    xs = (torch.rand(600, generator=torch.Generator().manual_seed(0)) * 40 - 20).tolist()
+    ranks = [eval_retrieval.rank_metrics(torch.full((1, 33), x), torch.tensor([32]))['ranks'][0] for x in xs]
+    assert ranks == [33] * len(xs)
+    assert [original_sigmoid(x) for x in xs[:50]] == eval_retrieval.sigmoid32(torch.tensor(xs[:50])).tolist()
+    # saturation where the original's saturates: 1 + exp(-x) rounds to 1 above x = 16.64 in float32
+    assert eval_retrieval.sigmoid32(torch.tensor([16.5, 16.7, 100.])).tolist() == [original_sigmoid(16.5), 1.0, 1.0]
+    assert original_sigmoid(16.5) < 1.0
 
 
 def test_rank_metrics_are_the_originals_on_a_saturated_sigmoid():
