@@ -354,7 +354,18 @@ def b64_to_img(b64, size, reduce=False):
     libjpeg itself (straight from the DCT, still at least twice `size` on its long side, so the antialiased resize
     still filters): the padding and the resize then work on a small image (1.2-1.5x faster on HD frames), but values
     move by more than 1/255 (measured in README, tested); so it is not the default."""
-    return pad_resize(decode_image(base64.b64decode(b64.strip(), validate=True), size if reduce else 0), size)
+    return pad_resize(decode_image(b64_bytes(b64), size if reduce else 0), size)
+
+
+def b64_bytes(b64):
+    """A stored frame's base64 text (str or bytes) -> its bytes. Line breaks and spaces inside are allowed
+    (base64.encodebytes and MIME tools write a line break every 76 characters, and the original's b64decode skipped
+    them); any other character outside the alphabet is refused (binascii.Error), where the original dropped it and
+    decoded what was left."""
+    try:
+        return base64.b64decode(b64.strip(), validate=True)
+    except binascii.Error:
+        return base64.b64decode((b'' if isinstance(b64, bytes) else '').join(b64.split()), validate=True)
 
 
 def decode_image(raw, reduce_for=0):

@@ -9,7 +9,7 @@ encoded, argmax over the 8192 logits: h = w = frame//32, one token per 32x32 pat
 The encoder is the original's https://cdn.openai.com/dall-e/encoder.pkl (see the DALL-E package README,
 https://github.com/openai/DALL-E).
 """
-import argparse, base64, io, os, sys
+import argparse, io, os, sys
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import WriteError, load_pickle, write_pickle  # noqa: E402  plain-data pickles
+from dataset import WriteError, b64_bytes, load_pickle, write_pickle  # noqa: E402  plain-data pickles
 from extract_tsv import read_tsv  # noqa: E402
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -43,7 +43,7 @@ def vq_input(b64, size):
     values 1/255 apart; a token is a label, so its input keeps the original's arithmetic (the encoder, not this,
     is the cost). Frames that are not RGB (greyscale, CMYK) are made RGB first (the original's encoder failed on
     them)."""
-    img = Image.open(io.BytesIO(base64.b64decode(b64.strip(), validate=True))).convert('RGB')
+    img = Image.open(io.BytesIO(b64_bytes(b64))).convert('RGB')
     w, h = img.size
     rows, cols = ((w - h) // 2, 0) if w > h else (0, (h - w) // 2)
     square = Image.new('RGB', (w + 2 * cols, h + 2 * rows))

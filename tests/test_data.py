@@ -1,5 +1,5 @@
 """Data side: offline tools (_tools/), dataset.py, the toy corpus. Small and CPU-only."""
-import base64, io, json, os, pickle, shutil, subprocess, sys
+import base64, binascii, io, json, os, pickle, shutil, subprocess, sys
 
 import numpy as np
 import pytest
@@ -916,6 +916,22 @@ def test_extract_vq_input_is_the_originals_to_the_bit(h, w):
     ref = pil_reference(b64, 56)
     assert torch.equal(seen[0][1], 0.8 * ref + 0.1)  # dall_e.map_pixels
     assert torch.equal(extract_vq.vq_input(b64, 16), pil_reference(b64, 16))
+
+
+def test_base64_with_line_breaks_reads_as_the_original_read_it():
+    """Frames written with base64.encodebytes (a line break every 76 characters, as MIME tools write them) decode as
+    the original's b64decode decoded them, in training and in VQ extraction; a character outside the alphabet is
+    still refused, not dropped."""
+    buf = io.BytesIO()
+    smooth_image(np.random.default_rng(0), 48, 64).save(buf, format='JPEG')
+    plain = base64.b64encode(buf.getvalue()).decode()
+    broken = base64.encodebytes(buf.getvalue()).decode()
+    assert '\n' in broken.strip()
+    for b64 in (broken, broken.encode(), broken.replace('\n', '\r\n ')):
+        assert torch.equal(dataset.b64_to_img(b64, 32), dataset.b64_to_img(plain, 32))
+        assert torch.equal(extract_vq.vq_input(b64, 16), pil_reference(plain, 16))
+    with pytest.raises(binascii.Error):
+        dataset.b64_bytes(broken[:40] + '#' + broken[40:])
 
 
 def test_extract_vq_with_random_small_encoder(toy, tmp_path, monkeypatch):
