@@ -24,7 +24,7 @@ class QAOE(tasks.Downstream):
 
     def step(self, model, batch, gen):
         img, txt, mask, ans = batch
-        loss, (hits, n_in_vocab) = tasks.ce_hits(model(img, txt, mask), ans)  # answer -1: no loss, no hit
+        loss, (hits, n_in_vocab) = tasks.ce_hits(model(img, txt, mask), ans, model.training)  # -1: no loss, no hit
         return loss, {'tr': loss}, {'ac': (hits, ans.numel()), 'ac_iv': (hits, n_in_vocab)}
 
     def run_files(self):

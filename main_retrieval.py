@@ -24,9 +24,9 @@ class Retrieval(tasks.Downstream):
     def step(self, model, batch, gen):
         img, txt, mask = batch
         out, ans = model(img, txt, mask)
-        loss, hits = tasks.ce_hits(out, ans)
+        loss, hits = tasks.ce_hits(out, ans, model.training)
         if self.args['retrieval_loss'] == 'both':
-            loss = (loss + tasks.ce_hits(out.t(), ans)[0]) / 2
+            loss = (loss + tasks.ce_hits(out.t(), ans, model.training)[0]) / 2
         return loss, {'tr': loss}, {'ac': hits}
 
     def evaluate_only(self, trainer):  # the real retrieval metrics, not the in-batch accuracy of training

@@ -2,19 +2,29 @@
 build, train on, evaluate and log; agent.Trainer runs it. Downstream is the fine-tuning tasks' common part;
 ce_hits their loss and accuracy.
 """
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import agent
 
 
-def ce_hits(out, ans):
+def ce_hits(out, ans, whole_batch=False):
     """Cross-entropy over the targets != -1 (0 when there are none, so a batch with nothing masked is no NaN)
-    and argmax hits. -> (loss, (n_correct, n_targets))."""
+    and argmax hits. -> (loss, (n_correct, n_targets)).
+    whole_batch (fine-tuning, in training, under DDP): the mean over the targets of every rank's batch, as the
+    original's one loss over its DataParallel batch. DDP averages the ranks' gradients, so this rank's share is its
+    sum x world / the count over the ranks; a mean per rank weighed a rank's targets by how few it had (a rank whose
+    QA-OE answers were all -1 added a loss of 0 and halved the others' gradient). Every rank must call it then."""
     out, ans = out.flatten(0, -2).float(), ans.flatten()
     keep = ans != -1
     n = keep.sum()
-    loss = F.cross_entropy(out, ans, ignore_index=-1, reduction='sum') / n.clamp(min=1)
-    return loss, (((out.argmax(-1) == ans) & keep).sum(), n)
+    total, world = F.cross_entropy(out, ans, ignore_index=-1, reduction='sum'), agent.get_world()
+    hits = (((out.argmax(-1) == ans) & keep).sum(), n)
+    if whole_batch and world > 1:
+        n_all = n.clone()
+        dist.all_reduce(n_all)
+        return total * world / n_all.clamp(min=1), hits
+    return total / n.clamp(min=1), hits
 
 
 class Task:
@@ -106,7 +116,7 @@ class Downstream(Task):
 
     def step(self, model, batch, gen):
         img, txt, mask, ans = batch
-        loss, hits = ce_hits(model(img, txt, mask), ans)
+        loss, hits = ce_hits(model(img, txt, mask), ans, whole_batch=model.training)
         return loss, {'tr': loss}, {'ac': hits}
 
     def new_log(self):

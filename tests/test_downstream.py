@@ -163,6 +163,54 @@ def test_retrieval_loss_directions():
                                               "got 't2v' (--set)")
 
 
+def ddp_qaoe_worker(rank, world, init_file, out_file):
+    """One rank of a DDP QA-OE step on rows [3 rank, 3 rank + 3) of whole_batch()."""
+    import main_qaoe
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    torch.manual_seed(0)
+    head = Head()
+    ddp = torch.nn.parallel.DistributedDataParallel(head)
+    x, ans = whole_batch()
+    rows = slice(3 * rank, 3 * rank + 3)
+    loss, _, hits = main_qaoe.QAOE({'task': 'qa', 'dataset': 'v'}).step(ddp, (x[rows], None, None, ans[rows]), None)
+    loss.backward()
+    torch.save([head.fc.weight.grad, loss.detach(), hits], f'{out_file}.{rank}')
+    torch.distributed.destroy_process_group()
+
+
+class Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 6)
+
+    def forward(self, img, txt, mask):
+        return self.fc(img)
+
+
+def whole_batch():
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    return x, torch.tensor([3, -1, -1, 1, 2, 4])  # rank 0: one answer in the vocabulary, rank 1: three
+
+
+def test_qaoe_loss_under_ddp_is_the_whole_batchs_mean(tmp_path):
+    """Two DDP ranks train as the original's one DataParallel batch: its loss is one mean over the answers != -1 of
+    the whole batch. A mean per rank (then DDP's average of the gradients) weighed rank 0's one answer 3x as much
+    as each of rank 1's."""
+    import torch.multiprocessing as mp
+    torch.manual_seed(0)
+    head = Head()
+    x, ans = whole_batch()
+    ref = torch.nn.functional.cross_entropy(head(x, None, None), ans, ignore_index=-1)
+    ref.backward()
+    mp.spawn(ddp_qaoe_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'out')), nprocs=2)
+    (grad0, loss0, hits0), (grad1, loss1, hits1) = [torch.load(tmp_path / f'out.{r}') for r in range(2)]
+    assert torch.equal(grad0, grad1)
+    assert torch.allclose(grad0, head.fc.weight.grad, atol=1e-6)
+    assert torch.allclose((loss0 + loss1) / 2, ref, atol=1e-6)  # the logged unit loss: the mean over the ranks
+    assert hits0['ac'][1] == 3 and hits0['ac_iv'][1] == 1 and hits1['ac_iv'][1] == 3  # hits stay per rank
+
+
 def test_training_refuses_a_checkpoint_without_the_encoders(toy, tmp_path):
     """path_ckpt whose encoder tensors do not fit stops the run (it used to train from random weights with
     'not loaded: [...165 keys]'); init_partial: true allows it on purpose."""
