@@ -124,8 +124,9 @@ def sample_stored(count, n, train, rng=random):
 
 def read_video(path, n_frames, upright=False):
     """-> `n_frames` RGB uint8 arrays [H, W, 3] of the video file at `path`: frames sample_inside(count, n_frames)
-    of its video stream (video_stream: never a cover picture, whose frame the original counted: pick), count = all
-    its frames, each converted as the original's extraction converted it (frame_rgb). Raises BadVideo naming the
+    of the frames the original's extraction listed, count = all of them: the video's, after the file's cover pictures
+    (video_stream, pick), or those of every video track when there are several; each converted as the original's
+    extraction converted it (frame_rgb). Raises BadVideo naming the
     file, also when it has fewer than n_frames frames: the original's extraction repeated frames of such a clip, but
     every reader here refuses a video short of the frames it needs (prediction, convert_layout, the v2 layout), so
     the extraction tool lists it as failed instead of storing a clip of repeated frames.
@@ -143,7 +144,7 @@ def read_video(path, n_frames, upright=False):
     if n_frames < 1:
         raise ValueError(f'n_frames must be >= 1, got {n_frames}')
     if not os.path.isfile(path):
-        raise BadVideo(f'{path}: no such file')
+        raise BadVideo(f'{path}: ' + (f'a broken link (to {os.readlink(path)})' if os.path.islink(path) else 'no such file'))
     if os.path.getsize(path) == 0:  # FFmpeg's word for it is 'Invalid data found when processing input'
         raise BadVideo(f'{path}: an empty file (0 bytes)')
     if is_image(path):
@@ -157,12 +158,12 @@ def read_video(path, n_frames, upright=False):
             if not container.streams.video:
                 raise BadVideo(f'{path}: ' + (mp4_cut_short(path) or 'not a video (no video stream)'))
             stream, covers = video_stream(container)
-            packets = [(p.pts, p.dts, p.is_keyframe, p.is_corrupt) for p in container.demux(stream)
-                       if p.size and not p.is_discard]
-            if not packets:
+            packets = [] if stream is None else [(p.pts, p.dts, p.is_keyframe, p.is_corrupt)
+                                                 for p in container.demux(stream) if p.size and not p.is_discard]
+            if stream is not None and not packets:
                 raise BadVideo(f'{path}: no frames')
             frames = None
-            if all(pts is not None for pts, _, _, _ in packets) and not any(bad for *_, bad in packets):
+            if packets and all(pts is not None for pts, _, _, _ in packets) and not any(bad for *_, bad in packets):
                 pts = sorted(pts for pts, _, _, _ in packets)
                 keys = sorted((pts, pts if dts is None else dts) for pts, dts, key, _ in packets if key)
                 # a stream that flags no keyframe cannot be entered by seeking; one that gives two frames the same
@@ -171,13 +172,13 @@ def read_video(path, n_frames, upright=False):
                 # give no frame, which only decoding counts (the packet index would count them as frames)
                 first_pts, _, first_key, _ = packets[0]
                 if keys and len(set(pts)) == len(pts) and first_key and first_pts == pts[0]:
-                    targets = [pts[i] for i in pick(len(pts), n_frames, path, covers)]
+                    want = pick(len(pts), n_frames, path, covers)  # None: the original kept a cover picture
                     try:
-                        frames = _seek_decode(container, stream, targets, keys, upright)
+                        frames = want and _seek_decode(container, stream, [pts[i] for i in want], keys, upright)
                     except av.FFmpegError:  # a damaged packet on the way: decoded from the start, up to it
                         frames = None
-            if frames is None:  # no usable index, or damage: decode from the start, as the original decoded all
-                frames = _decode_all(path, n_frames, upright, covers)
+            if frames is None:  # no usable index, damage, several tracks: decoded from the start, as the original
+                frames = _decode_all(path, n_frames, upright)
     except av.FFmpegError as e:  # it opened as a video: its data is damaged
         raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({e})') from e
     return frames
@@ -242,18 +243,18 @@ def image_error(e):
     return re.sub(r'^\w+, \S+\.cpp:\d+, | <[^<>]* at 0x[0-9a-f]+>', '', str(e))
 
 
-def _decode_all(path, n_frames, upright=False, covers=0):
-    """The chosen frames of the video decoded from the start (_frames_in_order): every frame up to the first packet
-    the decoder refuses. Two passes (count, then keep the chosen), one frame in memory at a time (the original held
-    every frame of the video as an image)."""
+def _decode_all(path, n_frames, upright=False):
+    """The chosen frames of the file decoded from the start as the original decoded it (_frames_in_order: its
+    covers and every video track too): every frame up to the first packet the decoder refuses. Two passes (count,
+    then keep the chosen), one frame in memory at a time (the original held every frame of the video as an image)."""
     error = []
     count = sum(1 for _ in _frames_in_order(path, error))
     if error and count < n_frames:
         raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({error[0]})' +
                        (f'; the {count} before the damage are fewer than the {n_frames} asked for' if count else ''))
-    want = pick(count, n_frames, path, covers) if count else None
-    if not want:
+    if not count:
         raise BadVideo(f'{path}: no frames')
+    want = pick(count, n_frames, path)
     kept = {}
     for k, frame in enumerate(_frames_in_order(path, [])):
         if k in want:
@@ -264,16 +265,16 @@ def _decode_all(path, n_frames, upright=False, covers=0):
 
 
 def _frames_in_order(path, error):
-    """Yield the decoded frames of the video stream (video_stream) from the start, as the original's demux-and-decode
-    loop gave them, to the end, where the empty packet demux() ends with flushes the frames the decoder holds back.
-    At the first packet the decoder refuses (where the original's loop raised) it ends as OpenCV's read() does: its
-    exception appended to `error`, the frames held back never returned. The file is opened afresh: a raw stream
-    (.h264) cannot seek back to its start."""
+    """Yield the decoded frames of every video stream of the file (its cover pictures and each track) from the start,
+    in the order the original's demux-and-decode loop listed them, to the end, where the empty packet demux() ends
+    each stream with flushes the frames its decoder holds back. At the first packet a decoder refuses (where the
+    original's loop raised) it ends as OpenCV's read() does: its exception appended to `error`, the frames held back
+    never returned. The file is opened afresh: a raw stream (.h264) cannot seek back to its start."""
     with av.open(path) as container:
-        stream = video_stream(container)[0]
-        for packet in container.demux(stream):
+        video_stream(container)  # one decoder thread each: the frames of two tracks come out in the original's order
+        for packet in container.demux(container.streams.video):
             try:
-                frames = stream.codec_context.decode(packet)
+                frames = packet.decode()
             except av.FFmpegError as e:
                 error.append(e)
                 return
@@ -294,25 +295,28 @@ def frame_rgb(frame, upright=False):
 
 
 def video_stream(container):
-    """-> (the video stream to read, with one decoder thread; how many cover pictures the file holds). The stream
-    is FFmpeg's best (av_find_best_stream): never a cover picture (an attached_pic, as a download's embedded
-    thumbnail is) nor a one-frame still track, wherever they lie in the file. The original's loop decoded every
-    stream's packets, so each cover was a frame of its list, before the video's first: `pick` counts them."""
-    stream = container.streams.best('video') or container.streams.video[0]
-    stream.codec_context.thread_count = 1
-    cover = av.stream.Disposition.attached_pic
-    covers = sum(1 for s in container.streams.video if s is not stream and s.disposition & cover)
-    return stream, covers
+    """-> (the file's video track, to read by seeking, or None; how many cover pictures the file holds). Every video
+    stream gets one decoder thread. The original's loop decoded every packet of the file into one list of frames:
+    a cover picture (an attached_pic stream, as a download's embedded thumbnail) was a frame of it, before the
+    video's first (FFmpeg reads it first), which `pick` counts; a file of several video tracks (a one-frame still
+    track, a second camera) gave the frames of all, interleaved: then there is no one track to seek in (None), and
+    read_video decodes the file as the original did."""
+    for s in container.streams.video:
+        s.codec_context.thread_count = 1
+    tracks = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    return tracks[0] if len(tracks) == 1 else None, len(container.streams.video) - len(tracks)
 
 
 def pick(count, n_frames, path, covers=0):
-    """The frames the original's extraction kept of a video of `count` frames at `path`: sample_inside of its list,
-    which began with the file's `covers` cover pictures (video_stream), as indices of the video's own frames
-    (a cover is never chosen when count >= n_frames: frame 0 stands for one if it were). BadVideo when the video
-    has fewer than n_frames frames."""
-    if count < n_frames:
-        raise BadVideo(f'{path}: {count} frame{"s" * (count != 1)}, fewer than the {n_frames} asked for')
-    return [max(i - covers, 0) for i in sample_inside(count + covers, n_frames)]
+    """The frames the original's extraction kept of a video of `count` frames at `path` whose file holds `covers`
+    cover pictures: sample_inside of its list, which began with the covers (video_stream), as indices of the video's
+    own frames; None when it kept a cover (2 covers or more, or count < n_frames), which only decoding the file
+    gives. BadVideo when the list has fewer than n_frames frames."""
+    if count + covers < n_frames:
+        have = f'{count} frame{"s" * (count != 1)}' + (f' and {covers} cover picture{"s" * (covers != 1)}' if covers else '')
+        raise BadVideo(f'{path}: {have}, fewer than the {n_frames} asked for')
+    chosen = sample_inside(count + covers, n_frames)
+    return None if chosen[0] < covers else [i - covers for i in chosen]
 
 
 def _seek_decode(container, stream, targets, keys, upright=False):

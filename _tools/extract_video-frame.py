@@ -12,7 +12,7 @@
 Frames: dataset.read_video (frames int(n*(i+1)) of the F frames, n = F / (N+1); only those are decoded, converted
 to RGB as the original's PyAV to_image() converted them; --upright turns a phone's rotated clip upright, which the
 original did not), each encoded as RGB JPEG with PIL's defaults, base64 ASCII; the video id is the file name without
-its extension. An
+every '.<ext>' in it, as the original's .replace('.mp4', '') (hidden files are not read, as its glob read none). An
 image is one frame: a JPEG is stored as its own bytes, another format (PNG, ...) encoded as the frames are.
 Resumable: every output file is written under a temporary name and renamed when complete (the index last), so
 a crash never leaves a partial shard; a rerun skips the videos already in complete outputs and writes the
@@ -63,10 +63,21 @@ def _work(job):
 
 
 def list_videos(dir_in, exts=('mp4',)):
-    """-> [(video id, path)] of dir_in/*.<ext>, sorted by id; extensions match in any case (a.MP4 under mp4)."""
-    want = {'.' + e.lower() for e in exts}
-    return sorted((os.path.splitext(f)[0], os.path.join(dir_in, f)) for f in os.listdir(dir_in)
-                  if os.path.splitext(f)[1].lower() in want and os.path.isfile(os.path.join(dir_in, f)))
+    """-> [(video id, path)] of the files dir_in/*.<ext>, sorted by id, named as the original's glob('_X/*.mp4') and
+    .replace('.mp4', '') named them: the id is the file name without every '.<ext>' in it (clip.mp4.mp4 is "clip");
+    hidden files (a name starting with '.', as macOS's ._clip.mp4 copies) are skipped as glob skips them. Extensions
+    match in any case (a camera's C.MP4 under mp4). Of two files of one id, the one listed first is the one the
+    original read: of the first extension of `exts`, spelled as given (a.mp4 before a.MP4); extract_to names the
+    others. A broken link is listed: read_video names it."""
+    rank = {e.lower(): k for k, e in enumerate(exts)}
+    found = []
+    for name in os.listdir(dir_in):
+        ext = os.path.splitext(name)[1]
+        path = os.path.join(dir_in, name)
+        if name.startswith('.') or ext[1:].lower() not in rank or os.path.isdir(path):
+            continue
+        found.append((name.replace(ext, ''), rank[ext[1:].lower()], ext[1:] not in exts, name, path))
+    return [(vid, path) for vid, *_, path in sorted(found)]
 
 
 def extract_all(videos, sample, workers=1, progress=True, desc=None, upright=False):
@@ -127,7 +138,7 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # not after decoding every video: it crashed there
     remove_stale_tmp(os.path.dirname(os.path.abspath(out)), os.path.basename(out))  # what a kill -9 left of a shard
     videos, failed, first = [], {}, {}
-    for vid, path in list_videos(dir_in, exts):  # a.mp4 and a.avi would both be video "a": the second would replace the first
+    for vid, path in list_videos(dir_in, exts):  # a.mp4 and a.avi are both video "a": the second would replace the first
         if vid in first:
             failed[path] = f'{path}: the same video id "{vid}" as {first[vid]} (rename one)'
             tqdm.write(f'skipped: {failed[path]}', file=sys.stderr)
@@ -234,15 +245,20 @@ def main():
     if not os.path.isdir(dir_in):
         sys.exit(f'no video folder {dir_in}')
     exts = args.ext.split(',')
+    files = [f for f in os.listdir(dir_in) if os.path.isfile(os.path.join(dir_in, f))]
+    hidden = sum(f.startswith('.') for f in files)
     if not list_videos(dir_in, exts):  # nothing to write: say what the folder holds instead of writing an empty file
-        found = sorted({os.path.splitext(f)[1] for f in os.listdir(dir_in) if os.path.isfile(os.path.join(dir_in, f))} - {''})
+        found = sorted({os.path.splitext(f)[1] for f in files if not f.startswith('.')} - {''})
         folders = [f for f in os.listdir(dir_in) if os.path.isdir(os.path.join(dir_in, f))]
         sys.exit(f'no {" or ".join("*." + e for e in exts)} file in {dir_in}'
                  + (f' (it has {", ".join(found)} files: see --ext)' if found else '')
+                 + (f' (it has {hidden} hidden files, whose names start with ".": never read)' if hidden else '')
                  + (f' (it has {len(folders)} folders: their videos are not read, give each as --videos)' if folders else ''))
     want = {e.lower() for e in exts}
-    others = collections.Counter(os.path.splitext(f)[1] or 'without extension' for f in os.listdir(dir_in)
-                                 if os.path.isfile(os.path.join(dir_in, f)) and os.path.splitext(f)[1].lower()[1:] not in want)
+    others = collections.Counter(os.path.splitext(f)[1] or 'without extension' for f in files
+                                 if not f.startswith('.') and os.path.splitext(f)[1].lower()[1:] not in want)
+    if hidden:
+        others['hidden (a name starting with ".")'] = hidden
     if others:  # a folder of .mp4 and .avi files under the default --ext mp4 lost its .avi videos without a word
         print(f'{dir_in}: not read (not --ext {args.ext}): ' + ', '.join(f'{n} {e}' for e, n in sorted(others.items())),
               file=sys.stderr)

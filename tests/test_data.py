@@ -146,20 +146,21 @@ def test_read_video_seeks_to_the_frames_of_a_full_decode(tmp_path, monkeypatch, 
     assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), 5)))
 
 
-def write_clip_with_still(path, n, still):
-    """A 96 x 64 x264 clip of n frames (write_av_clip's, B-frames) beside one still picture: 'cover', a PNG with
-    the attached_pic disposition (a thumbnail embedded by a download tool; the mp4 muxer stores it as cover art
-    after the video track), or 'track', a one-frame MJPEG track before the video's (no disposition)."""
+def write_clip_with_still(path, n, still, n_stills=1):
+    """A 96 x 64 x264 clip of n frames (write_av_clip's, B-frames) beside n_stills still pictures: 'cover', PNGs
+    with the attached_pic disposition (a thumbnail embedded by a download tool; the mp4 muxer stores it as cover art
+    after the video track), or 'track', one-frame MJPEG tracks before the video's (no disposition)."""
     with av.open(path, 'w') as c:
-        if still == 'track':
-            pic = c.add_stream('mjpeg', rate=1)
-            pic.width, pic.height, pic.pix_fmt = 96, 64, 'yuvj420p'
+        pics = []
+        for _ in range(n_stills if still == 'track' else 0):
+            pics.append(c.add_stream('mjpeg', rate=1))
+            pics[-1].width, pics[-1].height, pics[-1].pix_fmt = 96, 64, 'yuvj420p'
         s = c.add_stream('libx264', rate=25, options={'x264-params': 'bframes=2:keyint=8'})
         s.width, s.height, s.pix_fmt = 96, 64, 'yuv420p'
-        if still == 'cover':
-            pic = c.add_stream('png', rate=1)
-            pic.width, pic.height, pic.pix_fmt = 96, 64, 'rgb24'
-            pic.disposition = av.stream.Disposition.attached_pic
+        for _ in range(n_stills if still == 'cover' else 0):
+            pics.append(c.add_stream('png', rate=1))
+            pics[-1].width, pics[-1].height, pics[-1].pix_fmt = 96, 64, 'rgb24'
+            pics[-1].disposition = av.stream.Disposition.attached_pic
         for k in range(n):
             img = np.full((64, 96, 3), k * 7 % 256, np.uint8)
             img[:, :k] = 255
@@ -167,40 +168,65 @@ def write_clip_with_still(path, n, still):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
-        still_img = av.VideoFrame.from_ndarray(np.full((64, 96, 3), 200, np.uint8), format='rgb24')
-        for p in pic.encode(still_img.reformat(format=pic.pix_fmt)) + pic.encode():
-            c.mux(p)
+        for j, pic in enumerate(pics):
+            still_img = av.VideoFrame.from_ndarray(np.full((64, 96, 3), 200 + j, np.uint8), format='rgb24')
+            for p in pic.encode(still_img.reformat(format=pic.pix_fmt)) + pic.encode():
+                c.mux(p)
+
+
+def write_two_tracks(path, n1, n2):
+    """Two x264 video tracks of n1 and n2 frames (a second camera), their packets interleaved by time."""
+    with av.open(path, 'w') as c:
+        tracks = [c.add_stream('libx264', rate=25, options={'x264-params': 'bframes=2:keyint=8'}) for _ in range(2)]
+        for s in tracks:
+            s.width, s.height, s.pix_fmt = 96, 64, 'yuv420p'
+        for k in range(max(n1, n2)):
+            for j, (s, n) in enumerate(zip(tracks, (n1, n2))):
+                if k < n:
+                    img = np.full((64, 96, 3), (k * 7 + 100 * j) % 256, np.uint8)
+                    img[:, :k] = 255
+                    for p in s.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
+                        c.mux(p)
+        for s in tracks:
+            for p in s.encode():
+                c.mux(p)
 
 
 def test_read_video_counts_a_cover_picture_as_the_original(tmp_path, monkeypatch):
     """An mp4 with a cover picture: the original's loop decoded it as a frame at the head of its list (31 frames
-    for 30), which moved every frame it chose; read_video chooses the same frames and never the cover, by seeking
-    and by decoding from the start."""
+    for 30), which moved every frame it chose; read_video chooses the same frames, by seeking and by decoding from
+    the start, and the cover itself where the original kept it (31 of 31)."""
     path = str(tmp_path / 'covered.mp4')
     write_clip_with_still(path, 30, 'cover')
     every = original_frames(path)
     assert len(every) == 31 and every[0].mean() == 200  # the cover first
-    for n in [1, 4, 5, 8, 30]:
+    for n in [1, 4, 5, 8, 30, 31]:
         want = [every[i] for i in dataset.sample_inside(31, n)]
         assert all(np.array_equal(a, b) for a, b in zip(dataset.read_video(path, n), want)), n
-    with pytest.raises(dataset.BadVideo, match='covered.mp4: 30 frames, fewer than the 31 asked for'):
-        dataset.read_video(path, 31)
+    with pytest.raises(dataset.BadVideo, match='covered.mp4: 30 frames and 1 cover picture, fewer than the 32 asked'):
+        dataset.read_video(path, 32)
     monkeypatch.setattr(dataset, '_seek_decode', lambda *a: None)  # decoded from the start instead
     want = [every[i] for i in dataset.sample_inside(31, 5)]
     assert all(np.array_equal(a, b) for a, b in zip(dataset.read_video(path, 5), want))
 
 
-def test_read_video_reads_the_video_track_not_a_still_before_it(tmp_path):
-    """A one-frame picture track before the video's (an mkv): the frames are the video's (FFmpeg's best stream),
-    not a refusal of the still as a one-frame video."""
-    path = str(tmp_path / 'still_first.mkv')
-    write_clip_with_still(path, 30, 'track')
-    with av.open(path) as c:
-        assert [s.codec_context.name for s in c.streams.video] == ['mjpeg', 'h264']
-        video = [np.array(f.to_image()) for f in c.decode(c.streams.video[1])]
-    assert len(video) == 30
-    got = dataset.read_video(path, 5)
-    assert all(np.array_equal(a, video[i]) for a, i in zip(got, dataset.sample_inside(30, 5)))
+@pytest.mark.parametrize('name, make', [
+    ('still_first.mkv', lambda p: write_clip_with_still(p, 30, 'track')),   # a one-frame picture track first
+    ('still_first.mp4', lambda p: write_clip_with_still(p, 30, 'track')),   # the same in mp4, where it is "default"
+    ('two_covers.mp4', lambda p: write_clip_with_still(p, 7, 'cover', 2)),  # the original kept the second cover
+    ('two_cameras.mp4', lambda p: write_two_tracks(p, 20, 30))])            # two tracks, interleaved
+def test_read_video_of_several_video_streams_is_the_originals(tmp_path, name, make):
+    """The original's loop listed the frames of every video stream of a file, in the order its decoders gave them:
+    read_video samples that list. (It read FFmpeg's best stream alone: the mp4's still track, refused as a 1-frame
+    video; the mkv's video track, frames one off the original's; one camera of two.)"""
+    path = str(tmp_path / name)
+    make(path)
+    every = original_frames(path)
+    assert len(every) in (31, 9, 50)
+    for n in (3, 5):
+        got = dataset.read_video(path, n)
+        assert len(got) == n
+        assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(len(every), n))), n
 
 
 def rotate_in_header(path, out, matrix):
@@ -459,6 +485,28 @@ def test_extract_cli_folder_without_the_extension(tmp_path):
                                                  f'(rename one)')
     assert f'skipped: {tmp_path}/clips/C.avi: the same video id' in r.stderr
     assert 'not read (not --ext mp4,avi): 1 without extension\n' in r.stderr  # a.avi was read (and failed: not a video)
+
+
+def test_extract_names_and_chooses_files_as_the_original(tmp_path):
+    """The original globbed _X/*.mp4 and named each video .replace('.mp4', ''): clip.mp4.mp4 is video "clip"; hidden
+    files (macOS's ._a.mp4 copies, .b.mp4) are not read, as glob skips them; of a.mp4 and a camera's a.MP4 (both
+    video "a"), "a" is a.mp4, the file the original read (it was a.MP4, the first in byte order); a broken link is
+    listed as failed, named (it was left out without a word)."""
+    d = tmp_path / 'v'
+    d.mkdir()
+    write_clip(str(d / 'a.mp4'), [(k * 20, 0, 0) for k in range(10)])
+    write_clip(str(d / 'a.MP4'), [(0, k * 20, 0) for k in range(10)])
+    write_clip(str(d / 'clip.mp4.mp4'), [(0, 0, k * 20) for k in range(10)])
+    write_clip(str(d / '.b.mp4'), [(k * 20,) * 3 for k in range(10)])
+    (d / '._a.mp4').write_bytes(b'\x00\x05\x16\x07' + b'\x00' * 60)  # AppleDouble metadata, not a video
+    os.symlink(d / 'gone.mp4', d / 'dead.mp4')
+    assert [vid for vid, _ in frame_tool.list_videos(str(d))] == ['a', 'a', 'clip', 'dead']
+    written, before, failed = frame_tool.extract_to(str(d), str(tmp_path / 'out.pkl'), 3, progress=False)
+    stored = dataset.load_pickle(str(tmp_path / 'out.pkl'))
+    assert sorted(stored) == ['a', 'clip'] and (written, before) == (2, 0)
+    assert stored['a'] == frame_tool.extract_video(str(d / 'a.mp4'), 3)[0]
+    assert failed == {f'{d}/a.MP4': f'{d}/a.MP4: the same video id "a" as {d}/a.mp4 (rename one)',
+                      f'{d}/dead.mp4': f'{d}/dead.mp4: a broken link (to {d}/gone.mp4)'}
 
 
 # ---- extract_tsv
