@@ -528,12 +528,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, u, tag, ds):
-        """Accuracy over the whole split: each rank takes every world-th sample (no padding), hits summed."""
-        loader = self.loader(ds, list(range(self.rank, len(ds), self.world)), self.args['seed'], u, -1, self.rank)
+        """Accuracy over the whole split (eval_indices: no padding), hits summed over the ranks."""
+        mine, n_common = eval_indices(len(ds), self.args['size_batch'], self.rank, self.world, self.task.eval_blocks)
+        loader = self.loader(ds, mine, self.args['seed'], u, -1, self.rank)
         self.raw.eval()
         metrics = self.task.metrics
         sums, n_skipped, n_samples = [0.0] * (2 * len(metrics)), 0, 0
-        n_common = math.ceil(len(ds) // self.world / self.args['size_batch'])  # batches every rank has
         for i, (batch, n_skip) in enumerate(tqdm(loader, disable=not is_main(), ascii=True, desc=f'eval {tag}')):
             signalled = i < n_common and int(all_reduce([self.signalled], dist.ReduceOp.MAX if self.world > 1 else None)[0])
             if signalled:  # a stop signal: stop now, not after the whole evaluation (a kill may come first);
@@ -729,6 +729,18 @@ def usable_cpus():
 
 
 MAX_AUTO_WORKERS = 8  # on one H100 with 16 cores, 8 workers keep up with every full-size bf16 step (README, Benchmark)
+
+
+def eval_indices(n, size_batch, rank, world, blocks):
+    """The items of a split of n that `rank` evaluates, in order, and how many batches every rank has.
+    blocks: batches rank, rank + world, ... of the single process's batches of consecutive items, as the original's
+    DataParallel split its batches (fine-tuning: retrieval's in-batch accuracy depends on which items share a
+    batch); else every world-th item, as its DistributedSampler gave them (pretraining)."""
+    if blocks:
+        n_batch = math.ceil(n / size_batch)
+        mine = [i for b in range(rank, n_batch, world) for i in range(b * size_batch, min((b + 1) * size_batch, n))]
+        return mine, n_batch // world
+    return list(range(rank, n, world)), math.ceil(n // world / size_batch)
 
 
 def loader_workers(args):

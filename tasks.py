@@ -43,6 +43,7 @@ class Task:
     metrics = ()
     losses = ()
     unused_parameters = False  # True for a task whose loss leaves some parameters out (DDP must then look for them)
+    eval_blocks = False  # evaluation under torchrun: batches of every world-th item (agent.eval_indices)
 
     def __init__(self, args):
         self.args = args
@@ -68,6 +69,7 @@ class Downstream(Task):
     """Fine-tuning (docs/violet.md#losses): epochs of train -> val and test accuracy -> ckpt_violet_<task>_<epoch>.pt."""
     Model = Dataset = None
     losses, metrics = ('tr',), ('ac',)
+    eval_blocks = True  # the single process's batches, as the original's DataParallel made them
 
     def __init__(self, args):
         super().__init__(args)

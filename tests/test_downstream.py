@@ -211,6 +211,28 @@ def test_qaoe_loss_under_ddp_is_the_whole_batchs_mean(tmp_path):
     assert hits0['ac'][1] == 3 and hits0['ac_iv'][1] == 1 and hits1['ac_iv'][1] == 3  # hits stay per rank
 
 
+@pytest.mark.parametrize('n, size_batch, world', [(13, 3, 2), (12, 3, 4), (5, 4, 3), (30, 6, 4)])
+def test_eval_batches_are_the_single_process_ones(n, size_batch, world):
+    """Fine-tuning's evaluation under torchrun: each rank's batches are batches of the single process (consecutive
+    items, as the original's DataParallel split its batch), so retrieval's in-batch accuracy does not depend on the
+    process count (every world-th item paired items world apart); pretraining keeps every world-th item (the
+    original's DistributedSampler). Every item once; every rank has at least n_common batches (stop signals)."""
+    import main_pretrain
+    import main_retrieval
+    assert main_retrieval.Retrieval.eval_blocks and not main_pretrain.Pretrain.eval_blocks
+    single = [list(range(i, min(i + size_batch, n))) for i in range(0, n, size_batch)]
+    for blocks in (True, False):
+        batches, counts = [], []
+        for rank in range(world):
+            mine, n_common = agent.eval_indices(n, size_batch, rank, world, blocks)
+            mine_batches = [mine[i:i + size_batch] for i in range(0, len(mine), size_batch)]
+            batches += mine_batches
+            counts.append(len(mine_batches))
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert n_common == min(counts)
+        assert (sorted(batches) == single) == blocks
+
+
 def test_training_refuses_a_checkpoint_without_the_encoders(toy, tmp_path):
     """path_ckpt whose encoder tensors do not fit stops the run (it used to train from random weights with
     'not loaded: [...165 keys]'); init_partial: true allows it on purpose."""
