@@ -343,7 +343,7 @@ class Trainer:
             self.load_state(state)
 
     def fresh_local(self):
-        return dict(sums={}, n=0, n_samples=0, n_skipped=0)  # n: finite steps, n_samples: samples trained on
+        return dict(sums={}, counts={}, n=0, n_samples=0, n_skipped=0)  # n: finite steps, n_samples: samples trained on
 
     def autocast(self):
         if self.precision in ('fp16', 'bf16'):
@@ -492,24 +492,26 @@ class Trainer:
                              f'try precision bf16/fp32, a lower lr or max_grad_norm')
 
     def add_losses(self, loss, losses, n_samples, window, bar):
-        """A trained batch into this rank's unit sums (and on rank 0 into the log window and the bar)."""
-        for k, v in losses.items():
-            self.local['sums'][k] = self.local['sums'].get(k, 0.0) + v.item()
+        """A trained batch into this rank's unit sums (and on rank 0 into the log window and the bar). A loss that is
+        NaN had no target in the batch (no masked word): it is left out of its mean, as the original left out its
+        NaN (the mean of an empty cross-entropy), not averaged in as 0."""
+        values = {k: v.item() for k, v in (('loss', loss), *losses.items())}
+        add_to(self.local, {k: v for k, v in values.items() if k != 'loss'})
         self.local['n'] += 1
         self.local['n_samples'] += n_samples
         if is_main():
-            bar.set_postfix(loss=f'{loss.item():.3f}')
-            for k, v in (('loss', loss), *losses.items()):
-                window['sums'][k] = window['sums'].get(k, 0.0) + v.item()
+            bar.set_postfix(loss=f'{values["loss"]:.3f}')
+            add_to(window, values)
             window['n'] += 1
             window['n_samples'] += n_samples
 
     def unit_losses(self, where, n_data, n_samples, sec):
-        """The unit's mean losses over every rank's finite steps; sets self.speed (samples/s over the ranks)."""
+        """The unit's mean losses over every rank's finite steps (each loss over those that had its targets: None when
+        none had); sets self.speed (samples/s over the ranks)."""
         keys = self.task.losses  # fixed names: a rank without a finite step still sends every sum
-        tot = all_sum([self.local['sums'].get(k, 0.0) for k in keys] +
+        tot = all_sum([self.local['sums'].get(k, 0.0) for k in keys] + [self.local['counts'].get(k, 0) for k in keys] +
                       [self.local['n'], self.local['n_samples'], self.local['n_skipped'], n_samples])
-        n_steps, n_trained, n_skipped = tot[-4], int(tot[-3]), int(tot[-2])
+        n_trained, n_skipped = int(tot[-3]), int(tot[-2])
         if n_trained == 0:  # never a "done" run (and never a loss of 0.0) without data
             raise SystemExit(f'stopping: {where} trained on no sample ({n_skipped} of {n_data} skipped as bad, '
                              f'the other steps non-finite); see the first error with skip_bad false')
@@ -517,7 +519,8 @@ class Trainer:
             raise SystemExit(too_many_skipped(n_skipped, n_data, where, self.args['max_skip_frac']))
         self.log['n_skipped'] += n_skipped
         self.speed = tot[-1] / max(sec, 1e-9)
-        return {k: tot[j] / n_steps for j, k in enumerate(keys)}
+        counts = tot[len(keys):2 * len(keys)]
+        return {k: tot[j] / counts[j] if counts[j] else None for j, k in enumerate(keys)}
 
     def optimiser_step(self):
         if self.args['max_grad_norm'] > 0:
@@ -595,6 +598,7 @@ class Trainer:
             mine = state['ranks'][self.rank]
             set_rng_state(mine['rng'])
             self.local = {**self.fresh_local(), **{k: mine[k] for k in ('sums', 'n', 'n_samples', 'n_skipped') if k in mine}}
+            self.local['counts'] = mine.get('counts', {k: mine.get('n', 0) for k in self.local['sums']})  # (earlier files)
         elif state['step'] == 0:  # at a unit boundary another process count is fine, only not bit-exact
             say(f'resuming a {state["world"]}-process run with {self.world}: RNG states reseeded')
             seed_all(self.args['seed'] * 1000 + self.rank + 7919 * self.unit)
@@ -777,7 +781,15 @@ def timed(batches, waited):
 
 
 def new_window():
-    return dict(sums={}, n=0, n_samples=0, t0=time.time())
+    return dict(sums={}, counts={}, n=0, n_samples=0, t0=time.time())
+
+
+def add_to(acc, values):
+    """Loss values into acc's sums and counts, each key apart; NaN (a loss without a target in its batch) left out."""
+    for k, v in values.items():
+        if not math.isnan(v):
+            acc['sums'][k] = acc['sums'].get(k, 0.0) + v
+            acc['counts'][k] = acc['counts'].get(k, 0) + 1
 
 
 def logged_before(line, step, evaluated):
@@ -846,7 +858,7 @@ class StepLog:
     def train(self, step, unit, unit_step, window, lr):
         n = window['n']
         speed = window['n_samples'] / max(time.time() - window['t0'], 1e-9)
-        losses = {k: v / n for k, v in window['sums'].items() if k != 'loss'}
+        losses = {k: v / window['counts'][k] for k, v in window['sums'].items() if k != 'loss'}
         rec = dict(step=step, unit=unit, unit_step=unit_step, loss=window['sums']['loss'] / n, losses=losses, lr=lr,
                    samples_per_s=speed)
         self.write(rec, train_scalars(rec))

@@ -192,7 +192,10 @@ class Pretrain(tasks.Task):
         else:
             ls_mvm, hit_mvm = tasks.ce_hits(out_mvm, ans_mvm[is_mvm])
         loss = ls_mtm + ls_mvm + ls_vtm
-        return loss, dict(mtm=ls_mtm, mvm=ls_mvm, vtm=ls_vtm), dict(mtm=hit_mtm, mvm=hit_mvm, vtm=hit_vtm)
+        # a batch without a masked word (or patch) adds 0 to the loss but NaN to the log, which leaves it out of the
+        # unit's mean (agent.add_to), as the original's mean over no target was NaN and left out
+        logged = dict(mtm=tasks.or_nan(ls_mtm, hit_mtm[1]), mvm=tasks.or_nan(ls_mvm, hit_mvm[1]), vtm=ls_vtm)
+        return loss, logged, dict(mtm=hit_mtm, mvm=hit_mvm, vtm=hit_vtm)
 
     def new_log(self):
         return {d: {f'{a}_{k}': [] for a in ('ls', 'ac') for k in self.metrics} for d in self.args['datasets']}

@@ -2,6 +2,9 @@
 build, train on, evaluate and log; agent.Trainer runs it. Downstream is the fine-tuning tasks' common part;
 ce_hits their loss and accuracy.
 """
+import math
+
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
@@ -25,6 +28,11 @@ def ce_hits(out, ans, whole_batch=False):
         dist.all_reduce(n_all)
         return total * world / n_all.clamp(min=1), hits
     return total / n.clamp(min=1), hits
+
+
+def or_nan(loss, n):
+    """The loss to log: NaN when its batch had none of its n targets (the trainer leaves it out of the mean)."""
+    return torch.where(n > 0, loss.detach(), math.nan)
 
 
 class Task:

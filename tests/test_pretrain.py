@@ -2,11 +2,15 @@
 and exact resume."""
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 
+import types
+
+import numpy as np
 import pytest
 import torch
 
@@ -172,10 +176,35 @@ def test_losses_go_down(toy):
         opt.step()
         hist.append({k: v.item() for k, v in losses.items()})
     torch.set_num_threads(threads)
-    for k in ('mtm', 'mvm', 'vtm'):
-        first = sum(h[k] for h in hist[:20]) / 20
-        last = sum(h[k] for h in hist[-20:]) / 20
+    for k in ('mtm', 'mvm', 'vtm'):  # (a batch without a masked word logs NaN for mtm: left out)
+        first = np.nanmean([h[k] for h in hist[:20]])
+        last = np.nanmean([h[k] for h in hist[-20:]])
         assert last < first * 0.85, (k, first, last)
+
+
+def test_a_loss_without_targets_is_left_out_of_its_mean(toy):
+    """A batch without any maskable word (only [CLS] [SEP]): no MLM target, so the MLM loss adds 0 to the loss
+    trained and logs NaN; the trainer leaves it out of the MLM mean of the unit and of steps.jsonl, as the original
+    left out its NaN (the mean of an empty cross-entropy), instead of averaging in a 0."""
+    args = agent.load_args(TOY_CONFIG, toy_sets(toy)[1:])
+    torch.manual_seed(0)
+    task = mp.Pretrain(args)
+    model = task.build_model().train()
+    ds = dataset.Dataset_Pretrain(args, 'toyimg', 'train', 0)
+    img, txt, mask, vq = dataset.collate_skip([ds[i] for i in range(4)])[0]
+    txt = torch.zeros_like(txt)
+    txt[:, 0], txt[:, 1] = 101, 102
+    loss, losses, hits = task.step(model, [img, txt, (txt != 0).long(), vq], agent.generator('cpu', 0, 0))
+    assert hits['mtm'][1] == 0 and torch.isnan(losses['mtm']) and torch.isfinite(loss)
+    assert torch.allclose(loss, losses['mvm'] + losses['vtm'])
+    fake = types.SimpleNamespace(local=agent.Trainer.fresh_local(None), task=task, args={'max_skip_frac': 0.01},
+                                 log={'n_skipped': 0})
+    window, bar = agent.new_window(), types.SimpleNamespace(set_postfix=lambda **_: None)
+    for mtm, mvm in ((2.0, 1.0), (math.nan, 2.0), (4.0, 3.0)):
+        values = dict(mtm=torch.tensor(mtm), mvm=torch.tensor(mvm), vtm=torch.tensor(1.0))
+        agent.Trainer.add_losses(fake, torch.tensor(5.0), values, 4, window, bar)
+    assert agent.Trainer.unit_losses(fake, 'unit', 12, 12, 1.0) == dict(mtm=3.0, mvm=2.0, vtm=1.0)
+    assert {k: v / window['counts'][k] for k, v in window['sums'].items()} == dict(loss=5.0, mtm=3.0, mvm=2.0, vtm=1.0)
 
 
 def test_torchrun_two_processes(toy, tmp_path):
