@@ -15,8 +15,10 @@
         despite the name, a header line, then gif_name, question, a1..a5, answer (0-4), vid_id, key).
         TGIF-QA has no validation split: val is the test split.
 
-QA-OE: the answer vocabulary is the --size_vocab most frequent training answers (ties: first seen first);
-an answer outside it is "answer": -1 (its text kept in "answer_text"), scored wrong, never dropped.
+QA-OE: the answer vocabulary is the --size_vocab most frequent training answers (ties: first seen first), in
+alphabetical order, as in the original's released txt_msvd-qa.json (its class 482 is "man", 985 "woman"): the
+official QA-OE checkpoints' classes are in that order. An answer outside it is "answer": -1 (its text kept in
+"answer_text"), scored wrong, never dropped.
 Every converter prints its split sizes next to the published ones. A missing file, a malformed line or an
 unknown video stops it with a message naming the file and the line.
 """
@@ -107,7 +109,7 @@ def xu_qa(src, size_vocab, video_name):
         if not isinstance(items, list):
             raise BadAnnotation(f'{path}: expected a list of questions, got {type(items).__name__}')
         splits[split] = [(f'{path}[{i}]', it) for i, it in enumerate(items)]
-    vocab = answer_vocab([str(field(it, 'answer', w)) for w, it in splits['train']], size_vocab)
+    vocab = sorted(answer_vocab([str(field(it, 'answer', w)) for w, it in splits['train']], size_vocab))
     index = {a: i for i, a in enumerate(vocab)}
     out = {'vocab': vocab}
     for split, items in splits.items():

@@ -310,13 +310,15 @@ def write_xu_qa(d, answers, n_val=2, n_test=3):
 def test_convert_msrvtt_qa_and_msvd_qa(tmp_path, capsys, monkeypatch):
     write_xu_qa(str(tmp_path), ['man', 'dog', 'man', 'cat', 'dog', 'man', 'bird', 'cat'])
     out, sizes = conv.convert('msrvtt-qa', str(tmp_path), size_vocab=3)
-    assert out['vocab'] == ['man', 'dog', 'cat']  # by frequency; 'cat' (2) before 'bird' (1)
+    # the 3 most frequent ('cat' (2) kept, 'bird' (1) not), in alphabetical order: the class order of the original's
+    # released txt_msvd-qa.json (its class 482 is 'man'), which its QA-OE checkpoints' heads were trained on
+    assert out['vocab'] == ['cat', 'dog', 'man']
     assert [(it['answer'], it['answer_text']) for it in out['train']] == \
-        [(0, 'man'), (1, 'dog'), (0, 'man'), (2, 'cat'), (1, 'dog'), (0, 'man'), (-1, 'bird'), (2, 'cat')]
+        [(2, 'man'), (1, 'dog'), (2, 'man'), (0, 'cat'), (1, 'dog'), (2, 'man'), (-1, 'bird'), (0, 'cat')]
     assert out['test'][1] == {'video': 'video2', 'question': 'what is 1?', 'answer': -1, 'answer_text': 'zebra'}
     assert sizes['test'] == '3 questions (2 answers in the vocabulary of 3)'
     # the default keeps the 1,000 most frequent: all 4 here; ties go to the first seen
-    assert conv.convert('msrvtt-qa', str(tmp_path))[0]['vocab'] == ['man', 'dog', 'cat', 'bird']
+    assert conv.convert('msrvtt-qa', str(tmp_path))[0]['vocab'] == ['bird', 'cat', 'dog', 'man']
     assert conv.answer_vocab(['b', 'a', 'a', 'b', 'c'], 2) == ['b', 'a']
 
     # MSVD-QA: video ids through youtube_mapping.txt; the published test size
@@ -325,7 +327,7 @@ def test_convert_msrvtt_qa_and_msvd_qa(tmp_path, capsys, monkeypatch):
     code, printed = cli(conv.main, ['msvd-qa', f'--src={tmp_path}', f'--out={tmp_path}/txt_msvd-qa.json'], capsys, monkeypatch)
     assert code == 0 and '  test: 13,157 questions' in printed and '(published: 13,157 questions)' in printed
     out = json.load(open(tmp_path / 'txt_msvd-qa.json'))
-    assert len(out['test']) == 13157 and out['train'][0]['video'] == 'clip_1_5_15' and out['vocab'] == ['man', 'dog']
+    assert len(out['test']) == 13157 and out['train'][0]['video'] == 'clip_1_5_15' and out['vocab'] == ['dog', 'man']
     (tmp_path / 'youtube_mapping.txt').write_text('clip_1 vid1\nclip_2 vid2\n')
     with pytest.raises(conv.BadAnnotation, match=r'test_qa.json\[2\]: video_id 3 \(vid3\) is not in .*youtube_mapping.txt'):
         conv.convert('msvd-qa', str(tmp_path))
