@@ -158,30 +158,40 @@ def read_video(path, n_frames, upright=False):
             if not container.streams.video:
                 raise BadVideo(f'{path}: ' + (mp4_cut_short(path) or 'not a video (no video stream)'))
             stream, covers = video_stream(container)
-            packets = [] if stream is None else [(p.pts, p.dts, p.is_keyframe, p.is_corrupt)
-                                                 for p in container.demux(stream) if p.size and not p.is_discard]
-            if stream is not None and not packets:
-                raise BadVideo(f'{path}: no frames')
-            frames = None
-            if packets and all(pts is not None for pts, _, _, _ in packets) and not any(bad for *_, bad in packets):
-                pts = sorted(pts for pts, _, _, _ in packets)
-                keys = sorted((pts, pts if dts is None else dts) for pts, dts, key, _ in packets if key)
-                # a stream that flags no keyframe cannot be entered by seeking; one that gives two frames the same
-                # timestamp cannot be indexed by it (a frame would stand for both); one that does not open with
-                # the keyframe of its first frame (cut mid-GOP without re-encoding) has packets before it that
-                # give no frame, which only decoding counts (the packet index would count them as frames)
-                first_pts, _, first_key, _ = packets[0]
-                if keys and len(set(pts)) == len(pts) and first_key and first_pts == pts[0]:
-                    want = pick(len(pts), n_frames, path, covers)  # None: the original kept a cover picture
-                    try:
-                        frames = want and _seek_decode(container, stream, [pts[i] for i in want], keys, upright)
-                    except av.FFmpegError:  # a damaged packet on the way: decoded from the start, up to it
-                        frames = None
+            frames = None if stream is None else _indexed_frames(container, stream, covers, path, n_frames, upright)
             if frames is None:  # no usable index, damage, several tracks: decoded from the start, as the original
                 frames = _decode_all(path, n_frames, upright)
     except av.FFmpegError as e:  # it opened as a video: its data is damaged
         raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({e})') from e
     return frames
+
+
+def _indexed_frames(container, stream, covers, path, n_frames, upright):
+    """read_video's fast path: the chosen frames of the file's one video track found through its packet index and
+    decoded by seeking (_seek_decode), or None when the index cannot stand for the frames or the seek fails (then
+    the file is decoded from the start)."""
+    packets = [(p.pts, p.dts, p.is_keyframe, p.is_corrupt) for p in container.demux(stream)
+               if p.size and not p.is_discard]
+    if not packets:
+        raise BadVideo(f'{path}: no frames')
+    if any(pts is None for pts, _, _, _ in packets) or any(bad for *_, bad in packets):
+        return None
+    pts = sorted(pts for pts, _, _, _ in packets)
+    keys = sorted((pts, pts if dts is None else dts) for pts, dts, key, _ in packets if key)
+    # a stream that flags no keyframe cannot be entered by seeking; one that gives two frames the same timestamp
+    # cannot be indexed by it (a frame would stand for both); one that does not open with the keyframe of its first
+    # frame (cut mid-GOP without re-encoding) has packets before it that give no frame, which only decoding counts
+    # (the packet index would count them as frames)
+    first_pts, _, first_key, _ = packets[0]
+    if not (keys and len(set(pts)) == len(pts) and first_key and first_pts == pts[0]):
+        return None
+    want = pick(len(pts), n_frames, path, covers)
+    if want is None:  # the original kept a cover picture
+        return None
+    try:
+        return _seek_decode(container, stream, [pts[i] for i in want], keys, upright)
+    except av.FFmpegError:  # a damaged packet on the way: decoded from the start, up to it
+        return None
 
 
 def mp4_cut_short(path):
