@@ -53,7 +53,7 @@ class TrainConfig:
     decay: float = config.key(1e-3, 'AdamW weight decay', least=0)
     path_ckpt: str = config.key('', 'initial weights: a pretraining, official or fine-tuned checkpoint (`load_ckpt`; every encoder key must load)')
     init_partial: bool = config.key(False, 'true: `path_ckpt` may lack encoder keys or hold them in another shape (a deliberate partial load)')
-    seed: int = config.key(0, 'seed of initialisation, masking, sampling')
+    seed: int = config.key(0, 'seed of initialisation, masking, sampling', least=0, most=2**63 - 1)
     precision: str = config.key('auto', 'training: `auto` (fp16 on CUDA, fp32 on CPU), `fp16` (autocast + GradScaler, the original), `bf16`, `fp32`; `eval_retrieval.py`: `auto` and `fp32` are float32 (the original), `bf16` / `fp16` autocast', choices=('auto', 'fp16', 'bf16', 'fp32'))
     max_grad_norm: float = config.key(0.0, '> 0: clip the global gradient norm', least=0)
     grad_accum: int = config.key(1, 'batches per optimiser step', least=1)
@@ -125,15 +125,10 @@ def load_args(path='', sets=(), base=None):
     overrides; every key validated. -> args dict."""
     args = schema()
     if base is None and path:
-        if not os.path.isfile(path):
-            raise config_error(f'no config file {path}')
-        with open(path) as f:
-            try:
-                base = json.load(f)
-            except json.JSONDecodeError as e:
-                raise config_error(f'{path} is not valid JSON ({e})') from e
-        if not isinstance(base, dict):
-            raise config_error(f'{path} must hold a JSON object')
+        try:
+            base = config.read_file(path)
+        except config.FileError as e:
+            raise config_error(str(e)) from None
     check_keys(base or {}, path or 'saved args')
     given = dict(base or {})
     for kv in sets:
@@ -143,13 +138,16 @@ def load_args(path='', sets=(), base=None):
         check_keys({k: parse_value(v)}, '--set')
         given[k] = parse_value(v)
     args.update(violet.with_preset(given))  # a model_preset fills the model keys the file and --set leave out
+    wrong = violet.config_problem(args)
+    if wrong:
+        raise config_error(wrong)
     return args
 
 
 def parse_cli(default_config, argv=None):
     p = argparse.ArgumentParser(description='VIOLET training', epilog=config.help_text(CONFIGS),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('config', nargs='?', default=default_config, help=f'JSON config (default {default_config})')
+    p.add_argument('config', nargs='?', default=None, help=f'JSON config (default {default_config})')
     p.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                    help='override config keys; VALUE parsed as JSON when possible, else a string')
     p.add_argument('--resume', default='', metavar='DIR_OR_FILE',
@@ -162,7 +160,9 @@ def parse_cli(default_config, argv=None):
                         "must come from it), no optimiser step; writes eval.json beside args.json")
     p.add_argument('--local_rank', '--local-rank', type=int, default=None,
                    help='set by torch.distributed.launch; the LOCAL_RANK env var wins')
-    return p.parse_args(argv)
+    cli = p.parse_args(argv)
+    cli.config_given, cli.config = cli.config is not None, cli.config or default_config
+    return cli
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,8 +400,13 @@ class Trainer:
                     bar.close()  # (before the stop message)
                     self.save_resume(window_start)
                     self.stop_for_data(failed, r['failed'] - 1, f"{unit['name']} step {self.step}")
-                if r['most_skipped'] > args['max_skip_frac'] * len(ds):  # the sum over ranks is larger still
-                    raise SystemExit(too_many_skipped(r['most_skipped'], len(ds), unit['name'], args['max_skip_frac'], 'at least '))
+                # more skipped than max_skip_frac allows (the sum over ranks is larger still): stop, keeping the unit's
+                # steps in resume.pt (at the window's start, or once this step is done)
+                too_many = r['most_skipped'] > args['max_skip_frac'] * len(ds)
+                if too_many and not last_of_window:
+                    bar.close()
+                    self.save_resume(window_start)
+                    raise SystemExit(self.too_many_skipped(r['most_skipped'], len(ds), unit['name']))
                 if r['nonfinite']:
                     self.count_nonfinite(unit['name'], i)
                 if r['losses'] is not None:
@@ -417,6 +422,10 @@ class Trainer:
                 self.step = i + 1
                 self.steps_run += 1
                 window_start = self.position()
+                if too_many:
+                    bar.close()
+                    self.save_resume()
+                    raise SystemExit(self.too_many_skipped(r['most_skipped'], len(ds), unit['name']))
                 if (r['resume_due'] or args['save_every'] and self.step % args['save_every'] == 0) and self.step < n_batch:
                     self.save_resume()
                 if r['signalled'] and self.step < n_batch:  # (at the unit's end it finishes the unit first)
@@ -655,6 +664,10 @@ class Trainer:
         if error is not None:
             raise error
         raise SystemExit(f'stopped at {where}: rank {first_failed} could not load its batch (its message says why)')
+
+    def too_many_skipped(self, n_skipped, n, where):
+        return (too_many_skipped(n_skipped, n, where, self.args['max_skip_frac'], 'at least ') +
+                f'; resume.pt saved at step {self.step}: --resume {self.out} goes on from there')
 
     def stopped_by(self, signum, where):
         return (f'stopped by {signal.Signals(signum).name} at {where}: resume.pt saved; continue with '
@@ -909,19 +922,40 @@ def main(task_cls, default_config, argv=None):
     if cli.resume:
         path = os.path.join(cli.resume, 'resume.pt') if os.path.isdir(cli.resume) else cli.resume
         if not os.path.isfile(path):
-            raise SystemExit(f'resume: no resume state at {path}')
+            began = os.path.isfile(os.path.join(os.path.dirname(path), 'args.json'))
+            raise SystemExit(f'resume: no resume state at {path}' + (
+                ' (the run stopped before its first one: save_minutes / save_every, or the end of its first unit): '
+                'start it again with its command line and --overwrite' if began else ''))
         try:
             state = violet.read_checkpoint(path)
         except violet.CheckpointError as e:
             raise SystemExit(f'resume: {e}') from e
+        if not isinstance(state, dict) or not {'args', 'model', 'optim', 'step'} <= set(state):
+            raise SystemExit(f'resume: {path} holds weights alone, not a resume state (resume.pt): to train from them, '
+                             f'start a run with --set path_ckpt={path}')
         # stop_after_steps belongs to the invocation that sets it: a resumed run goes on to the end unless --set asks again
         args = load_args(sets=cli.set, base={**state['args'], 'stop_after_steps': 0})
+        if cli.config_given:  # the resumed run keeps its args.json (and --set): a config file is not applied
+            try:
+                given = config.read_file(cli.config)
+            except config.FileError as e:
+                raise config_error(str(e)) from None
+            overridden = {kv.partition('=')[0] for kv in cli.set} | {'path_output', 'stop_after_steps'}
+            differ = [k for k, v in given.items() if k not in overridden and args.get(k, v) != v]
+            if differ:
+                raise SystemExit(f"resume: {cli.config} differs from the run's args in {', '.join(differ)}: a resumed "
+                                 f"run keeps its args.json; change a key with --set KEY=VALUE, without the config file")
         args['path_output'] = os.path.dirname(os.path.abspath(path))
-        changed = [f"{k} {state['args'][k]} -> {args[k]}" for k in ('size_batch', 'grad_accum')
+        changed = [f"{k} {state['args'][k]} -> {args[k]}" for k in ('size_batch', 'grad_accum', 'seed')
                    if state['step'] and state['args'][k] != args[k]]
-        if changed:  # the position is a batch count: with other batches it would point elsewhere in the data
+        if changed:  # the position is a batch count: with other batches (the seed orders them) it would point elsewhere
             raise SystemExit(f"resume: the run stopped inside a unit (step {state['step']}); {', '.join(changed)} "
                              f"would skip or repeat samples: resume with the run's values, or from a unit boundary")
+        changed = [f"{k} {state['args'][k]} -> {args[k]}" for k in MODEL_SHAPE_KEYS
+                   if k in state['args'] and state['args'][k] != args[k]]
+        if changed:
+            raise SystemExit(f"resume: {', '.join(changed)} would build another model than the run's weights: "
+                             f"resume with the run's values (a new model is a new run: --set path_ckpt=CKPT)")
         state['args'] = args
     else:
         args = load_args(cli.config, cli.set)
@@ -976,6 +1010,9 @@ def default_output(name):
     return os.path.join('_snapshot', f'_{name}_{time.strftime("%Y%m%d%H%M%S")}_{secrets.token_hex(3)}')
 
 
+# keys whose change gives the model other parameter shapes (a resumed run's weights would not load)
+MODEL_SHAPE_KEYS = ('txt_backbone', 'vt_dim', 'vt_depths', 'vt_heads', 'vt_window', 'mvm_target', 'model_preset',
+                    'size_vocab')
 RUN_FILES = ('args.json', 'log.json', 'resume.pt', 'eval.json', 'eval_retrieval.json', 'steps.jsonl', 'tb')
 
 

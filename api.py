@@ -23,6 +23,7 @@ import torch
 
 import agent
 import dataset
+from config import read_file
 import model as violet
 
 TEMPERATURE = {'qamc': 1.0, 'pretrain': violet.VTM_TEMPERATURE, 'retrieval': violet.VTM_TEMPERATURE}  # option probabilities: softmax(score / T), as trained
@@ -47,13 +48,14 @@ def find_config(ckpt, config=None):
         else:
             raise FileNotFoundError(f'{ckpt}: no config beside it (NAME.json or args.json); give one (--config: a '
                                     f"run's args.json or _data/args_<task>.json)")
+    where = config if isinstance(config, str) else 'config'
     if isinstance(config, str):
-        with open(config) as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f'{config}: not valid JSON ({e})') from e
+        config = read_file(config)
+    if not isinstance(config, dict):
+        raise ValueError(f'{where}: a config is a JSON object of keys, not {type(config).__name__}')
     if 'config' in config:  # convert_ckpt's file
+        if not isinstance(config['config'], dict):
+            raise ValueError(f'{where}: its "config" must be a JSON object of keys, not {type(config["config"]).__name__}')
         return config['config'], config.get('vocab')
     return config, None
 
@@ -76,6 +78,7 @@ def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=
     (dataset.read_video; as the extraction tool's --upright: off, as the original, frames as they are encoded). -> Violet."""
     cfg, cfg_vocab = find_config(ckpt, config)
     args = agent.load_args(sets=sets, base=cfg)
+    dataset.check_size_txt(args)
     args['path_ckpt'] = ckpt  # the VT weights come from it (model.load_vt), not from path_vt
     type_ = args['type'] or 'retrieval'
     if vocab is None:

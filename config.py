@@ -7,14 +7,16 @@ The JSON configs stay flat: a run's args is one dict of every key (agent.load_ar
 """
 import dataclasses
 import json
+import math
 import os
 import typing
 
 
-def key(default, help, choices=None, least=None, length=None):
-    """A config field. choices: the values it takes; least: its smallest value (of each element for a list);
-    length: a list's length. A list key must not be empty."""
-    meta = dict(help=help, choices=tuple(choices) if choices is not None else None, least=least, length=length)
+def key(default, help, choices=None, least=None, most=None, length=None):
+    """A config field. choices: the values it takes; least / most: its smallest / largest value (of each element
+    for a list); length: a list's length. A list key must not be empty; a float must be finite."""
+    meta = dict(help=help, choices=tuple(choices) if choices is not None else None, least=least, most=most,
+                length=length)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -41,6 +43,17 @@ def type_name(t):
     return f'list[{typing.get_args(t)[0].__name__}]' if typing.get_origin(t) is list else t.__name__
 
 
+def out_of_range(meta, v, what):
+    """-> the phrase for a number v outside meta's bounds (NaN and infinity are outside every range), or None."""
+    if isinstance(v, float) and not math.isfinite(v):  # JSON's NaN / Infinity (or 1e400): no comparison refuses them
+        return f'must {what} finite numbers, got {v!r}' if what == 'hold' else f'must be a finite number, got {v!r}'
+    least, most = meta['least'], meta['most']
+    if (least is not None and v < least) or (most is not None and v > most):
+        bound = (f'>= {least}' if most is None else f'<= {most}' if least is None else f'in {least}..{most}')
+        return f'must hold values {bound}, got {v!r}' if what == 'hold' else f'must be {bound}, got {v!r}'
+    return None
+
+
 def problem(f, v):
     """-> what is wrong with value v of field f (a phrase for 'key K ...'), or None when it is fine."""
     t, meta = f.type, f.metadata
@@ -51,9 +64,7 @@ def problem(f, v):
     if meta['choices'] is not None and v not in meta['choices']:
         return f'must be one of {list(meta["choices"])}, got {v!r}'
     if elem is None:
-        if meta['least'] is not None and v < meta['least']:
-            return f'must be >= {meta["least"]}, got {v!r}'
-        return None
+        return out_of_range(meta, v, 'be') if base in (int, float) else None
     if meta['length'] is not None and len(v) != meta['length']:
         return f'must be a list of {meta["length"]} {elem.__name__}s, got {len(v)}: {v!r}'
     if not v:
@@ -61,8 +72,9 @@ def problem(f, v):
     for x in v:
         if type(x) is not elem:
             return f'must hold {elem.__name__}s, got {type(x).__name__} {x!r} in {v!r}'
-        if meta['least'] is not None and x < meta['least']:
-            return f'must hold values >= {meta["least"]}, got {x!r} in {v!r}'
+        wrong = out_of_range(meta, x, 'hold')
+        if wrong:
+            return f'{wrong} in {v!r}'
     return None
 
 
@@ -97,6 +109,36 @@ def help_text(groups):
             out.append(f'    {f.name} ({type_name(f.type)}, default {show(defaults(cls)[f.name])}): '
                        f'{f.metadata["help"]}'.replace('`', ''))
     return '\n'.join(out)
+
+
+class FileError(ValueError):
+    """A config file that cannot be read as one JSON object; the message names the file."""
+
+
+def read_file(path):
+    """A JSON config file -> its object: UTF-8 JSON holding one object, each key once (json would keep the last of
+    a repeated key without a word). FileError naming the file otherwise."""
+    def once(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise FileError(f"{path}: key '{k}' is given twice")
+            seen.add(k)
+        return dict(pairs)
+    if not os.path.isfile(path):
+        raise FileError(f'no config file {path}')
+    try:
+        with open(path, encoding='utf-8') as f:
+            obj = json.load(f, object_pairs_hook=once)
+    except UnicodeDecodeError as e:
+        raise FileError(f'{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start})') from None
+    except json.JSONDecodeError as e:
+        raise FileError(f'{path} is not valid JSON ({e})') from None
+    except OSError as e:
+        raise FileError(f'cannot read {path}: {e.strerror or e}') from None
+    if not isinstance(obj, dict):
+        raise FileError(f'{path} must hold a JSON object, not {type(obj).__name__}')
+    return obj
 
 
 def pretrained(load, name, key):

@@ -463,15 +463,30 @@ def get_tokenizer(backbone, vocab=''):
             tok = transformers.BertTokenizer(vocab=src)
         else:
             tok = transformers.BertTokenizer.from_pretrained(src)
-        n_vocab = config.pretrained(transformers.BertConfig.from_pretrained, backbone, 'txt_backbone').vocab_size
+        n_vocab = bert_config(backbone).vocab_size
         wrong = [f'{t} is id {tok.convert_tokens_to_ids(t)}, expected {i}' for t, i in SPECIAL_IDS.items()
                  if tok.convert_tokens_to_ids(t) != i]
         if len(tok) != n_vocab:
             wrong.insert(0, f'{len(tok)} tokens, but the BERT config of {backbone} has vocab_size {n_vocab}')
         if wrong:
-            raise ValueError(f'tokenizer {src} does not fit the model: ' + '; '.join(wrong))
+            raise DataError(f'tokenizer {src} does not fit the model (txt_vocab / txt_backbone): ' + '; '.join(wrong))
         _TOKENIZERS[backbone, vocab] = tok
     return _TOKENIZERS[backbone, vocab]
+
+
+@functools.lru_cache(maxsize=8)
+def bert_config(backbone):
+    import transformers
+    return config.pretrained(transformers.BertConfig.from_pretrained, backbone, 'txt_backbone')
+
+
+def check_size_txt(args):
+    """size_txt must fit the text embedder's position table (BERT's max_position_embeddings, 512 for bert-base):
+    past it the first step failed inside transformers, after the run's folder was made."""
+    limit = bert_config(args['txt_backbone']).max_position_embeddings
+    if args['size_txt'] > limit:
+        raise DataError(f"config error: key 'size_txt' is {args['size_txt']}, but the text embedder of "
+                        f"{args['txt_backbone']} has {limit} positions (max_position_embeddings): at most {limit}")
 
 
 def need_file(path):
@@ -795,6 +810,7 @@ class Dataset_Base(torch.utils.data.Dataset):
         self.size_img, self.size_txt = self.args['size_img'], self.args['size_txt']
         self.path_data = self.args['path_data']
         self.tokzr = get_tokenizer(self.args['txt_backbone'], self.args['txt_vocab'])
+        check_size_txt(self.args)
         self.frames, self.path_frames, self.size_frame, self.layout = None, None, None, None
         self.failures = None  # the extraction's failures, read when a video is missing (why_missing)
 
@@ -1001,10 +1017,16 @@ class Dataset_Downstream(Dataset_Base):
             raise DataError(f'{self.path_txt}: "{split}" is a {type(self.txt).__name__}, not a list of items '
                             f'{{"video": ..., ...}} (a dict of video -> caption is the pretraining format)')
         self.open_frames(self.args['dataset'])
-        if self.layout == 'v2' and self.args['size_frame'] < 1:
-            raise DataError(f'{self.path_frames}: the VIOLETv2 layout stores more frames than are used; '
-                             f'set size_frame (VIOLETv2 uses 5)')
-        self.size_frame = self.args['size_frame'] or check_frames(self.frame_count(), self.path_frames)
+        if self.layout == 'v2':  # size_frame of the stored frames are sampled
+            if self.args['size_frame'] < 1:
+                raise DataError(f'{self.path_frames}: the VIOLETv2 layout stores more frames than are used; '
+                                 f'set size_frame (VIOLETv2 uses 5)')
+            self.size_frame = self.args['size_frame']
+            return
+        self.size_frame = check_frames(self.frame_count(), self.path_frames)
+        if self.args['size_frame'] not in (0, self.size_frame):  # every video would be a bad sample
+            raise DataError(f"config error: key 'size_frame' is {self.args['size_frame']}, but the videos of "
+                            f"{self.path_frames} have {self.size_frame} frames (size_frame 0 takes their count)")
 
     def frame_count(self):
         """The frame count most of a sample of the frames file's videos have."""
@@ -1023,9 +1045,22 @@ class Dataset_Downstream(Dataset_Base):
 
     words = ()  # the keys of an item whose text must not be empty (a sample without it means nothing)
 
+    def keys(self):
+        """The keys every item of the task has."""
+        return ('video',) + self.words
+
     def check_items(self):
-        """Every item's video is in the frames file, no text of `words` is empty, and every answer is in range (the
-        items' other faults are named when they are read)."""
+        """Every item has the task's keys, its video is in the frames file, no text of `words` is empty, and every
+        answer is in range (the items' other faults are named when they are read)."""
+        lacking = [i for i, it in enumerate(self.txt) if isinstance(it, dict) and any(k not in it for k in self.keys())]
+        if lacking:
+            item = self.txt[lacking[0]]
+            key = next(k for k in self.keys() if k not in item)
+            hint = (f'; size_option is {self.args["size_option"]}' if key.startswith('option_') and 'option_0' in item
+                    else f'; its keys are {", ".join(map(str, item))}: the texts of another task?'
+                    if len(lacking) == len(self.txt) else '')
+            raise BadKey(f'{self.path_txt}["{self.split}"][{lacking[0]}]: no key "{key}"{hint}'
+                         + (f' ({len(lacking) - 1} more of the split\'s items lack a key)' if len(lacking) > 1 else ''))
         missing = [(i, it['video']) for i, it in enumerate(self.txt)
                    if isinstance(it, dict) and isinstance(it.get('video'), str) and it['video'] not in self.frames]
         if missing:
@@ -1069,7 +1104,7 @@ class Dataset_Downstream(Dataset_Base):
             texts = getattr(self, 'answers', None) or [item.get(f'option_{i}') for i in range(n)]
             hint = f' (an answer is the index of its text: "{a}" is {texts.index(a)})' if isinstance(a, str) and a in texts else ''
             raise BadSample(f'{self.path_txt}["{self.split}"][{idx}] (video "{item.get("video")}"): '
-                            f'answer {a!r} not in 0..{n - 1}{hint}{more}')
+                            f'answer {a!r} not in 0..{n - 1} ({self.answer_source}){hint}{more}')
         return int(a)
 
 
@@ -1086,6 +1121,7 @@ class Dataset_QAMC(Dataset_Downstream):
         self.size_option = self.args['size_option']
         self.words = tuple(f'option_{i}' for i in range(self.size_option))
         self.answer_range = (self.size_option, False)
+        self.answer_source = f'size_option {self.size_option}'
         # an empty question is allowed (caption-choice sets such as MSRVTT-MC have none: the options alone are
         # scored), but said, once per split
         empty = [i for i, it in enumerate(self.txt)
@@ -1094,9 +1130,11 @@ class Dataset_QAMC(Dataset_Downstream):
             print(f'{self.path_txt}["{split}"]: {len(empty)} of {len(self.txt)} items have an empty "question" (first '
                   f'[{empty[0]}], video "{self.txt[empty[0]].get("video")}"): their options are scored alone', flush=True)
 
+    def keys(self):
+        return ('video', 'question', 'answer') + self.words
+
     def get_item(self, idx):
-        keys = ['video', 'question', 'answer'] + [f'option_{i}' for i in range(self.size_option)]
-        item = self.item(idx, *keys)
+        item = self.item(idx, *self.keys())
         answer = self.answer(idx, item)
         img = self.get_img(item['video'])
         txt, mask = zip(*[self.str2txt(item['question'] + ' ' + item[f'option_{i}']) for i in range(self.size_option)])
@@ -1130,9 +1168,14 @@ class Dataset_QAOE(Dataset_Downstream):
         self.answers = answer_texts(self.vocab, self.path_txt)
         self.size_vocab = self.args.get('size_vocab') or len(self.vocab)
         self.answer_range = (self.size_vocab, True)  # -1: not in the answer vocabulary
+        self.answer_source = (f'size_vocab {self.size_vocab}' if self.args.get('size_vocab') else
+                              f'the {self.size_vocab} answers of its "{key}"') + '; -1: not in it'
+
+    def keys(self):
+        return 'video', 'question', 'answer'
 
     def get_item(self, idx):
-        item = self.item(idx, 'video', 'question', 'answer')
+        item = self.item(idx, *self.keys())
         answer = self.answer(idx, item)
         txt, mask = self.str2txt(item['question'])
         return self.get_img(item['video']), txt, mask, answer
@@ -1143,6 +1186,6 @@ class Dataset_Retrieval(Dataset_Downstream):
     words = ('caption',)
 
     def get_item(self, idx):
-        item = self.item(idx, 'video', 'caption')
+        item = self.item(idx, *self.keys())
         txt, mask = self.str2txt(item['caption'])
         return self.get_img(item['video']), txt, mask

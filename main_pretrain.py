@@ -111,6 +111,9 @@ class Pretrain(tasks.Task):
 
     def __init__(self, args):
         super().__init__(args)
+        twice = sorted({d for d in args['datasets'] if args['datasets'].count(d) > 1})
+        if twice:  # its units would run twice an epoch, the second writing over the first's checkpoints
+            raise agent.config_error(f"key 'datasets' names {', '.join(twice)} twice: {args['datasets']}")
         self.val = {}
 
     def build_model(self):

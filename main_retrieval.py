@@ -21,6 +21,12 @@ class Retrieval(tasks.Downstream):
     type = 'retrieval'
     Model, Dataset = violet.VIOLET_Retrieval, dataset.Dataset_Retrieval
 
+    def __init__(self, args):
+        super().__init__(args)
+        if args['size_batch'] < 2:  # a video's softmax over one text is 0 and its argmax a hit: nothing learnt or measured
+            raise agent.config_error(f"key 'size_batch' is {args['size_batch']}, but retrieval trains and measures "
+                                     f"each video against the other texts of its batch: at least 2")
+
     def step(self, model, batch, gen):
         img, txt, mask = batch
         out, ans = model(img, txt, mask)

@@ -39,10 +39,10 @@ class ModelConfig:
     vt_depths: list[int] = config.key([2, 2, 18, 2], 'Video Swin blocks per stage', least=1, length=4)
     vt_heads: list[int] = config.key([3, 6, 12, 24], 'Video Swin attention heads per stage', least=1, length=4)
     vt_window: list[int] = config.key([8, 7, 7], 'Video Swin window (time, height, width)', least=1, length=3)
-    vt_drop_path: float = config.key(0.2, 'stochastic depth of the VT, rising linearly over its blocks', least=0)
+    vt_drop_path: float = config.key(0.2, 'stochastic depth of the VT, rising linearly over its blocks', least=0, most=1)
     grad_ckpt: bool = config.key(False, 'activation checkpointing in VT and CT (less memory, one recompute)')
     mvm_target: str = config.key('vq', '`vq`: DALL-E tokens from `vq_<dataset>.pkl`; `pixel`: L1 regression of the normalised RGB of each masked 32 x 32 patch of the unmasked frame (VIOLETv2), for data without VQ tokens: no `vq_*.pkl` is read, the frame count comes from the frames; its `mvm` evaluation number is then minus the mean L1 (higher is better), not an accuracy', choices=('vq', 'pixel'))
-    head_dropout: float = config.key(0.1, 'dropout before each MLP head (the original\'s 0.1); the toy preset uses 0, since a tiny model trained from scratch cannot learn matching through that noise', least=0)
+    head_dropout: float = config.key(0.1, 'dropout before each MLP head (the original\'s 0.1); the toy preset uses 0, since a tiny model trained from scratch cannot learn matching through that noise', least=0, most=1)
     model_preset: str = config.key('', 'a named model (`model.PRESETS`, as timm names its variants): its keys fill the model keys a config and `--set` leave out. `toy` (the toy configs\' model): `txt_backbone` `./_data/bert-tiny`, `path_vt` `""`, `vt_dim` 16, `vt_depths` [2,2,2,2], `vt_heads` [1,2,4,8], `vt_window` [8,4,4], `vt_drop_path` 0, `head_dropout` 0; a saved `args.json` holds them all written out', choices=('', *PRESETS))
 
 
@@ -52,6 +52,16 @@ VTM_OPTIONS = 4  # pretraining VTM: each video against its own text and 3 others
 VQ_VOCAB = 8192  # DALL-E's visual token vocabulary (the MVM classes)
 MAX_FRAMES, MAX_SIDE = 6, 448  # emb_len has 6 rows, emb_pos 1+14*14
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def config_problem(args):
+    """-> what is wrong between the model keys of a full args dict (a phrase naming the key), or None."""
+    for i, heads in enumerate(args['vt_heads']):
+        width = args['vt_dim'] * 2**i  # patch merging doubles the width at each stage
+        if width % heads:
+            return (f"key 'vt_heads' {args['vt_heads']} does not fit vt_dim {args['vt_dim']}: stage {i + 1} is "
+                    f"{width} wide, which its {heads} heads do not divide")
+    return None
 
 
 def with_preset(given):
@@ -514,6 +524,8 @@ def read_checkpoint(path):
     wrote, tensors and plain containers only (weights_only: reading never runs code from the file), or a
     .safetensors file (tensors only, by design). Anything else is a CheckpointError naming the file and what
     was expected."""
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a folder, not a checkpoint file (a run\'s folder holds ckpt_violet_*.pt)')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     if path.endswith('.safetensors'):

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import agent
+import dataset
 
 
 def ce_hits(out, ans, whole_batch=False):
@@ -94,6 +95,10 @@ class Downstream(Task):
         a whole epoch of training; an empty caption, question or option and an answer out of range are named here too
         (under skip_bad such items are skipped and counted as they come)."""
         super().check_data()
+        for ds in self.sets.values():  # an empty val or test split stopped the run at its first evaluation
+            if not len(ds):
+                raise dataset.DataError(f'{ds.path_txt}: "{ds.split}" has no items (every split the run trains on or '
+                                        f'evaluates needs some)')
         if not self.args['skip_bad']:
             for ds in self.sets.values():
                 ds.check_items()

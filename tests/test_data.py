@@ -625,13 +625,19 @@ def test_tokenizer_must_fit_the_model(tok_dir, tmp_path):
         dataset.Dataset_Base(dict(txt_backbone=str(cfg_only), txt_vocab=str(tmp_path / 'nope.txt')))
     words = open(f'{tok_dir}/vocab.txt').read().splitlines()
     (tmp_path / 'short.txt').write_text('\n'.join(words[:1000]) + '\n')
-    with pytest.raises(ValueError, match=f'tokenizer {tmp_path}/short.txt does not fit the model: 1000 tokens, '
-                                         f'but the BERT config of {cfg_only} has vocab_size 30522$'):
+    with pytest.raises(dataset.DataError, match=fr'tokenizer {tmp_path}/short.txt does not fit the model \(txt_vocab / '
+                                                fr'txt_backbone\): 1000 tokens, but the BERT config of {cfg_only} has '
+                                                fr'vocab_size 30522$'):
         dataset.Dataset_Base(dict(txt_backbone=str(cfg_only), txt_vocab=str(tmp_path / 'short.txt')))
     words[103], words[104] = words[104], words[103]  # [MASK] one id off
     (tmp_path / 'moved.txt').write_text('\n'.join(words) + '\n')
-    with pytest.raises(ValueError, match=r'does not fit the model: \[MASK\] is id 104, expected 103$'):
+    with pytest.raises(dataset.DataError, match=r'does not fit the model .*: \[MASK\] is id 104, expected 103$'):
         dataset.Dataset_Base(dict(txt_backbone=str(cfg_only), txt_vocab=str(tmp_path / 'moved.txt')))
+    # size_txt past BERT's position table failed inside transformers at the first step, after the run's folder was made
+    assert dataset.Dataset_Base(dict(txt_backbone=str(cfg_only), txt_vocab=tok_dir, size_txt=512)).size_txt == 512
+    with pytest.raises(dataset.DataError, match=f"^config error: key 'size_txt' is 513, but the text embedder of "
+                                                f"{cfg_only} has 512 positions \\(max_position_embeddings\\): at most 512$"):
+        dataset.Dataset_Base(dict(txt_backbone=str(cfg_only), txt_vocab=tok_dir, size_txt=513))
 
 
 # ---- datasets on the toy corpus

@@ -11,6 +11,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, '_tools'))
 import agent  # noqa: E402
+import api  # noqa: E402
 import dataset  # noqa: E402
 import model as violet  # noqa: E402
 from make_toy import make_toy  # noqa: E402
@@ -135,6 +136,34 @@ def test_config_errors(tmp_path):
     r = subprocess.run([sys.executable, 'main_qaoe.py', '_data/args_tgif-action.json'],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "config error: key 'type' is 'qamc', but this script trains 'qaoe'" in r.stderr
+
+
+def test_config_values_out_of_range_and_config_files(tmp_path):
+    """NaN and infinity passed every bound (lr=Infinity trained NaN weights to 'done'; max_skip_frac=NaN switched the
+    skip guard off); upper bounds, keys that must agree, and the config file itself (a repeated key, not UTF-8)."""
+    for kv, v in (('lr=Infinity', 'inf'), ('lr=1e400', 'inf'), ('max_skip_frac=NaN', 'nan'), ('max_grad_norm=-Infinity', '-inf')):
+        assert error_of(kv) == f"config error: key '{kv.split('=')[0]}' must be a finite number, got {v} (--set)"
+    assert error_of('vt_window=[8,NaN,4]') == ("config error: key 'vt_window' must hold ints, got float nan in "
+                                               "[8, nan, 4] (--set)")
+    assert error_of('head_dropout=1.5') == "config error: key 'head_dropout' must be in 0..1, got 1.5 (--set)"
+    assert error_of('vt_drop_path=2') == "config error: key 'vt_drop_path' must be in 0..1, got 2 (--set)"
+    assert error_of('seed=-1') == "config error: key 'seed' must be in 0..9223372036854775807, got -1 (--set)"
+    assert agent.load_args(f'{REPO}/_data/args_tgif-action.json', ['head_dropout=1', 'seed=4294967296'])['seed'] == 2**32
+    assert error_of('vt_heads=[3,3,3,3]', 'vt_dim=16') == ("config error: key 'vt_heads' [3, 3, 3, 3] does not fit "
+                                                           "vt_dim 16: stage 1 is 16 wide, which its 3 heads do not divide")
+    twice = tmp_path / 'twice.json'
+    twice.write_text('{"type": "qamc", "lr": 1e-4, "lr": -5}')
+    assert error_of(path=str(twice)) == f"config error: {twice}: key 'lr' is given twice"
+    latin = tmp_path / 'latin1.json'
+    latin.write_bytes(b'{"task": "caf\xe9"}')
+    assert error_of(path=str(latin)) == f'config error: {latin} is not UTF-8 text (byte 0xe9 at 13)'
+    listed = tmp_path / 'list.json'
+    listed.write_text('[]')
+    assert error_of(path=str(listed)) == f'config error: {listed} must hold a JSON object, not list'
+    with pytest.raises(ValueError, match=f'^{listed} must hold a JSON object, not list$'):
+        api.find_config('x.pt', str(listed))
+    with pytest.raises(ValueError, match=r'^config: its "config" must be a JSON object of keys, not list$'):
+        api.find_config('x.pt', {'config': []})
 
 
 def test_retrieval_loss_directions():

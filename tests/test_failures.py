@@ -76,14 +76,24 @@ def test_skip_cap_and_no_data(toy, tmp_path):
     lines = ['\t'.join(ln.split('\t')[:3]) if ln.split('\t')[0] in bad else ln for ln in lines]
     write_tsv({ln.split('\t')[0]: ln.split('\t')[1:] for ln in lines}, f'{toy}/img_toy.tsv', f'{toy}/img_toy.lineidx')
     msg = stops(qamc, toy, tmp_path / 'a', 'skip_bad=true')
-    assert re.fullmatch(r'stopping: (at least )?[12] of the 16 samples of epoch 1 were bad and skipped, more than '
+    # stopped inside the unit, where the cap is passed: resume.pt is saved there (the unit's steps were lost)
+    assert re.fullmatch(r'stopping: at least [12] of the 16 samples of epoch 1 were bad and skipped, more than '
                         r'max_skip_frac 0.01 allows; run with skip_bad false to see the first error \(or raise '
-                        r'max_skip_frac\)', msg), msg
+                        rf'max_skip_frac\); resume.pt saved at step \d: --resume {tmp_path / "a"} goes on from there',
+                        msg), msg
     qamc(toy, tmp_path / 'b', 'skip_bad=true', 'max_skip_frac=0.2')  # allowed: 2 of 16, counted
     log = json.load(open(tmp_path / 'b' / 'log.json'))
     assert log['n_skipped'] == sum(it['video'] in bad for s in ('train', 'val', 'test')
                                    for it in json.load(open(f'{toy}/txt_toy-qamc.json'))[s])
     assert 0 < log['ls_tr'][0]
+    # ... and goes on from there as the run that allowed them from the start (also inside a grad_accum window, whose
+    # start is saved)
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'a'), '--set', 'max_skip_frac=0.2'])
+    assert json.load(open(tmp_path / 'a' / 'log.json')) == log
+    stops(qamc, toy, tmp_path / 'a2', 'skip_bad=true', 'grad_accum=2', 'size_batch=2')
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'a2'), '--set', 'max_skip_frac=0.2'])
+    qamc(toy, tmp_path / 'b2', 'skip_bad=true', 'grad_accum=2', 'size_batch=2', 'max_skip_frac=0.2')
+    assert json.load(open(tmp_path / 'a2' / 'log.json')) == json.load(open(tmp_path / 'b2' / 'log.json'))
     # the file cut after its first third: its index points past its end, refused before the first step
     raw = open(f'{toy}/img_toy.tsv', 'rb').read()
     open(f'{toy}/img_toy.tsv', 'wb').write(raw[:len(raw) // 3])
@@ -124,12 +134,27 @@ def test_output_folder_is_one_runs(toy, tmp_path, capsys):
         assert msg.startswith(f'{out} is in use by another run (') and msg.endswith(
             '); wait for it to end or choose another path_output')
     # resume inside the epoch with another size_batch or grad_accum: refused (the position is a batch count)
-    for change in ('size_batch=8', 'grad_accum=2'):
+    # (the seed orders the batches: with another one the count points at other samples)
+    for change in ('size_batch=8', 'grad_accum=2', 'seed=5'):
         msg = stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', change])
         k = change.split('=')[0]
-        assert msg == (f"resume: the run stopped inside a unit (step 1); {k} {4 if k == 'size_batch' else 1} -> "
-                       f"{change.split('=')[1]} would skip or repeat samples: resume with the run's values, or from a "
+        assert msg == (f"resume: the run stopped inside a unit (step 1); {k} {dict(size_batch=4, grad_accum=1, seed=0)[k]} "
+                       f"-> {change.split('=')[1]} would skip or repeat samples: resume with the run's values, or from a "
                        f"unit boundary")
+    # a key that shapes the model: the weights would not load (hundreds of lines of torch's size mismatches)
+    assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', 'vt_dim=32']) == (
+        "resume: vt_dim 16 -> 32 would build another model than the run's weights: resume with the run's values (a new "
+        "model is a new run: --set path_ckpt=CKPT)")
+    # a checkpoint of weights is not a resume state (KeyError: 'args'); a run killed before its first resume.pt
+    ckpt = out / 'ckpt_violet_toy-qamc_0.pt'
+    assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(ckpt)]) == (
+        f'resume: {ckpt} holds weights alone, not a resume state (resume.pt): to train from them, start a run with '
+        f'--set path_ckpt={ckpt}')
+    os.makedirs(tmp_path / 'early')
+    shutil.copy(out / 'args.json', tmp_path / 'early')
+    assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'early')]) == (
+        f"resume: no resume state at {tmp_path / 'early' / 'resume.pt'} (the run stopped before its first one: "
+        f"save_minutes / save_every, or the end of its first unit): start it again with its command line and --overwrite")
     # ... or with another process count (a 2-process state here)
     state = torch.load(out / 'resume.pt', weights_only=True)
     torch.save({**state, 'world': 2, 'ranks': state['ranks'] * 2}, tmp_path / 'resume.pt')
@@ -141,12 +166,20 @@ def test_output_folder_is_one_runs(toy, tmp_path, capsys):
     (tmp_path / 'resume.pt').write_bytes(raw[:len(raw) // 2])
     assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'resume.pt')]).startswith(
         f"resume: {tmp_path / 'resume.pt'}: truncated or corrupt PyTorch checkpoint (was its writing interrupted?): ")
+    # a config file given with --resume is not applied (the run keeps its args.json): one that says otherwise than
+    # the run's args (and this invocation's --set) is refused (its lr 5 was ignored without a word)
+    (tmp_path / 'lr5.json').write_text('{"lr": 5, "size_batch": 4}')
+    assert stops(agent.main, main_qamc.QAMC, CONFIG, [str(tmp_path / 'lr5.json'), '--resume', str(out)]) == (
+        f"resume: {tmp_path / 'lr5.json'} differs from the run's args in lr: a resumed run keeps its args.json; change "
+        f"a key with --set KEY=VALUE, without the config file")
     # a kill during a write left a tmp file: the resumed run removes it (and finishes); the step the killed run
-    # logged after its last resume.pt is done and logged again, once
+    # logged after its last resume.pt is done and logged again, once. Resumed with the first command line (its
+    # config file and --set) and --resume
     (out / 'resume.pt.tmp999999').write_bytes(b'half a file')
     with open(out / 'steps.jsonl', 'a') as f:
         f.write(json.dumps(dict(step=2, unit='epoch 1', unit_step=2, loss=99.0)) + '\n{"step": 3, "un')
-    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
+    agent.main(main_qamc.QAMC, CONFIG, [CONFIG, '--resume', str(out), '--set', f'txt_backbone={REPO}/_data/bert-tiny',
+                                        f'path_data={toy}', f'path_output={out}', 'size_epoch=1', 'size_batch=4'])
     assert not (out / 'resume.pt.tmp999999').exists()
     lines = [json.loads(x) for x in open(out / 'steps.jsonl')]
     assert [(x['step'], 'eval' in x) for x in lines] == [(1, False), (2, False), (3, False), (4, False), (4, True)]
@@ -341,9 +374,9 @@ def test_bad_sample_in_a_worker_is_one_line(toy, tmp_path):
     """A bad sample stopped the run with 60 lines of traceback through the DataLoader worker and torch's re-raise;
     the message alone is what the script prints (SystemExit), and a missing file likewise."""
     qs = json.load(open(f'{toy}/txt_toy-qamc.json'))
-    del qs['train'][0]['question']
+    qs['train'][0]['question'] = 5
     json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
-    said = f'{toy}/txt_toy-qamc.json["train"][0]: no key "question"'
+    said = f'{toy}/txt_toy-qamc.json["train"][0]: "question" is int 5, not a string'
     assert stops(qamc, toy, tmp_path / 'a', 'num_workers=1') == said
     assert stops(qamc, toy, tmp_path / 'b', 'num_workers=0') == said
     os.remove(f'{toy}/txt_toy-qamc.json')
@@ -369,6 +402,39 @@ def test_unknown_video_checked_before_the_first_step(toy, tmp_path):
                    f"[CLS] [SEP] would be left of it: no words to learn from or match) (1 more of the split's items "
                    f'have an empty text)')
     assert not os.path.exists(tmp_path / 'run')
+
+
+def test_data_that_does_not_fit_the_task_is_named_before_the_first_step(toy, tmp_path):
+    """Each of these stopped the run at its first step (or first evaluation) with a message that said to fix the
+    data or set skip_bad, left a resume.pt, and named no key: another task's texts, more options than the items
+    have, a size_frame the videos do not have, an empty val split. Now before anything is written."""
+    out = tmp_path / 'run'
+    assert stops(qamc, toy, out, 'task=toy-qaoe') == (
+        f'{toy}/txt_toy-qaoe.json["train"][0]: no key "option_0"; its keys are video, question, answer: the texts of '
+        f"another task? (15 more of the split's items lack a key)")
+    assert stops(qamc, toy, out, 'size_option=8') == (
+        f'{toy}/txt_toy-qamc.json["train"][0]: no key "option_5"; size_option is 8 (15 more of the split\'s items lack '
+        f'a key)')
+    qs = json.load(open(f'{toy}/txt_toy-qamc.json'))
+    del qs['val'][2]['question']  # one item: no guess at another task
+    json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
+    assert stops(qamc, toy, out) == f'{toy}/txt_toy-qamc.json["val"][2]: no key "question"'
+    assert stops(qamc, toy, out, 'size_frame=6') == (f"config error: key 'size_frame' is 6, but the videos of "
+                                                     f"{toy}/img_toy.pkl have 5 frames (size_frame 0 takes their count)")
+    json.dump({**qs, 'val': []}, open(f'{toy}/txt_toy-qamc.json', 'w'))
+    assert stops(qamc, toy, out, 'skip_bad=true') == (f'{toy}/txt_toy-qamc.json: "val" has no items (every split the '
+                                                      f'run trains on or evaluates needs some)')
+    assert not os.path.exists(out)
+    # retrieval with one video a batch learns nothing (loss 0) and measures nothing (accuracy 1); a pretraining
+    # dataset named twice ran twice an epoch, the second writing over the first's checkpoints
+    import main_retrieval
+    config = f'{REPO}/_data/toy/args_toy-retrieval.json'
+    assert stops(agent.main, main_retrieval.Retrieval, config, [config, '--set', 'size_batch=1']) == (
+        "config error: key 'size_batch' is 1, but retrieval trains and measures each video against the other texts of "
+        "its batch: at least 2")
+    config = f'{REPO}/_data/toy/args_pretrain.json'
+    assert stops(agent.main, main_pretrain.Pretrain, config, [config, '--set', 'datasets=["toyimg","toyvid","toyimg"]']) == (
+        "config error: key 'datasets' names toyimg twice: ['toyimg', 'toyvid', 'toyimg']")
 
 
 def test_qaoe_size_vocab_past_the_vocabulary(toy, tmp_path):
@@ -750,8 +816,8 @@ def test_answers_checked_before_the_first_step(toy, tmp_path):
     qs['test'][3]['answer'], qs['test'][5]['answer'] = 7, 'left'
     json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
     msg = stops(qamc, toy, tmp_path / 'run')
-    assert msg == (f'{toy}/txt_toy-qamc.json["test"][3] (video "{qs["test"][3]["video"]}"): answer 7 not in 0..4 (1 more '
-                   f'of the split\'s answers out of range)')
+    assert msg == (f'{toy}/txt_toy-qamc.json["test"][3] (video "{qs["test"][3]["video"]}"): answer 7 not in 0..4 '
+                   f'(size_option 5) (1 more of the split\'s answers out of range)')
     assert not os.path.exists(tmp_path / 'run')
     oe = json.load(open(f'{toy}/txt_toy-qaoe.json'))
     oe['val'][0]['answer'] = -1
@@ -762,5 +828,9 @@ def test_answers_checked_before_the_first_step(toy, tmp_path):
     oe['val'][1]['answer'] = len(oe['vocab'])
     json.dump(oe, open(f'{toy}/txt_toy-qaoe.json', 'w'))
     with pytest.raises(ValueError, match=rf'txt_toy-qaoe.json\["val"\]\[1\] \(video "[^"]+"\): answer '
-                                         rf'{len(oe["vocab"])} not in 0..{len(oe["vocab"]) - 1}$'):
+                                         rf'{len(oe["vocab"])} not in 0..{len(oe["vocab"]) - 1} \(size_vocab '
+                                         rf'{len(oe["vocab"])}; -1: not in it\)$'):
         main_qaoe.QAOE(agent.load_args(config, sets[1:])).check_data()
+    with pytest.raises(ValueError, match=rf': answer {len(oe["vocab"])} not in 0..{len(oe["vocab"]) - 1} \(the '
+                                         rf'{len(oe["vocab"])} answers of its "vocab"; -1: not in it\)$'):
+        main_qaoe.QAOE(agent.load_args(config, sets[1:] + ['size_vocab=0'])).check_data()

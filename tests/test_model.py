@@ -263,6 +263,9 @@ def test_load_ckpt_reports_and_errors(tmp_path):
     m = model.VIOLET_Retrieval(SMALL)
     with pytest.raises(FileNotFoundError, match='checkpoint not found: .*nope.pt'):
         m.load_ckpt(str(tmp_path / 'nope.pt'))
+    os.makedirs(tmp_path / 'run.pt')  # (was 'checkpoint not found')
+    with pytest.raises(model.CheckpointError, match=f"^{tmp_path}/run.pt is a folder, not a checkpoint file"):
+        m.load_ckpt(str(tmp_path / 'run.pt'))
     pre = model.VIOLET_Pretrain(SMALL)
     sd = pre.state_dict()
     sd['enc_txt.emb_txt.position_ids'] = torch.arange(512)[None]  # what old checkpoints carry
