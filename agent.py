@@ -959,6 +959,11 @@ def main(task_cls, default_config, argv=None):
         state['args'] = args
     else:
         args = load_args(cli.config, cli.set)
+        given = set(config.read_file(cli.config) if cli.config else ()) | {kv.partition('=')[0] for kv in cli.set}
+        unread = sorted(k for k in given if task_cls.type not in KEY_TASKS.get(k, (task_cls.type,)))
+        if unread and os.environ.get('RANK', '0') == '0':  # (before the process group: rank 0 of the launcher)
+            print(f"note: {task_cls.type} does not read {', '.join(unread)} (keys of " +
+                  ', '.join(sorted({t for k in unread for t in KEY_TASKS[k]})) + ')', flush=True)
     if cli.eval and (cli.resume or not args['path_ckpt']):
         raise SystemExit('--eval evaluates the weights of a checkpoint: --set path_ckpt=FILE (not --resume)')
     if args['type'] not in ('', task_cls.type):
@@ -1010,6 +1015,10 @@ def default_output(name):
     return os.path.join('_snapshot', f'_{name}_{time.strftime("%Y%m%d%H%M%S")}_{secrets.token_hex(3)}')
 
 
+# keys that only some tasks read (the others say so when given one)
+KEY_TASKS = {'retrieval_loss': ('retrieval',), 'size_option': ('qamc',), 'size_vocab': ('qaoe',),
+             'datasets': ('pretrain',), **dict.fromkeys(('dataset', 'task', 'size_frame', 'frame_layout'),
+                                                         ('qamc', 'qaoe', 'retrieval'))}
 # keys whose change gives the model other parameter shapes (a resumed run's weights would not load)
 MODEL_SHAPE_KEYS = ('txt_backbone', 'vt_dim', 'vt_depths', 'vt_heads', 'vt_window', 'mvm_target', 'model_preset',
                     'size_vocab')

@@ -5,6 +5,7 @@ default and a one-line help, and says what values it takes (choices, least, leng
 
 The JSON configs stay flat: a run's args is one dict of every key (agent.load_args), as in the original.
 """
+import argparse
 import dataclasses
 import json
 import math
@@ -109,6 +110,17 @@ def help_text(groups):
             out.append(f'    {f.name} ({type_name(f.type)}, default {show(defaults(cls)[f.name])}): '
                        f'{f.metadata["help"]}'.replace('`', ''))
     return '\n'.join(out)
+
+
+def int_at_least(least):
+    """An argparse type: an int >= least (argparse names the option and the value when it is not)."""
+    def parse(text):
+        value = int(text)  # argparse: "invalid int value"
+        if value < least:
+            raise argparse.ArgumentTypeError(f'must be >= {least}, got {value}')
+        return value
+    parse.__name__ = 'int'
+    return parse
 
 
 class FileError(ValueError):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import agent
+import config
 import dataset
 import model as violet
 
@@ -213,7 +214,7 @@ def main():
     parser.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                         help='override config keys (VALUE parsed as JSON when possible)')
     parser.add_argument('--splits', nargs='+', default=['val', 'test'])
-    parser.add_argument('--size_pair', type=int, default=0,
+    parser.add_argument('--size_pair', type=config.int_at_least(0), default=0,
                         help='(video, text) pairs per fused batch (0: 512 on CUDA, 64 on CPU)')
     parser.add_argument('--out', default='', help='output dir (default: _snapshot/_eval_retrieval_<timestamp>_<random>)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=None)  # torchrun's LOCAL_RANK env wins
@@ -238,6 +239,9 @@ def main():
     if rank == 0:
         print(f'checkpoint {path_ckpt or "(none: random init)"}: {len(not_loaded)} model keys not loaded, '
               f'{len(unexpected)} unexpected keys')
+        if args['skip_bad']:  # (a training config's key) the ranking needs every video of the split
+            print('skip_bad does not apply here: every video and caption of a split is ranked, and a bad one stops '
+                  'the evaluation, named', flush=True)
     model.to(device).eval()
     if args['compile']:
         model.compile_blocks()

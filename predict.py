@@ -27,6 +27,7 @@ import time
 from tqdm import tqdm
 
 import api
+import config
 import dataset
 
 MODES = ('retrieval', 'qamc', 'qaoe', 'pretrain')
@@ -94,7 +95,7 @@ def main(argv=None):
     ap.add_argument('--options', nargs='+', default=None, help='qamc: the candidate answers')
     ap.add_argument('--list', default='', help='CSV or JSON rows of (video, text / question [, options])')
     ap.add_argument('--vocab', default=None, help="qaoe: answer texts (txt_<task>.json, or a vocab.json list)")
-    ap.add_argument('--top', type=int, default=5, help='qaoe: answers shown; retrieval: videos shown per text')
+    ap.add_argument('--top', type=config.int_at_least(1), default=5, help='qaoe: answers shown; retrieval: videos shown per text')
     ap.add_argument('--frames', type=int, default=0, help="frames per video (0: the config's size_frame, else 5; 4 pretrain)")
     ap.add_argument('--cache', default='', help='folder of per-video features, reused by later runs')
     ap.add_argument('--upright', action='store_true', help="turn videos with a rotation in their header upright (as "

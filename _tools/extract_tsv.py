@@ -55,6 +55,18 @@ def read_tsv(path_tsv, path_index):
     return out
 
 
+def frames_shape_problem(pkl):
+    """-> what keeps a loaded pkl from being frames {video id: [base64 str, ...]}, or None."""
+    if not isinstance(pkl, dict):
+        return f'holds a {type(pkl).__name__}, not frames {{video id: [base64 JPEG, ...]}}'
+    for vid, frames in pkl.items():
+        if not isinstance(vid, str):
+            return f'video id {vid!r} is a {type(vid).__name__}, not a str'
+        if not isinstance(frames, (list, tuple)) or not all(isinstance(f, str) for f in frames):
+            return f'video "{vid}" holds {type(frames).__name__} {frames!r:.60}, not a list of base64 str'
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--path', required=True, help='X: reads X.pkl, writes X.tsv and X.lineidx')
@@ -62,6 +74,9 @@ def main():
     if not os.path.isfile(args.path + '.pkl'):
         sys.exit(f'missing {args.path}.pkl')
     pkl = load_pickle(args.path + '.pkl')
+    wrong = frames_shape_problem(pkl)
+    if wrong:
+        sys.exit(f'{args.path}.pkl: {wrong}')
     try:
         write_tsv(pkl, args.path + '.tsv', args.path + '.lineidx', progress=True)
     except WriteError as e:

@@ -32,6 +32,7 @@ sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
 from dataset import (BadVideo, WriteError, is_image, load_pickle, read_video, remove_stale_tmp,  # noqa: E402
                      write_json, write_pickle)
+from config import int_at_least  # noqa: E402
 from extract_tsv import read_tsv, write_tsv  # noqa: E402
 
 
@@ -109,6 +110,19 @@ def extract_dir(dir_in, sample, path_out=None, workers=1, progress=True, upright
 INDEX = {'tsv': '.lineidx', 'v2': '.id2lineidx.pkl'}
 
 
+def output_prefix(out, layout):
+    """--out -> the prefix output_files() names: a pkl file (.pkl optional) or the prefix of a TSV and its index
+    (.tsv optional). The other layout's extension and an existing folder are refused (they wrote f.tsv.pkl,
+    f.pkl.tsv or folder.pkl, which no run reads, while the summary named --out)."""
+    if os.path.isdir(out):
+        sys.exit(f'--out {out} is a folder: name the output file in it (e.g. {os.path.join(out, "img_mydata")})')
+    other = ('.tsv', '.lineidx') if layout == 'pkl' else ('.pkl',)
+    if out.endswith(other):
+        sys.exit(f'--out {out}: a {os.path.splitext(out)[1]} name for --layout {layout}, which writes ' +
+                 ('a .pkl (or give --layout tsv / v2)' if layout == 'pkl' else 'a .tsv and its index (or give --layout pkl)'))
+    return out[:-len('.tsv')] if layout != 'pkl' and out.endswith('.tsv') else out
+
+
 def output_files(out, layout, shard):
     """-> (data file, index file or None) of output `shard` (None: the single, unsharded output)."""
     prefix = out if shard is None else f'{out}_{shard}'
@@ -135,7 +149,11 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     videos found already written, {path: failure reason})."""
     if layout == 'pkl' and shard_size:
         raise ValueError('--shard_size needs --layout tsv or v2 (a pkl is one file)')
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # not after decoding every video: it crashed there
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # not after decoding every video: it crashed there
+    except OSError as e:  # a file where a folder of the path should be, permission, a read-only disk
+        raise ValueError(f'--out {out}: cannot make its folder {os.path.dirname(os.path.abspath(out))}: '
+                         f'{e.strerror or e}') from None
     remove_stale_tmp(os.path.dirname(os.path.abspath(out)), os.path.basename(out))  # what a kill -9 left of a shard
     videos, failed, first = [], {}, {}
     for vid, path in list_videos(dir_in, exts):  # a.mp4 and a.avi are both video "a": the second would replace the first
@@ -172,7 +190,7 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
             written, batch = written + len(batch), {}
     if shard_size and batch:
         write_output(batch, out, layout, next(next_shard))
-    elif not shard_size and (batch or not old):
+    elif not shard_size and batch:
         write_output({**old, **batch}, out, layout, None)
     written += len(batch)
     report = failed_report(out, layout)
@@ -208,24 +226,15 @@ class _Serial:
         return map(fn, jobs)
 
 
-def at_least(least):
-    """An argparse type: an int >= least (--sample 0 failed after the start, --shard_size -3 wrote one shard)."""
-    def parse(text):
-        if not text.lstrip('-').isdigit() or int(text) < least:
-            raise argparse.ArgumentTypeError(f'{text!r} is not an integer >= {least}')
-        return int(text)
-    return parse
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--path', help='X: videos in _X/ (next to X), output X.pkl (or X.tsv + index)')
     parser.add_argument('--videos', help='the video folder (instead of _X/)')
-    parser.add_argument('--sample', required=True, type=at_least(1), help='frames per video (4 pretraining, 5 downstream, 1 images)')
+    parser.add_argument('--sample', required=True, type=int_at_least(1), help='frames per video (4 pretraining, 5 downstream, 1 images)')
     parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument('--out', default=None, help='output: the pkl file, or the prefix of the .tsv + index (default X)')
     parser.add_argument('--layout', default='pkl', choices=['pkl', 'tsv', 'v2'])
-    parser.add_argument('--shard_size', type=at_least(0), default=0, help='videos per TSV shard <out>_<k>; 0: one file')
+    parser.add_argument('--shard_size', type=int_at_least(0), default=0, help='videos per TSV shard <out>_<k>; 0: one file')
     parser.add_argument('--ext', default='mp4', help='video file extensions, comma separated (e.g. mp4,avi,gif; '
                                                      'images: jpg,png with --sample 1)')
     parser.add_argument('--upright', action='store_true',
@@ -240,8 +249,7 @@ def main():
         out = args.out or (args.path + '.pkl' if args.layout == 'pkl' else args.path)
     else:
         dir_in, out = args.videos, args.out
-    if args.layout != 'pkl' and out.endswith('.tsv'):
-        out = out[:-len('.tsv')]
+    out = output_prefix(out, args.layout)
     if not os.path.isdir(dir_in):
         sys.exit(f'no video folder {dir_in}')
     exts = args.ext.split(',')
@@ -270,7 +278,8 @@ def main():
     except WriteError as e:  # a full disk: the outputs written before are whole, and a rerun goes on from them
         sys.exit(f'{e}; the files written before are whole: make room and run the same command again (it goes on '
                  f'with the videos not yet written)')
-    print(f'{out}: {written} videos x {args.sample} frames written, {before} already there; '
+    data = output_files(out, args.layout, None if not args.shard_size else '*')[0]
+    print(f'{data}: {written} videos x {args.sample} frames written, {before} already there; '
           f'{len(failed)} unreadable skipped' + (f' (listed in {failed_report(out, args.layout)})' if failed else ''))
     if written + before == 0:
         sys.exit(f'no video could be read in {dir_in}')

@@ -22,6 +22,7 @@ import torch
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
+from config import int_at_least  # noqa: E402
 from dataset import b64_to_img  # noqa: E402
 from extract_tsv import write_tsv  # noqa: E402
 
@@ -279,15 +280,16 @@ def make_toy(out, seed=0, size_img=64, encoder=None, n_videos=240, n_val=60, n_i
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='_data/toy')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--size_img', type=int, default=64, help='training input size the VQ targets are made for')
+    parser.add_argument('--seed', type=int_at_least(0), default=0)
+    parser.add_argument('--size_img', type=int, default=64, choices=range(32, 449, 32), metavar='SIZE',
+                        help='training input size the VQ targets are made for (a multiple of 32, as size_img)')
     parser.add_argument('--encoder', default=None, help='DALL-E encoder.pkl (default: the stand-in tokenizer)')
-    parser.add_argument('--n_videos', type=int, default=240, help='pretraining clips per train part')
-    parser.add_argument('--n_val', type=int, default=60, help='pretraining val clips / images')
-    parser.add_argument('--n_images', type=int, default=120, help='pretraining images per train part')
-    parser.add_argument('--n_down', type=int, default=480, help='downstream train videos')
-    parser.add_argument('--n_down_eval', type=int, default=60, help='downstream val and test videos (each)')
-    parser.add_argument('--workers', type=int, default=None)
+    parser.add_argument('--n_videos', type=int_at_least(1), default=240, help='pretraining clips per train part')
+    parser.add_argument('--n_val', type=int_at_least(1), default=60, help='pretraining val clips / images')
+    parser.add_argument('--n_images', type=int_at_least(1), default=120, help='pretraining images per train part')
+    parser.add_argument('--n_down', type=int_at_least(1), default=480, help='downstream train videos')
+    parser.add_argument('--n_down_eval', type=int_at_least(1), default=60, help='downstream val and test videos (each)')
+    parser.add_argument('--workers', type=int_at_least(1), default=None)
     parser.add_argument('--keep_videos', action='store_true', help='keep the mp4s in OUT/_videos')
     parser.add_argument('--frame_layout', default='pkl', choices=['pkl', 'v2'],
                         help="downstream frames: img_toy.pkl (5 per clip) or VIOLETv2's img_toy.tsv + .id2lineidx.pkl "

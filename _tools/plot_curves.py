@@ -37,6 +37,10 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(opt.runs), figsize=(3.6 * len(opt.runs), 2.8), squeeze=False)
+    kinds = fig.canvas.get_supported_filetypes()
+    kind = os.path.splitext(opt.out)[1][1:].lower()
+    if kind not in kinds:  # (matplotlib said so only after reading every run and drawing)
+        raise SystemExit(f'--out {opt.out}: an image file is one of .{", .".join(sorted(kinds))}')
     for ax, run in zip(axes[0], opt.runs):
         path = os.path.join(run, 'steps.jsonl')
         if not os.path.isfile(path):

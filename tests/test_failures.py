@@ -404,14 +404,18 @@ def test_unknown_video_checked_before_the_first_step(toy, tmp_path):
     assert not os.path.exists(tmp_path / 'run')
 
 
-def test_data_that_does_not_fit_the_task_is_named_before_the_first_step(toy, tmp_path):
+def test_data_that_does_not_fit_the_task_is_named_before_the_first_step(toy, tmp_path, capsys):
     """Each of these stopped the run at its first step (or first evaluation) with a message that said to fix the
     data or set skip_bad, left a resume.pt, and named no key: another task's texts, more options than the items
     have, a size_frame the videos do not have, an empty val split. Now before anything is written."""
     out = tmp_path / 'run'
-    assert stops(qamc, toy, out, 'task=toy-qaoe') == (
+    capsys.readouterr()
+    assert stops(qamc, toy, out, 'task=toy-qaoe', 'retrieval_loss=both', 'datasets=["a"]') == (
         f'{toy}/txt_toy-qaoe.json["train"][0]: no key "option_0"; its keys are video, question, answer: the texts of '
         f"another task? (15 more of the split's items lack a key)")
+    # keys only other tasks read are said (they were taken without a word)
+    assert capsys.readouterr().out.startswith('note: qamc does not read datasets, retrieval_loss (keys of pretrain, '
+                                              'retrieval)\n')
     assert stops(qamc, toy, out, 'size_option=8') == (
         f'{toy}/txt_toy-qamc.json["train"][0]: no key "option_5"; size_option is 8 (15 more of the split\'s items lack '
         f'a key)')

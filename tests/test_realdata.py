@@ -479,7 +479,7 @@ def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
     # VIOLETv2 layout, one file, read back through the dataset's own layout finder
     code, printed = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/img_y.tsv', '--layout=v2', '--sample=2',
                                           '--workers=1'], capsys, monkeypatch)
-    assert code == 0 and f'{tmp_path}/img_y: 2 videos x 2 frames written, 0 already there; 0 unreadable skipped\n' in printed
+    assert code == 0 and f'{tmp_path}/img_y.tsv: 2 videos x 2 frames written, 0 already there; 0 unreadable skipped\n' in printed
     assert not os.path.exists(tmp_path / 'img_y.failed.json')  # nothing failed: no failures list
     assert convert_layout.read_frames(str(tmp_path / 'img_y')) == ('v2', want)
     # a rerun with one more video rewrites the one file with the old rows and the new
@@ -504,12 +504,32 @@ def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
                   capsys, monkeypatch)
     assert code == '--shard_size needs --layout tsv or v2 (a pkl is one file)'
     # counts checked when parsed (--sample 0 failed after the start; --shard_size -3 wrote one shard of everything)
-    for bad in (['--sample=0'], ['--sample=2', '--shard_size=-3', '--layout=tsv']):
+    for bad, said in ((['--sample=0'], 'argument --sample: must be >= 1, got 0'),
+                      (['--sample=2', '--shard_size=-3', '--layout=tsv'], 'argument --shard_size: must be >= 0, got -3'),
+                      (['--sample=two'], "argument --sample: invalid int value: 'two'")):
         monkeypatch.setattr(sys, 'argv', ['tool', f'--videos={vids}', f'--out={tmp_path}/n/q', *bad])
         with pytest.raises(SystemExit) as e:
             frame_tool.main()
-        assert e.value.code == 2 and 'is not an integer >= ' in capsys.readouterr().err
+        assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(said)
     assert not os.path.exists(tmp_path / 'n')
+    # --out names what no run reads: a folder (folder.pkl was written), the other layout's extension (f.tsv.pkl,
+    # f.pkl.tsv); a file where its folder should be was a traceback; a run that reads no video writes nothing
+    # (it left an empty {} pkl)
+    (tmp_path / 'afile').write_text('')
+    for out, layout, said in (
+            (tmp_path, 'pkl', f'--out {tmp_path} is a folder: name the output file in it (e.g. {tmp_path}/img_mydata)'),
+            (f'{tmp_path}/f.tsv', 'pkl', f'--out {tmp_path}/f.tsv: a .tsv name for --layout pkl, which writes a .pkl (or '
+                                         f'give --layout tsv / v2)'),
+            (f'{tmp_path}/f.pkl', 'v2', f'--out {tmp_path}/f.pkl: a .pkl name for --layout v2, which writes a .tsv and '
+                                        f'its index (or give --layout pkl)'),
+            (f'{tmp_path}/afile/x.pkl', 'pkl', f'--out {tmp_path}/afile/x.pkl: cannot make its folder {tmp_path}/afile: '
+                                               f'File exists'),
+            (f'{tmp_path}/none.pkl', 'pkl', f'no video could be read in {vids}')):
+        code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={out}', f'--layout={layout}', '--workers=1',
+                                        '--sample=99' if 'none' in str(out) else '--sample=2'], capsys, monkeypatch)
+        assert code == said
+    assert sorted(os.listdir(tmp_path)) == ['afile', 'clips', 'img_y.id2lineidx.pkl', 'img_y.tsv', 'none.failed.json',
+                                            'z.pkl']
     # an --out folder that does not exist yet is made first (the run decoded every video, then crashed writing)
     code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/new/dir/z.pkl', '--sample=2', '--ext=mp4,avi',
                                     '--workers=1'], capsys, monkeypatch)
@@ -616,3 +636,37 @@ def test_own_videos_end_to_end(tmp_path, capsys, monkeypatch):
     res = predict.main(['retrieval', '--ckpt', ckpt, '--videos', str(vids), '--text', 'a red clip', '--device', 'cpu'])
     assert sorted(os.path.basename(r['video']) for r in res['results'][0]['ranking']) == ['blue.mp4', 'odd.avi', 'red.mp4', 'tall.mp4']
     assert sorted(os.path.basename(s['video']) for s in res['skipped']) == ['corrupt.mp4', 'empty.mp4', 'two.mp4']
+
+
+def test_tool_arguments_that_would_write_nothing_usable(tmp_path, capsys, monkeypatch):
+    """Each of these exited 0 with degenerate output or ended in a traceback: make_toy with no videos (empty parts)
+    or a size_img training refuses; extract_tsv on a pkl that is not frames; plot_curves to a format matplotlib lacks
+    (after reading every run); predict.py --top 0 (no answer shown); eval_retrieval.py --size_pair -1."""
+    import eval_retrieval
+    import extract_tsv
+    import plot_curves
+    import predict
+    for main, argv, said in (
+            (make_toy.main, ['--out', str(tmp_path / 't'), '--n_videos', '0'], 'argument --n_videos: must be >= 1, got 0'),
+            (make_toy.main, ['--out', str(tmp_path / 't'), '--size_img', '63'], 'argument --size_img: invalid choice: 63'),
+            (plot_curves.main, [str(tmp_path), '--out', str(tmp_path / 'c.txt')], None),
+            (lambda: predict.main(sys.argv[1:]), ['retrieval', '--ckpt', 'x.pt', '--top', '0'],
+             'argument --top: must be >= 1, got 0'),
+            (eval_retrieval.main, ['--size_pair', '-1'], 'argument --size_pair: must be >= 0, got -1')):
+        monkeypatch.setattr(sys, 'argv', ['tool'] + argv)
+        with pytest.raises(SystemExit) as e:
+            main()
+        code, err = e.value.code, capsys.readouterr().err
+        if said is None:
+            assert code.startswith(f'--out {tmp_path}/c.txt: an image file is one of ') and '.png, ' in code
+        else:
+            assert code == 2 and said in err, (code, err)
+    assert not os.path.exists(tmp_path / 't')
+    for obj, said in (([1], 'holds a list, not frames {video id: [base64 JPEG, ...]}'),
+                      ({'v': 5}, 'video "v" holds int 5, not a list of base64 str'),
+                      ({3: ['x']}, 'video id 3 is a int, not a str')):
+        with open(tmp_path / 'f.pkl', 'wb') as f:
+            pickle.dump(obj, f)
+        code, _ = cli(extract_tsv.main, ['--path', str(tmp_path / 'f')], capsys, monkeypatch)
+        assert code == f'{tmp_path}/f.pkl: {said}'
+    assert not os.path.exists(tmp_path / 'f.tsv')
