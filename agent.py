@@ -545,13 +545,23 @@ class Trainer:
         loader = self.loader(ds, mine, self.args['seed'], u, -1, self.rank)
         self.raw.eval()
         metrics = self.task.metrics
-        sums, n_skipped, n_samples = [0.0] * (2 * len(metrics)), 0, 0
-        for i, (batch, n_skip) in enumerate(tqdm(loader, disable=not is_main(), ascii=True, desc=f'eval {tag}')):
-            signalled = i < n_common and int(all_reduce([self.signalled], dist.ReduceOp.MAX if self.world > 1 else None)[0])
+        sums, n_skipped, n_samples, failed = [0.0] * (2 * len(metrics)), 0, 0, None
+        where = f'the evaluation of {self.task.units()[u]["name"]} ({tag})'
+        batches = tqdm(timed(loader, [0.0]), total=len(loader), disable=not is_main(), ascii=True, desc=f'eval {tag}')
+        for i, item in enumerate(batches):
+            failed = item if isinstance(item, Exception) else None
+            # a stop signal, or a batch a rank could not load, stops every rank at this batch (none is left waiting
+            # in a collective); past the batches every rank has, at the sum below
+            flags = [self.signalled, self.rank + 1 if failed is not None else 0]
+            signalled, first_failed = map(int, all_reduce(flags, dist.ReduceOp.MAX) if i < n_common and self.world > 1
+                                          else flags)
+            if first_failed:
+                batches.close()
+                self.eval_failed(failed, first_failed - 1, where)
             if signalled:  # a stop signal: stop now, not after the whole evaluation (a kill may come first);
                 # resume.pt is at the end of the unit's training, from which --resume evaluates
-                raise SystemExit(self.stopped_by(signalled, f'the evaluation of {self.task.units()[u]["name"]} ({tag})'))
-            n_skipped += n_skip
+                raise SystemExit(self.stopped_by(signalled, where))
+            batch, n_skip = item
             if batch is None:
                 continue
             n_samples += len(batch[0])
@@ -561,6 +571,9 @@ class Trainer:
             for j, k in enumerate(metrics):
                 sums[2*j] += float(hits[k][0])
                 sums[2*j+1] += float(hits[k][1])
+        flags = all_reduce([self.rank + 1 if failed is not None else 0], dist.ReduceOp.MAX if self.world > 1 else None)
+        if flags[0]:  # (a rank's batch past those every rank has)
+            self.eval_failed(failed, int(flags[0]) - 1, where)
         tot = all_sum(sums + [n_skipped, n_samples])
         n_skipped, n_samples = int(tot[-2]), int(tot[-1])
         if n_samples == 0:
@@ -668,6 +681,13 @@ class Trainer:
     def too_many_skipped(self, n_skipped, n, where):
         return (too_many_skipped(n_skipped, n, where, self.args['max_skip_frac'], 'at least ') +
                 f'; resume.pt saved at step {self.step}: --resume {self.out} goes on from there')
+
+    def eval_failed(self, error, first_failed, where):
+        """A batch of an evaluation could not be loaded: the rank that failed raises its error (a DataError becomes
+        its one-line message), the others stop naming that rank."""
+        if error is not None:
+            raise error
+        raise SystemExit(f'stopped at {where}: rank {first_failed} could not load its batch (its message says why)')
 
     def stopped_by(self, signum, where):
         return (f'stopped by {signal.Signals(signum).name} at {where}: resume.pt saved; continue with '

@@ -151,12 +151,20 @@ def extract(model, ds, args, device, rank=0, world=1, precision='fp32'):
     mine = Videos(ds, padded[rank * chunk:(rank + 1) * chunk])
     loader = torch.utils.data.DataLoader(mine, batch_size=args['size_batch'], num_workers=agent.loader_workers(args),
                                          pin_memory=device.type == 'cuda')
-    feats, masks = [], []
-    for img in tqdm(loader, disable=rank != 0, desc='videos', unit='batch'):
+    feats, masks, failed = [], [], None
+    for img in tqdm(agent.timed(loader, [0.0]), total=len(loader), disable=rank != 0, desc='videos', unit='batch'):
+        if isinstance(img, Exception):  # a video this rank could not load: the others must not wait in the gather
+            failed = img
+            break
         with autocast(device, precision):
             f, m = model.enc_img(img.to(device, non_blocking=True))
         feats.append(f.float())
         masks.append(m)
+    first_failed = agent.all_reduce([rank + 1 if failed is not None else 0], dist.ReduceOp.MAX if world > 1 else None)[0]
+    if failed is not None:
+        raise failed
+    if first_failed:
+        raise SystemExit(f'eval_retrieval: rank {int(first_failed) - 1} could not load its videos (its message says why)')
     feat_img, mask_img = torch.cat(feats), torch.cat(masks)
     if world > 1:
         feat_img, mask_img = gather_rows(feat_img, world)[:len(vids)], gather_rows(mask_img, world)[:len(vids)]

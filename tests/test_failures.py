@@ -735,6 +735,34 @@ def test_bad_sample_on_one_rank_stops_all(toy, tmp_path):
     assert torch.load(out / 'resume.pt', weights_only=True)['step'] == 1
 
 
+def test_bad_sample_in_an_evaluation_on_one_rank_stops_all(toy, tmp_path):
+    """Under torchrun, a corrupt frame that only rank 1 reads in the val split (in the training's evaluation, and in
+    eval_retrieval.py's video features): rank 1 says what was wrong, the other stops naming it, none is left in a
+    collective (rank 0 ended in 40 lines of gloo's 'Connection closed by peer'; on NCCL it would wait for the
+    timeout)."""
+    val = json.load(open(f'{toy}/txt_toy-qamc.json'))['val']
+    rank0 = {val[i]['video'] for i in agent.eval_indices(len(val), 2, 0, 2, True)[0]}
+    retrieval = list(dict.fromkeys(it['video'] for it in json.load(open(f'{toy}/txt_toy-retrieval.json'))['val']))
+    vid = next(val[i]['video'] for i in agent.eval_indices(len(val), 2, 1, 2, True)[0]  # rank 1's alone, and its
+               if val[i]['video'] not in rank0 and val[i]['video'] in retrieval[(len(retrieval) + 1) // 2:])  # share there
+    frames = pickle.load(open(f'{toy}/img_toy.pkl', 'rb'))
+    frames[vid][1] = 'bm90IGEgSlBFRw=='  # base64 of 'not a JPEG'
+    pickle.dump(frames, open(f'{toy}/img_toy.pkl', 'wb'))
+    said = f'{toy}/img_toy.pkl: video "{vid}" frame 1: cannot decode image (cannot identify image file)\n'
+    proc = torchrun_qamc(toy, tmp_path / 'ddp', 'size_batch=2')
+    assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-3000:]
+    assert 'stopped at the evaluation of epoch 1 (vl): rank 1 could not load its batch (its message says why)' in proc.stderr
+    # (torchrun's own traceback of the failed child stays; no rank's)
+    assert 'agent.py", line' not in proc.stderr and 'Connection closed' not in proc.stderr, proc.stderr[-3000:]
+    proc = subprocess.run(['torchrun', '--standalone', '--nproc_per_node=2', 'eval_retrieval.py',
+                           f'{REPO}/_data/toy/args_toy-retrieval.json', '--splits', 'val', '--out', str(tmp_path / 'ev'),
+                           '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}', 'path_ckpt='],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-3000:]
+    assert 'eval_retrieval: rank 1 could not load its videos (its message says why)' in proc.stderr
+    assert 'eval_retrieval.py", line' not in proc.stderr and 'Connection closed' not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_skipped_batch_on_one_rank_under_torchrun(toy, tmp_path):
     """skip_bad: rank 1's whole batch of its 2nd step is bad. The other rank's forward began with DDP's bucket
     rebuild (a collective of the process's 2nd forward) and waited there for ever; now no rank runs the forward of a
