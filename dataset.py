@@ -1023,13 +1023,16 @@ class Dataset_Downstream(Dataset_Base):
                                  f'set size_frame (VIOLETv2 uses 5)')
             self.size_frame = self.args['size_frame']
             return
-        self.size_frame = check_frames(self.frame_count(), self.path_frames)
-        if self.args['size_frame'] not in (0, self.size_frame):  # every video would be a bad sample
-            raise DataError(f"config error: key 'size_frame' is {self.args['size_frame']}, but the videos of "
-                            f"{self.path_frames} have {self.size_frame} frames (size_frame 0 takes their count)")
+        counts = self.frame_counts()
+        self.size_frame = self.args['size_frame'] or check_frames(common_frame_count(counts, self.path_frames),
+                                                                  self.path_frames)
+        if self.size_frame not in counts.values():  # (a typo: every video would be a bad sample)
+            raise DataError(f"config error: key 'size_frame' is {self.size_frame}, but none of {len(counts)} sampled "
+                            f"videos of {self.path_frames} has that many frames (they have "
+                            f"{', '.join(map(str, sorted(set(counts.values()))))}; size_frame 0 takes their count)")
 
-    def frame_count(self):
-        """The frame count most of a sample of the frames file's videos have."""
+    def frame_counts(self):
+        """{video: frame count} of a sample of the frames file's videos."""
         counts = {}
         for vid in spread(self.frames):
             try:
@@ -1038,7 +1041,7 @@ class Dataset_Downstream(Dataset_Base):
                 continue  # named when the sample is read
         if not counts:
             raise DataError(f'{self.path_frames}: none of {len(spread(self.frames))} sampled videos could be read')
-        return common_frame_count(counts, self.path_frames)
+        return counts
 
     def __len__(self):
         return len(self.txt)

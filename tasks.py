@@ -108,7 +108,7 @@ class Downstream(Task):
         return self.Model(self.args)
 
     def record_frame_count(self):
-        """size_frame 0: each split counts its videos' frames (dataset.Dataset_Downstream.frame_count); the count
+        """size_frame 0: each split counts its videos' frames (dataset.Dataset_Downstream.frame_counts); the count
         the splits built so far agree on goes into args, so args.json records it (a resumed run, --eval and
         predict.py then use it)."""
         counts = {ds.size_frame for ds in self.sets.values()}

@@ -1175,8 +1175,11 @@ def test_more_frames_than_the_model_embeds(args, bad_copy):
     with pytest.raises(dataset.DataError, match=rf'^{bad_copy}/img_toy.pkl: its videos have 8 frames; VIOLET takes at '
                                                 r'most 6 \(emb_len\): extract at most 6 per video \(--sample\)$'):
         dataset.Dataset_Retrieval(dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval'), 'val')
-    assert dataset.Dataset_Retrieval(dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval',
-                                          frame_layout='pkl', size_frame=6), 'val').size_frame == 6  # then bad samples
+    # size_frame 6 would make every video a bad sample (it did, at the first step): refused when the set opens
+    with pytest.raises(dataset.DataError, match=rf"^config error: key 'size_frame' is 6, but none of 16 sampled videos of "
+                                                rf"{bad_copy}/img_toy.pkl has that many frames \(they have 8; "):
+        dataset.Dataset_Retrieval(dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval', frame_layout='pkl',
+                                       size_frame=6), 'val')
 
 
 class RunsCommand:

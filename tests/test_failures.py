@@ -423,8 +423,9 @@ def test_data_that_does_not_fit_the_task_is_named_before_the_first_step(toy, tmp
     del qs['val'][2]['question']  # one item: no guess at another task
     json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
     assert stops(qamc, toy, out) == f'{toy}/txt_toy-qamc.json["val"][2]: no key "question"'
-    assert stops(qamc, toy, out, 'size_frame=6') == (f"config error: key 'size_frame' is 6, but the videos of "
-                                                     f"{toy}/img_toy.pkl have 5 frames (size_frame 0 takes their count)")
+    assert stops(qamc, toy, out, 'size_frame=6') == (f"config error: key 'size_frame' is 6, but none of 32 sampled "
+                                                     f"videos of {toy}/img_toy.pkl has that many frames (they have 5; "
+                                                     f"size_frame 0 takes their count)")
     json.dump({**qs, 'val': []}, open(f'{toy}/txt_toy-qamc.json', 'w'))
     assert stops(qamc, toy, out, 'skip_bad=true') == (f'{toy}/txt_toy-qamc.json: "val" has no items (every split the '
                                                       f'run trains on or evaluates needs some)')
