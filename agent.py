@@ -672,8 +672,11 @@ class Trainer:
         """After a batch could not be loaded (a bad sample without skip_bad, an unreadable file, a dead worker) and
         resume.pt was saved at the start of its window: the rank that failed raises its error (a DataError becomes
         its one-line message), the others stop naming that rank. Nothing trained is lost."""
-        say(f'\n{where}: rank {first_failed} could not load its batch; resume.pt saved there: fix the data (or set '
-            f'skip_bad: true) and continue with --resume {self.out}')
+        # a bad sample is the usual cause; a DataLoader worker killed (the OOM killer) or a failed read is not the data's
+        fix = ('fix the data (or set skip_bad: true)' if error is None or isinstance(error, dataset.DataError) else
+               'fix what the message below says (a killed DataLoader worker: memory? fewer num_workers)')
+        say(f'\n{where}: rank {first_failed} could not load its batch; resume.pt saved there: {fix} and continue with '
+            f'--resume {self.out}')
         if error is not None:
             raise error
         raise SystemExit(f'stopped at {where}: rank {first_failed} could not load its batch (its message says why)')

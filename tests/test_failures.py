@@ -764,6 +764,25 @@ def test_bad_sample_in_an_evaluation_on_one_rank_stops_all(toy, tmp_path):
     assert 'eval_retrieval.py", line' not in proc.stderr and 'Connection closed' not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_killed_worker_is_not_called_bad_data(toy, tmp_path, monkeypatch, capsys):
+    """A DataLoader worker killed mid-unit (the OOM killer) stops the run with resume.pt saved, as a bad sample does,
+    but the advice was to fix the data or set skip_bad, which would not help."""
+    real = dataset.Dataset_QAMC.get_item
+
+    def get_item(self, idx):
+        if torch.utils.data.get_worker_info() is not None and self.split == 'train' and idx == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, idx)
+    monkeypatch.setattr(dataset.Dataset_QAMC, 'get_item', get_item)
+    with pytest.raises(RuntimeError, match=r'DataLoader worker \(pid\(s\) \d+\) exited unexpectedly'):
+        qamc(toy, tmp_path / 'k', 'num_workers=1')
+    said = capsys.readouterr().out
+    assert re.search(r'epoch 1 step \d: rank 0 could not load its batch; resume.pt saved there: fix what the message '
+                     r'below says \(a killed DataLoader worker: memory\? fewer num_workers\) and continue with --resume ',
+                     said), said[-2000:]
+    assert os.path.isfile(tmp_path / 'k' / 'resume.pt')
+
+
 def test_skipped_batch_on_one_rank_under_torchrun(toy, tmp_path):
     """skip_bad: rank 1's whole batch of its 2nd step is bad. The other rank's forward began with DDP's bucket
     rebuild (a collective of the process's 2nd forward) and waited there for ever; now no rank runs the forward of a
