@@ -873,10 +873,11 @@ def test_bad_texts_and_answers(args, bad_copy):
         mc[0]
     with pytest.raises(KeyError, match=r'txt_toy-qamc.json\["val"\]\[1\]: no key "option_4"'):
         mc[1]
-    with pytest.raises(ValueError, match=r"answer 'left' not in 0..4$"):
+    with pytest.raises(ValueError, match=r"answer 'left' not in 0..4 \(size_option 5\)$"):
         mc[2]
     mc.txt[2]['answer'] = mc.txt[2]['option_3']  # the answer's text where its index goes (a file written by hand)
-    with pytest.raises(ValueError, match=rf"answer '{mc.txt[2]['option_3']}' not in 0..4 \(an answer is the index of its "
+    with pytest.raises(ValueError, match=rf"answer '{mc.txt[2]['option_3']}' not in 0..4 \(size_option 5\) \(an answer is "
+                                         rf"the index of its "
                                          rf'text: "{mc.txt[2]["option_3"]}" is 3\)$'):
         mc[2]
     mc[3]
@@ -889,10 +890,11 @@ def test_bad_texts_and_answers(args, bad_copy):
         del t['val'][1]['question']
     edit_json(f'{bad_copy}/txt_toy-qaoe.json', damage_oe)
     oe = dataset.Dataset_QAOE(dict(a, task='toy-qaoe'), 'val')
-    with pytest.raises(ValueError, match=r'answer 12 not in 0..11$'):
+    with pytest.raises(ValueError, match=r'answer 12 not in 0..11 \(the 12 answers of its "vocab"; -1: not in it\)$'):
         oe[0]
     oe.txt[0]['answer'] = oe.answers[7]
-    with pytest.raises(ValueError, match=rf"answer '{oe.answers[7]}' not in 0..11 \(an answer is the index of its text: "
+    with pytest.raises(ValueError, match=rf"answer '{oe.answers[7]}' not in 0..11 \(the 12 answers of its \"vocab\"; "
+                                         rf"-1: not in it\) \(an answer is the index of its text: "
                                          rf'"{oe.answers[7]}" is 7\)$'):
         oe[0]
     oe.txt[0]['answer'] = 12
