@@ -677,6 +677,8 @@ class Trainer:
                'fix what the message below says (a killed DataLoader worker: memory? fewer num_workers)')
         say(f'\n{where}: rank {first_failed} could not load its batch; resume.pt saved there: {fix} and continue with '
             f'--resume {self.out}')
+        if isinstance(error, RuntimeError) and str(error).startswith('DataLoader worker'):  # torch's one line says it
+            raise SystemExit(f'stopped at {where}: {error}') from None
         if error is not None:
             raise error
         raise SystemExit(f'stopped at {where}: rank {first_failed} could not load its batch (its message says why)')
@@ -797,6 +799,11 @@ def timed(batches, waited):
     it includes starting the workers). A batch that cannot be loaded ends them with its exception, yielded rather
     than raised, so that the trainer saves where it stands first."""
     it, first = iter(batches), True
+    if threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler raises for a DataLoader worker that died (the OOM killer) wherever the main thread
+        # is: under torchrun inside a step's collectives, leaving the other ranks there. Without it the loader finds
+        # the dead worker at its next batch (within its 5 s status check), where it is yielded as any failed batch
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     while True:
         t0 = time.perf_counter()
         try:

@@ -774,13 +774,55 @@ def test_killed_worker_is_not_called_bad_data(toy, tmp_path, monkeypatch, capsys
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, idx)
     monkeypatch.setattr(dataset.Dataset_QAMC, 'get_item', get_item)
-    with pytest.raises(RuntimeError, match=r'DataLoader worker \(pid\(s\) \d+\) exited unexpectedly'):
-        qamc(toy, tmp_path / 'k', 'num_workers=1')
+    assert re.fullmatch(r'stopped at epoch 1 step \d: DataLoader worker \(pid\(s\) \d+\) exited unexpectedly',
+                        stops(qamc, toy, tmp_path / 'k', 'num_workers=1'))
     said = capsys.readouterr().out
     assert re.search(r'epoch 1 step \d: rank 0 could not load its batch; resume.pt saved there: fix what the message '
                      r'below says \(a killed DataLoader worker: memory\? fewer num_workers\) and continue with --resume ',
                      said), said[-2000:]
     assert os.path.isfile(tmp_path / 'k' / 'resume.pt')
+
+
+KILL_RANK1_WORKER = """import multiprocessing, os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import agent, main_qamc, tasks
+real, steps = tasks.Downstream.step, [0]
+
+
+def step(self, model, batch, gen):  # rank 1's DataLoader worker dies (kill -9, as the OOM killer) during its 2nd step
+    if model.training and os.environ['RANK'] == '1':
+        steps[0] += 1
+        if steps[0] == 2:
+            for worker in multiprocessing.active_children():
+                os.kill(worker.pid, signal.SIGKILL)
+            time.sleep(1)  # SIGCHLD arrives inside the step (torch's handler raised here, amid the step's collectives)
+    return real(self, model, batch, gen)
+
+
+tasks.Downstream.step = step
+agent.main(main_qamc.QAMC, {config!r})
+"""
+
+
+def test_killed_worker_on_one_rank_stops_all(toy, tmp_path):
+    """Under torchrun, rank 1's DataLoader worker killed: torch's SIGCHLD handler raised in the middle of rank 1's
+    forward (RuntimeError from signal_handling.py), rank 0 ended in gloo's 'Connection closed by peer' and no
+    resume.pt was written at the step. Now the dead worker is found at the next batch: every rank stops there,
+    resume.pt saved."""
+    (tmp_path / 'run.py').write_text(KILL_RANK1_WORKER.format(repo=REPO, config=CONFIG))
+    out = tmp_path / 'ddp'
+    proc = subprocess.run(['torchrun', '--standalone', '--nproc_per_node=2', str(tmp_path / 'run.py'), '--set',
+                           f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}', f'path_output={out}',
+                           'size_epoch=1', 'size_batch=2', 'num_workers=1'],
+                          cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode != 0
+    # (found at the next batch not yet queued when the worker died)
+    step = re.search(r'epoch 1 step (\d): rank 1 could not load its batch; resume.pt saved there', proc.stdout)
+    assert step, proc.stdout[-2000:]
+    assert re.search(rf'stopped at epoch 1 step {step[1]}: DataLoader worker \(pid\(s\) \d+\) exited unexpectedly',
+                     proc.stderr), proc.stderr[-3000:]
+    assert 'signal_handling.py' not in proc.stderr and 'Connection closed' not in proc.stderr, proc.stderr[-3000:]
+    assert torch.load(out / 'resume.pt', weights_only=True)['step'] == int(step[1])
 
 
 def test_skipped_batch_on_one_rank_under_torchrun(toy, tmp_path):
