@@ -557,7 +557,7 @@ class Trainer:
                                           else flags)
             if first_failed:
                 batches.close()
-                self.eval_failed(failed, first_failed - 1, where)
+                self.raise_failed(failed, first_failed - 1, where)
             if signalled:  # a stop signal: stop now, not after the whole evaluation (a kill may come first);
                 # resume.pt is at the end of the unit's training, from which --resume evaluates
                 raise SystemExit(self.stopped_by(signalled, where))
@@ -573,7 +573,7 @@ class Trainer:
                 sums[2*j+1] += float(hits[k][1])
         flags = all_reduce([self.rank + 1 if failed is not None else 0], dist.ReduceOp.MAX if self.world > 1 else None)
         if flags[0]:  # (a rank's batch past those every rank has)
-            self.eval_failed(failed, int(flags[0]) - 1, where)
+            self.raise_failed(failed, int(flags[0]) - 1, where)
         tot = all_sum(sums + [n_skipped, n_samples])
         n_skipped, n_samples = int(tot[-2]), int(tot[-1])
         if n_samples == 0:
@@ -677,19 +677,17 @@ class Trainer:
                'fix what the message below says (a killed DataLoader worker: memory? fewer num_workers)')
         say(f'\n{where}: rank {first_failed} could not load its batch; resume.pt saved there: {fix} and continue with '
             f'--resume {self.out}')
-        if isinstance(error, RuntimeError) and str(error).startswith('DataLoader worker'):  # torch's one line says it
-            raise SystemExit(f'stopped at {where}: {error}') from None
-        if error is not None:
-            raise error
-        raise SystemExit(f'stopped at {where}: rank {first_failed} could not load its batch (its message says why)')
+        self.raise_failed(error, first_failed, where)
 
     def too_many_skipped(self, n_skipped, n, where):
         return (too_many_skipped(n_skipped, n, where, self.args['max_skip_frac'], 'at least ') +
                 f'; resume.pt saved at step {self.step}: --resume {self.out} goes on from there')
 
-    def eval_failed(self, error, first_failed, where):
-        """A batch of an evaluation could not be loaded: the rank that failed raises its error (a DataError becomes
-        its one-line message), the others stop naming that rank."""
+    def raise_failed(self, error, first_failed, where):
+        """A batch could not be loaded: the rank that failed raises its error (a DataError becomes its one-line
+        message; a dead DataLoader worker, torch's one line), the others stop naming that rank."""
+        if isinstance(error, RuntimeError) and str(error).startswith('DataLoader worker'):
+            raise SystemExit(f'stopped at {where}: {error}') from None
         if error is not None:
             raise error
         raise SystemExit(f'stopped at {where}: rank {first_failed} could not load its batch (its message says why)')
@@ -1050,8 +1048,7 @@ KEY_TASKS = {'retrieval_loss': ('retrieval',), 'size_option': ('qamc',), 'size_v
              'datasets': ('pretrain',), **dict.fromkeys(('dataset', 'task', 'size_frame', 'frame_layout'),
                                                          ('qamc', 'qaoe', 'retrieval'))}
 # keys whose change gives the model other parameter shapes (a resumed run's weights would not load)
-MODEL_SHAPE_KEYS = ('txt_backbone', 'vt_dim', 'vt_depths', 'vt_heads', 'vt_window', 'mvm_target', 'model_preset',
-                    'size_vocab')
+MODEL_SHAPE_KEYS = ('txt_backbone', 'vt_dim', 'vt_depths', 'vt_heads', 'vt_window', 'mvm_target', 'size_vocab')
 RUN_FILES = ('args.json', 'log.json', 'resume.pt', 'eval.json', 'eval_retrieval.json', 'steps.jsonl', 'tb')
 
 

@@ -476,6 +476,7 @@ def get_tokenizer(backbone, vocab=''):
 
 @functools.lru_cache(maxsize=8)
 def bert_config(backbone):
+    """The transformers BertConfig of txt_backbone (read once per process)."""
     import transformers
     return config.pretrained(transformers.BertConfig.from_pretrained, backbone, 'txt_backbone')
 
