@@ -343,7 +343,7 @@ class Trainer:
             self.load_state(state)
 
     def fresh_local(self):
-        return dict(sums={}, counts={}, n=0, n_samples=0, n_skipped=0)  # n: finite steps, n_samples: samples trained on
+        return dict(sums={}, counts={}, n_samples=0, n_skipped=0)  # counts: steps with each loss; n_samples: trained on
 
     def autocast(self):
         if self.precision in ('fp16', 'bf16'):
@@ -506,7 +506,6 @@ class Trainer:
         NaN (the mean of an empty cross-entropy), not averaged in as 0."""
         values = {k: v.item() for k, v in (('loss', loss), *losses.items())}
         add_to(self.local, {k: v for k, v in values.items() if k != 'loss'})
-        self.local['n'] += 1
         self.local['n_samples'] += n_samples
         if is_main():
             bar.set_postfix(loss=f'{values["loss"]:.3f}')
@@ -519,7 +518,7 @@ class Trainer:
         none had); sets self.speed (samples/s over the ranks)."""
         keys = self.task.losses  # fixed names: a rank without a finite step still sends every sum
         tot = all_sum([self.local['sums'].get(k, 0.0) for k in keys] + [self.local['counts'].get(k, 0) for k in keys] +
-                      [self.local['n'], self.local['n_samples'], self.local['n_skipped'], n_samples])
+                      [self.local['n_samples'], self.local['n_skipped'], n_samples])
         n_trained, n_skipped = int(tot[-3]), int(tot[-2])
         if n_trained == 0:  # never a "done" run (and never a loss of 0.0) without data
             raise SystemExit(f'stopping: {where} trained on no sample ({n_skipped} of {n_data} skipped as bad, '
@@ -562,6 +561,7 @@ class Trainer:
                 # resume.pt is at the end of the unit's training, from which --resume evaluates
                 raise SystemExit(self.stopped_by(signalled, where))
             batch, n_skip = item
+            n_skipped += n_skip
             if batch is None:
                 continue
             n_samples += len(batch[0])
@@ -619,7 +619,7 @@ class Trainer:
         if state['world'] == self.world:
             mine = state['ranks'][self.rank]
             set_rng_state(mine['rng'])
-            self.local = {**self.fresh_local(), **{k: mine[k] for k in ('sums', 'n', 'n_samples', 'n_skipped') if k in mine}}
+            self.local = {**self.fresh_local(), **{k: mine[k] for k in ('sums', 'n_samples', 'n_skipped') if k in mine}}
             self.local['counts'] = mine.get('counts', {k: mine.get('n', 0) for k in self.local['sums']})  # (earlier files)
         elif state['step'] == 0:  # at a unit boundary another process count is fine, only not bit-exact
             say(f'resuming a {state["world"]}-process run with {self.world}: RNG states reseeded')

@@ -764,6 +764,21 @@ def test_bad_sample_in_an_evaluation_on_one_rank_stops_all(toy, tmp_path):
     assert 'eval_retrieval.py", line' not in proc.stderr and 'Connection closed' not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_skipped_samples_of_an_evaluation_are_counted(toy, tmp_path):
+    """A bad val sample under skip_bad is skipped, counted in log.json's n_skipped, and past max_skip_frac stops the
+    run naming the evaluation."""
+    val = json.load(open(f'{toy}/txt_toy-qamc.json'))['val']
+    frames = pickle.load(open(f'{toy}/img_toy.pkl', 'rb'))
+    frames[val[0]['video']][1] = 'bm90IGEgSlBFRw=='  # base64 of 'not a JPEG'
+    pickle.dump(frames, open(f'{toy}/img_toy.pkl', 'wb'))
+    n_bad = sum(it['video'] == val[0]['video'] for it in val)
+    qamc(toy, tmp_path / 'a', 'skip_bad=true', 'max_skip_frac=0.5')
+    assert json.load(open(tmp_path / 'a' / 'log.json'))['n_skipped'] == n_bad
+    assert stops(qamc, toy, tmp_path / 'b', 'skip_bad=true') == (
+        f'stopping: {n_bad} of the {len(val)} samples of evaluation vl were bad and skipped, more than max_skip_frac '
+        f'0.01 allows; run with skip_bad false to see the first error (or raise max_skip_frac)')
+
+
 def test_killed_worker_is_not_called_bad_data(toy, tmp_path, monkeypatch, capsys):
     """A DataLoader worker killed mid-unit (the OOM killer) stops the run with resume.pt saved, as a bad sample does,
     but the advice was to fix the data or set skip_bad, which would not help."""
