@@ -29,7 +29,6 @@ import base64, binascii, collections, contextlib, dataclasses, functools, io, js
 import av
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TVF
 from torch.utils.data import default_collate
 try:  # torchvision 0.29 deprecates its image decoders (a DeprecationWarning per call, silent outside tests)
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -414,7 +413,6 @@ def pad_resize(img, size):
     resize to size x size (PIL-like, antialiased), ToTensor. Every frame of training, evaluation and
     prediction goes through it (the model normalises with the ImageNet mean and std itself)."""
     h, w = img.shape[1:]
-    resize = functools.partial(TVF.resize, interpolation=TVF.InterpolationMode.BILINEAR, antialias=True)
     if w > h:
         # the resize is separable, a horizontal pass then a vertical one (as PIL's): rows of padding are zero
         # after the horizontal pass too, so it runs on the content alone and the narrower result is padded
@@ -423,6 +421,17 @@ def pad_resize(img, size):
     else:
         img = zero_pad(img, 0, (h - w) // 2)
     return resize(img, [size, size]).float() / 255
+
+
+def resize(img, hw):
+    """uint8 [C, H, W] -> uint8 [C, *hw], bilinear and antialiased as PIL's: a horizontal pass, rounding to uint8,
+    then a vertical one. torch's own uint8 kernel, on every CPU: torchvision's resize casts to float (one rounding
+    at the end: up to 2/255 from PIL's) where it does not take the CPU for one with that kernel (torch's capability
+    DEFAULT; AVX512 too in torchvision 0.23 and before), and so would pad_resize."""
+    # the batch axis strided past the whole image: torch then keeps a channels-last input's layout in its output
+    # (given img[None], it allocates a contiguous one and repacks into it; pytorch issue 68430)
+    batch = img.as_strided((1, *img.shape), (img.numel(), *img.stride()))
+    return torch.nn.functional.interpolate(batch, size=hw, mode='bilinear', antialias=True, align_corners=False)[0]
 
 
 def zero_pad(img, rows, cols):

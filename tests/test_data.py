@@ -6,7 +6,6 @@ import pytest
 import torch
 import torchvision
 import torchvision.transforms as TV
-import torchvision.transforms.v2.functional as TVF
 from PIL import Image
 import av
 import cv2
@@ -569,8 +568,44 @@ def test_pad_resize_is_pad_then_resize(h, w, layout):
     d = abs(w - h) // 2
     padded = torch.nn.functional.pad(img, (0, 0, d, d) if w > h else (d, d, 0, 0))
     for size in (64, 224):
-        ref = TVF.resize(padded, [size, size], interpolation=TVF.InterpolationMode.BILINEAR, antialias=True)
+        ref = torch.nn.functional.interpolate(padded[None], [size, size], mode='bilinear', antialias=True)[0]
         assert torch.equal(dataset.pad_resize(img, size), ref.float() / 255), (h, w, size)
+
+
+PAD_RESIZE_VS_PIL = """
+import sys, numpy as np, torch, torchvision.transforms as TV
+from PIL import Image
+sys.path.insert(0, sys.argv[1])
+import dataset
+worst, out = 0.0, []
+for h, w in [(36, 48), (35, 48), (48, 36), (30, 300), (201, 500), (480, 360), (17, 64)]:
+    img = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    d = abs(w - h) // 2
+    for size in (64, 224):
+        ours = dataset.pad_resize(torch.from_numpy(img).permute(2, 0, 1), size)
+        pil = TV.Compose([TV.Pad([0, d] if w > h else [d, 0]), TV.Resize([size, size]), TV.ToTensor()])(
+            Image.fromarray(img))
+        worst = max(worst, (ours - pil).abs().max().item() * 255)
+        out.append(ours)
+torch.save(out, sys.argv[2])
+print(torch.backends.cpu.get_cpu_capability(), worst)
+"""
+
+
+def test_pad_resize_within_1_255_of_pil_on_any_cpu(tmp_path):
+    """Every value of pad_resize within 1/255 of the original's PIL path (random noise, the hardest case), and
+    bit for bit the same frames whatever torch takes the CPU for: as one without AVX2 (ATEN_CPU_CAPABILITY=
+    default), torchvision's resize cast to float and was 2/255 from PIL's."""
+    frames, env = [], {k: v for k, v in os.environ.items() if k != 'ATEN_CPU_CAPABILITY'}
+    for cap in ('', 'default'):  # this CPU's, then none
+        r = subprocess.run([sys.executable, '-c', PAD_RESIZE_VS_PIL, ROOT, str(tmp_path / f'out{cap}.pt')],
+                           capture_output=True, text=True, env={**env, 'ATEN_CPU_CAPABILITY': cap} if cap else env,
+                           check=True)
+        name, worst = r.stdout.strip().splitlines()[-1].rsplit(' ', 1)  # torch's name of the CPU's capability
+        assert float(worst) <= 1.0001, (name, worst)
+        frames.append((name, torch.load(tmp_path / f'out{cap}.pt')))
+    (this_cpu, ours), (none, theirs) = frames
+    assert this_cpu != none and all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 def test_str2txt(tok_dir):
