@@ -183,6 +183,15 @@ def init_dist(local_rank=None):
     return get_rank(), get_world(), device
 
 
+def leave_group():
+    """End the process group at a run's end. The barrier first: torch before 2.8 could hang for good when a gloo
+    group was freed while its worker thread still released the last collective's tensors (it waited for the GIL
+    the freeing thread held)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def get_rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -1116,6 +1125,5 @@ def run(cli, task, state, device, out):
         evaluate_only(task, trainer, out)
     elif trainer.fit(out):
         say(f'done: {out}')
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_group()
     return out

@@ -284,8 +284,7 @@ def main():
         agent.save_json(args, os.path.join(out, 'eval_retrieval_args.json' if has_args else 'args.json'))
         print(f'wrote {out}/eval_retrieval.json')
         lock.close()
-    if world > 1:
-        dist.destroy_process_group()
+    agent.leave_group()
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import agent
 import dataset
 import eval_retrieval
 import model as violet
@@ -208,8 +209,7 @@ def score_worker(rank, world, init_file, path_model, path_feat, path_out):
     feats = torch.load(path_feat)
     score = eval_retrieval.score_pairs(mdl, *feats, size_pair=7, rank=rank, world=world)
     torch.save(score, f'{path_out}.{rank}')
-    if world > 1:
-        dist.destroy_process_group()
+    agent.leave_group()
 
 
 def test_sharded_scores_equal_single_process(tmp_path):
