@@ -187,7 +187,8 @@ def leave_group():
     """End the process group at a run's end. The barrier first: torch before 2.8 could hang for good when a gloo
     group was freed while its worker thread still released the last collective's tensors (it waited for the GIL
     the freeing thread held)."""
-    if dist.is_initialized():  # on NCCL the rank's own GPU, named (else torch warns that it guesses it)
+    if dist.is_initialized():
+        # on NCCL the barrier is told the rank's own GPU (else torch warns that it guesses it)
         dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == 'nccl' else None)
         dist.destroy_process_group()
 
