@@ -360,6 +360,32 @@ class BadKey(BadSample, KeyError):
     __str__ = BaseException.__str__  # KeyError would quote the message
 
 
+def video_b64(path, sample, upright=False):
+    """-> ([frame_b64] of read_video's `sample` frames, None), or (None, reason) when the file cannot be read: what
+    _tools/extract_video-frame.py stores of one video (here, in an importable module, so that the tool's worker
+    processes find it under any start method: spawn on macOS, forkserver from Python 3.14 on). An image (IMAGE_EXTS:
+    CC3M's photos, sample 1) is one frame: a JPEG file is stored as its own bytes (no second lossy encoding; training
+    decodes them as they are), after decoding once to be sure it can be."""
+    try:
+        frames = read_video(path, sample, upright)
+    except BadVideo as e:
+        return None, str(e)
+    if is_image(path):
+        with open(path, 'rb') as f:
+            raw = f.read()
+        if raw[:2] == b'\xff\xd8':
+            return [base64.b64encode(raw).decode('ascii')], None
+    return [frame_b64(rgb) for rgb in frames], None
+
+
+def frame_b64(rgb):
+    """An RGB uint8 array [H, W, 3] -> a frame as the frame files store it: RGB JPEG with PIL's defaults, base64
+    ASCII (the original's extraction; b64_to_img reads it)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format='JPEG')
+    return base64.b64encode(buf.getvalue()).decode('ascii')
+
+
 def b64_to_img(b64, size, reduce=False):
     """base64 image -> float [3, size, size] in [0, 1] (pad_resize of the decoded RGB). JPEGs take the fast
     tensor path (within 1/255 of the original's PIL path at every value, tested), anything else goes through PIL.

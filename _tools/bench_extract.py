@@ -15,10 +15,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import read_video, sample_inside  # noqa: E402
-from make_toy import load_frame_tool  # noqa: E402
-
-jpeg_b64 = load_frame_tool().jpeg_b64  # the extraction's own encoding, the same cost on both sides
+from dataset import frame_b64, read_video, sample_inside  # noqa: E402
 
 
 def full_decode_sample(path, n):
@@ -78,7 +75,7 @@ def main():
                 for _ in range(args.repeat):  # best of: the machine may be shared
                     t = time.perf_counter()
                     for p in paths:
-                        [jpeg_b64(f) for f in fn(p, args.sample)]
+                        [frame_b64(f) for f in fn(p, args.sample)]  # the extraction's encoding, on both sides
                     best = min(best, time.perf_counter() - t)
                 rate[name] = args.clips * args.sample / best
             for p in paths:

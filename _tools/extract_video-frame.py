@@ -20,47 +20,21 @@ rest into new shards (or, without shards, rewrites the one file with the old row
 Failures never stop the batch: each unreadable video (or one with fewer frames than --sample, which
 dataset.read_video refuses) is named on stderr and listed with its reason in <out>.failed.json, written only when
 a video failed (a stale one from an earlier run is removed); the exit status is non-zero when no video could be read.
+A worker process that dies on a video (FFmpeg crashing, the out-of-memory killer) fails that video alone
+(in_processes).
 """
-import argparse, base64, collections, glob, io, os, sys
-from multiprocessing import Pool
+import argparse, collections, functools, glob, os, sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
-from PIL import Image
 from tqdm import tqdm
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
-from dataset import (BadVideo, WriteError, is_image, load_pickle, read_video, remove_stale_tmp,  # noqa: E402
-                     write_json, write_pickle)
+from dataset import WriteError, load_pickle, remove_stale_tmp, video_b64, write_json, write_pickle  # noqa: E402
 from config import int_at_least  # noqa: E402
 from extract_tsv import read_tsv, write_tsv  # noqa: E402
-
-
-def jpeg_b64(rgb):
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format='JPEG')
-    return base64.b64encode(buf.getvalue()).decode('ascii')
-
-
-def extract_video(path, sample, upright=False):
-    """-> ([base64 JPEG] of the `sample` chosen frames, None), or (None, reason) when the video cannot be read.
-    An image (IMAGE_EXTS: CC3M's photos, --sample 1) is one frame: a JPEG file is stored as its own bytes (no
-    second lossy encoding; training decodes them as they are), after decoding once to be sure it can be."""
-    try:
-        frames = read_video(path, sample, upright)
-    except BadVideo as e:
-        return None, str(e)
-    if is_image(path):
-        with open(path, 'rb') as f:
-            raw = f.read()
-        if raw[:2] == b'\xff\xd8':
-            return [base64.b64encode(raw).decode('ascii')], None
-    return [jpeg_b64(rgb) for rgb in frames], None
-
-
-def _work(job):
-    vid, path, sample, upright = job
-    return (vid, path) + extract_video(path, sample, upright)
 
 
 def list_videos(dir_in, exts=('mp4',)):
@@ -84,14 +58,55 @@ def list_videos(dir_in, exts=('mp4',)):
 def extract_all(videos, sample, workers=1, progress=True, desc=None, upright=False):
     """Yield (video id, path, frames or None, failure reason or None) for each (id, path), in order; a tqdm bar
     in videos/s."""
-    jobs = [(vid, path, sample, upright) for vid, path in videos]
-    with tqdm(total=len(jobs), ascii=True, disable=not progress, desc=desc, unit='video') as bar, \
-            (Pool(workers) if workers > 1 else _Serial()) as pool:
-        for vid, path, frames, reason in pool.imap(_work, jobs, chunksize=4):
+    read = functools.partial(video_b64, sample=sample, upright=upright)
+    paths = [path for _, path in videos]
+    results = map(read, paths) if workers <= 1 else in_processes(read, paths, workers)
+    with tqdm(total=len(videos), ascii=True, disable=not progress, desc=desc, unit='video') as bar:
+        for (frames, reason), (vid, path) in zip(results, videos):  # results first: its pool ends with it
             if reason is not None:
                 tqdm.write(f'skipped: {reason}', file=sys.stderr)
             bar.update(1)
             yield vid, path, frames, reason
+
+
+def in_processes(read, paths, workers, ahead=8):
+    """Yield read(path) for each path, in order, from `workers` processes (at most `ahead` videos a process in
+    flight). A process that dies (FFmpeg crashing on a file, the out-of-memory killer) would leave
+    multiprocessing.Pool waiting for ever: here the videos in flight that have no result are read again one at a
+    time in a process of their own, and the one whose process dies is failed with that reason; the others go on."""
+    i = 0  # paths[:i] are yielded
+    while i < len(paths):
+        pool, flight = ProcessPoolExecutor(workers), collections.deque()
+        try:
+            while i < len(paths):
+                while len(flight) < ahead * workers and i + len(flight) < len(paths):
+                    flight.append(pool.submit(read, paths[i + len(flight)]))
+                result = flight[0].result()
+                flight.popleft()
+                i += 1
+                yield result
+        except BrokenProcessPool:
+            pass
+        finally:
+            pool.shutdown(cancel_futures=True)
+        solo = None
+        try:
+            for future, path in zip(flight, paths[i:]):
+                if future.done() and not future.cancelled() and future.exception() is None:  # read before it died
+                    result = future.result()
+                else:
+                    solo = solo or ProcessPoolExecutor(1)
+                    try:
+                        result = solo.submit(read, path).result()
+                    except BrokenProcessPool:
+                        solo.shutdown()
+                        solo, result = None, (None, f'{path}: the process reading it died (FFmpeg crashing on the '
+                                                    f'file, or memory running out)')
+                i += 1
+                yield result
+        finally:
+            if solo:
+                solo.shutdown()
 
 
 def extract_dir(dir_in, sample, path_out=None, workers=1, progress=True, upright=False):
@@ -213,17 +228,6 @@ def check_sample(frames, sample, path):
 def failed_report(out, layout):
     """The failures list of output `out`: <out>.failed.json (beside the data file, without its extension)."""
     return output_files(out, layout, None)[0].rsplit('.', 1)[0] + '.failed.json'
-
-
-class _Serial:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap(self, fn, jobs, chunksize=1):
-        return map(fn, jobs)
 
 
 def main():

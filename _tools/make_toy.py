@@ -28,7 +28,7 @@ from extract_tsv import write_tsv  # noqa: E402
 
 
 def load_frame_tool():
-    """_tools/extract_video-frame.py (a hyphen in its name: imported by path, registered for the worker pool)."""
+    """_tools/extract_video-frame.py (a hyphen in its name: imported by path, once)."""
     if 'extract_video_frame' not in sys.modules:
         spec = importlib.util.spec_from_file_location('extract_video_frame', os.path.join(TOOLS, 'extract_video-frame.py'))
         mod = importlib.util.module_from_spec(spec)

@@ -66,17 +66,17 @@ def test_frame_indices_on_numbered_frames(tmp_path):
     for n_frames, sample in [(16, 5), (13, 4), (7, 1), (4, 4)]:
         path = str(tmp_path / f'v{n_frames}.mp4')
         write_clip(path, [(k * 16, k * 16, k * 16) for k in range(n_frames)])  # frame k has grey level 16k
-        frames = frame_tool.extract_video(path, sample)[0]
+        frames = dataset.video_b64(path, sample)[0]
         got = [int(round(b64_to_array(b).mean() / 16)) for b in frames]
         n = n_frames / (sample + 1)
         assert got == [int(n * (i + 1)) for i in range(sample)]
     # a clip shorter than --sample is listed as failed, as predict.py refuses it (one rule: dataset.read_video)
     path = str(tmp_path / 'v3.mp4')
     write_clip(path, [(k * 16,) * 3 for k in range(3)])
-    assert frame_tool.extract_video(path, 4) == (None, f'{path}: 3 frames, fewer than the 4 asked for')
+    assert dataset.video_b64(path, 4) == (None, f'{path}: 3 frames, fewer than the 4 asked for')
     # RGB order: a red BGR frame comes out red
     write_clip(str(tmp_path / 'red.mp4'), [(0, 0, 255)] * 4)
-    r, g, b = b64_to_array(frame_tool.extract_video(str(tmp_path / "red.mp4"), 1)[0][0]).mean((0, 1))
+    r, g, b = b64_to_array(dataset.video_b64(str(tmp_path / "red.mp4"), 1)[0][0]).mean((0, 1))
     assert r > 200 and g < 50 and b < 50
 
 
@@ -503,7 +503,7 @@ def test_extract_names_and_chooses_files_as_the_original(tmp_path):
     written, before, failed = frame_tool.extract_to(str(d), str(tmp_path / 'out.pkl'), 3, progress=False)
     stored = dataset.load_pickle(str(tmp_path / 'out.pkl'))
     assert sorted(stored) == ['a', 'clip'] and (written, before) == (2, 0)
-    assert stored['a'] == frame_tool.extract_video(str(d / 'a.mp4'), 3)[0]
+    assert stored['a'] == dataset.video_b64(str(d / 'a.mp4'), 3)[0]
     assert failed == {f'{d}/a.MP4': f'{d}/a.MP4: the same video id "a" as {d}/a.mp4 (rename one)',
                       f'{d}/dead.mp4': f'{d}/dead.mp4: a broken link (to {d}/gone.mp4)'}
 

@@ -94,7 +94,7 @@ def dataset_scores(clips, ckpt, lossless, monkeypatch):
     """The training route: _tools/extract_video-frame.py -> img_lib.pkl -> Dataset_Retrieval -> the model."""
     tool = load_tool('extract_video-frame')
     if lossless:  # the same frames without the JPEG round-trip
-        monkeypatch.setattr(tool, 'jpeg_b64', png_b64)
+        monkeypatch.setattr(dataset, 'frame_b64', png_b64)
     data = clips / ('png' if lossless else 'jpeg')
     data.mkdir(exist_ok=True)
     pkl, bad = tool.extract_dir(str(clips / '_lib'), 5, str(data / 'img_lib.pkl'), workers=1, progress=False)

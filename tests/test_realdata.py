@@ -422,7 +422,7 @@ def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
     vids = clip_dir(str(tmp_path / 'clips'), [f'v{i}' for i in range(7)])
     (tmp_path / 'clips' / 'broken.mp4').write_bytes(b'not a video' * 10)
     (tmp_path / 'clips' / 'empty.mp4').write_bytes(b'')
-    want = {f'v{i}': frame_tool.extract_video(os.path.join(vids, f'v{i}.mp4'), 3)[0] for i in range(7)}
+    want = {f'v{i}': dataset.video_b64(os.path.join(vids, f'v{i}.mp4'), 3)[0] for i in range(7)}
     out = str(tmp_path / 'img_x_train')
 
     # a crash while the second shard is being written (its rows renamed into place, its index not yet): the
@@ -473,9 +473,57 @@ def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / 'img_x_train.failed.json')
 
 
+def run_extraction(script, timeout=180):
+    """Run `script` (the frame tool as `tool`, dataset imported) in a fresh Python -> what it printed, as JSON. A
+    worker pool that hangs fails the test at the timeout instead of hanging the suite."""
+    head = f'import json, os, signal, sys\nsys.path[:0] = [{ROOT!r}, {TOOLS!r}]\nimport dataset, make_toy\n' \
+           'tool = make_toy.load_frame_tool()\n'
+    p = subprocess.run([sys.executable, '-c', head + script], capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_extract_goes_on_when_a_worker_process_dies(tmp_path):
+    """A worker killed while reading a file (FFmpeg crashing on it, the out-of-memory killer) left
+    multiprocessing.Pool waiting for ever, the bar stopped, nothing written. The videos that were in flight are read
+    again one at a time: the one that kills its process is listed as failed, every other is stored as the serial
+    path stores it."""
+    vids = clip_dir(str(tmp_path / 'clips'), [f'v{i:02d}' for i in range(24)])
+    os.link(os.path.join(vids, 'v05.mp4'), os.path.join(vids, 'crash.mp4'))
+    got = run_extraction(f"""
+real = dataset.read_video
+def read_video(path, *a, **k):  # the workers are forked from here: they read through this
+    if os.path.basename(path) == 'crash.mp4':
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, *a, **k)
+dataset.read_video = read_video
+written, before, failed = tool.extract_to({vids!r}, {str(tmp_path / 'img_x')!r}, 3, layout='tsv', shard_size=10,
+                                          workers=2, progress=False)
+print(json.dumps([written, before, failed]))""")
+    crash = os.path.join(vids, 'crash.mp4')
+    assert got == [24, 0, {crash: f'{crash}: the process reading it died (FFmpeg crashing on the file, or memory '
+                                  f'running out)'}]
+    stored = {}
+    for k in range(3):
+        stored.update(convert_layout.read_tsv(str(tmp_path / f'img_x_{k}.tsv'), str(tmp_path / f'img_x_{k}.lineidx')))
+    assert stored == {f'v{i:02d}': dataset.video_b64(os.path.join(vids, f'v{i:02d}.mp4'), 3)[0] for i in range(24)}
+
+
+def test_extract_workers_started_by_spawn(tmp_path):
+    """macOS starts worker processes by spawn (Python 3.14 on Linux by forkserver): a worker imports what it runs by
+    its module's name, and the tool's own functions had none when it was imported by path (make_toy, bench_extract,
+    here): the pool waited for ever. The frames are those of the serial path."""
+    vids = clip_dir(str(tmp_path / 'clips'), ['a', 'b', 'c'])
+    want = {v: dataset.video_b64(os.path.join(vids, v + '.mp4'), 3)[0] for v in 'abc'}
+    got = run_extraction(f"""import multiprocessing
+multiprocessing.set_start_method('spawn')
+print(json.dumps(tool.extract_dir({vids!r}, 3, workers=2, progress=False)))""")
+    assert got == [want, []]
+
+
 def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
     vids = clip_dir(str(tmp_path / 'clips'), ['a', 'b'])
-    want = {v: frame_tool.extract_video(os.path.join(vids, v + '.mp4'), 2)[0] for v in 'ab'}
+    want = {v: dataset.video_b64(os.path.join(vids, v + '.mp4'), 2)[0] for v in 'ab'}
     # VIOLETv2 layout, one file, read back through the dataset's own layout finder
     code, printed = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/img_y.tsv', '--layout=v2', '--sample=2',
                                           '--workers=1'], capsys, monkeypatch)
@@ -484,7 +532,7 @@ def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
     assert convert_layout.read_frames(str(tmp_path / 'img_y')) == ('v2', want)
     # a rerun with one more video rewrites the one file with the old rows and the new
     clip_dir(vids, ['c'])
-    want['c'] = frame_tool.extract_video(os.path.join(vids, 'c.mp4'), 2)[0]
+    want['c'] = dataset.video_b64(os.path.join(vids, 'c.mp4'), 2)[0]
     code, printed = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/img_y', '--layout=v2', '--sample=2',
                                           '--workers=1'], capsys, monkeypatch)
     assert code == 0 and '1 videos x 2 frames written, 2 already there' in printed
