@@ -32,9 +32,11 @@ from tqdm import tqdm
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
-from dataset import WriteError, load_pickle, remove_stale_tmp, video_b64, write_json, write_pickle  # noqa: E402
+from dataset import WriteError, frame_b64, load_pickle, remove_stale_tmp, video_b64, write_json, write_pickle  # noqa: E402
 from config import int_at_least  # noqa: E402
 from extract_tsv import read_tsv, write_tsv  # noqa: E402
+
+extract_video, jpeg_b64 = video_b64, frame_b64  # their names in this tool until 2026-11-29, for scripts importing it
 
 
 def list_videos(dir_in, exts=('mp4',)):
