@@ -485,12 +485,13 @@ def run_extraction(script, timeout=180):
 
 def test_extract_goes_on_when_a_worker_process_dies(tmp_path):
     """A worker killed while reading a file (FFmpeg crashing on it, the out-of-memory killer) left
-    multiprocessing.Pool waiting for ever, the bar stopped, nothing written. The videos that were in flight are read
-    again one at a time: the one that kills its process is listed as failed, every other is stored as the serial
-    path stores it."""
+    multiprocessing.Pool waiting for ever, the bar stopped, nothing more written. The videos that were in flight are
+    read again one at a time: the one that kills its process is listed as failed, every other is stored as the
+    serial path stores it."""
     vids = clip_dir(str(tmp_path / 'clips'), [f'v{i:02d}' for i in range(24)])
     os.link(os.path.join(vids, 'v05.mp4'), os.path.join(vids, 'crash.mp4'))
-    got = run_extraction(f"""
+    got = run_extraction(f"""import multiprocessing
+multiprocessing.set_start_method('fork')  # (Python 3.14 would not fork by default)
 real = dataset.read_video
 def read_video(path, *a, **k):  # the workers are forked from here: they read through this
     if os.path.basename(path) == 'crash.mp4':
