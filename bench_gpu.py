@@ -91,10 +91,10 @@ class Suite:
         agent.save_json(self.res, os.path.join(self.opt.out, 'bench_gpu.json'))
 
     def bert_config_dir(self):
-        d = tempfile.mkdtemp(prefix='bert-base-config-')
+        self.tmp = tempfile.TemporaryDirectory(prefix='bert-base-config-')  # removed at exit (mkdtemp left one a run)
         import transformers
-        transformers.BertConfig().save_pretrained(d)  # bert-base-uncased's architecture, random weights
-        return d
+        transformers.BertConfig().save_pretrained(self.tmp.name)  # bert-base-uncased's architecture, random weights
+        return self.tmp.name
 
     def args(self, task, **over):
         args = agent.load_args(os.path.join(ROOT, CONFIGS[task]), [])

@@ -2,11 +2,13 @@
 single-process ranks,
 every caption ranked, the CLI end to end, and pair scoring close to the bare cross-encoder's speed."""
 import fcntl
+import glob
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -461,7 +463,9 @@ def test_checkpoint_that_does_not_fit_is_refused(toy, tmp_path):
 
 def test_bench_gpu_suite_small_on_cpu(tmp_path):
     """The one-shot device check runs end to end on the toy model (how it is tested before a GPU lease): every
-    part writes its figures into bench_gpu.json, in order, within its time budget."""
+    part writes its figures into bench_gpu.json, in order, within its time budget, and it leaves no temporary files."""
+    tmp_dirs = lambda: set(glob.glob(os.path.join(tempfile.gettempdir(), 'bert-base-config-*')))
+    before = tmp_dirs()
     p = subprocess.run([sys.executable, 'bench_gpu.py', '--device', 'cpu', '--small', '--out', str(tmp_path),
                         '--parts', 'parity', 'train', 'eval', 'data', 'original', '--tasks', 'qaoe', '--max_batch', '2',
                         '--steps', '1', '--workers', '1', '--data_frames', '4', '--frame_sizes', '320x240',
@@ -486,6 +490,7 @@ def test_bench_gpu_suite_small_on_cpu(tmp_path):
         r = res['original'][prec]
         assert r['batch'] == 4 and r['original_gflops_per_step'] > r['gflops_per_step'] > 0 and r['speedup'] > 0
     assert (tmp_path / 'bench_gpu.log').read_text().count('\n') > 5
+    assert tmp_dirs() == before  # its bert-base config directory is removed at exit
 
 
 def test_failed_eval_leaves_no_empty_folder(toy, tmp_path):
