@@ -205,9 +205,7 @@ def is_main():
     return get_rank() == 0
 
 
-def say(*msg):
-    if is_main():
-        print(*msg, flush=True)
+say = violet.say  # print on rank 0 alone
 
 
 def all_reduce(values, op=None):

@@ -37,7 +37,7 @@ except ImportError:  # a torchvision without them: every image goes through PIL
 from PIL import Image, UnidentifiedImageError
 
 import config
-from model import MAX_FRAMES, VQ_VOCAB
+from model import MAX_FRAMES, VQ_VOCAB, say
 
 FRAME_LAYOUTS = ('auto', 'pkl', 'tsv', 'v2')
 
@@ -696,8 +696,8 @@ def common_frame_count(counts, where):
     (common, _), = collections.Counter(counts.values()).most_common(1)
     odd = [v for v, c in counts.items() if c != common]
     if odd:
-        print(f'{where}: {len(odd)} of {len(counts)} sampled videos do not have the common {common} frames: ' +
-              ', '.join(f'"{v}" ({counts[v]})' for v in odd[:5]) + (' ...' if len(odd) > 5 else ''), flush=True)
+        say(f'{where}: {len(odd)} of {len(counts)} sampled videos do not have the common {common} frames: ' +
+            ', '.join(f'"{v}" ({counts[v]})' for v in odd[:5]) + (' ...' if len(odd) > 5 else ''))
     return common
 
 
@@ -1166,8 +1166,8 @@ class Dataset_QAMC(Dataset_Downstream):
         empty = [i for i, it in enumerate(self.txt)
                  if isinstance(it, dict) and isinstance(it.get('question'), str) and not it['question'].strip()]
         if empty:
-            print(f'{self.path_txt}["{split}"]: {len(empty)} of {len(self.txt)} items have an empty "question" (first '
-                  f'[{empty[0]}], video "{self.txt[empty[0]].get("video")}"): their options are scored alone', flush=True)
+            say(f'{self.path_txt}["{split}"]: {len(empty)} of {len(self.txt)} items have an empty "question" (first '
+                f'[{empty[0]}], video "{self.txt[empty[0]].get("video")}"): their options are scored alone')
 
     def keys(self):
         return ('video', 'question', 'answer') + self.words

@@ -54,6 +54,14 @@ MAX_FRAMES, MAX_SIDE = 6, 448  # emb_len has 6 rows, emb_pos 1+14*14
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def say(*msg):
+    """print on the run's first process alone (a 32-process run would say each line 32 times): rank 0 of the process
+    group, or before there is one, torchrun's RANK."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get('RANK', '0'))
+    if rank == 0:
+        print(*msg, flush=True)
+
+
 def config_problem(args):
     """-> what is wrong between the model keys of a full args dict (a phrase naming the key), or None."""
     for i, heads in enumerate(args['vt_heads']):
@@ -343,14 +351,14 @@ def load_vt(swin, path, path_ckpt=''):
     missing file is an error, unless `path_ckpt` (load_ckpt fills the model from it later) holds every
     enc_img.swin.* weight, as the official downstream checkpoints do."""
     if not path:
-        print('VT: path_vt is "": the video encoder starts random')
+        say('VT: path_vt is "": the video encoder starts random')
         return
     if not os.path.isfile(path):
         ckpt = read_ckpt(path_ckpt) if path_ckpt else {}
         lacking = [k for k, v in swin.state_dict().items() if not k.endswith('relative_position_index')
                    and getattr(ckpt.get('enc_img.swin.' + k), 'shape', None) != v.shape]
         if not lacking:
-            print(f'VT: no file at {path}; the Video Swin weights come from {path_ckpt}')
+            say(f'VT: no file at {path}; the Video Swin weights come from {path_ckpt}')
             return
         raise FileNotFoundError(f'path_vt: no Video Swin weights at {path} (convert the Kinetics-400 checkpoint with '
                                 f'_tools/convert_video-swin.py; path_vt "" starts the video encoder random)' +
@@ -366,7 +374,7 @@ def load_vt(swin, path, path_ckpt=''):
         raise CheckpointError(f'path_vt: {path}: Video Swin weights do not fit the configured VT ({len(misfit)} keys '
                               f'missing, extra or of another shape, e.g. {misfit[:3]}){hint}')
     swin.load_state_dict(sd)
-    print(f'VT: loaded {path}')
+    say(f'VT: loaded {path}')
 
 
 def load_bert(name):
@@ -374,7 +382,7 @@ def load_bert(name):
     weights = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json', 'pytorch_model.bin.index.json')
     config.local_dir(name, 'txt_backbone')
     if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, f)) for f in weights):
-        print(f'BERT: {name} has no weights; building its config with random weights')
+        say(f'BERT: {name} has no weights; building its config with random weights')
         return transformers.BertForMaskedLM(transformers.BertConfig.from_pretrained(name))
     return config.pretrained(transformers.BertForMaskedLM.from_pretrained, name, 'txt_backbone')
 
@@ -475,7 +483,7 @@ class VIOLET_Base(nn.Module):
         if need not in ('all', 'encoders', 'any'):
             raise ValueError(f"load_ckpt: need must be 'all', 'encoders' or 'any', got {need!r}")
         if not path:
-            print('===== Init VIOLET (no checkpoint) =====')
+            say('===== Init VIOLET (no checkpoint) =====')
             return [], []
         ckpt = read_ckpt(path)
         own = self.state_dict()
@@ -502,7 +510,7 @@ class VIOLET_Base(nn.Module):
                                   f'or of another shape (need={need}): {shown}{more}; {hint}')
         self.load_state_dict(own)
         unexpected = sorted(k for k in ckpt if k not in loaded and not k.endswith(NOT_NEEDED))
-        print(f'===== Loaded {path}: {len(loaded)} keys; not loaded: {not_loaded}; unused from file: {unexpected} =====')
+        say(f'===== Loaded {path}: {len(loaded)} keys; not loaded: {not_loaded}; unused from file: {unexpected} =====')
         if need == 'all':
             warn_other_task(path, self.task_type, self.args.get('task', ''))
         return not_loaded, unexpected
@@ -570,8 +578,8 @@ def warn_other_task(path, type_, task):
     was = (saved.get('type', ''), saved.get('task', '') if saved.get('type') != 'pretrain' else '')
     now = (type_, task if type_ != 'pretrain' else '')
     if was[0] and (was[0] != now[0] or (was[1] and now[1] and was[1] != now[1])):
-        print(f'warning: {path} comes from a {" ".join(filter(None, was))} run ({origin}), '
-              f'used here for {" ".join(filter(None, now))}')
+        say(f'warning: {path} comes from a {" ".join(filter(None, was))} run ({origin}), '
+            f'used here for {" ".join(filter(None, now))}')
 
 
 def bert_layer(layer, x, keep, output_attentions, rows=None):

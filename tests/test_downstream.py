@@ -65,6 +65,7 @@ def test_two_process_epoch(toy, ckpt_pretrain, tmp_path, task, script, launcher)
     r = subprocess.run(cmd + [config, '--set', *sets], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, f'{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
+    assert r.stdout.count('===== Loaded') == 1, r.stdout  # rank 0 alone says what it loaded
     files = set(os.listdir(out))
     assert {f'ckpt_violet_toy-{task}_0.pt', f'ckpt_violet_toy-{task}_1.pt', 'log.json', 'args.json', 'resume.pt'} <= files
     log = json.load(open(os.path.join(out, 'log.json')))
