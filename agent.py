@@ -866,15 +866,15 @@ class StepLog:
     def __init__(self, out, tb, step=0, evaluated=True):
         path, kept = os.path.join(out, 'steps.jsonl'), []
         if os.path.exists(path):
-            with open(path) as f:
+            with open(path, encoding='utf-8') as f:
                 lines = f.readlines()
             kept = [ln for ln in lines if logged_before(ln, step, evaluated)]
             if len(kept) < len(lines):
                 def write(tmp):
-                    with open(tmp, 'w') as f:
+                    with open(tmp, 'w', encoding='utf-8') as f:
                         f.writelines(kept)
                 dataset.write_atomic(path, write)
-        self.file = open(path, 'a')
+        self.file = open(path, 'a', encoding='utf-8')
         self.tb = None
         if tb:
             try:
@@ -1084,7 +1084,7 @@ def lock_folder(out, what='path_output'):
     returned file is closed); a folder locked by another process is refused, naming it."""
     try:
         os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, '.lock'), 'a+')
+        lock = open(os.path.join(out, '.lock'), 'a+', encoding='utf-8')
     except OSError as e:  # not a folder one may write in (permission, a read-only disk, a file of that name)
         raise SystemExit(f'{what}: cannot write in {out}: {e.strerror or e}') from None
     try:

@@ -64,8 +64,7 @@ def read_vocab(src):
     """Answer texts by class index from a list, a vocab.json (a list) or a txt_<task>.json (its "vocab")."""
     if isinstance(src, list):
         return [str(a) for a in src]
-    with open(src) as f:
-        obj = json.load(f)
+    obj = dataset.load_json(src)
     return dataset.answer_texts(obj['vocab'] if isinstance(obj, dict) else obj, src)
 
 

@@ -84,7 +84,7 @@ class Suite:
     def log(self, *msg):
         line = ' '.join(str(m) for m in msg)
         print(line, flush=True)
-        with open(os.path.join(self.opt.out, 'bench_gpu.log'), 'a') as f:
+        with open(os.path.join(self.opt.out, 'bench_gpu.log'), 'a', encoding='utf-8') as f:
             f.write(line + '\n')
 
     def save(self):

@@ -127,6 +127,18 @@ class FileError(ValueError):
     """A config file that cannot be read as one JSON object; the message names the file."""
 
 
+def read_text(path):
+    """A text file people hand us (a config, annotations, a question list) -> str, line ends as in the file. UTF-8
+    whatever the locale says (a C or Latin-1 locale refused or misread it), a leading BOM (Windows editors, Excel's
+    "CSV UTF-8") dropped; FileError naming the file and the byte when it is not UTF-8. OSError as open raises it."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        return raw.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        raise FileError(f'{path}: not UTF-8 text (byte {raw[e.start]:#x} at offset {e.start}): save it as UTF-8') from None
+
+
 def read_file(path):
     """A JSON config file -> its object: UTF-8 JSON holding one object, each key once (json would keep the last of
     a repeated key without a word). FileError naming the file otherwise."""
@@ -140,10 +152,7 @@ def read_file(path):
     if not os.path.isfile(path):
         raise FileError(f'no config file {path}')
     try:
-        with open(path, encoding='utf-8') as f:
-            obj = json.load(f, object_pairs_hook=once)
-    except UnicodeDecodeError as e:
-        raise FileError(f'{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start})') from None
+        obj = json.loads(read_text(path), object_pairs_hook=once)
     except json.JSONDecodeError as e:
         raise FileError(f'{path} is not valid JSON ({e})') from None
     except OSError as e:

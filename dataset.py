@@ -531,12 +531,19 @@ def need_file(path):
     return path
 
 
+def read_text(path):
+    """config.read_text (UTF-8, a BOM dropped), its refusal a DataError."""
+    try:
+        return config.read_text(path)
+    except config.FileError as e:
+        raise DataError(str(e)) from None
+
+
 def load_json(path):
-    with open(need_file(path), 'r') as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:  # its message has the line and column, not the file
-            raise DataError(f'{path}: not valid JSON ({e})') from e
+    try:
+        return json.loads(read_text(need_file(path)))
+    except json.JSONDecodeError as e:  # its message has the line and column, not the file
+        raise DataError(f'{path}: not valid JSON ({e})') from e
 
 
 class UnsafePickle(DataError, pickle.UnpicklingError):
@@ -652,7 +659,7 @@ def size_text(n):
 
 def write_json(obj, path, indent=None):
     def write(tmp):
-        with open(tmp, 'w') as f:
+        with open(tmp, 'w', encoding='utf-8') as f:
             json.dump(obj, f, indent=indent)
     write_atomic(path, write)
 
@@ -683,7 +690,7 @@ def json_key(obj, key, path):
 
 
 def read_lineidx(path):
-    with open(need_file(path), 'r') as f:
+    with open(need_file(path), encoding='utf-8') as f:
         lineidx = [int(line) for line in f if line.strip()]
     if not lineidx:
         raise DataError(f'{path}: no video (an empty part or index)')

@@ -30,7 +30,7 @@ def run(*cmd):
 
 
 def load(path):
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         return json.load(f)
 
 
@@ -133,7 +133,7 @@ def predict_new_videos(out):
         make_toy.write_clip((os.path.join(clips, name + '.mp4'), make_toy.clip_spec(rng, *combo)))
     qa = [dict(video=f'videos/{name}.mp4', question=q) for name, (c, sh, d) in truth.items()
           for q in (f'what color is the {sh}?', f'where does the {c} {sh} move?')]
-    with open(os.path.join(out, 'questions.json'), 'w') as f:
+    with open(os.path.join(out, 'questions.json'), 'w', encoding='utf-8') as f:
         json.dump(qa, f)
     opts = [f'a {c} {sh} moves {d}' for c, sh, d in truth.values()] + ['a green bar moves right', 'a red dot moves down']
     last = lambda task: os.path.join(out, task, f'ckpt_violet_{task}_{load(os.path.join(out, task, "args.json"))["size_epoch"]}.pt')

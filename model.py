@@ -569,9 +569,9 @@ def warn_other_task(path, type_, task):
     if not os.path.isfile(origin):
         return
     try:
-        with open(origin) as f:
+        with open(origin, encoding='utf-8') as f:
             saved = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # (not JSON, or not UTF-8)
         return
     if not isinstance(saved, dict):
         return

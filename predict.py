@@ -19,8 +19,10 @@ passes. Prints a table; --out writes the results as JSON. Everything runs throug
 """
 import argparse
 import csv
+import io
 import json
 import os
+import re
 import sys
 import time
 
@@ -36,25 +38,36 @@ MODES = ('retrieval', 'qamc', 'qaoe', 'pretrain')
 def read_rows(path):
     """--list: a CSV with a header, or a JSON list of objects; keys video, text or question, and for qamc options
     (a JSON list, or 'A|B|C' in CSV) or option_0 ... option_N. Video paths are relative to the list's folder."""
-    with open(path, newline='') as f:
-        if path.endswith('.json'):
-            rows = json.load(f)
-            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise SystemExit(f'{path}: a JSON list of objects is expected')
-        else:
-            rows = list(csv.DictReader(f))
+    try:
+        text = dataset.read_text(path)  # (UTF-8, an Excel CSV's BOM dropped)
+    except (OSError, dataset.DataError) as e:
+        raise SystemExit(f'--list: {e}' if isinstance(e, dataset.DataError) else
+                         f'--list: cannot read {path}: {e.strerror or e}') from None
+    if path.endswith('.json'):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f'{path}: not valid JSON ({e})') from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise SystemExit(f'{path}: a JSON list of objects is expected')
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=''))
+        try:
+            rows = list(reader)
+        except csv.Error as e:
+            raise SystemExit(f'{path} line {reader.line_num}: not valid CSV ({e})') from None
     base = os.path.dirname(os.path.abspath(path))
     out = []
     for i, r in enumerate(rows):
         if not r.get('video'):
             raise SystemExit(f'{path}: row {i + 1} has no "video"')
         if not str(r.get('text') or r.get('question') or '').strip():  # a misspelt column would score an empty text
-            raise SystemExit(f'{path}: row {i + 1} has no "text" or "question" (its keys: {", ".join(r)})')
+            raise SystemExit(f'{path}: row {i + 1} has no "text" or "question" (its keys: {", ".join(map(str, r))})')
         opts = r.get('options')
         if isinstance(opts, str):
             opts = opts.split('|')
         if opts is None and 'option_0' in r:
-            opts = [r[k] for k in sorted((k for k in r if k.startswith('option_')), key=lambda k: int(k[7:]))]
+            opts = [r[k] for k in sorted((k for k in r if re.fullmatch(r'option_\d+', str(k))), key=lambda k: int(k[7:]))]
         try:
             api.words(opts or [], 'option')
         except ValueError as e:

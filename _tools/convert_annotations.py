@@ -22,10 +22,10 @@ official QA-OE checkpoints' classes are in that order. An answer outside it is "
 Every converter prints its split sizes next to the published ones. A missing file, a malformed line or an
 unknown video stops it with a message naming the file and the line.
 """
-import argparse, collections, csv, json, os, sys
+import argparse, collections, csv, io, json, os, sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import WriteError, write_json  # noqa: E402  (whole or not at all; a full disk named)
+from dataset import DataError, WriteError, read_text, write_json  # noqa: E402  (whole or not at all; a full disk named)
 
 # published split sizes: MSR-VTT (Xu et al. 2016) with JSFusion's 1k-A split (Yu et al. 2018),
 # MSRVTT-QA and MSVD-QA (Xu et al. 2017), TGIF-QA (Jang et al. 2017)
@@ -49,11 +49,10 @@ def need(path):
 
 
 def read_json(path):
-    with open(need(path)) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise BadAnnotation(f'{path}: not valid JSON ({e})') from e
+    try:
+        return json.loads(read_text(need(path)))
+    except json.JSONDecodeError as e:
+        raise BadAnnotation(f'{path}: not valid JSON ({e})') from e
 
 
 def field(entry, key, where):
@@ -64,8 +63,7 @@ def field(entry, key, where):
 
 def read_video_list(path):
     """A CSV with a video_id column (MSRVTT_train.9k.csv, MSRVTT_JSFUSION_test.csv) -> [(line, row dict)]."""
-    with open(need(path), newline='') as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(read_text(need(path)), newline='')))
     if rows and 'video_id' not in rows[0]:
         raise BadAnnotation(f'{path} line 1: no "video_id" column (has {list(rows[0])})')
     return [(i + 2, r) for i, r in enumerate(rows)]
@@ -129,13 +127,12 @@ def msrvtt_qa(src, size_vocab):
 def msvd_qa(src, size_vocab):
     path = os.path.join(src, 'youtube_mapping.txt')
     names = {}
-    with open(need(path)) as f:
-        for line, text in enumerate(f, 1):
-            if text.strip():
-                parts = text.split()
-                if len(parts) != 2 or not parts[1].startswith('vid'):
-                    raise BadAnnotation(f'{path} line {line}: expected "<clip name> vid<k>", got {text.strip()!r}')
-                names[parts[1]] = parts[0]
+    for line, text in enumerate(read_text(need(path)).splitlines(), 1):
+        if text.strip():
+            parts = text.split()
+            if len(parts) != 2 or not parts[1].startswith('vid'):
+                raise BadAnnotation(f'{path} line {line}: expected "<clip name> vid<k>", got {text.strip()!r}')
+            names[parts[1]] = parts[0]
 
     def video_name(k, where):
         if f'vid{k}' not in names:
@@ -151,8 +148,7 @@ def tgif_mc(src, kind):
     out = {}
     for split, name in [('train', 'Train'), ('test', 'Test')]:
         path = os.path.join(src, f'{name}_{kind}_question.csv')
-        with open(need(path)) as f:
-            lines = f.read().splitlines()
+        lines = read_text(need(path)).splitlines()
         if not lines or lines[0].split('\t')[:8] != TGIF_COLUMNS[:8]:
             raise BadAnnotation(f'{path} line 1: expected the header {TGIF_COLUMNS} (tab separated)')
         out[split] = []
@@ -198,7 +194,7 @@ def main():
     args = parser.parse_args()
     try:
         out, sizes = convert(args.task, args.src, args.size_vocab)
-    except (FileNotFoundError, BadAnnotation) as e:
+    except (FileNotFoundError, BadAnnotation, DataError) as e:
         sys.exit(str(e))
     try:
         write_json(out, args.out)

@@ -32,7 +32,7 @@ def write_tsv(pkl, path_tsv, path_index, progress=False):
                 tsv.write(('\t'.join([vid] + ([str(len(frames))] if v2 else []) + list(frames)) + '\n').encode('utf-8'))
 
     def lines(tmp):
-        with open(tmp, 'w') as f:
+        with open(tmp, 'w', encoding='utf-8') as f:
             f.write(''.join(f'{o}\n' for o in offsets.values()))
     write_atomic(path_tsv, rows)
     if v2:

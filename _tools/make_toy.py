@@ -170,7 +170,7 @@ def write_vq(out, frames, size_img, encoder, progress):
 
 
 def dump_json(out, name, obj):
-    with open(os.path.join(out, name), 'w') as f:
+    with open(os.path.join(out, name), 'w', encoding='utf-8') as f:
         json.dump(obj, f, indent=0)
 
 
@@ -247,7 +247,7 @@ Videos per set:
 def write_readme(out, counts, seed, size_img, encoder, frame_layout):
     down_frames = ('5 frames, img_toy.pkl' if frame_layout == 'pkl' else f"VIOLETv2's layout: img_toy.tsv + "
                    f'img_toy.id2lineidx.pkl, {V2_STORED} frames stored per clip, train with size_frame 5')
-    with open(os.path.join(out, 'README.txt'), 'w') as f:
+    with open(os.path.join(out, 'README.txt'), 'w', encoding='utf-8') as f:
         f.write(README.format(seed=seed, size_img=size_img, hw=size_img // 32, counts=json.dumps(counts, indent=1),
                               down_frames=down_frames,
                               vq='the DALL-E encoder ' + encoder if encoder else

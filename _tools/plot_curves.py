@@ -13,7 +13,7 @@ import os
 def read_steps(path):
     """-> (training lines, evaluation lines), one per step (the last written wins); a last line cut short by a
     kill is left out, any other unreadable line is an error naming it."""
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         lines = f.read().splitlines()
     train, evals = {}, {}
     for n, line in enumerate(lines, 1):

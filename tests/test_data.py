@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 import torchvision.transforms as TV
+import transformers
 from PIL import Image
 import av
 import cv2
@@ -971,6 +972,36 @@ def test_invalid_json_names_its_file(tmp_path):
     path.write_text('{"train": [,\n]}')
     with pytest.raises(ValueError, match=rf'^{path}: not valid JSON \(Expecting value: line 1 column 12'):
         dataset.load_json(str(path))
+
+
+def test_annotations_are_utf8_whatever_the_locale(args, bad_copy):
+    """Captions with accents and dashes, saved with a BOM (Windows editors do), give the tokens of plain UTF-8, also
+    under a locale that is not UTF-8: a C locale without coercion stopped with a UnicodeDecodeError traceback, a
+    Latin-1 one would have misread them. A file in Windows-1252 is one line naming it."""
+    a = dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval')
+    path = f'{bad_copy}/txt_toy-retrieval.json'
+    txt = json.load(open(path))
+    for split in txt.values():
+        for it in split:
+            it['caption'] = it['caption'].replace('moves', 'moves — a naïve café')
+    with open(path, 'w', encoding='utf-8') as f:
+        json.dump(txt, f, ensure_ascii=False)
+    want = [dataset.Dataset_Retrieval(a, 'val')[i][1].tolist() for i in range(2)]
+    cafe = transformers.BertTokenizer.from_pretrained(args['txt_backbone']).convert_tokens_to_ids('cafe')
+    assert cafe in want[0]  # (the accent was read: uncased WordPiece drops it)
+    with open(path, 'w', encoding='utf-8-sig') as f:
+        json.dump(txt, f, ensure_ascii=False)
+    code = ('import json, sys, dataset; ds = dataset.Dataset_Retrieval(json.loads(sys.argv[1]), "val"); '
+            'print(json.dumps([ds[i][1].tolist() for i in range(2)]))')
+    env = {**os.environ, 'LC_ALL': 'C', 'PYTHONCOERCECLOCALE': '0', 'PYTHONUTF8': '0'}
+    r = subprocess.run([sys.executable, '-c', code, json.dumps(a)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.splitlines()[-1]) == want
+    with open(path, 'w', encoding='cp1252') as f:
+        json.dump(txt, f, ensure_ascii=False)
+    with pytest.raises(dataset.DataError, match=rf'^{path}: not UTF-8 text \(byte 0x97 at offset \d+\): save it as UTF-8$'):
+        dataset.Dataset_Retrieval(a, 'val')
 
 
 def test_vq_list_layout(args, bad_copy):

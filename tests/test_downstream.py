@@ -157,7 +157,10 @@ def test_config_values_out_of_range_and_config_files(tmp_path):
     assert error_of(path=str(twice)) == f"config error: {twice}: key 'lr' is given twice"
     latin = tmp_path / 'latin1.json'
     latin.write_bytes(b'{"task": "caf\xe9"}')
-    assert error_of(path=str(latin)) == f'config error: {latin} is not UTF-8 text (byte 0xe9 at 13)'
+    assert error_of(path=str(latin)) == f'config error: {latin}: not UTF-8 text (byte 0xe9 at offset 13): save it as UTF-8'
+    bom = tmp_path / 'bom.json'  # Notepad's UTF-8 (a BOM first) was 'not valid JSON'
+    bom.write_text('{"task": "caf\u00e9", "lr": 1e-5}', encoding='utf-8-sig')
+    assert agent.load_args(str(bom), [])['lr'] == 1e-5
     listed = tmp_path / 'list.json'
     listed.write_text('[]')
     assert error_of(path=str(listed)) == f'config error: {listed} must hold a JSON object, not list'

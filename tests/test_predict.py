@@ -327,6 +327,25 @@ def test_list_row_without_text_is_refused(tmp_path, capsys):
         assert f'error: {said}: it needs words' in capsys.readouterr().err
 
 
+def test_list_files_as_people_save_them(tmp_path):
+    """A list saved by Excel ("CSV UTF-8": a BOM first) was refused as 'row 1 has no "video"' (the first column read
+    as '\\ufeffvideo'); a missing list, a JSON one with a syntax error and one in Windows-1252 stopped with a traceback."""
+    rows = 'video,question,option_0,option_1\r\nv.mp4,qu\u2019est-ce que c\u2019est ?,un caf\u00e9,une cr\u00eape\r\n'
+    (tmp_path / 'rows.csv').write_text(rows, encoding='utf-8-sig', newline='')
+    got = predict.read_rows(str(tmp_path / 'rows.csv'))
+    assert got == [dict(video=str(tmp_path / 'v.mp4'), text='qu\u2019est-ce que c\u2019est ?',
+                        options=['un caf\u00e9', 'une cr\u00eape'])]
+    (tmp_path / 'rows.csv').write_text(rows, encoding='cp1252', newline='')
+    with pytest.raises(SystemExit, match=rf'^--list: {tmp_path}/rows.csv: not UTF-8 text \(byte 0x92 at offset 42\): '
+                                         r'save it as UTF-8$'):
+        predict.read_rows(str(tmp_path / 'rows.csv'))
+    with pytest.raises(SystemExit, match=rf'^--list: cannot read {tmp_path}/none.csv: No such file or directory$'):
+        predict.read_rows(str(tmp_path / 'none.csv'))
+    (tmp_path / 'rows.json').write_text('[{"video": "v.mp4", "text": "a dog"},]')
+    with pytest.raises(SystemExit, match=rf'^{tmp_path}/rows.json: not valid JSON \(Expecting value: line 1 column 38'):
+        predict.read_rows(str(tmp_path / 'rows.json'))
+
+
 def test_folders_inside_a_folder_are_named(tmp_path, capsys):
     """A folder of class folders gave 'predict: no readable video' without a word of the videos one level down."""
     for d in ('class_a', 'class_b'):

@@ -365,6 +365,15 @@ def test_convert_tgif_action_and_transition(tmp_path, capsys, monkeypatch):
     assert [it['answer'] for it in json.load(open(tmp_path / 't.json'))['test']] == [2, 0]
     # the json is what Dataset_QAMC reads: every key it needs
     assert all(k in out['train'][1] for k in ['video', 'question', 'answer'] + [f'option_{i}' for i in range(5)])
+    # saved again by a Windows tool (a BOM, CRLF line ends): the same questions (the BOM failed the header check)
+    for name, lines in rows.items():
+        (tmp_path / f'{name}_question.csv').write_text(TGIF_HEADER + '\n'.join(lines) + '\n', encoding='utf-8-sig',
+                                                       newline='\r\n')
+    assert conv.convert('tgif-action', str(tmp_path)) == (out, sizes)
+    (tmp_path / 'Test_action_question.csv').write_text(TGIF_HEADER + rows['Test_action'][0].replace('dog', 'caf\u00e9'),
+                                                       encoding='cp1252')
+    code, _ = cli(conv.main, ['tgif-action', f'--src={tmp_path}', f'--out={tmp_path}/a.json'], capsys, monkeypatch)
+    assert code == f'{tmp_path}/Test_action_question.csv: not UTF-8 text (byte 0xe9 at offset 78): save it as UTF-8'
     (tmp_path / 'Test_action_question.csv').write_text(TGIF_HEADER + rows['Test_action'][0].replace('\t4\t', '\t7\t') + '\n')
     with pytest.raises(conv.BadAnnotation, match=r"Test_action_question.csv line 2: answer '7' is not an option index 0-4"):
         conv.convert('tgif-action', str(tmp_path))
