@@ -690,8 +690,15 @@ def json_key(obj, key, path):
 
 
 def read_lineidx(path):
-    with open(need_file(path), encoding='utf-8') as f:
-        lineidx = [int(line) for line in f if line.strip()]
+    """A .lineidx: the byte offset of each line of its TSV, one a line."""
+    lineidx = []
+    for n, line in enumerate(read_text(need_file(path)).splitlines(), 1):
+        if line.strip():
+            try:
+                lineidx.append(int(line))
+            except ValueError:
+                raise DataError(f'{path} line {n}: {line[:40]!r} is not a byte offset (a damaged index? it holds '
+                                f'where each line of its .tsv starts, one decimal number a line)') from None
     if not lineidx:
         raise DataError(f'{path}: no video (an empty part or index)')
     return lineidx
@@ -745,9 +752,10 @@ def find_layout(prefix, layout='auto'):
 
 def load_id2lineidx(path):
     id2lineidx = load_pickle(path)
-    if not isinstance(id2lineidx, dict) or not all(isinstance(o, int) for o in id2lineidx.values()):
+    # (numpy integers too: an index built with numpy, e.g. np.cumsum of the line lengths)
+    if not isinstance(id2lineidx, dict) or not all(isinstance(o, (int, np.integer)) for o in id2lineidx.values()):
         raise DataError(f'{path}: expected a dict video id -> byte offset (int)')
-    return id2lineidx
+    return {k: int(o) for k, o in id2lineidx.items()}
 
 
 def collate_skip(batch):

@@ -872,6 +872,10 @@ def test_bad_lines_pretrain(args, bad_copy, monkeypatch):
     with pytest.raises(ValueError, match=rf'img_toyvid_train_0.lineidx: entry 3 is byte {offsets[3]}, but line 3 of '
                                          rf'{name}.tsv starts at byte {offsets[3] - 5} \(a line dropped'):
         dataset.Dataset_Pretrain(a, 'toyvid', 'train', 0)  # the index is refused up front
+    open(name + '.lineidx', 'w').write(f'{offsets[0]}\n\n{offsets[1]}\n{offsets[2]}x\n')  # (was int()'s traceback)
+    with pytest.raises(dataset.DataError, match=rf"^{name}.lineidx line 4: '{offsets[2]}x' is not a byte offset \(a damaged"):
+        dataset.Dataset_Pretrain(a, 'toyvid', 'train', 0)
+    open(name + '.lineidx', 'w').write(''.join(f'{o}\n' for o in offsets))
     # a TSV too large to be checked whole has only spread lines checked: the reads still name such offsets
     monkeypatch.setattr(dataset.TSV, 'check_index', lambda *_: None)
     ds = dataset.Dataset_Pretrain(a, 'toyvid', 'train', 0)

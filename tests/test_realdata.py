@@ -173,6 +173,13 @@ def test_v2_layout_choice_and_errors(v2_args, tmp_path):
     ds.frames['v_a'] = ds.frames['v_b']
     with pytest.raises(dataset.BadSample, match='is "v_b", not "v_a"'):
         ds.get_img('v_a')
+    want = [dataset.Dataset_Retrieval(a, 'val')[i][0] for i in range(4)]
+    with open(tmp_path / 'img_msrvtt.id2lineidx.pkl', 'rb') as f:
+        offsets = pickle.load(f)
+    with open(tmp_path / 'img_msrvtt.id2lineidx.pkl', 'wb') as f:  # an index built with numpy: its integers
+        pickle.dump({k: np.int64(o) for k, o in offsets.items()}, f)
+    ds = dataset.Dataset_Retrieval(a, 'val')
+    assert all(torch.equal(ds[i][0], w) for i, w in enumerate(want))
     with open(tmp_path / 'img_msrvtt.id2lineidx.pkl', 'wb') as f:
         pickle.dump(['not', 'a', 'dict'], f)
     with pytest.raises(ValueError, match='img_msrvtt.id2lineidx.pkl: expected a dict video id -> byte offset'):
