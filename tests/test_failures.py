@@ -943,3 +943,37 @@ def test_answers_checked_before_the_first_step(toy, tmp_path):
     with pytest.raises(ValueError, match=rf': answer {len(oe["vocab"])} not in 0..{len(oe["vocab"]) - 1} \(the '
                                          rf'{len(oe["vocab"])} answers of its "vocab"; -1: not in it\)$'):
         main_qaoe.QAOE(agent.load_args(config, sets[1:] + ['size_vocab=0'])).check_data()
+
+
+def test_more_processes_than_gpus_on_a_node(monkeypatch):
+    """torchrun --nproc_per_node=8 on a node with 4 GPUs: ranks 4-7 died in their first CUDA call with 'invalid device
+    ordinal'; each now says what to change. (No GPU here: CUDA's answers are stood in for.)"""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 4)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, 'set_device', chosen.append)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    monkeypatch.setenv('LOCAL_RANK', '3')
+    assert agent.init_dist() == (0, 1, torch.device('cuda', 3)) and chosen == [torch.device('cuda', 3)]
+    monkeypatch.setenv('LOCAL_RANK', '4')
+    with pytest.raises(SystemExit, match=r'^local rank 4: this node has 4 visible GPU\(s\), one per process: launch at '
+                                         r'most that many a node \(--nproc_per_node; CUDA_VISIBLE_DEVICES\)$'):
+        agent.init_dist()
+    assert len(chosen) == 1
+
+
+def test_srun_without_torchrun_is_refused(monkeypatch):
+    """`srun -n 8 python main_X.py` starts 8 copies without a process group: each trained alone, on the same GPU, and
+    wrote its own run. Tasks 1-7 stop, saying how to launch; task 0 (also a batch script's own process) runs alone, and
+    `srun --ntasks-per-node=1 torchrun ...` (WORLD_SIZE set by torchrun) as before."""
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    monkeypatch.setenv('SLURM_PROCID', '3')
+    with pytest.raises(SystemExit, match=r'^Slurm task 3 started without torchrun: it would train alone, on the GPU of '
+                                         r'task 0. Run torchrun once a node: srun --ntasks-per-node=1 torchrun '):
+        agent.init_dist()
+    monkeypatch.setenv('SLURM_PROCID', '0')
+    assert agent.init_dist() == (0, 1, torch.device('cpu'))
+    monkeypatch.setenv('SLURM_PROCID', '3')
+    monkeypatch.setenv('WORLD_SIZE', '1')  # (torchrun's: a process group of one is not made)
+    assert agent.init_dist() == (0, 1, torch.device('cpu'))
