@@ -276,6 +276,10 @@ def main():
     if others:  # a folder of .mp4 and .avi files under the default --ext mp4 lost its .avi videos without a word
         print(f'{dir_in}: not read (not --ext {args.ext}): ' + ', '.join(f'{n} {e}' for e, n in sorted(others.items())),
               file=sys.stderr)
+    folders = sum(os.path.isdir(os.path.join(dir_in, f)) for f in os.listdir(dir_in))
+    if folders:  # (the videos of subfolders were left out without a word when the folder had videos of its own)
+        print(f'{dir_in}: {folders} folder(s) in it not read (only its own files are): give each as --videos',
+              file=sys.stderr)
     try:
         written, before, failed = extract_to(dir_in, out, args.sample, args.layout, args.shard_size, args.workers, exts,
                                               upright=args.upright)

@@ -466,12 +466,14 @@ def test_extract_cli_folder_without_the_extension(tmp_path):
                  '--out', str(tmp_path / 'img_mine.pkl'))
     assert r.stderr.strip().splitlines()[-1] == (f'no *.mp4 file in {tmp_path}/clips (it has .avi files: see --ext) (it has '
                                                  f'1 folders: their videos are not read, give each as --videos)')
-    os.rmdir(tmp_path / 'clips' / 'more')
     write_clip(str(tmp_path / 'clips' / 'C.MP4'), [(k * 20,) * 3 for k in range(10)])
     r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(tmp_path / 'clips'), '--sample=5',
                  '--out', str(tmp_path / 'img_mine.pkl'))
     assert r.returncode == 0, r.stderr
     assert list(dataset.load_pickle(str(tmp_path / 'img_mine.pkl'))) == ['C']
+    # beside videos of its own too (it was said only when the folder had none)
+    assert f'{tmp_path}/clips: 1 folder(s) in it not read (only its own files are): give each as --videos' in r.stderr
+    os.rmdir(tmp_path / 'clips' / 'more')
     # the files of other extensions are named (the .avi videos beside the .mp4 ones were left out without a word)
     assert f'{tmp_path}/clips: not read (not --ext mp4): 1 .avi, 1 without extension' in r.stderr
     # two files of one video id: the second would have replaced the first; it is listed as failed instead
