@@ -335,6 +335,9 @@ def test_list_files_as_people_save_them(tmp_path):
     got = predict.read_rows(str(tmp_path / 'rows.csv'))
     assert got == [dict(video=str(tmp_path / 'v.mp4'), text='qu\u2019est-ce que c\u2019est ?',
                         options=['un caf\u00e9', 'une cr\u00eape'])]
+    # a column that only starts like an option is not one (int('notes') was a traceback)
+    (tmp_path / 'rows.csv').write_text('video,text,option_1,option_0,option_notes\nv.mp4,q,b,a,n\n')
+    assert predict.read_rows(str(tmp_path / 'rows.csv'))[0]['options'] == ['a', 'b']
     (tmp_path / 'rows.csv').write_text(rows, encoding='cp1252', newline='')
     with pytest.raises(SystemExit, match=rf'^--list: {tmp_path}/rows.csv: not UTF-8 text \(byte 0x92 at offset 42\): '
                                          r'save it as UTF-8$'):
