@@ -41,6 +41,8 @@ def find_config(ckpt, config=None):
     """-> (config dict, vocab list or None). config: a dict, a JSON file (a run's args.json, an _data/args_*.json
     or convert_ckpt's NAME.json holding {"config", "vocab"}), or None: NAME.json, then args.json beside ckpt."""
     if config is None:
+        if not os.path.isfile(ckpt):  # (else its missing config would be named first)
+            raise FileNotFoundError(f'checkpoint not found: {ckpt}')
         for cand in (os.path.splitext(ckpt)[0] + '.json', os.path.join(os.path.dirname(os.path.abspath(ckpt)), 'args.json')):
             if os.path.isfile(cand):
                 config = cand

@@ -349,6 +349,15 @@ def test_list_files_as_people_save_them(tmp_path):
         predict.read_rows(str(tmp_path / 'rows.json'))
 
 
+def test_checkpoint_missing_is_named_before_its_config(tmp_path):
+    """A mistyped --ckpt was answered 'no config beside it', as if the file were there."""
+    with pytest.raises(FileNotFoundError, match=rf'^checkpoint not found: {tmp_path}/nope.pt$'):
+        api.find_config(str(tmp_path / 'nope.pt'))
+    torch.save({}, tmp_path / 'bare.pt')
+    with pytest.raises(FileNotFoundError, match=rf'^{tmp_path}/bare.pt: no config beside it \(NAME.json or args.json\)'):
+        api.find_config(str(tmp_path / 'bare.pt'))
+
+
 def test_folders_inside_a_folder_are_named(tmp_path, capsys):
     """A folder of class folders gave 'predict: no readable video' without a word of the videos one level down."""
     for d in ('class_a', 'class_b'):
