@@ -520,6 +520,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or that does not hold what the model needs from it."""
 
 
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint holding objects that weights_only does not read (reading them could run code)."""
+
+
 # constants of the architecture (relative_position_index) and a buffer old checkpoints carry (position_ids):
 # never needed from a checkpoint, never reported
 NOT_NEEDED = ('relative_position_index', 'position_ids')
@@ -527,11 +531,12 @@ ENCODERS = ('enc_img.', 'enc_txt.', 'trsfr.')
 TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # torch.save before 1.6: a pickled magic number
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, safe_globals=()):
     """The one reader of checkpoint files (initial weights, Video Swin weights, resume states): what torch.save
-    wrote, tensors and plain containers only (weights_only: reading never runs code from the file), or a
-    .safetensors file (tensors only, by design). Anything else is a CheckpointError naming the file and what
-    was expected."""
+    wrote, tensors and plain containers only (weights_only: reading never runs code from the file; `safe_globals`
+    adds classes of data, as torch.serialization.safe_globals takes them), or a .safetensors file (tensors only, by
+    design). Anything else is a CheckpointError naming the file and what was expected (UnsafeCheckpoint: objects
+    weights_only does not read)."""
     if os.path.isdir(path):
         raise CheckpointError(f'{path} is a folder, not a checkpoint file (a run\'s folder holds ckpt_violet_*.pt)')
     if not os.path.isfile(path):
@@ -547,10 +552,11 @@ def read_checkpoint(path):
         what = 'an empty file' if not head else 'a raw pickle' if head[:1] == b'\x80' else f'it starts with {head[:8]!r}'
         raise CheckpointError(f'{path}: not a PyTorch checkpoint (expected a file written by torch.save; {what})')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f'{path}: holds objects other than tensors and plain containers, which are not read '
-                              f'(reading them could run code): {weights_only_refusal(e)}') from e
+        raise UnsafeCheckpoint(f'{path}: holds objects other than tensors and plain containers, which are not read '
+                               f'(reading them could run code): {weights_only_refusal(e)}') from e
     except (RuntimeError, EOFError, KeyError, ValueError) as e:
         raise CheckpointError(f'{path}: truncated or corrupt PyTorch checkpoint (was its writing interrupted?): '
                               f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e

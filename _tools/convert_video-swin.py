@@ -12,7 +12,6 @@ that for the public download you trust, never for a file of unknown origin.
 """
 import argparse
 import os
-import pickle
 import sys
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import WriteError, write_torch  # noqa: E402
-from model import weights_only_refusal  # noqa: E402
+from model import CheckpointError, UnsafeCheckpoint, read_checkpoint  # noqa: E402
 
 try:
     from numpy._core import multiarray  # numpy 2 (numpy.core is its deprecated alias)
@@ -34,13 +33,13 @@ NUMPY_GLOBALS = [np.ndarray, np.dtype, *{type(np.dtype(c)) for c in '?bhilqBHILQ
 
 def read(src, trust_pickle=False):
     try:
-        with torch.serialization.safe_globals(NUMPY_GLOBALS):
-            return torch.load(src, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
+        return read_checkpoint(src, NUMPY_GLOBALS)  # (not a torch file, or a truncated one: named)
+    except UnsafeCheckpoint as e:
         if not trust_pickle:
-            sys.exit(f'convert_video-swin: {src} holds objects that weights_only does not read '
-                     f'({weights_only_refusal(e)}); if it is the public Video Swin checkpoint you trust, '
-                     f'rerun with --trust-pickle (reading it then can run code from the file)')
+            sys.exit(f'convert_video-swin: {e}; if it is the public Video Swin checkpoint you trust, rerun with '
+                     f'--trust-pickle (reading it then can run code from the file)')
+    except CheckpointError as e:
+        sys.exit(f'convert_video-swin: {e}')
     print(f'convert_video-swin: reading {src} with weights_only=False (--trust-pickle)')
     return torch.load(src, map_location='cpu', weights_only=False)
 

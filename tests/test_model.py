@@ -390,11 +390,21 @@ def test_convert_video_swin_reads_without_running_code(tmp_path):
     torch.save({'meta': {'epoch': 30, 'hook': np.float64(0.5), 'x': np.arange(3)}, 'state_dict': sd}, tmp_path / 'np.pth')
     assert set(tool.convert(str(tmp_path / 'np.pth'), str(tmp_path / 'vt.pt'))) == set(swin.state_dict())
     torch.save({'meta': {'cfg': argparse.Namespace(lr=1)}, 'state_dict': sd}, tmp_path / 'obj.pth')
-    with pytest.raises(SystemExit, match=r'obj.pth holds objects that weights_only does not read \(WeightsUnpickler '
-                                         r'error: Unsupported global: GLOBAL argparse.Namespace .*--trust-pickle'):
+    with pytest.raises(SystemExit, match=r'obj.pth: holds objects other than tensors and plain containers, which are '
+                                         r'not read \(reading them could run code\): WeightsUnpickler error: Unsupported '
+                                         r'global: GLOBAL argparse.Namespace .*--trust-pickle'):
         tool.convert(str(tmp_path / 'obj.pth'), str(tmp_path / 'vt2.pt'))
     assert not os.path.exists(tmp_path / 'vt2.pt')
     assert set(tool.convert(str(tmp_path / 'obj.pth'), str(tmp_path / 'vt2.pt'), trust_pickle=True)) == set(swin.state_dict())
+    # not a torch file, or one cut short: named as such (not 'objects that weights_only does not read', nor a traceback)
+    (tmp_path / 'page.pth').write_text('<html>404 Not Found</html>')  # a failed download saved as the file
+    with pytest.raises(SystemExit, match=r"^convert_video-swin: .*page.pth: not a PyTorch checkpoint \(expected a file "
+                                         r"written by torch.save; it starts with b'<html>40'\)$"):
+        tool.convert(str(tmp_path / 'page.pth'), str(tmp_path / 'vt3.pt'))
+    (tmp_path / 'cut.pth').write_bytes((tmp_path / 'np.pth').read_bytes()[:3000])
+    with pytest.raises(SystemExit, match=r'^convert_video-swin: .*cut.pth: truncated or corrupt PyTorch checkpoint'):
+        tool.convert(str(tmp_path / 'cut.pth'), str(tmp_path / 'vt3.pt'))
+    assert not os.path.exists(tmp_path / 'vt3.pt')
 
 
 @pytest.mark.parametrize('lengths', [(8, 5, 3), (4, 4, 4), (8, 8, 8)])
