@@ -172,14 +172,17 @@ def init_dist(local_rank=None):
     """Join the process group when launched by torchrun / torch.distributed.launch (WORLD_SIZE > 1; multi-node
     through torchrun's rendezvous); a plain `python script.py` runs alone without one.
     NCCL on CUDA, gloo on CPU. -> (rank, world, device)."""
-    task = os.environ.get('SLURM_PROCID', '0')
-    if 'WORLD_SIZE' not in os.environ and task.isdigit() and int(task) > 0:
-        # `srun -n 8 python main_X.py`: 8 copies that would each train alone, all on the first GPU. (Task 0 goes on,
-        # alone: a batch script's own process is task 0 too, and a single process is a valid run.)
-        raise SystemExit(f'Slurm task {task} started without torchrun: it would train alone, on the GPU of task 0. Run '
-                         f'torchrun once a node: srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES '
-                         f'--nproc_per_node=GPUS --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 main_X.py ...')
     local_rank = int(os.environ.get('LOCAL_RANK', local_rank or 0))
+    task = os.environ.get('SLURM_PROCID', '0')
+    if ('WORLD_SIZE' not in os.environ and task.isdigit() and int(task) > 0 and torch.cuda.is_available()
+            and torch.cuda.device_count() > 1):
+        # `srun -n 8 python main_X.py`: 8 copies, each training alone on the first of the GPUs they all see. (Task 0
+        # goes on: a batch script's own process is task 0 too. Tasks given a GPU each are separate runs, as a sweep.)
+        raise SystemExit(f'Slurm task {task}, started without torchrun, sees {torch.cuda.device_count()} GPUs and would '
+                         f'train alone on the first, as every task would. One training over the GPUs: srun '
+                         f'--ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc_per_node=GPUS '
+                         f'--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 main_X.py ...; separate runs: a GPU a task '
+                         f'(srun --gpus-per-task=1)')
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():  # (torch: 'CUDA error: invalid device ordinal', at the first use)
             raise SystemExit(f'local rank {local_rank}: this node has {torch.cuda.device_count()} visible GPU(s), one per '

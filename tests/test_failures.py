@@ -963,17 +963,27 @@ def test_more_processes_than_gpus_on_a_node(monkeypatch):
 
 
 def test_srun_without_torchrun_is_refused(monkeypatch):
-    """`srun -n 8 python main_X.py` starts 8 copies without a process group: each trained alone, on the same GPU, and
-    wrote its own run. Tasks 1-7 stop, saying how to launch; task 0 (also a batch script's own process) runs alone, and
-    `srun --ntasks-per-node=1 torchrun ...` (WORLD_SIZE set by torchrun) as before."""
+    """`srun -n 8 python main_X.py` starts 8 copies without a process group: each trained alone on the first of the 8
+    GPUs they all see. Tasks 1-7 stop, saying how to launch. Task 0 (also a batch script's own process), tasks that
+    see one GPU each (srun --gpus-per-task=1: a sweep of separate runs), CPU tasks and torchrun's processes run as
+    before. (No GPU here: CUDA's answers are stood in for.)"""
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     monkeypatch.delenv('LOCAL_RANK', raising=False)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda d: None)
     monkeypatch.setenv('SLURM_PROCID', '3')
-    with pytest.raises(SystemExit, match=r'^Slurm task 3 started without torchrun: it would train alone, on the GPU of '
-                                         r'task 0. Run torchrun once a node: srun --ntasks-per-node=1 torchrun '):
+    assert agent.init_dist() == (0, 1, torch.device('cpu'))  # CPU tasks: separate runs
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 8)
+    with pytest.raises(SystemExit, match=r'^Slurm task 3, started without torchrun, sees 8 GPUs and would train alone '
+                                         r'on the first, as every task would. One training over the GPUs: srun '
+                                         r'--ntasks-per-node=1 torchrun .*; separate runs: a GPU a task '
+                                         r'\(srun --gpus-per-task=1\)$'):
         agent.init_dist()
     monkeypatch.setenv('SLURM_PROCID', '0')
-    assert agent.init_dist() == (0, 1, torch.device('cpu'))
+    assert agent.init_dist() == (0, 1, torch.device('cuda', 0))
     monkeypatch.setenv('SLURM_PROCID', '3')
     monkeypatch.setenv('WORLD_SIZE', '1')  # (torchrun's: a process group of one is not made)
-    assert agent.init_dist() == (0, 1, torch.device('cpu'))
+    assert agent.init_dist() == (0, 1, torch.device('cuda', 0))
+    monkeypatch.delenv('WORLD_SIZE')
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)  # srun --gpus-per-task=1
+    assert agent.init_dist() == (0, 1, torch.device('cuda', 0))
