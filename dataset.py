@@ -790,7 +790,11 @@ class TSV:
             raise BadSample(f'{self.path}: offset {offset} is past the end of the file')
         if before != b'\n':
             raise BadSample(f'{self.path}: offset {offset} is not the start of a line')
-        return line.decode('utf-8').rstrip('\n').split('\t')
+        try:
+            return line.decode('utf-8').rstrip('\n').split('\t')
+        except UnicodeDecodeError as e:
+            raise BadSample(f'{self.path}: the line at offset {offset} is not UTF-8 text (byte {line[e.start]:#x} at '
+                            f'{offset + e.start}): a damaged file?') from None
 
     FULL_CHECK_BYTES = 1 << 30  # a TSV up to this size has every line start compared with its index
 

@@ -6,12 +6,15 @@ offset of each line, one decimal number per line) (docs/violet.md#data-formats).
 write_tsv / read_tsv also handle VIOLETv2's layout (an index X.id2lineidx.pkl = {video_id: offset} and rows
 `video_id\\t<frame count>\\tb64...`); _tools/convert_layout.py converts between the layouts.
 """
-import argparse, os, sys
+import argparse, os, re, sys
 
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import WriteError, load_id2lineidx, load_pickle, read_lineidx, write_atomic, write_pickle  # noqa: E402  plain data only: a downloaded pkl never runs code
+from dataset import (TSV, DataError, WriteError, load_id2lineidx, load_pickle, read_lineidx,  # noqa: E402  plain data only:
+                     write_atomic, write_pickle)  # a downloaded pkl never runs code
+
+WHITESPACE = re.compile(r'\s')
 
 
 def is_v2(path_index):
@@ -20,16 +23,20 @@ def is_v2(path_index):
 
 def write_tsv(pkl, path_tsv, path_index, progress=False):
     """Rows of `pkl` in its order; the layout follows the index name (X.lineidx or X.id2lineidx.pkl). Each file
-    is written whole or not at all (dataset.write_atomic), the index last: a TSV without its index is incomplete."""
+    is written whole or not at all (dataset.write_atomic), the index last: a TSV without its index is incomplete.
+    White space inside a frame's base64 (base64.encodebytes breaks lines every 76 characters, as some released
+    pkls hold it; decoding ignores it) is dropped: a line break would end the row."""
     v2, offsets = is_v2(path_index), {}
+    bad = next((vid for vid in pkl if '\t' in vid or '\n' in vid), None)
+    if bad is not None:  # (before anything is written)
+        raise ValueError(f'video id {bad!r} holds a tab or a newline, which end a TSV field or row: rename it')
 
     def rows(tmp):
         with open(tmp, 'wb') as tsv:
             for vid, frames in tqdm(pkl.items(), ascii=True, disable=not progress):
-                if '\t' in vid or '\n' in vid:
-                    raise ValueError(f'video id {vid!r} holds a tab or a newline')
                 offsets[vid] = tsv.tell()
-                tsv.write(('\t'.join([vid] + ([str(len(frames))] if v2 else []) + list(frames)) + '\n').encode('utf-8'))
+                frames = [WHITESPACE.sub('', f) for f in frames]
+                tsv.write(('\t'.join([vid] + ([str(len(frames))] if v2 else []) + frames) + '\n').encode('utf-8'))
 
     def lines(tmp):
         with open(tmp, 'w', encoding='utf-8') as f:
@@ -44,14 +51,19 @@ def write_tsv(pkl, path_tsv, path_index, progress=False):
 def read_tsv(path_tsv, path_index):
     """-> {video_id: [b64, ...]} read back through the index (the inverse of write_tsv; for X.id2lineidx.pkl every
     stored frame, from the row's third field on)."""
-    v2 = is_v2(path_index)
-    offsets = load_id2lineidx(path_index).values() if v2 else read_lineidx(path_index)
+    v2, tsv = is_v2(path_index), TSV(path_tsv)
+    index = load_id2lineidx(path_index) if v2 else read_lineidx(path_index)
+    if not v2:  # (an index of another file, or one that lost a line, is named, as training names it)
+        tsv.check_index(index, path_index)
     out = {}
-    with open(path_tsv, 'rb') as tsv:
-        for offset in offsets:
-            tsv.seek(offset)
-            vid, *frames = tsv.readline().decode('utf-8').rstrip('\n').split('\t')
-            out[vid] = frames[1:] if v2 else frames
+    for vid_indexed, offset in (index.items() if v2 else ((None, o) for o in index)):
+        vid, *frames = tsv.read(offset)  # (an offset that is not a line start is named)
+        if vid_indexed is not None and vid != vid_indexed:
+            raise DataError(f'{path_index}: video "{vid_indexed}" is at byte {offset} of {path_tsv}, whose line there '
+                            f'is video "{vid}"')
+        if vid in out:
+            raise DataError(f'{path_tsv}: video "{vid}" is on two lines (at byte {offset} and an earlier one)')
+        out[vid] = frames[1:] if v2 else frames
     return out
 
 
@@ -59,11 +71,15 @@ def frames_shape_problem(pkl):
     """-> what keeps a loaded pkl from being frames {video id: [base64 str, ...]}, or None."""
     if not isinstance(pkl, dict):
         return f'holds a {type(pkl).__name__}, not frames {{video id: [base64 JPEG, ...]}}'
+    if not pkl:
+        return 'holds no video'
     for vid, frames in pkl.items():
         if not isinstance(vid, str):
             return f'video id {vid!r} is a {type(vid).__name__}, not a str'
         if not isinstance(frames, (list, tuple)) or not all(isinstance(f, str) for f in frames):
             return f'video "{vid}" holds {type(frames).__name__} {frames!r:.60}, not a list of base64 str'
+        if not frames:
+            return f'video "{vid}" holds no frame'
     return None
 
 
@@ -73,14 +89,14 @@ def main():
     args = parser.parse_args()
     if not os.path.isfile(args.path + '.pkl'):
         sys.exit(f'missing {args.path}.pkl')
-    pkl = load_pickle(args.path + '.pkl')
-    wrong = frames_shape_problem(pkl)
-    if wrong:
-        sys.exit(f'{args.path}.pkl: {wrong}')
     try:
+        pkl = load_pickle(args.path + '.pkl')
+        wrong = frames_shape_problem(pkl)
+        if wrong:
+            sys.exit(f'{args.path}.pkl: {wrong}')
         write_tsv(pkl, args.path + '.tsv', args.path + '.lineidx', progress=True)
-    except WriteError as e:
-        sys.exit(str(e))
+    except (WriteError, ValueError) as e:  # (DataError: a pkl that is not one; a video id with a tab)
+        sys.exit(f'{args.path}.pkl: {e}' if not str(e).startswith(args.path) else str(e))
     print(f'{args.path}.tsv, {args.path}.lineidx: {len(pkl)} lines')
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
 from dataset import WriteError, frame_b64, load_pickle, remove_stale_tmp, video_b64, write_json, write_pickle  # noqa: E402
 from config import int_at_least  # noqa: E402
-from extract_tsv import read_tsv, write_tsv  # noqa: E402
+from extract_tsv import frames_shape_problem, read_tsv, write_tsv  # noqa: E402
 
 extract_video, jpeg_b64 = video_b64, frame_b64  # their names in this tool until 2026-11-29, for scripts importing it
 
@@ -153,7 +153,11 @@ def read_output(out, layout, shard):
     data, index = output_files(out, layout, shard)
     if not os.path.isfile(index or data):
         return None
-    return load_pickle(data) if layout == 'pkl' else read_tsv(data, index)
+    frames = load_pickle(data) if layout == 'pkl' else read_tsv(data, index)
+    wrong = frames_shape_problem(frames)
+    if wrong:  # (a file of another kind at --out: rewriting it with the new videos would keep its junk)
+        raise ValueError(f'{data}: {wrong}; give another --out')
+    return frames
 
 
 def write_output(frames, out, layout, shard):
@@ -176,6 +180,9 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     for vid, path in list_videos(dir_in, exts):  # a.mp4 and a.avi are both video "a": the second would replace the first
         if vid in first:
             failed[path] = f'{path}: the same video id "{vid}" as {first[vid]} (rename one)'
+            tqdm.write(f'skipped: {failed[path]}', file=sys.stderr)
+        elif layout != 'pkl' and ('\t' in vid or '\n' in vid):  # (it stopped the run after every video was decoded)
+            failed[path] = f'{path}: its name holds a tab or a newline, which end a TSV field or row (rename it)'
             tqdm.write(f'skipped: {failed[path]}', file=sys.stderr)
         else:
             first[vid] = path

@@ -511,6 +511,24 @@ def test_extract_names_and_chooses_files_as_the_original(tmp_path):
                       f'{d}/dead.mp4': f'{d}/dead.mp4: a broken link (to {d}/gone.mp4)'}
 
 
+def test_extract_refuses_an_output_of_another_kind_and_names_with_tabs(tmp_path):
+    """An existing --out that is not frames was merged into (a list: a traceback; {'x': 'abc'} with --sample 3 kept as a
+    video); a file name with a tab stopped a TSV extraction after every video was decoded: it is listed as failed."""
+    d = tmp_path / 'clips'
+    d.mkdir()
+    for name in ('a', 'b\tc'):
+        write_clip(str(d / f'{name}.mp4'), [(k * 20,) * 3 for k in range(8)])
+    for junk in ([1, 2], {'x': 'abc'}):
+        with open(tmp_path / 'old.pkl', 'wb') as f:
+            pickle.dump(junk, f)
+        with pytest.raises(ValueError, match=rf'^{tmp_path}/old.pkl: (holds a list, not frames|video "x" holds str)'):
+            frame_tool.extract_to(str(d), str(tmp_path / 'old.pkl'), 3, progress=False)
+    written, before, failed = frame_tool.extract_to(str(d), str(tmp_path / 'img_t'), 3, layout='tsv', progress=False)
+    assert (written, before) == (1, 0) and failed == {
+        f'{d}/b\tc.mp4': f'{d}/b\tc.mp4: its name holds a tab or a newline, which end a TSV field or row (rename it)'}
+    assert list(extract_tsv.read_tsv(str(tmp_path / 'img_t.tsv'), str(tmp_path / 'img_t.lineidx'))) == ['a']
+
+
 # ---- extract_tsv
 
 def test_tsv_lineidx_round_trip(tmp_path):
@@ -526,6 +544,43 @@ def test_tsv_lineidx_round_trip(tmp_path):
     offsets = [int(x) for x in (tmp_path / 'x.lineidx').read_text().split()]
     assert offsets == [0] + [i + 1 for i, c in enumerate(data) if c == ord('\n')][:-1]
     assert data.decode().splitlines()[3] == '\t'.join(['vid_3'] + pkl['vid_3'])
+
+
+def test_tsv_from_pkls_as_released_and_damaged(tmp_path, toy):
+    """Frames written by base64.encodebytes (a line break every 76 characters, as some released pkls hold them) broke
+    every row into many lines, with exit 0: the TSV now holds them without the breaks, and decodes to the same images.
+    A pkl of no video, a video of no frame, an id with a tab: one line, nothing written. An index whose offset is not
+    a line start was read as a video of id "" by the tools (training refused it)."""
+    src = dataset.load_pickle(f'{toy[0]}/img_toy.pkl')
+    vids = sorted(src)[:3]
+    pkl = {v: [base64.encodebytes(base64.b64decode(b)).decode() for b in src[v]] for v in vids}
+    assert all('\n' in b[:-1] for b in pkl[vids[0]])
+    with open(tmp_path / 'x.pkl', 'wb') as f:
+        pickle.dump(pkl, f)
+    r = run_tool(os.path.join(TOOLS, 'extract_tsv.py'), f'--path={tmp_path}/x')
+    assert r.returncode == 0, r.stderr
+    back = extract_tsv.read_tsv(str(tmp_path / 'x.tsv'), str(tmp_path / 'x.lineidx'))
+    assert list(back) == vids and all(back[v] == [''.join(b.split()) for b in pkl[v]] for v in vids)
+    assert all(base64.b64decode(b) == base64.b64decode(o) for v in vids for b, o in zip(back[v], src[v]))
+    assert len((tmp_path / 'x.tsv').read_bytes().splitlines()) == 3
+    for bad, said in [({}, 'holds no video'), ({'a': []}, 'video "a" holds no frame'),
+                      ({'a\tb': ['QUFB']}, "video id 'a\\tb' holds a tab or a newline, which end a TSV field or row")]:
+        with open(tmp_path / 'y.pkl', 'wb') as f:
+            pickle.dump(bad, f)
+        r = run_tool(os.path.join(TOOLS, 'extract_tsv.py'), f'--path={tmp_path}/y')
+        assert r.returncode == 1 and r.stderr.strip().startswith(f'{tmp_path}/y.pkl: {said}'), r.stderr
+        assert not os.path.exists(tmp_path / 'y.tsv')
+    offsets = (tmp_path / 'x.lineidx').read_text().split()
+    (tmp_path / 'x.lineidx').write_text(f'{offsets[0]}\n{int(offsets[1]) + 5}\n{offsets[2]}\n')
+    with pytest.raises(dataset.DataError, match=rf'x.lineidx: entry 1 is byte {int(offsets[1]) + 5}, but line 1 of '):
+        extract_tsv.read_tsv(str(tmp_path / 'x.tsv'), str(tmp_path / 'x.lineidx'))
+    extract_tsv.write_tsv(back, str(tmp_path / 'v.tsv'), str(tmp_path / 'v.id2lineidx.pkl'))  # VIOLETv2's layout
+    index = dataset.load_pickle(str(tmp_path / 'v.id2lineidx.pkl'))
+    index[vids[1]] += 3
+    with open(tmp_path / 'v.id2lineidx.pkl', 'wb') as f:
+        pickle.dump(index, f)
+    with pytest.raises(dataset.BadSample, match=rf'v.tsv: offset {index[vids[1]]} is not the start of a line'):
+        extract_tsv.read_tsv(str(tmp_path / 'v.tsv'), str(tmp_path / 'v.id2lineidx.pkl'))
 
 
 # ---- dataset.str2img / str2txt
