@@ -684,6 +684,8 @@ def write_torch(obj, path):
 
 
 def json_key(obj, key, path):
+    if not isinstance(obj, dict):  # (a list was a TypeError, or the whole file in the message)
+        raise DataError(f'{path}: holds a JSON {type(obj).__name__}, not an object with a "{key}" key')
     if key not in obj:
         raise MissingKey(f'{path}: no key "{key}" (has {sorted(obj)[:10]})')
     return obj[key]
@@ -884,6 +886,8 @@ class Dataset_Base(torch.utils.data.Dataset):
         self.path_frames = paths[0]
         if self.layout == 'pkl':
             self.frames = load_pickle(paths[0])
+            if not isinstance(self.frames, dict):
+                raise DataError(f'{paths[0]}: holds a {type(self.frames).__name__}, not a dict video id -> [frames]')
         elif self.layout == 'v2':
             self.tsv, self.frames = TSV(paths[0]), load_id2lineidx(paths[1])
         else:
@@ -914,7 +918,11 @@ class Dataset_Base(torch.utils.data.Dataset):
         if vid not in self.frames:
             raise BadSample(f'{self.path_frames}: no video "{vid}"{self.why_missing(vid)}')
         if self.layout == 'pkl':
-            return self.frames[vid]
+            frames = self.frames[vid]
+            if isinstance(frames, (str, bytes)) or not isinstance(frames, (list, tuple, np.ndarray)):
+                raise BadSample(f'{self.path_frames}: video "{vid}" holds a {type(frames).__name__}, not a list of '
+                                f'frames (base64 JPEG)')
+            return frames
         fields = self.tsv.read(self.frames[vid])
         if fields[0] != vid:
             raise BadSample(f'{self.path_frames}: line at offset {self.frames[vid]} is "{fields[0]}", not "{vid}"')
@@ -925,6 +933,8 @@ class Dataset_Base(torch.utils.data.Dataset):
             raise BadSample(f'{where}: video "{vid}" has {len(b64s)} frames, expected {self.size_frame}')
         img = []
         for i, b in enumerate(b64s):
+            if not isinstance(b, (str, bytes)):
+                raise BadSample(f'{where}: video "{vid}" frame {i} is a {type(b).__name__}, not base64 text')
             try:
                 img.append(self.str2img(b))
             except IMAGE_ERRORS as e:
@@ -978,11 +988,14 @@ class Dataset_Pretrain(Dataset_Base):
             self.size_frame = check_frames(common_frame_count(counts, self.tsv.path) if counts else 0, self.tsv.path)
             return
         self.vq = load_pickle(self.path_vq)
+        if not isinstance(self.vq, dict):
+            raise DataError(f'{self.path_vq}: holds a {type(self.vq).__name__}, not a dict video id -> VQ tokens')
         if len(self.vq) == 0:
             raise DataError(f'{self.path_vq}: empty')
-        counts = {vid: len(self.vq[vid]) for vid in spread(self.vq)}
+        counts = {vid: len(self.vq[vid]) if hasattr(self.vq[vid], '__len__') else -1 for vid in spread(self.vq)}
         T = common_frame_count(counts, self.path_vq)
-        first = np.asarray(self.vq[next(vid for vid, n in counts.items() if n == T)])
+        vid = next(vid for vid, n in counts.items() if n == T)
+        first = self.vq_tokens(vid, f'{self.path_vq}: video "{vid}"', DataError)
         hw = self.size_img // 32
         if first.ndim != 3 or first.shape[1:] != (hw, hw):
             raise DataError(f'{self.path_vq}: VQ tokens of shape {first.shape}, expected [T, {hw}, {hw}] for '
@@ -991,6 +1004,18 @@ class Dataset_Pretrain(Dataset_Base):
 
     def __len__(self):
         return len(self.lineidx)
+
+    def vq_tokens(self, vid, where, error):
+        """The VQ tokens of `vid` as int64 [T, h, w]: an integer array [T, h, w] or a list of T [h, w] (as releases
+        store them); anything else (floats would be truncated in silence, ragged lists, None) is an `error`."""
+        try:
+            vq = np.asarray(self.vq[vid])
+        except ValueError as e:  # (ragged nested lists)
+            raise error(f'{where}: VQ tokens that are not one array ({e})') from None
+        if vq.dtype.kind not in 'iu':
+            raise error(f'{where}: VQ tokens of type {vq.dtype}, not integers (DALL-E token ids, '
+                        f'_tools/extract_vq.py)')
+        return vq.astype(np.int64)
 
     def get_item(self, idx):
         fields = self.tsv.read(self.lineidx[idx])
@@ -1006,11 +1031,10 @@ class Dataset_Pretrain(Dataset_Base):
         elif vid not in self.vq:
             raise BadSample(f'{self.path_vq}: no VQ tokens for video "{vid}" ({where})')
         else:
-            vq = [np.asarray(v, dtype=np.int64) for v in self.vq[vid]]  # an array [T,h,w] or a list of T [h,w]
-            if len(vq) != self.size_frame or any(v.shape != (hw, hw) for v in vq):
-                raise BadSample(f'{self.path_vq}: video "{vid}" has VQ shapes {[v.shape for v in vq]}, '
-                                f'expected {self.size_frame} x {(hw, hw)}')
-            vq = np.stack(vq)
+            vq = self.vq_tokens(vid, f'{self.path_vq}: video "{vid}"', BadSample)
+            if vq.shape != (self.size_frame, hw, hw):
+                raise BadSample(f'{self.path_vq}: video "{vid}" has VQ tokens of shape {vq.shape}, '
+                                f'expected {(self.size_frame, hw, hw)}')
             if vq.min() < 0 or vq.max() >= VQ_VOCAB:
                 raise BadSample(f'{self.path_vq}: video "{vid}" has VQ tokens outside 0..{VQ_VOCAB - 1} '
                                 f'(min {vq.min()}, max {vq.max()})')

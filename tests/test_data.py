@@ -1065,6 +1065,48 @@ def test_annotations_are_utf8_whatever_the_locale(args, bad_copy):
         dataset.Dataset_Retrieval(a, 'val')
 
 
+def test_data_files_of_the_wrong_shape_are_named(args, bad_copy):
+    """Values of the wrong kind in the data files: each was a traceback (even under skip_bad), or trained on in silence
+    (float VQ tokens were truncated to integers: all-zero MVM targets)."""
+    a = dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval')
+    vid = dataset.Dataset_Retrieval(a, 'val').txt[0]['video']
+    frames = dataset.load_pickle(f'{bad_copy}/img_toy.pkl')[vid]
+    for value, said in [(None, 'holds a NoneType, not a list of frames'), ('QUFB', 'holds a str, not a list of frames'),
+                        ([frames[0], None, *frames[2:]], 'frame 1 is a NoneType, not base64 text')]:
+        edit_pickle(f'{bad_copy}/img_toy.pkl', lambda d: d.__setitem__(vid, value))
+        ds = dataset.Dataset_Retrieval(a, 'val')
+        with pytest.raises(dataset.BadSample, match=rf'img_toy.pkl: video "{vid}" {said}'):
+            ds[0]
+        assert dataset.Dataset_Retrieval(dict(a, skip_bad=True), 'val')[0] is None
+    edit_pickle(f'{bad_copy}/img_toy.pkl', lambda d: None)
+    with open(f'{bad_copy}/img_toy.pkl', 'wb') as f:
+        pickle.dump(['QUFB'], f)
+    with pytest.raises(dataset.DataError, match=r'img_toy.pkl: holds a list, not a dict video id -> \[frames\]$'):
+        dataset.Dataset_Retrieval(a, 'val')
+    json.dump([{'video': vid, 'caption': 'x'}], open(f'{bad_copy}/txt_toy-retrieval.json', 'w'))
+    with pytest.raises(dataset.DataError, match=r'txt_toy-retrieval.json: holds a JSON list, not an object with a "val" key$'):
+        dataset.Dataset_Retrieval(a, 'val')
+    # pretraining: VQ tokens
+    p = dict(args, path_data=bad_copy)
+    vids = list(dataset.load_pickle(f'{bad_copy}/vq_toyvid.pkl'))
+    edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.update({v: vq[v].astype(np.float32) / 8192 for v in vq}))
+    with pytest.raises(dataset.DataError, match=r'vq_toyvid.pkl: video "[^"]+": VQ tokens of type float32, not integers'):
+        dataset.Dataset_Pretrain(p, 'toyvid', 'val')
+    edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.update({v: (vq[v] * 8192).astype(np.int16) for v in vq}))
+    ds = dataset.Dataset_Pretrain(p, 'toyvid', 'val')
+    first = ds.tsv.read(ds.lineidx[0])[0]
+    edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.__setitem__(first, vq[first] + 0.7))
+    with pytest.raises(dataset.BadSample, match=rf'vq_toyvid.pkl: video "{first}": VQ tokens of type float\d+, not integers'):
+        dataset.Dataset_Pretrain(p, 'toyvid', 'val')[0]
+    edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.__setitem__(first, [[[1, 2], [3, 4]], [[1]]]))
+    with pytest.raises(dataset.BadSample, match=rf'vq_toyvid.pkl: video "{first}": VQ tokens that are not one array'):
+        dataset.Dataset_Pretrain(p, 'toyvid', 'val')[0]
+    with open(f'{bad_copy}/vq_toyvid.pkl', 'wb') as f:
+        pickle.dump(vids, f)
+    with pytest.raises(dataset.DataError, match=r'vq_toyvid.pkl: holds a list, not a dict video id -> VQ tokens$'):
+        dataset.Dataset_Pretrain(p, 'toyvid', 'val')
+
+
 def test_vq_list_layout(args, bad_copy):
     """Some releases store a list of T arrays [h, w]: read the same."""
     ref = dataset.Dataset_Pretrain(dict(args), 'toyvid', 'val')
