@@ -341,6 +341,9 @@ def read_ckpt(path):
         ckpt = ckpt['model']
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path}: holds a {type(ckpt).__name__}, not a state dict of tensors')
+    odd = next((k for k in ckpt if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f'{path}: key {odd!r} is a {type(odd).__name__}: a state dict is named by str keys')
     if ckpt and all(isinstance(k, str) and k.startswith('module.') for k in ckpt):  # saved from a DDP / DataParallel wrapper
         ckpt = {k[len('module.'):]: v for k, v in ckpt.items()}
     return ckpt
@@ -363,16 +366,20 @@ def load_vt(swin, path, path_ckpt=''):
         raise FileNotFoundError(f'path_vt: no Video Swin weights at {path} (convert the Kinetics-400 checkpoint with '
                                 f'_tools/convert_video-swin.py; path_vt "" starts the video encoder random)' +
                                 (f'; path_ckpt {path_ckpt} lacks {len(lacking)} of them, e.g. {lacking[0]}' if path_ckpt else ''))
-    sd = read_checkpoint(path)
-    sd = {k.removeprefix('enc_img.swin.'): v for k, v in sd.items()}
+    try:
+        sd = {k.removeprefix('enc_img.swin.'): v for k, v in read_ckpt(path).items()}
+    except CheckpointError as e:  # (named as path_vt's, not path_ckpt's)
+        raise CheckpointError(f'path_vt: {e}') from None
     own = swin.state_dict()
-    misfit = sorted(k for k in own.keys() | sd.keys() if k not in sd or k not in own or sd[k].shape != own[k].shape)
+    misfit = sorted(k for k in own.keys() | sd.keys() if k not in sd or k not in own or misfit_tensor(sd[k], own[k]))
     if misfit:
         hint = ('; it is an unconverted Video Swin checkpoint ("backbone." keys): convert it with '
                 '_tools/convert_video-swin.py' if any(str(k).startswith('backbone.') for k in sd.get('state_dict', sd)) else
                 ' (vt_dim, vt_depths, vt_heads, vt_window and the checkpoint must describe the same Video Swin)')
+        why = [f'{k} ({"missing" if k not in sd else "extra" if k not in own else misfit_tensor(sd[k], own[k])})'
+               for k in misfit[:3]]
         raise CheckpointError(f'path_vt: {path}: Video Swin weights do not fit the configured VT ({len(misfit)} keys '
-                              f'missing, extra or of another shape, e.g. {misfit[:3]}){hint}')
+                              f'missing, extra, of another shape or type, or not finite, e.g. {", ".join(why)}){hint}')
     swin.load_state_dict(sd)
     say(f'VT: loaded {path}')
 
@@ -490,11 +497,12 @@ class VIOLET_Base(nn.Module):
         loaded, misfit = set(), {}
         for k, v in ckpt.items():
             if k in own and isinstance(v, torch.Tensor):
-                if own[k].shape == v.shape:
+                why = misfit_tensor(v, own[k])
+                if not why:
                     own[k] = v
                     loaded.add(k)
                 else:
-                    misfit[k] = f'{list(v.shape)} in the file, {list(own[k].shape)} in the model'
+                    misfit[k] = why
         not_loaded = sorted(k for k in own if k not in loaded and not k.endswith(NOT_NEEDED))
         required = {'all': not_loaded, 'any': [],
                     'encoders': [k for k in not_loaded if k.startswith(ENCODERS)]}[need]
@@ -514,6 +522,20 @@ class VIOLET_Base(nn.Module):
         if need == 'all':
             warn_other_task(path, self.task_type, self.args.get('task', ''))
         return not_loaded, unexpected
+
+
+def misfit_tensor(v, own):
+    """Why checkpoint value `v` cannot fill model tensor `own` ('' when it can): another shape; not a tensor; integers
+    or booleans for float weights (they would be cast in silence); NaN or infinite weights."""
+    if not isinstance(v, torch.Tensor):
+        return f'a {type(v).__name__} in the file, not a tensor'
+    if v.shape != own.shape:
+        return f'{list(v.shape)} in the file, {list(own.shape)} in the model'
+    if own.is_floating_point() and not (v.is_floating_point() or v.is_complex()) or v.is_complex():
+        return f'{v.dtype} in the file, {own.dtype} in the model'
+    if v.is_floating_point() and not torch.isfinite(v).all():
+        return 'NaN or infinite values in the file'
+    return ''
 
 
 class CheckpointError(ValueError):

@@ -377,8 +377,37 @@ def test_unreadable_checkpoints_are_named(tmp_path):
         with pytest.raises(model.CheckpointError) as e:
             m.load_ckpt(str(tmp_path / name), 'any')
         assert str(e.value).startswith(f'{tmp_path / name}: {msg}'), str(e.value)
-    with pytest.raises(model.CheckpointError, match=r'cut.pt: truncated'):
+    with pytest.raises(model.CheckpointError, match=r'^path_vt: .*cut.pt: truncated'):
         model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'cut.pt')})  # the Video Swin weights too
+
+
+def test_checkpoint_values_that_would_load_wrong_are_named(tmp_path):
+    """Tensors of the right shape but integers or booleans for float weights (cast in silence), or NaN: loaded, and an
+    evaluation reported numbers of those weights. A key that is not a str, and Video Swin weights that are not a dict
+    of tensors: tracebacks."""
+    m = model.VIOLET_Retrieval(SMALL)
+    sd = m.state_dict()
+    key = 'trsfr.layer.0.attention.self.query.weight'
+    for name, value, why in [('int', sd[key].long(), 'torch.int64 in the file, torch.float32 in the model'),
+                             ('bool', sd[key] > 0, 'torch.bool in the file, torch.float32 in the model'),
+                             ('nan', sd[key].clone().fill_(float('nan')), 'NaN or infinite values in the file')]:
+        torch.save({**sd, key: value}, tmp_path / f'{name}.pt')
+        with pytest.raises(model.CheckpointError, match=rf'{name}.pt: 1 of the model.s \d+ keys are missing from the file '
+                                                        rf'or of another shape \(need=all\): {key} \({why}\)'):
+            model.VIOLET_Retrieval(SMALL).load_ckpt(str(tmp_path / f'{name}.pt'), 'all')
+    assert model.VIOLET_Retrieval(SMALL).load_ckpt(str(tmp_path / 'nan.pt'), 'any')[0] == [key]  # not loaded, said
+    torch.save({**sd, 1: torch.zeros(1)}, tmp_path / 'intkey.pt')
+    with pytest.raises(model.CheckpointError, match=r'intkey.pt: key 1 is a int: a state dict is named by str keys$'):
+        model.VIOLET_Retrieval(SMALL).load_ckpt(str(tmp_path / 'intkey.pt'), 'all')
+    torch.save([1, 2], tmp_path / 'list.pt')
+    with pytest.raises(model.CheckpointError, match=r'^path_vt: .*list.pt: holds a list, not a state dict of tensors$'):
+        model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'list.pt')})
+    vt = {k.removeprefix('enc_img.swin.'): v for k, v in sd.items() if k.startswith('enc_img.swin.')}
+    vt_key = next(k for k in vt if k.endswith('weight'))
+    torch.save({**vt, vt_key: 3}, tmp_path / 'vt.pt')
+    with pytest.raises(model.CheckpointError, match=rf'^path_vt: .*vt.pt: Video Swin weights do not fit the configured VT '
+                                                    rf'\(1 keys .* e.g. {vt_key} \(a int in the file, not a tensor\)\)'):
+        model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'vt.pt')})
 
 
 def test_convert_video_swin_reads_without_running_code(tmp_path):
