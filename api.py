@@ -32,6 +32,8 @@ TEMPERATURE = {'qamc': 1.0, 'pretrain': violet.VTM_TEMPERATURE, 'retrieval': vio
 def words(texts, what):
     """Every text must hold a word: an empty one would be scored as [CLS] [SEP] alone (dataset.py makes it a bad
     sample in training for the same reason). ValueError naming the first empty one."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):  # (a str was scored letter by letter)
+        raise ValueError(f'{what}s must be a list of str, got {type(texts).__name__} {texts!r:.60}')
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f'{what} {i} is {t!r}: it needs words (an empty one would be scored as [CLS] [SEP] alone)')
@@ -67,7 +69,9 @@ def read_vocab(src):
     if isinstance(src, list):
         return [str(a) for a in src]
     obj = dataset.load_json(src)
-    return dataset.answer_texts(obj['vocab'] if isinstance(obj, dict) else obj, src)
+    if isinstance(obj, dict):  # a txt_<task>.json: its "vocab", or VIOLETv2's "ans2label", as Dataset_QAOE reads them
+        obj = dataset.json_key(obj, 'ans2label' if 'ans2label' in obj and 'vocab' not in obj else 'vocab', src)
+    return dataset.answer_texts(obj, src)
 
 
 def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=0, cache=None, sets=(), upright=False):
@@ -137,6 +141,9 @@ class Violet:
             rgb = [np.array(im.convert('RGB')) for im in video]
         else:
             raise TypeError(f'a video is a path, a [T, H, W, 3] uint8 array or a list of PIL images, got {type(video).__name__}')
+        if not 1 <= len(rgb) <= violet.MAX_FRAMES or any(min(f.shape[:2]) < 1 for f in rgb):
+            raise ValueError(f'a video of {len(rgb)} frames of {[list(f.shape[:2]) for f in rgb[:1]]} pixels: VIOLET '
+                             f'takes 1 to {violet.MAX_FRAMES} frames (emb_len), each at least 1 x 1')
         size = self.args['size_img']
         return torch.stack([dataset.pad_resize(torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1), size)
                             for f in rgb])
@@ -154,10 +161,8 @@ class Violet:
         if key is not None and key in self.memo:
             return self.memo[key]
         path = self.cache_file(video) if key is not None and self.cache else None
-        if path and os.path.isfile(path):
-            t = safetensors.torch.load_file(path, device=str(self.device))
-            out = t['feat'], t['mask']
-        else:
+        out = self.cached(path) if path and os.path.isfile(path) else None
+        if out is None:
             with self.autocast():
                 feat, mask = self.model.enc_img(self.frames(video)[None].to(self.device))
             out = feat[0].float(), mask[0]
@@ -166,6 +171,16 @@ class Violet:
         if key is not None:
             self.memo[key] = out
         return out
+
+    def cached(self, path):
+        """A cache file's (features, mask); None, said, when it cannot be read (cut short by a kill or a full disk, or
+        not one of ours): computed again and rewritten."""
+        try:
+            t = safetensors.torch.load_file(path, device=str(self.device))
+            return t['feat'], t['mask']
+        except (safetensors.SafetensorError, OSError, KeyError) as e:
+            print(f'cache: {path} unreadable ({type(e).__name__}: {e}); computed again', flush=True)
+            return None
 
     @torch.no_grad()
     def embed_text(self, texts):
@@ -183,6 +198,10 @@ class Violet:
         if self.type == 'qaoe':
             raise ValueError('a QA-OE model has no pair score: use answer()')
         words(texts, 'text')
+        if isinstance(videos, str) or not isinstance(videos, (list, tuple)):
+            raise ValueError(f'videos must be a list (of paths, arrays or frame lists), got {type(videos).__name__}')
+        if not isinstance(size_pair, int) or size_pair < 0:  # (a negative one returned uninitialised memory)
+            raise ValueError(f'size_pair must be an int >= 0 (0: 512 on CUDA, 64 on CPU), got {size_pair!r}')
         if not len(videos) or not len(texts):
             return np.zeros((len(videos), len(texts)), np.float32)
         feats = [self.embed_video(v) for v in videos]
@@ -207,10 +226,16 @@ class Violet:
         """options given (QA-MC; zero-shot with a pretraining or retrieval checkpoint): each question + ' ' +
         option scored, probabilities softmax(score / temperature of its training) -> dict(answer, index, prob,
         options=[{option, score, prob}]). No options (QA-OE): -> dict(answer, index, prob, top=[{answer, index, prob}])."""
+        if not isinstance(question, str):  # (None was scored as the text "None")
+            raise ValueError(f'question must be a str, got {type(question).__name__}')
+        if not isinstance(top, int) or top < 1:
+            raise ValueError(f'top must be an int >= 1, got {top!r}')
         if options is not None:
             if self.type == 'qaoe':
                 raise ValueError('a QA-OE model answers from its vocabulary: call answer() without options')
             words(options, 'option')  # the question may be empty (caption-choice sets have none), an option not
+            if not options:
+                raise ValueError('options is empty: give the candidate answers')
             s = self.score([video], [f'{question} {o}' for o in options])[0]
             p = torch.softmax(torch.as_tensor(s, dtype=torch.float64) / TEMPERATURE[self.type], 0).numpy()
             i = int(np.argmax(s))

@@ -105,6 +105,7 @@ def score_pairs(model, feat_img, mask_img, feat_txt, mask_txt, size_pair=256, ra
     compiles once more, for the text lengths, and never for a batch size)."""
     n_txt, n_vid = feat_txt.shape[0], feat_img.shape[0]
     n_pair = n_txt * n_vid
+    size_pair = min(size_pair, n_pair)  # (a block larger than every pair was padded to its size: memory for nothing)
     n_block = (n_pair + size_pair - 1) // size_pair
     mine = list(range(rank, n_block, world))
     per_rank = (n_block + world - 1) // world

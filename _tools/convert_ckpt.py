@@ -33,17 +33,20 @@ def convert(ckpt, out=None, config=None, vocab=None):
     if not out.endswith('.safetensors'):
         raise SystemExit(f'--out must end with .safetensors, got {out}')
     cfg, _ = api.find_config(ckpt, config)
-    agent.load_args(base=cfg)  # every key checked before anything is written
+    args = agent.load_args(base=cfg)  # every key checked before anything is written
     if vocab is None:
         beside = os.path.join(os.path.dirname(os.path.abspath(ckpt)), 'vocab.json')
         vocab = beside if os.path.isfile(beside) else None
+    vocab = api.read_vocab(vocab) if vocab is not None else None  # (before writing: a bad one left a .safetensors alone)
+    if vocab is not None and len(vocab) < args['size_vocab']:
+        raise ValueError(f'the answer vocabulary has {len(vocab)} entries, the model {args["size_vocab"]} classes')
     sd = violet.read_ckpt(ckpt)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     agent.save_safetensors(sd, out)
     digest = sha256(out)
     meta = dict(config=cfg, source=os.path.basename(ckpt), sha256=digest)
     if vocab is not None:
-        meta['vocab'] = api.read_vocab(vocab)
+        meta['vocab'] = vocab
     agent.save_json(meta, os.path.splitext(out)[0] + '.json')
     return out, meta
 

@@ -194,6 +194,8 @@ def test_precision_key():
     fp32 = eval_retrieval.score_pairs(mdl, *feats, size_pair=3)
     bf16 = eval_retrieval.score_pairs(mdl, *feats, size_pair=3, precision='bf16')
     assert torch.equal(bf16, ref) and not torch.equal(bf16, fp32) and torch.allclose(bf16, fp32, atol=0.1)
+    # a size_pair past the pairs there are: one block of them (it was padded to size_pair: 4 TB asked for here)
+    assert torch.equal(eval_retrieval.score_pairs(mdl, *feats, size_pair=10**12), eval_retrieval.score_pairs(mdl, *feats, size_pair=6))
 
 
 def small_model(cls=violet.VIOLET_Retrieval):

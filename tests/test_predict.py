@@ -383,6 +383,56 @@ def test_api_refuses_blank_texts_and_too_many_frames(ckpts, clips):
         api.load(ckpts['qaoe']).answer(path, '')
 
 
+def test_api_arguments_that_were_misread(ckpts, clips, tmp_path, capsys):
+    """Plausible misuse of the Python API: size_pair=-1 returned uninitialised memory as scores; a str of texts or
+    options was scored letter by letter; question None was scored as the text "None"; top=0 and options=[] were
+    tracebacks; 7 frames failed inside the model. A cache entry cut short was a safetensors traceback."""
+    path = str(clips / '_lib' / 'red.mp4')
+    m = api.load(ckpts['retrieval'])
+    with pytest.raises(ValueError, match=r'^size_pair must be an int >= 0 \(0: 512 on CUDA, 64 on CPU\), got -1$'):
+        m.score([path], ['a red bar'], size_pair=-1)
+    with pytest.raises(ValueError, match=r"^texts must be a list of str, got str 'a red bar'$"):
+        m.score([path], 'a red bar')
+    with pytest.raises(ValueError, match=r'^videos must be a list \(of paths, arrays or frame lists\), got str$'):
+        m.score(path, ['a red bar'])
+    rgb = np.stack(dataset.read_video(path, 5))
+    with pytest.raises(ValueError, match=r'^a video of 7 frames of \[\[48, 80\]\] pixels: VIOLET takes 1 to 6 frames'):
+        m.embed_video(np.concatenate([rgb, rgb[:2]]))
+    qamc, qaoe = api.load(ckpts['qamc']), api.load(ckpts['qaoe'])
+    for call, said in [(lambda: qamc.answer(path, None, options=['a', 'b']), r'^question must be a str, got NoneType$'),
+                       (lambda: qamc.answer(path, 'q', options='ab'), r"^options must be a list of str, got str 'ab'$"),
+                       (lambda: qamc.answer(path, 'q', options=[]), r'^options is empty: give the candidate answers$'),
+                       (lambda: qaoe.answer(path, 'what?', top=0), r'^top must be an int >= 1, got 0$')]:
+        with pytest.raises(ValueError, match=said):
+            call()
+    # a cache entry cut short (a kill, a full disk): said, computed again, rewritten
+    cached = api.load(ckpts['retrieval'], cache=str(tmp_path / 'c'))
+    want = cached.score([path], ['a red bar'])
+    entry = tmp_path / 'c' / os.listdir(tmp_path / 'c')[0]
+    entry.write_bytes(entry.read_bytes()[:50])
+    again = api.load(ckpts['retrieval'], cache=str(tmp_path / 'c'))
+    assert np.array_equal(again.score([path], ['a red bar']), want)
+    assert f'cache: {entry} unreadable (SafetensorError: ' in capsys.readouterr().out
+    assert api.load(ckpts['retrieval'], cache=str(tmp_path / 'c')).cached(str(entry)) is not None  # rewritten whole
+
+
+def test_vocab_files_of_every_release_form(ckpts, tmp_path):
+    """--vocab: a list, our txt_<task>.json ("vocab"), VIOLETv2's ("ans2label": answer -> class) gave KeyError 'vocab'."""
+    for name, obj in [('list.json', VOCAB), ('ours.json', {'train': [], 'vocab': VOCAB}),
+                      ('v2.json', {'train': [], 'ans2label': {a: i for i, a in enumerate(VOCAB)}})]:
+        (tmp_path / name).write_text(json.dumps(obj))
+        assert api.read_vocab(str(tmp_path / name)) == VOCAB
+    (tmp_path / 'none.json').write_text('{"train": []}')
+    with pytest.raises(KeyError, match=r'none.json: no key "vocab"'):
+        api.read_vocab(str(tmp_path / 'none.json'))
+    conv = load_tool('convert_ckpt')  # a vocab it cannot use is refused before anything is written
+    with pytest.raises(ValueError, match=rf'^the answer vocabulary has 3 entries, the model {len(VOCAB)} classes$'):
+        conv.convert(ckpts['qaoe'], str(tmp_path / 'q.safetensors'), vocab=VOCAB[:3])
+    with pytest.raises(KeyError):
+        conv.convert(ckpts['qaoe'], str(tmp_path / 'q.safetensors'), vocab=str(tmp_path / 'none.json'))
+    assert not os.path.exists(tmp_path / 'q.safetensors')
+
+
 def test_bf16_on_request(clips, ckpts):
     """bf16 autocast (the CUDA fast path) runs here on CPU too; its scores stay near fp32's."""
     vids = [str(clips / '_lib' / f) for f in ('red.mp4', 'blue.mp4')]
