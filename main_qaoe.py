@@ -25,7 +25,8 @@ class QAOE(tasks.Downstream):
     def step(self, model, batch, gen):
         img, txt, mask, ans = batch
         loss, (hits, n_in_vocab) = tasks.ce_hits(model(img, txt, mask), ans, model.training)  # -1: no loss, no hit
-        return loss, {'tr': loss}, {'ac': (hits, ans.numel()), 'ac_iv': (hits, n_in_vocab)}
+        # a batch without an answer in the vocabulary trains nothing: its logged loss is NaN, left out of the mean (not 0)
+        return loss, {'tr': tasks.or_nan(loss, n_in_vocab)}, {'ac': (hits, ans.numel()), 'ac_iv': (hits, n_in_vocab)}
 
     def run_files(self):
         return {'vocab.json': self.split('train').answers[:self.args['size_vocab']]}
@@ -33,6 +34,9 @@ class QAOE(tasks.Downstream):
     def check_data(self):
         super().check_data()
         train = self.split('train')
+        if all(isinstance(it, dict) and it.get('answer') == -1 for it in train.txt):  # (it trained nothing to 'done')
+            raise dataset.DataError(f'{train.path_txt}["train"]: every answer is -1 (not in the vocabulary): nothing to '
+                                    f'learn from; an answer is the index of its text in "vocab"')
         if self.args['size_vocab'] > len(train.answers):  # the classes past it would have no answer text
             raise agent.config_error(
                 f"key 'size_vocab' is {self.args['size_vocab']}, but {train.path_txt} names {len(train.answers)} "

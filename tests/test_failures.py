@@ -2,6 +2,7 @@
 before the first step, atomic writes. Runs are in-process on a 16-video toy set (a few seconds each)."""
 import fcntl
 import json
+import math
 import os
 import pickle
 import re
@@ -457,6 +458,24 @@ def test_qaoe_size_vocab_past_the_vocabulary(toy, tmp_path):
         main_qaoe.QAOE(args).check_data()
     main_qaoe.QAOE(dict(args, size_vocab=8)).check_data()
     main_qaoe.QAOE(dict(args, size_vocab=0)).check_data()
+
+
+def test_qaoe_without_an_answer_to_learn(toy):
+    """A train split whose answers are all -1 (not in the vocabulary) trained nothing and logged loss 0.0000 to
+    'done'. A batch of such answers alone logs NaN (left out of the unit's mean), not 0."""
+    args = agent.load_args(f'{REPO}/_data/toy/args_toy-qaoe.json', [f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}'])
+    task = main_qaoe.QAOE(args)
+    mdl = task.build_model()
+    batch = dataset.collate_skip([task.split('train')[0]])[0][:3] + [torch.tensor([-1])]
+    loss, logged, hits = task.step(mdl.train(), batch, torch.Generator())
+    assert loss.item() == 0 and math.isnan(logged['tr'].item()) and hits['ac_iv'][1].item() == 0
+    txt = json.load(open(f'{toy}/txt_toy-qaoe.json'))
+    for q in txt['train']:
+        q['answer'] = -1
+    json.dump(txt, open(f'{toy}/txt_toy-qaoe.json', 'w'))
+    with pytest.raises(dataset.DataError, match=rf'^{toy}/txt_toy-qaoe.json\["train"\]: every answer is -1 \(not in the '
+                                                r'vocabulary\): nothing to learn from'):
+        main_qaoe.QAOE(args).check_data()
 
 
 def test_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
