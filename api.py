@@ -99,13 +99,25 @@ def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=
         if vocab is not None and len(vocab) < args['size_vocab']:
             raise ValueError(f'{ckpt}: the answer vocabulary has {len(vocab)} entries, the model '
                              f'{args["size_vocab"]} classes')
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = pick_device(device)
     mdl = violet.MODELS[type_](args)
     mdl.load_ckpt(ckpt, need='all')
     n_frames = n_frames or args['size_frame'] or (4 if type_ == 'pretrain' else 5)
     if not 1 <= n_frames <= violet.MAX_FRAMES:
         raise ValueError(f'frames: {n_frames}, but VIOLET takes 1 to {violet.MAX_FRAMES} per video (emb_len)')
     return Violet(mdl.to(device).eval(), args, type_, vocab, device, precision, n_frames, cache, ckpt, upright)
+
+
+def pick_device(name):
+    """A device name (None: cuda when present) -> torch.device; ValueError for one that is not, or not here."""
+    try:
+        device = torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise ValueError(f'device {name!r}: not a device name (cpu, cuda, cuda:1, ...)') from None
+    if device.type == 'cuda' and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f'device {name}: ' + (f'this machine has {torch.cuda.device_count()} CUDA GPU(s)'
+                                               if torch.cuda.is_available() else 'no CUDA GPU here') + '; --device cpu runs on the CPU')
+    return device
 
 
 class Violet:
@@ -122,7 +134,11 @@ class Violet:
         self.memo = {}
         self.pairs_per_s = None
         if cache:
-            os.makedirs(cache, exist_ok=True)
+            try:
+                os.makedirs(cache, exist_ok=True)
+            except OSError as e:  # (a file of that name, permission, a read-only disk)
+                why = 'a file is in its way' if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+                raise ValueError(f'cache {cache}: cannot make the folder: {why}') from None
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == 'bf16')

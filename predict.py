@@ -43,7 +43,7 @@ def read_rows(path):
     except (OSError, dataset.DataError) as e:
         raise SystemExit(f'--list: {e}' if isinstance(e, dataset.DataError) else
                          f'--list: cannot read {path}: {e.strerror or e}') from None
-    if path.endswith('.json'):
+    if path.lower().endswith('.json'):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
@@ -56,11 +56,18 @@ def read_rows(path):
             rows = list(reader)
         except csv.Error as e:
             raise SystemExit(f'{path} line {reader.line_num}: not valid CSV ({e})') from None
+    if not rows:  # (it ended in 'no readable video')
+        raise SystemExit(f'{path}: no rows (a header and one line a video, or a JSON list of objects)')
     base = os.path.dirname(os.path.abspath(path))
     out = []
     for i, r in enumerate(rows):
         if not r.get('video'):
             raise SystemExit(f'{path}: row {i + 1} has no "video"')
+        wrong = next((k for k in ('video', 'text', 'question') if r.get(k) is not None and not isinstance(r[k], str)), None)
+        if wrong or not isinstance(r.get('options'), (str, list, type(None))):
+            k = wrong or 'options'
+            raise SystemExit(f'{path}: row {i + 1}: "{k}" is a {type(r[k]).__name__} ({r[k]!r:.40}), not '
+                             + ('a list of str' if k == 'options' else 'a str'))
         if not str(r.get('text') or r.get('question') or '').strip():  # a misspelt column would score an empty text
             raise SystemExit(f'{path}: row {i + 1} has no "text" or "question" (its keys: {", ".join(map(str, r))})')
         opts = r.get('options')
@@ -118,6 +125,15 @@ def main(argv=None):
     ap.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='config overrides (e.g. txt_backbone=DIR)')
     ap.add_argument('--out', default='', help='write the results as JSON')
     opt = ap.parse_args(argv)
+    if opt.out:  # (before the work: a folder, or a path under a file, failed once the results were printed)
+        if os.path.isdir(opt.out):
+            raise SystemExit(f'predict: --out {opt.out} is a folder: give a file name (e.g. {opt.out}/results.json)')
+        folder = os.path.dirname(os.path.abspath(opt.out))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            why = 'a file is in its way' if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+            raise SystemExit(f'predict: --out {opt.out}: cannot make its folder {folder}: {why}') from None
 
     if opt.list:
         jobs = [dict(r, named=False) for r in read_rows(opt.list)]
@@ -173,7 +189,6 @@ def main(argv=None):
     if skipped:
         print(f'skipped {len(skipped)} unreadable: ' + ', '.join(s['video'] for s in skipped))
     if opt.out:
-        os.makedirs(os.path.dirname(os.path.abspath(opt.out)), exist_ok=True)
         try:
             dataset.write_json(res, opt.out, indent=1)
         except dataset.WriteError as e:  # the results are printed above: say that only the file is missing

@@ -349,6 +349,33 @@ def test_list_files_as_people_save_them(tmp_path):
         predict.read_rows(str(tmp_path / 'rows.json'))
 
 
+def test_predict_arguments_named_before_the_work(ckpts, clips, tmp_path):
+    """Each was a traceback (some after every video was scored): --list rows of the wrong types, an upper-case .JSON
+    read as CSV, an empty list ('no readable video'), --device foo or cuda without a GPU, --cache on a file, --out
+    under a file or on a folder."""
+    video = str(clips / '_lib' / 'red.mp4')
+    for rows, said in [([{'video': 5, 'question': 'q'}], r'row 1: "video" is a int \(5\), not a str'),
+                       ([{'video': 'v.mp4', 'question': ['q']}], r'row 1: "question" is a list .*, not a str'),
+                       ([{'video': 'v.mp4', 'question': 'q', 'options': 3}], r'row 1: "options" is a int \(3\), not a list of str'),
+                       ([], r'no rows')]:
+        (tmp_path / 'L.JSON').write_text(json.dumps(rows))
+        with pytest.raises(SystemExit, match=rf'^{tmp_path}/L.JSON: {said}'):
+            predict.read_rows(str(tmp_path / 'L.JSON'))
+    (tmp_path / 'afile').write_text('x')
+    base = ['qaoe', '--ckpt', ckpts['qaoe'], '--video', video, '--question', 'what color?']
+    for extra, said in [(['--device', 'foo'], r"predict: device 'foo': not a device name \(cpu, cuda, cuda:1, ...\)"),
+                        (['--cache', str(tmp_path / 'afile')], rf'predict: cache {tmp_path}/afile: cannot make the folder: '
+                                                                rf'a file is in its way$'),
+                        (['--out', str(tmp_path / 'afile' / 'r.json')], rf'predict: --out {tmp_path}/afile/r.json: cannot '
+                                                                         rf'make its folder {tmp_path}/afile: a file is in its way$'),
+                        (['--out', str(tmp_path)], rf'predict: --out {tmp_path} is a folder: give a file name')]:
+        with pytest.raises(SystemExit, match=f'^{said}'):
+            predict.main(base + extra)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r'^predict: device cuda: no CUDA GPU here; --device cpu runs on the CPU$'):
+            predict.main(base + ['--device', 'cuda'])
+
+
 def test_checkpoint_missing_is_named_before_its_config(tmp_path):
     """A mistyped --ckpt was answered 'no config beside it', as if the file were there."""
     with pytest.raises(FileNotFoundError, match=rf'^checkpoint not found: {tmp_path}/nope.pt$'):
