@@ -52,7 +52,7 @@ class DataConfig:
     path_data: str = config.key('./_data', 'where the data files are')
     size_img: int = config.key(224, 'frame side after padding to square (multiple of 32, at most 448)',
                                choices=range(32, 449, 32))  # the VT's 32 px patches; emb_pos has 14 x 14
-    size_txt: int = config.key(32, 'text length in tokens (padded / truncated; [CLS] and [SEP] included)', least=2)
+    size_txt: int = config.key(32, 'text length in tokens (padded / truncated; [CLS] and [SEP] included: 2 would leave no word)', least=3)
     size_frame: int = config.key(0, 'downstream frames per video; 0: the count most of a sample of 32 videos have (5 in the released sets; the others are named; the run records it in its `args.json`); must be set for the `v2` layout (VIOLETv2 uses 5); at most 6 (`emb_len`)', choices=range(MAX_FRAMES + 1))
     frame_layout: str = config.key('auto', 'downstream frame files (`dataset.find_layout`): `pkl` (`img_<dataset>.pkl`), `v2` (VIOLETv2: `img_<dataset>.tsv` + `img_<dataset>.id2lineidx.pkl`, `size_frame` of the stored frames sampled per video), `tsv` (`img_<dataset>.tsv` + `.lineidx`); `auto`: the first of these whose files are present', choices=FRAME_LAYOUTS)
     size_option: int = config.key(5, 'QA-MC options per question', least=1)
@@ -143,7 +143,8 @@ def read_video(path, n_frames, upright=False):
     if n_frames < 1:
         raise ValueError(f'n_frames must be >= 1, got {n_frames}')
     if not os.path.isfile(path):
-        raise BadVideo(f'{path}: ' + (f'a broken link (to {os.readlink(path)})' if os.path.islink(path) else 'no such file'))
+        raise BadVideo(f'{path}: ' + (f'a broken link (to {os.readlink(path)})' if os.path.islink(path) else
+                                      'a folder, not a video file' if os.path.isdir(path) else 'no such file'))
     if os.path.getsize(path) == 0:  # FFmpeg's word for it is 'Invalid data found when processing input'
         raise BadVideo(f'{path}: an empty file (0 bytes)')
     if is_image(path):

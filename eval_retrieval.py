@@ -277,7 +277,9 @@ def main():
         raise
 
     if rank == 0:
-        run = dict(config=opt.config, ckpt=path_ckpt, zero_shot=opt.zero_shot, world=world, size_pair=size_pair,
+        # (a pretraining checkpoint fills the retrieval model too, its VTM head scoring: zero-shot, --zero-shot or not)
+        zero_shot = opt.zero_shot or any(k.startswith('fc_mtm.') for k in unexpected)
+        run = dict(config=opt.config, ckpt=path_ckpt, zero_shot=zero_shot, world=world, size_pair=size_pair,
                    precision=args['precision'])
         agent.save_json(dict(run=run, **results), os.path.join(out, 'eval_retrieval.json'))
         # a training run's folder keeps its own args.json: these args go beside it under another name

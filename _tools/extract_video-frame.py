@@ -32,7 +32,7 @@ from tqdm import tqdm
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
-from dataset import WriteError, frame_b64, load_pickle, remove_stale_tmp, video_b64, write_json, write_pickle  # noqa: E402
+from dataset import MAX_FRAMES, WriteError, frame_b64, load_pickle, remove_stale_tmp, video_b64, write_json, write_pickle  # noqa: E402
 from config import int_at_least  # noqa: E402
 from extract_tsv import frames_shape_problem, read_tsv, write_tsv  # noqa: E402
 
@@ -256,6 +256,9 @@ def main():
     args = parser.parse_args()
     if not args.path and not (args.videos and args.out):
         parser.error('give --path, or --videos and --out')
+    if args.sample > MAX_FRAMES and args.layout != 'v2':  # (a long extraction the model could not take)
+        parser.error(f'--sample {args.sample}: VIOLET takes at most {MAX_FRAMES} frames a video; only the v2 layout '
+                     f'stores more (training samples size_frame of them)')
     if args.path:
         head, name = os.path.split(os.path.normpath(args.path))
         dir_in = args.videos or os.path.join(head, '_' + name)

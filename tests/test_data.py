@@ -471,6 +471,13 @@ def test_extract_cli_folder_without_the_extension(tmp_path):
                  '--out', str(tmp_path / 'img_mine.pkl'))
     assert r.returncode == 0, r.stderr
     assert list(dataset.load_pickle(str(tmp_path / 'img_mine.pkl'))) == ['C']
+    # a folder named like a video: said so
+    with pytest.raises(dataset.BadVideo, match=rf'^{tmp_path}/clips/more: a folder, not a video file$'):
+        dataset.read_video(str(tmp_path / 'clips' / 'more'), 5)
+    # more frames than VIOLET takes, outside the v2 layout: refused before the work
+    r7 = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(tmp_path / 'clips'), '--sample=7',
+                  '--out', str(tmp_path / 'img_7.pkl'))
+    assert r7.returncode == 2 and 'error: --sample 7: VIOLET takes at most 6 frames a video; only the v2 layout' in r7.stderr
     # beside videos of its own too (it was said only when the folder had none)
     assert f'{tmp_path}/clips: 1 folder(s) in it not read (only its own files are): give each as --videos' in r.stderr
     os.rmdir(tmp_path / 'clips' / 'more')

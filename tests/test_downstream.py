@@ -147,6 +147,7 @@ def test_config_values_out_of_range_and_config_files(tmp_path):
     assert error_of('vt_window=[8,NaN,4]') == ("config error: key 'vt_window' must hold ints, got float nan in "
                                                "[8, nan, 4] (--set)")
     assert error_of('head_dropout=1.5') == "config error: key 'head_dropout' must be in 0..1, got 1.5 (--set)"
+    assert error_of('size_txt=2') == "config error: key 'size_txt' must be >= 3, got 2 (--set)"  # ([CLS] [SEP]: no word)
     assert error_of('vt_drop_path=2') == "config error: key 'vt_drop_path' must be in 0..1, got 2 (--set)"
     assert error_of('seed=-1') == "config error: key 'seed' must be in 0..9223372036854775807, got -1 (--set)"
     assert agent.load_args(f'{REPO}/_data/args_tgif-action.json', ['head_dropout=1', 'seed=4294967296'])['seed'] == 2**32

@@ -337,6 +337,12 @@ def test_zero_shot_cli_scores_with_pretrain_vtm_head(toy, tmp_path):
     true_video = torch.tensor([vids.index(it['video']) for it in ds.txt])
     assert res['val']['ranks'] == original_ranks(score, true_video)[0]
     assert res['val']['strict']['ranks'] == brute_ranks(score, true_video)
+    # without --zero-shot the same checkpoint fills the retrieval model (its VTM head scoring): the same ranks, and
+    # the run says it was zero-shot (it recorded false)
+    p = run_cli([toy[1], '--ckpt', str(tmp_path / 'pre.pt'), '--splits', 'val', '--out', str(tmp_path / 'out2'),
+                 '--set', f'path_vt={tmp_path}/absent.pt'])
+    res2 = json.load(open(tmp_path / 'out2' / 'eval_retrieval.json'))
+    assert res2['run']['zero_shot'] is True and res2['val']['ranks'] == res['val']['ranks']
 
 
 def test_pair_scoring_faster_than_bare_cross_encoder():
