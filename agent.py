@@ -327,6 +327,11 @@ class Trainer:
             need = need or ('any' if args['init_partial'] else 'encoders')
             self.not_loaded, self.unused = self.raw.load_ckpt(args['path_ckpt'], need)
         else:
+            own = self.raw.state_dict()
+            misfit = [k for k, v in own.items() if k not in state['model'] or violet.misfit_tensor(state['model'][k], v)]
+            if misfit:  # (load_state_dict's RuntimeError, named as path_ckpt's)
+                raise violet.CheckpointError(f"resume: resume.pt's weights lack {len(misfit)} of the model's keys or hold "
+                                             f'them in another shape or type, e.g. {misfit[:3]}: a damaged file?')
             self.raw.load_state_dict(state['model'])
             self.not_loaded, self.unused = state['log'].get('not_loaded', []), []
         if args['compile']:
@@ -982,6 +987,10 @@ def main(task_cls, default_config, argv=None):
         if not isinstance(state, dict) or not {'args', 'model', 'optim', 'step'} <= set(state):
             raise SystemExit(f'resume: {path} holds weights alone, not a resume state (resume.pt): to train from them, '
                              f'start a run with --set path_ckpt={path}')
+        damaged = resume_problem(state)
+        if damaged:  # (each was a KeyError or TypeError traceback from deep in the trainer)
+            raise SystemExit(f'resume: {path}: {damaged}: not a whole resume.pt of this version; resume from another '
+                             f'copy, or start the run again')
         # stop_after_steps belongs to the invocation that sets it: a resumed run goes on to the end unless --set asks again
         args = load_args(sets=cli.set, base={**state['args'], 'stop_after_steps': 0})
         if cli.config_given:  # the resumed run keeps its args.json (and --set): a config file is not applied
@@ -1038,6 +1047,20 @@ def main(task_cls, default_config, argv=None):
     finally:
         if lock:
             lock.close()  # releases the folder (a killed process releases it too)
+
+
+def resume_problem(state):
+    """What keeps a resume.pt's dict from being one Trainer.load_state reads ('' when nothing)."""
+    kinds = dict(args=dict, model=dict, optim=dict, log=dict, unit=int, step=int, nonfinite_run=int, ranks=list,
+                 world=int)
+    for k, kind in kinds.items():
+        if not isinstance(state.get(k), kind):
+            return f'"{k}" is ' + ('missing' if k not in state else f'a {type(state[k]).__name__}, not a {kind.__name__}')
+    if not isinstance(state.get('scaler', 0), dict) or not {'state', 'param_groups'} <= set(state['optim']):
+        return 'its optimiser or grad scaler state is missing'
+    if not {'n_nonfinite', 'n_skipped'} <= set(state['log']) or len(state['ranks']) != state['world']:
+        return 'its log or its ranks\' states are incomplete'
+    return ''
 
 
 def take_on_main(take, world, out):
@@ -1123,7 +1146,7 @@ def run(cli, task, state, device, out):
     try:
         trainer = Trainer(task, device, state, need='all' if cli.eval else None)
     except violet.CheckpointError as e:
-        raise SystemExit(str(e) if str(e).startswith('path_vt: ') else f'path_ckpt: {e}') from e
+        raise SystemExit(str(e) if str(e).startswith(('path_vt: ', 'resume: ')) else f'path_ckpt: {e}') from e
     if is_main():
         save_json(args, os.path.join(out, 'args.json'))  # after the task filled in what it derives (size_vocab)
         for name, obj in task.run_files().items():

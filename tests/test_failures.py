@@ -214,6 +214,31 @@ def test_stop_after_the_last_step_is_done(toy, tmp_path, capsys):
     assert said.strip().endswith(f'done: {out}') and 'stopped after' not in said, said
 
 
+def test_damaged_resume_state_is_named(toy, tmp_path):
+    """A resume.pt lacking what the trainer reads (an edited or cut-down copy, another version's): each was a KeyError,
+    TypeError or load_state_dict traceback."""
+    out = qamc(toy, tmp_path / 'run', 'stop_after_steps=2')
+    state = torch.load(os.path.join(out, 'resume.pt'), weights_only=True)
+    key = 'trsfr.layer.0.attention.self.query.weight'
+    for name, edit, said in [('scaler', lambda s: s.pop('scaler'), "its optimiser or grad scaler state is missing"),
+                             ('optim', lambda s: s.update(optim={}), "its optimiser or grad scaler state is missing"),
+                             ('args', lambda s: s.update(args=[1]), '"args" is a list, not a dict'),
+                             ('log', lambda s: s.update(log={}), "its log or its ranks' states are incomplete")]:
+        damaged = {**state, 'model': dict(state['model'])}
+        edit(damaged)
+        (tmp_path / name).mkdir()
+        torch.save(damaged, tmp_path / name / 'resume.pt')
+        assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / name)]) == (
+            f'resume: {tmp_path / name}/resume.pt: {said}: not a whole resume.pt of this version; resume from another '
+            f'copy, or start the run again')
+    damaged = {**state, 'model': {k: v for k, v in state['model'].items() if k != key}}
+    (tmp_path / 'model').mkdir()
+    torch.save(damaged, tmp_path / 'model' / 'resume.pt')
+    assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'model')]) == (
+        f"resume: resume.pt's weights lack 1 of the model's keys or hold them in another shape or type, e.g. ['{key}']: "
+        f'a damaged file?')
+
+
 def test_out_of_memory_is_one_line_with_what_to_change(toy, tmp_path, monkeypatch):
     """A training step that runs out of GPU memory (here raised by hand: this machine has no GPU) stops the run with
     torch's first line, the settings that decide the memory and what to change, not a traceback."""
@@ -315,7 +340,7 @@ def test_list_and_sign_checks():
     assert error_of('save_every=-5') == "config error: key 'save_every' must be >= 0, got -5 (--set)"
     assert error_of('max_skip_frac=-0.1') == "config error: key 'max_skip_frac' must be >= 0, got -0.1 (--set)"
     # one token would be [CLS] alone: the tokenizer then returns the text untruncated and batching failed
-    assert error_of('size_txt=1') == "config error: key 'size_txt' must be >= 2, got 1 (--set)"
+    assert error_of('size_txt=1') == "config error: key 'size_txt' must be >= 3, got 1 (--set)"
     assert agent.load_args(CONFIG, ['vt_window=[2,2,2]', 'datasets=["a"]'])['vt_window'] == [2, 2, 2]
 
 
