@@ -25,6 +25,7 @@ unknown video stops it with a message naming the file and the line.
 import argparse, collections, csv, io, json, os, sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import int_at_least  # noqa: E402
 from dataset import DataError, WriteError, read_text, write_json  # noqa: E402  (whole or not at all; a full disk named)
 
 # published split sizes: MSR-VTT (Xu et al. 2016) with JSFusion's 1k-A split (Yu et al. 2018),
@@ -114,8 +115,12 @@ def xu_qa(src, size_vocab, video_name):
         out[split] = []
         for where, it in items:
             answer = str(field(it, 'answer', where))
-            out[split].append({'video': video_name(field(it, 'video_id', where), where),
-                               'question': field(it, 'question', where),
+            question, video_id = field(it, 'question', where), field(it, 'video_id', where)
+            if not isinstance(question, str) or isinstance(video_id, bool) or not isinstance(video_id, (int, str)):
+                raise BadAnnotation(f'{where}: "question" must be a str and "video_id" an int, got '
+                                    f'{question!r:.40} and {video_id!r:.40}')
+            out[split].append({'video': video_name(video_id, where),
+                               'question': question,
                                'answer': index.get(answer, -1), 'answer_text': answer})
     return out
 
@@ -190,16 +195,21 @@ def main():
     parser.add_argument('task', choices=list(PUBLISHED))
     parser.add_argument('--src', required=True, help='folder of the downloaded annotation files')
     parser.add_argument('--out', required=True, help='txt_<task>.json to write')
-    parser.add_argument('--size_vocab', type=int, default=1000, help='QA-OE: answer vocabulary size (VIOLET: 1000)')
+    parser.add_argument('--size_vocab', type=int_at_least(1), default=1000, help='QA-OE: answer vocabulary size (VIOLET: 1000)')
     args = parser.parse_args()
     try:
         out, sizes = convert(args.task, args.src, args.size_vocab)
     except (FileNotFoundError, BadAnnotation, DataError) as e:
         sys.exit(str(e))
+    out_path = os.path.abspath(args.out)
+    if os.path.dirname(out_path) == os.path.abspath(args.src) and os.path.isfile(out_path) and \
+            not os.path.basename(out_path).startswith('txt_'):  # (an annotation file was replaced in silence)
+        sys.exit(f'--out {args.out} is a file of --src (an annotation file): write the txt_<task>.json elsewhere')
     try:
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
         write_json(out, args.out)
-    except WriteError as e:
-        sys.exit(str(e))
+    except (WriteError, OSError) as e:
+        sys.exit(str(e) if isinstance(e, WriteError) else f'--out {args.out}: cannot make its folder: {e.strerror or e}')
     print(f'{args.out}:')
     for split in ['train', 'val', 'test']:
         print(f'  {split}: {sizes[split]} (published: {PUBLISHED[args.task][split]})')

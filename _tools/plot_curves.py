@@ -13,7 +13,7 @@ import os
 def read_steps(path):
     """-> (training lines, evaluation lines), one per step (the last written wins); a last line cut short by a
     kill is left out, any other unreadable line is an error naming it."""
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8', errors='replace') as f:  # (a damaged byte makes its line unreadable, named)
         lines = f.read().splitlines()
     train, evals = {}, {}
     for n, line in enumerate(lines, 1):
@@ -23,6 +23,9 @@ def read_steps(path):
             if n == len(lines):
                 break
             raise SystemExit(f'{path} line {n}: not JSON ({e})') from e
+        if not (isinstance(rec, dict) and isinstance(rec.get('step'), int) and
+                (isinstance(rec.get('eval'), dict) if 'eval' in rec else isinstance(rec.get('loss'), (int, float)))):
+            raise SystemExit(f'{path} line {n}: not a step line (a "step" with a "loss", or with an "eval" object)')
         (evals if 'eval' in rec else train)[rec['step']] = rec
     return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
 
@@ -46,6 +49,8 @@ def main():
         if not os.path.isfile(path):
             raise SystemExit(f'{path}: no such file (runs write it beside log.json)')
         train, evals = read_steps(path)
+        if not train and not evals:  # (an empty panel was drawn, and 'wrote' said)
+            raise SystemExit(f'{path}: no step logged yet (the run stopped before its first optimiser step?)')
         ax.plot([r['step'] for r in train], [r['loss'] for r in train], lw=0.8, color='tab:blue')
         ax.set_title(os.path.basename(os.path.normpath(run)), fontsize=9)
         ax.set_xlabel('step', fontsize=8)
@@ -59,7 +64,11 @@ def main():
             acc.tick_params(labelsize=7)
             acc.legend(fontsize=6, loc='center right')
     fig.tight_layout()
-    fig.savefig(opt.out, dpi=80)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(opt.out)), exist_ok=True)
+        fig.savefig(opt.out, dpi=80)
+    except OSError as e:  # (a file in the path's way, permission, a full disk)
+        raise SystemExit(f'--out {opt.out}: cannot write it: {e.strerror or e}') from None
     print(f'wrote {opt.out}')
 
 

@@ -334,3 +334,15 @@ def test_step_log_and_tensorboard(toy, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert open(tmp_path / 'c.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+    # a line that is JSON but not a step, an empty log, an --out under a file: one line each (tracebacks, or an
+    # empty panel and 'wrote')
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'steps.jsonl').write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.0}\n{"step": 3, "eval": 5}\n')
+    with pytest.raises(SystemExit, match=r'bad/steps.jsonl line 2: not a step line'):
+        plot_curves.read_steps(str(tmp_path / 'bad' / 'steps.jsonl'))
+    (tmp_path / 'bad' / 'steps.jsonl').write_text('')
+    for run, png, said in [(tmp_path / 'bad', tmp_path / 'd.png', 'no step logged yet'),
+                           (out, tmp_path / 'c.png' / 'x.png', f'--out {tmp_path}/c.png/x.png: cannot write it: ')]:
+        r = subprocess.run([sys.executable, '_tools/plot_curves.py', str(run), '--out', str(png)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and said in r.stderr.strip().splitlines()[-1], r.stderr

@@ -347,6 +347,16 @@ def test_convert_msrvtt_qa_and_msvd_qa(tmp_path, capsys, monkeypatch):
     (tmp_path / 'val_qa.json').write_text('[{"answer": ')
     with pytest.raises(conv.BadAnnotation, match=r'val_qa.json: not valid JSON'):
         conv.convert('msrvtt-qa', str(tmp_path))
+    # entries of the wrong types were written as "video[1]" / "question": null; --out onto an input replaced it
+    write_json(tmp_path / 'val_qa.json', [{'answer': 'a', 'id': 0, 'video_id': [1], 'question': None}])
+    with pytest.raises(conv.BadAnnotation, match=r'val_qa.json\[0\]: "question" must be a str and "video_id" an int, '
+                                                  r'got None and \[1\]'):
+        conv.convert('msrvtt-qa', str(tmp_path))
+    write_xu_qa(str(tmp_path), ['man', 'dog'])
+    code, _ = cli(conv.main, ['msrvtt-qa', f'--src={tmp_path}', f'--out={tmp_path}/train_qa.json'], capsys, monkeypatch)
+    assert code == f'--out {tmp_path}/train_qa.json is a file of --src (an annotation file): write the txt_<task>.json elsewhere'
+    code, _ = cli(conv.main, ['msrvtt-qa', f'--src={tmp_path}', f'--out={tmp_path}/t.json', '--size_vocab=0'], capsys, monkeypatch)
+    assert code == 2 and not os.path.exists(tmp_path / 't.json')  # (argparse's error: a vocabulary of 0 answers)
 
 
 TGIF_HEADER = 'gif_name\tquestion\ta1\ta2\ta3\ta4\ta5\tanswer\tvid_id\tkey\n'
