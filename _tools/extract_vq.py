@@ -9,7 +9,7 @@ encoded, argmax over the 8192 logits: h = w = frame//32, one token per 32x32 pat
 The encoder is the original's https://cdn.openai.com/dall-e/encoder.pkl (see the DALL-E package README,
 https://github.com/openai/DALL-E).
 """
-import argparse, io, os, sys
+import argparse, io, os, pickle, sys
 
 import numpy as np
 import torch
@@ -18,8 +18,10 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset import WriteError, b64_bytes, load_pickle, write_pickle  # noqa: E402  plain-data pickles
-from extract_tsv import read_tsv  # noqa: E402
+from config import int_at_least  # noqa: E402
+from dataset import (IMAGE_ERRORS, DataError, WriteError, b64_bytes, image_error, load_pickle,  # noqa: E402
+                     write_pickle)  # plain-data pickles
+from extract_tsv import frames_shape_problem, read_tsv  # noqa: E402
 
 LOGIT_LAPLACE_EPS = 0.1
 
@@ -52,12 +54,19 @@ def vq_input(b64, size):
 
 
 @torch.no_grad()
-def encode_frames(encoder, frames_b64, frame=224, device='cpu', batch=64):
-    """[b64] -> int16 [len, frame//32, frame//32] token ids."""
+def encode_frames(encoder, frames_b64, frame=224, device='cpu', batch=64, names=None):
+    """[b64] -> int16 [len, frame//32, frame//32] token ids. names: what to call each frame in the DataError for one
+    that cannot be decoded (default its index)."""
     size = frame // 32 * 8
     out = []
     for i in range(0, len(frames_b64), batch):
-        x = torch.stack([vq_input(b, size) for b in frames_b64[i:i + batch]]).to(device)
+        x = []
+        for j, b in enumerate(frames_b64[i:i + batch], i):
+            try:
+                x.append(vq_input(b, size))
+            except IMAGE_ERRORS as e:
+                raise DataError(f'{names[j] if names else f"frame {j}"}: cannot decode image ({image_error(e)})') from e
+        x = torch.stack(x).to(device)
         x = (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS  # dall_e.map_pixels
         out.append(encoder(x).argmax(1).cpu())
     return torch.cat(out).numpy().astype(np.int16)
@@ -71,7 +80,8 @@ def encode_videos(encoder, pkl, frame=224, device='cpu', batch=64, progress=True
     for i in range(0, len(vids), group):
         chunk = vids[i:i + group]
         flat = [b for v in chunk for b in pkl[v]]
-        tokens = encode_frames(encoder, flat, frame, device, batch)
+        names = [f'video "{v}" frame {k}' for v in chunk for k in range(len(pkl[v]))]
+        tokens = encode_frames(encoder, flat, frame, device, batch, names)
         k = 0
         for v in chunk:
             out[v] = tokens[k:k + len(pkl[v])]
@@ -86,10 +96,10 @@ def main():
     parser.add_argument('--path', required=True, nargs='+',
                         help='X: reads X.pkl (else X.tsv + X.lineidx), writes X_vq.pkl; several (the train parts and '
                              'val of a dataset): one --out holding all their videos (vq_<dataset>.pkl)')
-    parser.add_argument('--frame', type=int, default=224, help='the training size_img')
+    parser.add_argument('--frame', type=int_at_least(32), default=224, help='the training size_img')
     parser.add_argument('--encoder', default='encoder.pkl')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--batch', type=int, default=64, help='frames per encoder call')
+    parser.add_argument('--batch', type=int_at_least(1), default=64, help='frames per encoder call')
     parser.add_argument('--out', default=None, help='output file (default X_vq.pkl)')
     args = parser.parse_args()
     if len(args.path) > 1 and not args.out:
@@ -98,15 +108,24 @@ def main():
         encoder = load_encoder(args.encoder, args.device)
     except FileNotFoundError as e:
         sys.exit(str(e))
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:  # (not the encoder.pkl)
+        sys.exit(f'--encoder {args.encoder}: not the DALL-E encoder.pkl ({type(e).__name__}: '
+                 f'{str(e).splitlines()[0] if str(e) else ""})')
     vq = {}
     for path in args.path:
-        if os.path.isfile(path + '.pkl'):
-            pkl = load_pickle(path + '.pkl')
-        elif os.path.isfile(path + '.tsv') and os.path.isfile(path + '.lineidx'):
-            pkl = read_tsv(path + '.tsv', path + '.lineidx')
-        else:
-            sys.exit(f'missing {path}.pkl (or {path}.tsv + .lineidx)')
-        vq.update(encode_videos(encoder, pkl, args.frame, args.device, args.batch))
+        try:
+            if os.path.isfile(path + '.pkl'):
+                pkl = load_pickle(path + '.pkl')
+            elif os.path.isfile(path + '.tsv') and os.path.isfile(path + '.lineidx'):
+                pkl = read_tsv(path + '.tsv', path + '.lineidx')
+            else:
+                sys.exit(f'missing {path}.pkl (or {path}.tsv + .lineidx)')
+            wrong = frames_shape_problem(pkl)
+            if wrong:
+                sys.exit(f'{path}: {wrong}')
+            vq.update(encode_videos(encoder, pkl, args.frame, args.device, args.batch))
+        except DataError as e:  # (a pkl that is not one, a damaged index, a frame that is not an image: named)
+            sys.exit(str(e))
     path_out = args.out or args.path[0] + '_vq.pkl'
     try:
         write_pickle(vq, path_out)  # whole or not at all

@@ -1206,6 +1206,21 @@ def test_extract_vq_with_random_small_encoder(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, 'argv', argv[:3] + [f'--encoder={tmp_path}/missing.pkl'])
     with pytest.raises(SystemExit, match='cdn.openai.com/dall-e/encoder.pkl'):
         extract_vq.main()
+    # an encoder file that is not one, a pkl of another kind, a frame that is not an image: one line each (tracebacks)
+    (tmp_path / 'page.pkl').write_text('<html>404</html>')
+    monkeypatch.setattr(sys, 'argv', argv[:3] + [f'--encoder={tmp_path}/page.pkl'])
+    with pytest.raises(SystemExit, match=rf'^--encoder {tmp_path}/page.pkl: not the DALL-E encoder.pkl \('):
+        extract_vq.main()
+    with open(tmp_path / 'z.pkl', 'wb') as f:
+        pickle.dump([1, 2], f)
+    monkeypatch.setattr(sys, 'argv', argv[:1] + [f'--path={tmp_path}/z'] + argv[2:])
+    with pytest.raises(SystemExit, match=rf'^{tmp_path}/z: holds a list, not frames'):
+        extract_vq.main()
+    bad = dict(frames)
+    first = next(iter(bad))
+    bad[first] = bad[first][:2] + ['bm90IGFuIGltYWdl'] + bad[first][3:]  # base64 of 'not an image'
+    with pytest.raises(dataset.DataError, match=rf'^video "{first}" frame 2: cannot decode image'):
+        extract_vq.encode_videos(enc, bad, frame=64, progress=False)
 
 
 def test_standin_vq_tokens(toy):
