@@ -1150,6 +1150,18 @@ class Dataset_Downstream(Dataset_Base):
             (idx, vid), more = missing[0], len(missing) - 1
             raise BadSample(f'{self.path_txt}["{self.split}"][{idx}]: no video "{vid}" in {self.path_frames}'
                             + self.why_missing(vid) + (f' ({more} more of the split\'s items lack theirs)' if more else ''))
+        typed = [i for i, it in enumerate(self.txt) if not isinstance(it, dict)
+                 or any(not isinstance(it[k], str) for k in self.keys() if k != 'answer')]
+        if typed:  # (a question stored as a list was found when read, in the first evaluation)
+            self.item(typed[0], *self.keys())
+        if self.layout == 'pkl':  # (a test video of another frame count was found after an epoch of training)
+            odd = [(i, it['video']) for i, it in enumerate(self.txt) if len(self.frames[it['video']]) != self.size_frame
+                   and isinstance(self.frames[it['video']], (list, tuple))]
+            if odd:
+                (idx, vid), more = odd[0], len(odd) - 1
+                raise BadSample(f'{self.path_txt}["{self.split}"][{idx}]: video "{vid}" has '
+                                f'{len(self.frames[vid])} frames in {self.path_frames}, expected {self.size_frame}'
+                                + (f' ({more} more of the split\'s videos)' if more else ''))
         empty = [i for i, it in enumerate(self.txt) if isinstance(it, dict)
                  and any(isinstance(it.get(k), str) and not it[k].strip() for k in self.words)]
         if empty:

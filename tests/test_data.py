@@ -1114,6 +1114,22 @@ def test_data_files_of_the_wrong_shape_are_named(args, bad_copy):
         dataset.Dataset_Pretrain(p, 'toyvid', 'val')
 
 
+def test_items_checked_before_the_first_step(args, bad_copy):
+    """A test video of another frame count and a question stored as a list were found when read: after an epoch of
+    training, in the first evaluation. check_items (run before the first step) names them."""
+    a = dict(args, path_data=bad_copy, dataset='toy', task='toy-qaoe')
+    ds = dataset.Dataset_QAOE(a, 'test')
+    vid = ds.txt[1]['video']
+    edit_pickle(f'{bad_copy}/img_toy.pkl', lambda d: d.__setitem__(vid, d[vid][:3]))
+    with pytest.raises(dataset.BadSample, match=rf'txt_toy-qaoe.json\["test"\]\[1\]: video "{vid}" has 3 frames in '
+                                                rf'.*img_toy.pkl, expected 5'):
+        dataset.Dataset_QAOE(a, 'test').check_items()
+    edit_pickle(f'{bad_copy}/img_toy.pkl', lambda d: d.__setitem__(vid, ds.frames[vid]))
+    edit_json(f'{bad_copy}/txt_toy-qaoe.json', lambda t: t['test'][2].update(question=['what', 'colour']))
+    with pytest.raises(dataset.BadSample, match=r'txt_toy-qaoe.json\["test"\]\[2\]: "question" is list \[.what., .colour.\], not a string$'):
+        dataset.Dataset_QAOE(a, 'test').check_items()
+
+
 def test_vq_list_layout(args, bad_copy):
     """Some releases store a list of T arrays [h, w]: read the same."""
     ref = dataset.Dataset_Pretrain(dict(args), 'toyvid', 'val')
