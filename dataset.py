@@ -1248,6 +1248,9 @@ def answer_texts(vocab, where):
         return texts
     if not isinstance(vocab, list):
         raise DataError(f'{where}: "vocab" must be a list of answers (or answer -> index), got {type(vocab).__name__}')
+    odd = next((i for i, a in enumerate(vocab) if not isinstance(a, (str, int, float)) or isinstance(a, bool)), None)
+    if odd is not None:  # (a list or null became the answer text "['red', 'RED']" or "None")
+        raise DataError(f'{where}: "vocab"[{odd}] is {vocab[odd]!r:.40}, not an answer text')
     return [str(a) for a in vocab]
 
 

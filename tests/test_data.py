@@ -1125,6 +1125,10 @@ def test_items_checked_before_the_first_step(args, bad_copy):
                                                 rf'.*img_toy.pkl, expected 5'):
         dataset.Dataset_QAOE(a, 'test').check_items()
     edit_pickle(f'{bad_copy}/img_toy.pkl', lambda d: d.__setitem__(vid, ds.frames[vid]))
+    edit_json(f'{bad_copy}/txt_toy-qaoe.json', lambda t: t['vocab'].__setitem__(3, ['red', 'RED']))
+    with pytest.raises(dataset.DataError, match=r'txt_toy-qaoe.json: "vocab"\[3\] is \[.red., .RED.\], not an answer text$'):
+        dataset.Dataset_QAOE(a, 'test')
+    edit_json(f'{bad_copy}/txt_toy-qaoe.json', lambda t: t['vocab'].__setitem__(3, 'red'))
     edit_json(f'{bad_copy}/txt_toy-qaoe.json', lambda t: t['test'][2].update(question=['what', 'colour']))
     with pytest.raises(dataset.BadSample, match=r'txt_toy-qaoe.json\["test"\]\[2\]: "question" is list \[.what., .colour.\], not a string$'):
         dataset.Dataset_QAOE(a, 'test').check_items()
