@@ -1155,8 +1155,8 @@ class Dataset_Downstream(Dataset_Base):
         if typed:  # (a question stored as a list was found when read, in the first evaluation)
             self.item(typed[0], *self.keys())
         if self.layout == 'pkl':  # (a test video of another frame count was found after an epoch of training)
-            odd = [(i, it['video']) for i, it in enumerate(self.txt) if len(self.frames[it['video']]) != self.size_frame
-                   and isinstance(self.frames[it['video']], (list, tuple))]
+            odd = [(i, it['video']) for i, it in enumerate(self.txt) if isinstance(self.frames[it['video']], (list, tuple))
+                   and len(self.frames[it['video']]) != self.size_frame]  # (other kinds: bad samples, when read)
             if odd:
                 (idx, vid), more = odd[0], len(odd) - 1
                 raise BadSample(f'{self.path_txt}["{self.split}"][{idx}]: video "{vid}" has '

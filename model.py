@@ -531,7 +531,7 @@ def misfit_tensor(v, own):
         return f'a {type(v).__name__} in the file, not a tensor'
     if v.shape != own.shape:
         return f'{list(v.shape)} in the file, {list(own.shape)} in the model'
-    if own.is_floating_point() and not (v.is_floating_point() or v.is_complex()) or v.is_complex():
+    if v.is_complex() or own.is_floating_point() and not v.is_floating_point():
         return f'{v.dtype} in the file, {own.dtype} in the model'
     if v.is_floating_point() and not torch.isfinite(v).all():
         return 'NaN or infinite values in the file'
