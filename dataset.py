@@ -420,7 +420,20 @@ def decode_image(raw, reduce_for=0):
         w, h = pil.size
         side = 2 * reduce_for  # long side >= 2 size
         pil.draft('RGB', (-(-side * w // max(w, h)), -(-side * h // max(w, h))))
-    return torch.from_numpy(np.array(pil.convert('RGB'))).permute(2, 0, 1)
+    return torch.from_numpy(rgb_array(pil)).permute(2, 0, 1)
+
+
+def rgb_array(pil):
+    """A PIL image -> RGB uint8 [H, W, 3], as PIL's convert('RGB') gives it, except for 16-bit grey (PNG, TIFF),
+    which convert('RGB') clips at 255 (a white frame): it is scaled to 8 bits. 32-bit or float values, which have
+    no one 8-bit reading, are refused."""
+    if pil.mode.startswith('I;16'):
+        grey = np.rint(np.asarray(pil, dtype=np.float32) * (255 / 65535)).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if pil.mode in ('I', 'F'):
+        raise ValueError(f'a {"32-bit integer" if pil.mode == "I" else "floating-point"} image (PIL mode {pil.mode}): '
+                         f'save it with 8 or 16 bits per channel')
+    return np.array(pil.convert('RGB'))
 
 
 def jpeg_side(raw):

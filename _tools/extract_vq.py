@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import int_at_least  # noqa: E402
-from dataset import (IMAGE_ERRORS, DataError, WriteError, b64_bytes, image_error, load_pickle,  # noqa: E402
+from dataset import (IMAGE_ERRORS, DataError, WriteError, b64_bytes, image_error, load_pickle, rgb_array,  # noqa: E402
                      write_pickle)  # plain-data pickles
 from extract_tsv import frames_shape_problem, read_tsv  # noqa: E402
 
@@ -44,8 +44,8 @@ def vq_input(b64, size):
     size x size, then to a tensor. The training input (dataset.b64_to_img) is within 1/255 of this, about 0.1 % of
     values 1/255 apart; a token is a label, so its input keeps the original's arithmetic (the encoder, not this,
     is the cost). Frames that are not RGB (greyscale, CMYK) are made RGB first (the original's encoder failed on
-    them)."""
-    img = Image.open(io.BytesIO(b64_bytes(b64))).convert('RGB')
+    them); 16-bit grey ones are scaled to 8 bits as training reads them (dataset.rgb_array)."""
+    img = Image.fromarray(rgb_array(Image.open(io.BytesIO(b64_bytes(b64)))))
     w, h = img.size
     rows, cols = ((w - h) // 2, 0) if w > h else (0, (h - w) // 2)
     square = Image.new('RGB', (w + 2 * cols, h + 2 * rows))

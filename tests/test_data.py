@@ -1,5 +1,5 @@
 """Data side: offline tools (_tools/), dataset.py, the toy corpus. Small and CPU-only."""
-import base64, binascii, io, json, os, pickle, shutil, subprocess, sys
+import base64, binascii, io, json, os, pickle, re, shutil, subprocess, sys
 
 import numpy as np
 import pytest
@@ -618,6 +618,31 @@ def test_str2img_matches_pil_pipeline(h, w, fmt):
         ours, ref = dataset.b64_to_img(b64, size), pil_reference(b64, size)
         assert ours.shape == ref.shape == (3, size, size) and ours.dtype == torch.float32
         assert (ours - ref).abs().mean().item() < 1 / 255, (h, w, size)
+
+
+def test_16_bit_grey_frames_read_as_their_8_bit_values(tmp_path):
+    """A 16-bit grey PNG or TIFF (a microscope's or a depth camera's frames) went through PIL's convert('RGB'),
+    which clips at 255: an almost white frame, without a word. It now reads as the same image saved with 8 bits;
+    32-bit and float images, which have no one 8-bit reading, are refused, naming the file."""
+    grey16 = (np.linspace(0, 65535, 48 * 64).reshape(48, 64)).astype(np.uint16)
+    grey8 = np.rint(grey16 / 257).astype(np.uint8)
+    for fmt in ('PNG', 'TIFF'):
+        buf = io.BytesIO()
+        Image.fromarray(grey16).save(buf, format=fmt)
+        assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith('I;16')
+        img = dataset.decode_image(buf.getvalue())
+        assert img.dtype == torch.uint8 and img.shape == (3, 48, 64)
+        assert torch.equal(img, torch.from_numpy(grey8).expand(3, -1, -1)), fmt
+        # the VQ tokens' input (PIL's arithmetic) reads it as training does too
+        buf8 = io.BytesIO()
+        Image.fromarray(grey8).save(buf8, format='PNG')
+        b64, b64_8 = (base64.b64encode(b.getvalue()).decode() for b in (buf, buf8))
+        assert torch.equal(extract_vq.vq_input(b64, 56), extract_vq.vq_input(b64_8, 56)), fmt
+    for arr, said in ((grey16.astype(np.float32) / 65535, 'a floating-point image (PIL mode F)'),
+                      (grey16.astype(np.int32) * 1000, 'a 32-bit integer image (PIL mode I)')):
+        Image.fromarray(arr).save(tmp_path / 'x.tif')
+        with pytest.raises(dataset.BadVideo, match=rf'^{tmp_path}/x.tif: not an image \({re.escape(said)}: save it with 8 or'):
+            dataset.read_image(str(tmp_path / 'x.tif'))
 
 
 @pytest.mark.parametrize('h,w', [(36, 48), (35, 48), (100, 101), (240, 320), (201, 500), (30, 300), (150, 224),
