@@ -154,7 +154,7 @@ class Violet:
                 raise ValueError(f'a video array must be uint8 [T, H, W, 3], got {video.dtype} {list(video.shape)}')
             rgb = list(video)
         elif isinstance(video, (list, tuple)) and video and all(hasattr(im, 'convert') for im in video):
-            rgb = [np.array(im.convert('RGB')) for im in video]
+            rgb = [dataset.rgb_array(im) for im in video]  # (16-bit grey scaled, as a stored frame is)
         else:
             raise TypeError(f'a video is a path, a [T, H, W, 3] uint8 array or a list of PIL images, got {type(video).__name__}')
         if not 1 <= len(rgb) <= violet.MAX_FRAMES or any(min(f.shape[:2]) < 1 for f in rgb):

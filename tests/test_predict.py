@@ -140,6 +140,10 @@ def test_api_video_forms_and_checks(clips, ckpts):
     f_path = m.embed_video(path)[0]
     assert torch.equal(m.embed_video(np.stack(rgb))[0], f_path)
     assert torch.equal(m.embed_video([Image.fromarray(x) for x in rgb])[0], f_path)
+    # 16-bit grey PIL images as their 8-bit values (convert('RGB') made them white)
+    grey = [np.rint(x.mean(2)).astype(np.uint8) for x in rgb]
+    f_grey = m.embed_video(np.stack([np.repeat(g[:, :, None], 3, axis=2) for g in grey]))[0]
+    assert torch.equal(m.embed_video([Image.fromarray(g.astype(np.uint16) * 257) for g in grey])[0], f_grey)
     assert f_path.shape == (5 * (1 + 2 * 2), m.model.hidden_size)
     with pytest.raises(ValueError, match=r'a video array must be uint8 \[T, H, W, 3\], got float32 \[5, 48, 80, 3\]'):
         m.embed_video(np.stack(rgb).astype(np.float32))
