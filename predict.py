@@ -159,6 +159,9 @@ def main(argv=None):
     if (opt.mode == 'qaoe') != (m.type == 'qaoe'):
         raise SystemExit(f'predict: {opt.ckpt} is a {m.type} model; mode {opt.mode} needs '
                          + ('a qaoe one' if opt.mode == 'qaoe' else 'a pretrain, retrieval or qamc one'))
+    if opt.mode == 'pretrain' and m.type != 'pretrain':  # (its scores would have been called the VTM head's)
+        raise SystemExit(f'predict: {opt.ckpt} is a {m.type} model; mode pretrain scores with a pretraining '
+                         f'checkpoint\'s VTM head: use mode {"retrieval" if m.type == "retrieval" else "qamc"}')
 
     # features once per video; unreadable ones named (and fatal when named on the command line)
     t0, skipped = time.time(), []

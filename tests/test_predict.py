@@ -277,6 +277,11 @@ def test_qaoe_mode_answers_in_words(clips, ckpts, capsys, tmp_path):
     assert res2['results'][0]['top'] == r['top']
     with pytest.raises(SystemExit, match='is a qaoe model; mode retrieval needs a pretrain, retrieval or qamc one'):
         predict.main(['retrieval', '--ckpt', ckpts['qaoe'], '--video', video, '--text', 'x'])
+    # pretrain mode reports the VTM head's score: a fine-tuned head's scores were given under that name
+    for kind in ('retrieval', 'qamc'):
+        with pytest.raises(SystemExit, match=f"is a {kind} model; mode pretrain scores with a pretraining checkpoint's "
+                                             f"VTM head: use mode {kind}$"):
+            predict.main(['pretrain', '--ckpt', ckpts[kind], '--video', video, '--text', 'x'])
 
 
 def test_list_input_csv_and_json_and_safetensors(clips, ckpts, capsys, tmp_path):
