@@ -14,8 +14,10 @@ training pipeline; the model normalises them. Every model key must come from the
 """
 import hashlib
 import json
+import numbers
 import os
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import safetensors.torch
@@ -29,14 +31,30 @@ import model as violet
 TEMPERATURE = {'qamc': 1.0, 'pretrain': violet.VTM_TEMPERATURE, 'retrieval': violet.VTM_TEMPERATURE}  # option probabilities: softmax(score / T), as trained
 
 
+def as_list(items, what, of):
+    """A sequence given for several items (a list, a tuple, a numpy array, a pandas Series, ...) -> a list; one str,
+    path or bytes (scored letter by letter, before this check), a set or dict (no order) -> ValueError."""
+    if isinstance(items, (str, bytes, os.PathLike, set, frozenset, dict)) or not isinstance(items, Iterable) \
+            or (isinstance(items, np.ndarray) and items.ndim == 0):
+        raise ValueError(f'{what} must be a list {of}, got {type(items).__name__} {items!r:.60}')
+    return list(items)
+
+
+def whole(x, what, least, hint=''):
+    """An int argument (a numpy integer too) >= least -> int; ValueError otherwise (not a bool, not a float)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < least:
+        raise ValueError(f'{what} must be an int >= {least}{hint}, got {x!r}')
+    return int(x)
+
+
 def words(texts, what):
     """Every text must hold a word: an empty one would be scored as [CLS] [SEP] alone (dataset.py makes it a bad
-    sample in training for the same reason). ValueError naming the first empty one."""
-    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):  # (a str was scored letter by letter)
-        raise ValueError(f'{what}s must be a list of str, got {type(texts).__name__} {texts!r:.60}')
+    sample in training for the same reason). -> the texts as a list; ValueError naming the first empty one."""
+    texts = as_list(texts, f'{what}s', 'of str')
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f'{what} {i} is {t!r}: it needs words (an empty one would be scored as [CLS] [SEP] alone)')
+    return [str(t) for t in texts]  # (numpy's str_ as str: JSON output)
 
 
 def find_config(ckpt, config=None):
@@ -66,7 +84,7 @@ def find_config(ckpt, config=None):
 
 def read_vocab(src):
     """Answer texts by class index from a list, a vocab.json (a list) or a txt_<task>.json (its "vocab")."""
-    if isinstance(src, list):
+    if isinstance(src, (list, tuple)):
         return [str(a) for a in src]
     obj = dataset.load_json(src)
     if isinstance(obj, dict):  # a txt_<task>.json: its "vocab", or VIOLETv2's "ans2label", as Dataset_QAOE reads them
@@ -81,6 +99,7 @@ def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=
     file (0: the config's size_frame, else 5, the released downstream sets; 4 for pretraining). cache: a folder
     for per-video features. sets: KEY=VALUE config overrides. upright: turn rotated video files upright
     (dataset.read_video; as the extraction tool's --upright: off, as the original, frames as they are encoded). -> Violet."""
+    ckpt, config, vocab, cache = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (ckpt, config, vocab, cache))
     cfg, cfg_vocab = find_config(ckpt, config)
     args = agent.load_args(sets=sets, base=cfg)
     dataset.check_size_txt(args)
@@ -147,6 +166,7 @@ class Violet:
     def frames(self, video):
         """-> float [T, 3, S, S] in [0, 1]: a path (n_frames sampled by dataset.read_video), a [T, H, W, 3] uint8
         array or a list of PIL images, each frame through dataset.pad_resize."""
+        video = os.fspath(video) if isinstance(video, os.PathLike) else video
         if isinstance(video, str):
             rgb = dataset.read_video(video, self.n_frames, self.upright)  # a video with fewer frames is a BadVideo
         elif isinstance(video, np.ndarray):
@@ -173,6 +193,7 @@ class Violet:
     def embed_video(self, video):
         """-> (features [L, D] float32, mask [L]) of the video encoder; computed once per file (memory, and the
         cache folder when given)."""
+        video = os.fspath(video) if isinstance(video, os.PathLike) else video
         key = video if isinstance(video, str) else None
         if key is not None and key in self.memo:
             return self.memo[key]
@@ -213,11 +234,9 @@ class Violet:
         per video; the pairs then cost one cross-encoder pass each, in batches (self.pairs_per_s: their speed)."""
         if self.type == 'qaoe':
             raise ValueError('a QA-OE model has no pair score: use answer()')
-        words(texts, 'text')
-        if isinstance(videos, str) or not isinstance(videos, (list, tuple)):
-            raise ValueError(f'videos must be a list (of paths, arrays or frame lists), got {type(videos).__name__}')
-        if not isinstance(size_pair, int) or size_pair < 0:  # (a negative one returned uninitialised memory)
-            raise ValueError(f'size_pair must be an int >= 0 (0: 512 on CUDA, 64 on CPU), got {size_pair!r}')
+        texts = words(texts, 'text')
+        videos = as_list(videos, 'videos', '(of paths, arrays or frame lists)')
+        size_pair = whole(size_pair, 'size_pair', 0, ' (0: 512 on CUDA, 64 on CPU)')  # (a negative one returned uninitialised memory)
         if not len(videos) or not len(texts):
             return np.zeros((len(videos), len(texts)), np.float32)
         feats = [self.embed_video(v) for v in videos]
@@ -244,12 +263,11 @@ class Violet:
         options=[{option, score, prob}]). No options (QA-OE): -> dict(answer, index, prob, top=[{answer, index, prob}])."""
         if not isinstance(question, str):  # (None was scored as the text "None")
             raise ValueError(f'question must be a str, got {type(question).__name__}')
-        if not isinstance(top, int) or top < 1:
-            raise ValueError(f'top must be an int >= 1, got {top!r}')
+        top = whole(top, 'top', 1)
         if options is not None:
             if self.type == 'qaoe':
                 raise ValueError('a QA-OE model answers from its vocabulary: call answer() without options')
-            words(options, 'option')  # the question may be empty (caption-choice sets have none), an option not
+            options = words(options, 'option')  # the question may be empty (caption-choice sets have none), an option not
             if not options:
                 raise ValueError('options is empty: give the candidate answers')
             s = self.score([video], [f'{question} {o}' for o in options])[0]

@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -429,8 +430,20 @@ def test_api_arguments_that_were_misread(ckpts, clips, tmp_path, capsys):
         m.score([path], ['a red bar'], size_pair=-1)
     with pytest.raises(ValueError, match=r"^texts must be a list of str, got str 'a red bar'$"):
         m.score([path], 'a red bar')
-    with pytest.raises(ValueError, match=r'^videos must be a list \(of paths, arrays or frame lists\), got str$'):
+    with pytest.raises(ValueError, match=r"^videos must be a list \(of paths, arrays or frame lists\), got str '/"):
         m.score(path, ['a red bar'])
+    with pytest.raises(ValueError, match=r"^texts must be a list of str, got set \{'a red bar'\}$"):
+        m.score([path], {'a red bar'})  # (no order: which column is which?)
+    # what a Python user passes for a list or an int: numpy arrays and integers, tuples, generators, pathlib paths
+    # (refused as not lists and not ints until 2026-11-29)
+    want = m.score([path, path], ['a red bar', 'a blue dot'], size_pair=4)
+    for videos, texts, size in [(np.array([path, path]), np.array(['a red bar', 'a blue dot']), np.int64(4)),
+                                ((pathlib.Path(path),) * 2, (t for t in ('a red bar', 'a blue dot')), 4),
+                                (np.stack([np.stack(dataset.read_video(path, 5))] * 2), ['a red bar', 'a blue dot'], 4)]:
+        assert np.array_equal(m.score(videos, texts, size_pair=size), want)
+    assert np.array_equal(api.load(pathlib.Path(ckpts['retrieval'])).score([path] * 2, ['a red bar', 'a blue dot'], 4), want)
+    with pytest.raises(ValueError, match=r'^size_pair must be an int >= 0 \(0: 512 on CUDA, 64 on CPU\), got 2.0$'):
+        m.score([path], ['a red bar'], size_pair=2.0)
     rgb = np.stack(dataset.read_video(path, 5))
     with pytest.raises(ValueError, match=r'^a video of 7 frames of \[\[48, 80\]\] pixels: VIOLET takes 1 to 6 frames'):
         m.embed_video(np.concatenate([rgb, rgb[:2]]))
@@ -441,6 +454,8 @@ def test_api_arguments_that_were_misread(ckpts, clips, tmp_path, capsys):
                        (lambda: qaoe.answer(path, 'what?', top=0), r'^top must be an int >= 1, got 0$')]:
         with pytest.raises(ValueError, match=said):
             call()
+    assert qaoe.answer(path, 'what?', top=np.int64(2)) == qaoe.answer(path, 'what?', top=2)
+    assert qamc.answer(path, 'q', options=np.array(['a', 'b'])) == qamc.answer(path, 'q', options=['a', 'b'])
     # a cache entry cut short (a kill, a full disk): said, computed again, rewritten
     cached = api.load(ckpts['retrieval'], cache=str(tmp_path / 'c'))
     want = cached.score([path], ['a red bar'])
