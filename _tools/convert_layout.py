@@ -16,7 +16,7 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
 from dataset import FRAME_LAYOUTS, WriteError, find_layout, load_pickle, sample_stored, write_pickle  # noqa: E402
-from extract_tsv import frames_shape_problem, read_tsv, write_tsv  # noqa: E402
+from extract_tsv import drop_frameless, frames_shape_problem, read_tsv, write_tsv  # noqa: E402
 
 
 def read_frames(prefix, layout='auto'):
@@ -26,7 +26,7 @@ def read_frames(prefix, layout='auto'):
     wrong = frames_shape_problem(frames)
     if wrong:
         raise ValueError(f'{paths[0]}: {wrong}')
-    return layout, frames
+    return layout, drop_frameless(frames, paths[0])
 
 
 def write_frames(frames, prefix, layout):

@@ -8,6 +8,7 @@ write_tsv / read_tsv also handle VIOLETv2's layout (an index X.id2lineidx.pkl = 
 """
 import argparse, os, sys
 
+import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,6 +35,7 @@ def write_tsv(pkl, path_tsv, path_index, progress=False):
             for vid, frames in tqdm(pkl.items(), ascii=True, disable=not progress):
                 offsets[vid] = tsv.tell()
                 # (scanning for white space costs about 2 us a frame; a regex removing it from every frame, 120 us)
+                frames = [f.decode('ascii') if isinstance(f, bytes) else str(f) for f in frames]  # (numpy's str_ too)
                 frames = [''.join(f.split()) if any(c in f for c in '\n\r\t ') else f for f in frames]
                 tsv.write(('\t'.join([vid] + ([str(len(frames))] if v2 else []) + frames) + '\n').encode('utf-8'))
 
@@ -67,7 +69,9 @@ def read_tsv(path_tsv, path_index):
 
 
 def frames_shape_problem(pkl):
-    """-> what keeps a loaded pkl from being frames {video id: [base64 str, ...]}, or None."""
+    """-> what keeps a loaded pkl from being frames {video id: [base64, ...]}, or None. Frames are base64 str or
+    bytes, in a list, tuple or numpy array, as dataset.py reads them; a video of no frame is no problem of the file
+    (drop_frameless)."""
     if not isinstance(pkl, dict):
         return f'holds a {type(pkl).__name__}, not frames {{video id: [base64 JPEG, ...]}}'
     if not pkl:
@@ -75,11 +79,20 @@ def frames_shape_problem(pkl):
     for vid, frames in pkl.items():
         if not isinstance(vid, str):
             return f'video id {vid!r} is a {type(vid).__name__}, not a str'
-        if not isinstance(frames, (list, tuple)) or not all(isinstance(f, str) for f in frames):
+        if not isinstance(frames, (list, tuple, np.ndarray)) or not all(isinstance(f, (str, bytes)) for f in frames):
             return f'video "{vid}" holds {type(frames).__name__} {frames!r:.60}, not a list of base64 str'
-        if not frames:
-            return f'video "{vid}" holds no frame'
     return None
+
+
+def drop_frameless(pkl, where):
+    """-> pkl without its videos of no frame (training would find each a bad sample), each named on stderr;
+    ValueError when no video is left."""
+    empty = [vid for vid, frames in pkl.items() if not len(frames)]
+    if empty and len(empty) == len(pkl):
+        raise DataError(f'{where}: no video holds a frame')
+    for vid in empty:
+        print(f'{where}: video "{vid}" holds no frame: left out', file=sys.stderr)
+    return {vid: frames for vid, frames in pkl.items() if len(frames)} if empty else pkl
 
 
 def main():
@@ -93,6 +106,7 @@ def main():
         wrong = frames_shape_problem(pkl)
         if wrong:
             sys.exit(f'{args.path}.pkl: {wrong}')
+        pkl = drop_frameless(pkl, args.path + '.pkl')
         write_tsv(pkl, args.path + '.tsv', args.path + '.lineidx', progress=True)
     except (WriteError, ValueError) as e:  # (DataError: a pkl that is not one; a video id with a tab)
         sys.exit(f'{args.path}.pkl: {e}' if not str(e).startswith(args.path) else str(e))

@@ -570,13 +570,22 @@ def test_tsv_from_pkls_as_released_and_damaged(tmp_path, toy):
     assert list(back) == vids and all(back[v] == [''.join(b.split()) for b in pkl[v]] for v in vids)
     assert all(base64.b64decode(b) == base64.b64decode(o) for v in vids for b, o in zip(back[v], src[v]))
     assert len((tmp_path / 'x.tsv').read_bytes().splitlines()) == 3
-    for bad, said in [({}, 'holds no video'), ({'a': []}, 'video "a" holds no frame'),
+    for bad, said in [({}, 'holds no video'), ({'a': []}, 'no video holds a frame'),
                       ({'a\tb': ['QUFB']}, "video id 'a\\tb' holds a tab or a newline, which end a TSV field or row")]:
         with open(tmp_path / 'y.pkl', 'wb') as f:
             pickle.dump(bad, f)
         r = run_tool(os.path.join(TOOLS, 'extract_tsv.py'), f'--path={tmp_path}/y')
         assert r.returncode == 1 and r.stderr.strip().startswith(f'{tmp_path}/y.pkl: {said}'), r.stderr
         assert not os.path.exists(tmp_path / 'y.tsv')
+    # frames as bytes or in a numpy array (dataset.py reads both), and a video of no frame beside others (training
+    # skips it as a bad sample): the same rows, the frameless video left out and named (both stopped the tool)
+    src_tsv = (tmp_path / 'x.tsv').read_bytes()
+    for kind, wrap in (('bytes', lambda fs: [f.encode() for f in fs]), ('numpy', np.array)):
+        with open(tmp_path / f'{kind}.pkl', 'wb') as f:
+            pickle.dump({**{v: wrap(pkl[v]) for v in vids[:2]}, 'empty': wrap([]), vids[2]: wrap(pkl[vids[2]])}, f)
+        r = run_tool(os.path.join(TOOLS, 'extract_tsv.py'), f'--path={tmp_path}/{kind}')
+        assert r.returncode == 0 and (tmp_path / f'{kind}.tsv').read_bytes() == src_tsv, (kind, r.stderr)
+        assert f'{tmp_path}/{kind}.pkl: video "empty" holds no frame: left out' in r.stderr
     offsets = (tmp_path / 'x.lineidx').read_text().split()
     (tmp_path / 'x.lineidx').write_text(f'{offsets[0]}\n{int(offsets[1]) + 5}\n{offsets[2]}\n')
     with pytest.raises(dataset.DataError, match=rf'x.lineidx: entry 1 is byte {int(offsets[1]) + 5}, but line 1 of '):
@@ -1211,7 +1220,7 @@ def test_base64_with_line_breaks_reads_as_the_original_read_it():
         dataset.b64_bytes(broken[:40] + '#' + broken[40:])
 
 
-def test_extract_vq_with_random_small_encoder(toy, tmp_path, monkeypatch):
+def test_extract_vq_with_random_small_encoder(toy, tmp_path, monkeypatch, capsys):
     from dall_e import Encoder
     torch.manual_seed(0)
     path = str(tmp_path / 'encoder.pkl')
@@ -1261,6 +1270,14 @@ def test_extract_vq_with_random_small_encoder(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, 'argv', argv[:1] + [f'--path={tmp_path}/z'] + argv[2:])
     with pytest.raises(SystemExit, match=rf'^{tmp_path}/z: holds a list, not frames'):
         extract_vq.main()
+    # frames as bytes (dataset.py reads them), a video of no frame beside others: its tokens, it left out, named
+    with open(tmp_path / 'w.pkl', 'wb') as f:
+        pickle.dump({**{v: [b.encode() for b in fs] for v, fs in frames.items()}, 'empty': []}, f)
+    monkeypatch.setattr(sys, 'argv', argv[:1] + [f'--path={tmp_path}/w'] + argv[2:])
+    extract_vq.main()
+    bytes_vq = dataset.load_pickle(f'{tmp_path}/w_vq.pkl')
+    assert list(bytes_vq) == list(vq) and all((bytes_vq[v] == vq[v]).all() for v in vq)
+    assert f'{tmp_path}/w: video "empty" holds no frame: left out' in capsys.readouterr().err
     bad = dict(frames)
     first = next(iter(bad))
     bad[first] = bad[first][:2] + ['bm90IGFuIGltYWdl'] + bad[first][3:]  # base64 of 'not an image'

@@ -208,6 +208,14 @@ def test_convert_layout_round_trips(tmp_path, capsys, monkeypatch):
                                                    'txt_msrvtt-qa.json', 'txt_msrvtt-retrieval.json'])  # no .tmp left
     with pytest.raises(ValueError, match=r'^--sample must be 0 \(every frame\) or more, got -2$'):
         convert_layout.convert(str(tmp_path / 'a'), str(tmp_path / 'f'), 'pkl', sample=-2)
+    # frames as bytes, a video of no frame: read as dataset.py reads them, that video left out and named
+    with open(tmp_path / 'raw.pkl', 'wb') as f:
+        pickle.dump({'none': [], **{v: [x.encode() for x in b] for v, b in stored.items()}}, f)
+    convert_layout.convert(str(tmp_path / 'raw'), str(tmp_path / 'raw_tsv'), 'tsv')
+    assert convert_layout.read_frames(str(tmp_path / 'raw_tsv')) == ('tsv', stored)
+    assert f'{tmp_path}/raw.pkl: video "none" holds no frame: left out' in capsys.readouterr().err
+    for name in ('raw.pkl', 'raw_tsv.tsv', 'raw_tsv.lineidx'):
+        os.remove(tmp_path / name)
     # a --dst folder that does not exist yet is made (it was a FileNotFoundError naming Y.tsv.tmp)
     convert_layout.convert(str(tmp_path / 'a'), str(tmp_path / 'new' / 'e'), 'tsv')
     assert convert_layout.read_frames(str(tmp_path / 'new' / 'e')) == ('tsv', stored)
