@@ -174,10 +174,12 @@ def init_dist(local_rank=None):
     NCCL on CUDA, gloo on CPU. -> (rank, world, device)."""
     local_rank = int(os.environ.get('LOCAL_RANK', local_rank or 0))
     task = os.environ.get('SLURM_PROCID', '0')
-    if ('WORLD_SIZE' not in os.environ and task.isdigit() and int(task) > 0 and torch.cuda.is_available()
+    on_node = os.environ.get('SLURM_LOCALID', task)  # the task's index on its node
+    if ('WORLD_SIZE' not in os.environ and on_node.isdigit() and int(on_node) > 0 and torch.cuda.is_available()
             and torch.cuda.device_count() > 1):
-        # `srun -n 8 python main_X.py`: 8 copies, each training alone on the first of the GPUs they all see. (Task 0
-        # goes on: a batch script's own process is task 0 too. Tasks given a GPU each are separate runs, as a sweep.)
+        # `srun -n 8 python main_X.py`: 8 copies, each training alone on the first of the GPUs they all see. (The
+        # first task of a node goes on: a batch script's own process is one too, and `srun -N 2
+        # --ntasks-per-node=1` runs one alone on each node. Tasks given a GPU each are separate runs, as a sweep.)
         raise SystemExit(f'Slurm task {task}, started without torchrun, sees {torch.cuda.device_count()} GPUs and would '
                          f'train alone on the first, as every task would. One training over the GPUs: srun '
                          f'--ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc_per_node=GPUS '
@@ -327,12 +329,15 @@ class Trainer:
             need = need or ('any' if args['init_partial'] else 'encoders')
             self.not_loaded, self.unused = self.raw.load_ckpt(args['path_ckpt'], need)
         else:
-            own = self.raw.state_dict()
-            misfit = [k for k, v in own.items() if k not in state['model'] or violet.misfit_tensor(state['model'][k], v)]
-            if misfit:  # (load_state_dict's RuntimeError, named as path_ckpt's)
-                raise violet.CheckpointError(f"resume: resume.pt's weights lack {len(misfit)} of the model's keys or hold "
-                                             f'them in another shape or type, e.g. {misfit[:3]}: a damaged file?')
-            self.raw.load_state_dict(state['model'])
+            own, saved = self.raw.state_dict(), state['model']
+            misfit = {k: 'missing' if k not in saved else violet.misfit_tensor(saved[k], v) for k, v in own.items()}
+            misfit = {k: why for k, why in misfit.items() if why}
+            misfit.update({k: 'not a key of the model' for k in saved if k not in own})
+            if misfit:  # (load_state_dict's RuntimeError traceback, or NaN weights loaded)
+                raise violet.CheckpointError(f"resume: resume.pt's weights do not fit the model at {len(misfit)} key(s), "
+                                             f"e.g. {'; '.join(f'{k}: {why}' for k, why in list(misfit.items())[:3])}: "
+                                             f'a damaged file?')
+            self.raw.load_state_dict(saved)
             self.not_loaded, self.unused = state['log'].get('not_loaded', []), []
         if args['compile']:
             self.raw.compile_blocks()

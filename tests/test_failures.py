@@ -235,8 +235,16 @@ def test_damaged_resume_state_is_named(toy, tmp_path):
     (tmp_path / 'model').mkdir()
     torch.save(damaged, tmp_path / 'model' / 'resume.pt')
     assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'model')]) == (
-        f"resume: resume.pt's weights lack 1 of the model's keys or hold them in another shape or type, e.g. ['{key}']: "
-        f'a damaged file?')
+        f"resume: resume.pt's weights do not fit the model at 1 key(s), e.g. {key}: missing: a damaged file?")
+    # a key the model lacks (load_state_dict's traceback), a NaN weight (said to be 'in another shape or type')
+    nan = state['model'][key].clone()
+    nan[0, 0] = math.nan
+    damaged = {**state, 'model': {**state['model'], 'fc.extra.weight': nan, key: nan}}
+    (tmp_path / 'extra').mkdir()
+    torch.save(damaged, tmp_path / 'extra' / 'resume.pt')
+    assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'extra')]) == (
+        f"resume: resume.pt's weights do not fit the model at 2 key(s), e.g. {key}: NaN or infinite values in the file; "
+        f"fc.extra.weight: not a key of the model: a damaged file?")
 
 
 def test_out_of_memory_is_one_line_with_what_to_change(toy, tmp_path, monkeypatch):
@@ -1031,3 +1039,10 @@ def test_srun_without_torchrun_is_refused(monkeypatch):
     monkeypatch.delenv('WORLD_SIZE')
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)  # srun --gpus-per-task=1
     assert agent.init_dist() == (0, 1, torch.device('cuda', 0))
+    # srun -N 4 --ntasks-per-node=1 (a run alone on each node, say a sweep): task 3 is its node's first; it was stopped
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 8)
+    monkeypatch.setenv('SLURM_LOCALID', '0')
+    assert agent.init_dist() == (0, 1, torch.device('cuda', 0))
+    monkeypatch.setenv('SLURM_LOCALID', '1')
+    with pytest.raises(SystemExit, match=r'^Slurm task 3, started without torchrun, sees 8 GPUs'):
+        agent.init_dist()
