@@ -1021,14 +1021,15 @@ class Dataset_Pretrain(Dataset_Base):
 
     def vq_tokens(self, vid, where, error):
         """The VQ tokens of `vid` as int64 [T, h, w]: an integer array [T, h, w] or a list of T [h, w] (as releases
-        store them); anything else (floats would be truncated in silence, ragged lists, None) is an `error`."""
+        store them; floats too when every value is whole); anything else (fractions would be truncated in silence,
+        ragged lists, None) is an `error`."""
         try:
             vq = np.asarray(self.vq[vid])
         except ValueError as e:  # (ragged nested lists)
             raise error(f'{where}: VQ tokens that are not one array ({e})') from None
-        if vq.dtype.kind not in 'iu':
-            raise error(f'{where}: VQ tokens of type {vq.dtype}, not integers (DALL-E token ids, '
-                        f'_tools/extract_vq.py)')
+        if vq.dtype.kind not in 'iu' and not (vq.dtype.kind == 'f' and np.array_equal(vq, np.round(vq))):
+            raise error(f'{where}: VQ tokens of type {vq.dtype}' + (', not whole numbers' if vq.dtype.kind == 'f' else
+                        ', not integers') + ' (DALL-E token ids, _tools/extract_vq.py)')
         return vq.astype(np.int64)
 
     def get_item(self, idx):

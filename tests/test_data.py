@@ -1131,13 +1131,18 @@ def test_data_files_of_the_wrong_shape_are_named(args, bad_copy):
     p = dict(args, path_data=bad_copy)
     vids = list(dataset.load_pickle(f'{bad_copy}/vq_toyvid.pkl'))
     edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.update({v: vq[v].astype(np.float32) / 8192 for v in vq}))
-    with pytest.raises(dataset.DataError, match=r'vq_toyvid.pkl: video "[^"]+": VQ tokens of type float32, not integers'):
+    with pytest.raises(dataset.DataError, match=r'vq_toyvid.pkl: video "[^"]+": VQ tokens of type float32, not whole numbers'):
         dataset.Dataset_Pretrain(p, 'toyvid', 'val')
-    edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.update({v: (vq[v] * 8192).astype(np.int16) for v in vq}))
+    # floats of whole values are token ids: read as their integers
+    edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.update({v: vq[v] * 8192 for v in vq}))
     ds = dataset.Dataset_Pretrain(p, 'toyvid', 'val')
     first = ds.tsv.read(ds.lineidx[0])[0]
+    from_floats = ds[0][3]
+    edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.update({v: vq[v].astype(np.int16) for v in vq}))
+    ds = dataset.Dataset_Pretrain(p, 'toyvid', 'val')
+    assert np.array_equal(ds[0][3], from_floats) and from_floats.dtype == np.int64
     edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.__setitem__(first, vq[first] + 0.7))
-    with pytest.raises(dataset.BadSample, match=rf'vq_toyvid.pkl: video "{first}": VQ tokens of type float\d+, not integers'):
+    with pytest.raises(dataset.BadSample, match=rf'vq_toyvid.pkl: video "{first}": VQ tokens of type float\d+, not whole numbers'):
         dataset.Dataset_Pretrain(p, 'toyvid', 'val')[0]
     edit_pickle(f'{bad_copy}/vq_toyvid.pkl', lambda vq: vq.__setitem__(first, [[[1, 2], [3, 4]], [[1]]]))
     with pytest.raises(dataset.BadSample, match=rf'vq_toyvid.pkl: video "{first}": VQ tokens that are not one array'):
