@@ -480,6 +480,17 @@ class VIOLET_Base(nn.Module):
         with torch.autocast(out.device.type, enabled=False):
             return self.fc(out.float()).squeeze(-1)
 
+    def tied_keys(self):
+        """{key: another key of the same tensor} (fc_mtm's bias and decoder bias are one parameter)."""
+        first, twins = {}, {}
+        for k, v in self.state_dict(keep_vars=True).items():
+            if v.numel():
+                twin = first.setdefault((v.data_ptr(), v.shape, v.dtype), k)
+                if twin != k:
+                    twins[k] = twin
+                    twins.setdefault(twin, k)
+        return twins
+
     def load_ckpt(self, path, need='any'):
         """Copy every key present in the model with the same shape; keep the model's own value for the rest.
         need: 'all' (evaluation, prediction: every model key must come from the file, the buffers of
@@ -494,6 +505,9 @@ class VIOLET_Base(nn.Module):
             return [], []
         ckpt = read_ckpt(path)
         own = self.state_dict()
+        for k, twin in self.tied_keys().items():  # a file keeping one name of a tied tensor (safetensors' save_model)
+            if k not in ckpt and twin in ckpt:
+                ckpt = {**ckpt, k: ckpt[twin]}
         loaded, misfit = set(), {}
         for k, v in ckpt.items():
             if k in own and isinstance(v, torch.Tensor):

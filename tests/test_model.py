@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -357,6 +358,20 @@ def test_load_ckpt_need(tmp_path, capsys):
             'used here for retrieval msrvtt-retrieval') in capsys.readouterr().out
     model.VIOLET_QAMC({**SMALL, 'task': 'tgif-action'}).load_ckpt(str(tmp_path / 'qamc.pt'), 'all')
     assert 'warning' not in capsys.readouterr().out
+
+
+def test_tied_bias_under_one_name_loads(tmp_path):
+    """fc_mtm's bias and decoder bias are one tensor (the original's too); a file that keeps one name of it
+    (safetensors' save_model writes shared tensors once) fills both, where need='all' refused it as missing."""
+    src = model.VIOLET_Pretrain(SMALL)
+    assert src.tied_keys() == {'fc_mtm.predictions.bias': 'fc_mtm.predictions.decoder.bias',
+                               'fc_mtm.predictions.decoder.bias': 'fc_mtm.predictions.bias'}
+    safetensors.torch.save_model(src, str(tmp_path / 'one_name.safetensors'))
+    with safetensors.safe_open(str(tmp_path / 'one_name.safetensors'), 'pt') as f:
+        assert len(set(src.state_dict()) - set(f.keys())) == 1
+    dst = model.VIOLET_Pretrain(SMALL)
+    assert dst.load_ckpt(str(tmp_path / 'one_name.safetensors'), 'all') == ([], [])
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
 
 
 def test_unreadable_checkpoints_are_named(tmp_path):
