@@ -57,8 +57,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def say(*msg):
     """print on the run's first process alone (a 32-process run would say each line 32 times): rank 0 of the process
     group, or before there is one, torchrun's RANK."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get('RANK', '0'))
-    if rank == 0:
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else os.environ.get('RANK', '0')
+    if str(rank).strip() in ('0', ''):  # (an empty RANK is no rank)
         print(*msg, flush=True)
 
 

@@ -117,7 +117,7 @@ def xu_qa(src, size_vocab, video_name):
             answer = str(field(it, 'answer', where))
             question, video_id = field(it, 'question', where), field(it, 'video_id', where)
             if not isinstance(question, str) or isinstance(video_id, bool) or not isinstance(video_id, (int, str)):
-                raise BadAnnotation(f'{where}: "question" must be a str and "video_id" an int, got '
+                raise BadAnnotation(f'{where}: "question" must be a str and "video_id" an int or str, got '
                                     f'{question!r:.40} and {video_id!r:.40}')
             out[split].append({'video': video_name(video_id, where),
                                'question': question,

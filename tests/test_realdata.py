@@ -357,7 +357,7 @@ def test_convert_msrvtt_qa_and_msvd_qa(tmp_path, capsys, monkeypatch):
         conv.convert('msrvtt-qa', str(tmp_path))
     # entries of the wrong types were written as "video[1]" / "question": null; --out onto an input replaced it
     write_json(tmp_path / 'val_qa.json', [{'answer': 'a', 'id': 0, 'video_id': [1], 'question': None}])
-    with pytest.raises(conv.BadAnnotation, match=r'val_qa.json\[0\]: "question" must be a str and "video_id" an int, '
+    with pytest.raises(conv.BadAnnotation, match=r'val_qa.json\[0\]: "question" must be a str and "video_id" an int or str, '
                                                   r'got None and \[1\]'):
         conv.convert('msrvtt-qa', str(tmp_path))
     write_xu_qa(str(tmp_path), ['man', 'dog'])
