@@ -1040,6 +1040,7 @@ def main(task_cls, default_config, argv=None):
     if not cli.eval:
         task.check_data()  # every file and split the run reads, before the first step
     out = args['path_output'] or default_output(task.name + ('_eval' if cli.eval else ''))
+    made = not os.path.exists(out)
     lock, out = take_on_main(lambda: take_folder(out, bool(cli.resume), cli.overwrite, task.run_files()), world, out)
     args['path_output'] = out
     try:
@@ -1052,6 +1053,8 @@ def main(task_cls, default_config, argv=None):
     finally:
         if lock:
             lock.close()  # releases the folder (a killed process releases it too)
+            if made and os.listdir(out) == ['.lock']:  # a run that failed before its first file leaves no folder
+                shutil.rmtree(out)
 
 
 def resume_problem(state):

@@ -225,7 +225,7 @@ def main():
     parser.add_argument('--splits', nargs='+', default=['val', 'test'])
     parser.add_argument('--size_pair', type=config.int_at_least(0), default=0,
                         help='(video, text) pairs per fused batch (0: 512 on CUDA, 64 on CPU)')
-    parser.add_argument('--out', default='', help='output dir (default: _snapshot/_eval_retrieval_<timestamp>_<random>)')
+    parser.add_argument('--out', default='', help="output dir (default: the config's path_output, else _snapshot/_eval_retrieval_<timestamp>_<random>)")
     parser.add_argument('--local_rank', '--local-rank', type=int, default=None)  # torchrun's LOCAL_RANK env wins
     opt = parser.parse_args()
 

@@ -33,7 +33,7 @@ PRESETS = {
 @dataclasses.dataclass
 class ModelConfig:
     """The model's config keys (config.key: type, default, help; what values each takes)."""
-    txt_backbone: str = config.key('bert-base-uncased', 'transformers model id or local directory for the text embedder, the cross-modal encoder and the MLM head (its tokenizer too, unless `txt_vocab`); a directory with only `config.json` builds that config with random weights')
+    txt_backbone: str = config.key('bert-base-uncased', 'transformers model id or local directory for the text embedder, the cross-modal encoder and the MLM head (its tokenizer too, unless `txt_vocab`); a directory with only `config.json` builds that config with random weights (its tokenizer then comes from `txt_vocab`)')
     path_vt: str = config.key('./_snapshot/ckpt_video-swin.pt', 'Video Swin weights (`_tools/convert_video-swin.py`); `""`: random VT; a missing file is an error unless `path_ckpt` (or `eval_retrieval.py --ckpt`) holds every `enc_img.swin.*` weight')
     vt_dim: int = config.key(96, 'Video Swin width (Swin-S); when its output width differs from BERT\'s hidden size a Linear maps it', least=1)
     vt_depths: list[int] = config.key([2, 2, 18, 2], 'Video Swin blocks per stage', least=1, length=4)

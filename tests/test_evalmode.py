@@ -193,6 +193,11 @@ def test_eval_needs_every_key(toy, ckpts, tmp_path):
         " keys are missing from the file or of another shape (need=all): fc.3.bias ([1] in the file, [12] in the "
         "model), fc.3.weight ([1, 256] in the file, [12, 256] in the model); it does not hold this model (another "
         "task, size_vocab or VT/BERT size?)"), r.stderr.strip().splitlines()[-1])
+    assert not os.path.exists(tmp_path / 'a')  # the folder it made for the results is not left behind empty
+    (tmp_path / 'mine').mkdir()  # one that was there stays
+    r = run('main_qaoe.py', f'{REPO}/_data/toy/args_toy-qaoe.json', eval_sets(toy, str(tmp_path / 'mine'), ckpts),
+            check=False)
+    assert r.returncode != 0 and os.listdir(tmp_path / 'mine') == ['.lock']
     r = run('main_qamc.py', f'{REPO}/_data/toy/args_toy-qamc.json', eval_sets(toy, str(tmp_path / 'b'), ''), check=False)
     assert r.stderr.strip().splitlines()[-1] == ('--eval evaluates the weights of a checkpoint: --set path_ckpt=FILE '
                                                 '(not --resume)')

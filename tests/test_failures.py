@@ -247,6 +247,17 @@ def test_damaged_resume_state_is_named(toy, tmp_path):
         f"fc.extra.weight: not a key of the model: a damaged file?")
 
 
+def test_backbone_folder_without_vocabulary_is_one_line(toy, tmp_path):
+    """txt_backbone naming a folder with a BERT config alone: the model builds (random weights), the tokenizer
+    cannot; README promised one line, the scripts gave a 25-line traceback. No output folder is left behind."""
+    import transformers
+    transformers.BertConfig.from_pretrained(f'{REPO}/_data/bert-tiny').save_pretrained(tmp_path / 'cfg')
+    assert stops(qamc, toy, tmp_path / 'run', f'txt_backbone={tmp_path}/cfg') == (
+        f"{tmp_path}/cfg has no tokenizer vocabulary (vocab.txt or tokenizer.json): put the model's vocab.txt there, "
+        f"or name it with the config key txt_vocab (a vocab.txt or tokenizer dir)")
+    assert not os.path.exists(tmp_path / 'run')
+
+
 def test_out_of_memory_is_one_line_with_what_to_change(toy, tmp_path, monkeypatch):
     """A training step that runs out of GPU memory (here raised by hand: this machine has no GPU) stops the run with
     torch's first line, the settings that decide the memory and what to change, not a traceback."""
