@@ -507,7 +507,7 @@ def get_tokenizer(backbone, vocab=''):
             raise FileNotFoundError(f'txt_vocab: no vocabulary at {vocab} (a vocab.txt or a tokenizer directory)')
         if os.path.isdir(src) and not any(os.path.isfile(os.path.join(src, f)) for f in ('vocab.txt', 'tokenizer.json')):
             raise DataError(f'{src} has no tokenizer vocabulary (vocab.txt or tokenizer.json): put the model\'s '
-                             f'vocab.txt there, or name it with the config key txt_vocab (a vocab.txt or tokenizer dir)')
+                            f'vocab.txt there, or name it with the config key txt_vocab (a vocab.txt or tokenizer dir)')
         if os.path.isfile(src):
             tok = transformers.BertTokenizer(vocab=src)
         else:

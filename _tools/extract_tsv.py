@@ -86,7 +86,7 @@ def frames_shape_problem(pkl):
 
 def drop_frameless(pkl, where):
     """-> pkl without its videos of no frame (training would find each a bad sample), each named on stderr;
-    ValueError when no video is left."""
+    a DataError when no video is left."""
     empty = [vid for vid, frames in pkl.items() if not len(frames)]
     if empty and len(empty) == len(pkl):
         raise DataError(f'{where}: no video holds a frame')
