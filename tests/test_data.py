@@ -1,5 +1,5 @@
 """Data side: offline tools (_tools/), dataset.py, the toy corpus. Small and CPU-only."""
-import base64, binascii, io, json, os, pickle, re, shutil, subprocess, sys
+import base64, binascii, contextlib, importlib.util, io, json, os, pickle, re, shutil, subprocess, sys, types
 
 import numpy as np
 import pytest
@@ -23,8 +23,27 @@ frame_tool = make_toy.load_frame_tool()
 pytestmark = pytest.mark.filterwarnings('ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning')
 
 
-def run_tool(*argv, cwd=ROOT):
-    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+def run_tool(path, *argv, cwd=ROOT):
+    """A tool's command line, run in this process (a subprocess spends seconds importing torch and the rest) ->
+    its returncode, stdout and stderr, as subprocess.run gives them."""
+    name = os.path.basename(path)[:-3].replace('-', '_')
+    if name not in sys.modules:  # (by name, once: its process pool's workers find its functions)
+        spec = importlib.util.spec_from_file_location(name, os.path.join(cwd, path))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    out, err, argv_before, cwd_before, code = io.StringIO(), io.StringIO(), sys.argv, os.getcwd(), 0
+    sys.argv = [path, *argv]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                sys.modules[name].main()
+            except SystemExit as e:  # as Python ends a script: a message goes to stderr, with status 1
+                code = e.code if isinstance(e.code, int) or e.code is None else (print(e.code, file=sys.stderr) or 1)
+    finally:
+        sys.argv = argv_before
+        os.chdir(cwd_before)
+    return types.SimpleNamespace(returncode=code or 0, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture(scope='module')
