@@ -13,7 +13,6 @@ A video is a file path (frames sampled by dataset.read_video, as _tools/extract_
 training pipeline; the model normalises them. Every model key must come from the checkpoint (need='all').
 """
 import hashlib
-import json
 import numbers
 import os
 import time
@@ -55,6 +54,11 @@ def words(texts, what):
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f'{what} {i} is {t!r}: it needs words (an empty one would be scored as [CLS] [SEP] alone)')
     return [str(t) for t in texts]  # (numpy's str_ as str: JSON output)
+
+
+def fspath(x):
+    """A path-like (pathlib.Path) as its str; anything else as it is."""
+    return os.fspath(x) if isinstance(x, os.PathLike) else x
 
 
 def find_config(ckpt, config=None):
@@ -99,7 +103,7 @@ def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=
     file (0: the config's size_frame, else 5, the released downstream sets; 4 for pretraining). cache: a folder
     for per-video features. sets: KEY=VALUE config overrides. upright: turn rotated video files upright
     (dataset.read_video; as the extraction tool's --upright: off, as the original, frames as they are encoded). -> Violet."""
-    ckpt, config, vocab, cache = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (ckpt, config, vocab, cache))
+    ckpt, config, vocab, cache = map(fspath, (ckpt, config, vocab, cache))
     cfg, cfg_vocab = find_config(ckpt, config)
     args = agent.load_args(sets=sets, base=cfg)
     dataset.check_size_txt(args)
@@ -152,12 +156,9 @@ class Violet:
         self.fingerprint = f'{os.path.abspath(ckpt)}|{st.st_size}|{st.st_mtime_ns}|{args["size_img"]}|{precision}'
         self.memo = {}
         self.pairs_per_s = None
-        if cache:
-            try:
-                os.makedirs(cache, exist_ok=True)
-            except OSError as e:  # (a file of that name, permission, a read-only disk)
-                why = 'a file is in its way' if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
-                raise ValueError(f'cache {cache}: cannot make the folder: {why}') from None
+        why = cache and dataset.make_folder(cache)
+        if why:
+            raise ValueError(f'cache {cache}: cannot make the folder: {why}')
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == 'bf16')
@@ -166,7 +167,7 @@ class Violet:
     def frames(self, video):
         """-> float [T, 3, S, S] in [0, 1]: a path (n_frames sampled by dataset.read_video), a [T, H, W, 3] uint8
         array or a list of PIL images, each frame through dataset.pad_resize."""
-        video = os.fspath(video) if isinstance(video, os.PathLike) else video
+        video = fspath(video)
         if isinstance(video, str):
             rgb = dataset.read_video(video, self.n_frames, self.upright)  # a video with fewer frames is a BadVideo
         elif isinstance(video, np.ndarray):
@@ -193,7 +194,7 @@ class Violet:
     def embed_video(self, video):
         """-> (features [L, D] float32, mask [L]) of the video encoder; computed once per file (memory, and the
         cache folder when given)."""
-        video = os.fspath(video) if isinstance(video, os.PathLike) else video
+        video = fspath(video)
         key = video if isinstance(video, str) else None
         if key is not None and key in self.memo:
             return self.memo[key]

@@ -659,6 +659,16 @@ def os_error(e):
     return None
 
 
+def make_folder(path):
+    """os.makedirs(path, exist_ok=True) -> '', or why the folder cannot be made (a file in its way, permission, a
+    read-only disk)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        return ''
+    except OSError as e:
+        return 'a file is in its way' if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or str(e)
+
+
 def disk_free(path):
     try:
         return size_text(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)

@@ -129,11 +129,9 @@ def main(argv=None):
         if os.path.isdir(opt.out):
             raise SystemExit(f'predict: --out {opt.out} is a folder: give a file name (e.g. {opt.out}/results.json)')
         folder = os.path.dirname(os.path.abspath(opt.out))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            why = 'a file is in its way' if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
-            raise SystemExit(f'predict: --out {opt.out}: cannot make its folder {folder}: {why}') from None
+        why = dataset.make_folder(folder)
+        if why:
+            raise SystemExit(f'predict: --out {opt.out}: cannot make its folder {folder}: {why}')
 
     if opt.list:
         jobs = [dict(r, named=False) for r in read_rows(opt.list)]

@@ -16,17 +16,14 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
 from dataset import FRAME_LAYOUTS, WriteError, find_layout, load_pickle, sample_stored, write_pickle  # noqa: E402
-from extract_tsv import drop_frameless, frames_shape_problem, read_tsv, write_tsv  # noqa: E402
+from extract_tsv import read_tsv, usable_frames, write_tsv  # noqa: E402
 
 
 def read_frames(prefix, layout='auto'):
     """-> (layout, {vid: [b64, ...]}) of the set at `prefix` (every stored frame)."""
     layout, paths = find_layout(prefix, layout)
     frames = load_pickle(paths[0]) if layout == 'pkl' else read_tsv(*paths)
-    wrong = frames_shape_problem(frames)
-    if wrong:
-        raise ValueError(f'{paths[0]}: {wrong}')
-    return layout, drop_frameless(frames, paths[0])
+    return layout, usable_frames(frames, paths[0])
 
 
 def write_frames(frames, prefix, layout):

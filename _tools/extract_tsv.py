@@ -23,8 +23,7 @@ def is_v2(path_index):
 def write_tsv(pkl, path_tsv, path_index, progress=False):
     """Rows of `pkl` in its order; the layout follows the index name (X.lineidx or X.id2lineidx.pkl). Each file
     is written whole or not at all (dataset.write_atomic), the index last: a TSV without its index is incomplete.
-    White space inside a frame's base64 (base64.encodebytes breaks lines every 76 characters, as some released
-    pkls hold it; decoding ignores it) is dropped: a line break would end the row."""
+    Frames are written as tsv_field makes them."""
     v2, offsets = is_v2(path_index), {}
     bad = next((vid for vid in pkl if '\t' in vid or '\n' in vid), None)
     if bad is not None:  # (before anything is written)
@@ -34,9 +33,7 @@ def write_tsv(pkl, path_tsv, path_index, progress=False):
         with open(tmp, 'wb') as tsv:
             for vid, frames in tqdm(pkl.items(), ascii=True, disable=not progress):
                 offsets[vid] = tsv.tell()
-                # (scanning for white space costs about 2 us a frame; a regex removing it from every frame, 120 us)
-                frames = [f.decode('ascii') if isinstance(f, bytes) else str(f) for f in frames]  # (numpy's str_ too)
-                frames = [''.join(f.split()) if any(c in f for c in '\n\r\t ') else f for f in frames]
+                frames = [tsv_field(f) for f in frames]
                 tsv.write(('\t'.join([vid] + ([str(len(frames))] if v2 else []) + frames) + '\n').encode('utf-8'))
 
     def lines(tmp):
@@ -47,6 +44,15 @@ def write_tsv(pkl, path_tsv, path_index, progress=False):
         write_pickle(offsets, path_index)
     else:
         write_atomic(path_index, lines)
+
+
+def tsv_field(frame):
+    """A stored frame (base64 str or bytes, numpy's str_ too) -> its TSV field: str, without the white space inside
+    (base64.encodebytes breaks lines every 76 characters, as some released pkls hold it; decoding ignores it; a line
+    break would end the row, a tab the field)."""
+    frame = frame.decode('ascii') if isinstance(frame, bytes) else str(frame)
+    # (scanning for white space costs about 2 us a frame; a regex removing it from every frame, 120 us)
+    return ''.join(frame.split()) if any(c in frame for c in '\n\r\t ') else frame
 
 
 def read_tsv(path_tsv, path_index):
@@ -84,9 +90,12 @@ def frames_shape_problem(pkl):
     return None
 
 
-def drop_frameless(pkl, where):
-    """-> pkl without its videos of no frame (training would find each a bad sample), each named on stderr;
-    a DataError when no video is left."""
+def usable_frames(pkl, where):
+    """-> a loaded frames file without its videos of no frame (training would find each a bad sample), each named on
+    stderr; a DataError naming `where` when it is not frames (frames_shape_problem) or no video has a frame."""
+    wrong = frames_shape_problem(pkl)
+    if wrong:
+        raise DataError(f'{where}: {wrong}')
     empty = [vid for vid, frames in pkl.items() if not len(frames)]
     if empty and len(empty) == len(pkl):
         raise DataError(f'{where}: no video holds a frame')
@@ -102,11 +111,7 @@ def main():
     if not os.path.isfile(args.path + '.pkl'):
         sys.exit(f'missing {args.path}.pkl')
     try:
-        pkl = load_pickle(args.path + '.pkl')
-        wrong = frames_shape_problem(pkl)
-        if wrong:
-            sys.exit(f'{args.path}.pkl: {wrong}')
-        pkl = drop_frameless(pkl, args.path + '.pkl')
+        pkl = usable_frames(load_pickle(args.path + '.pkl'), args.path + '.pkl')
         write_tsv(pkl, args.path + '.tsv', args.path + '.lineidx', progress=True)
     except (WriteError, ValueError) as e:  # (DataError: a pkl that is not one; a video id with a tab)
         sys.exit(f'{args.path}.pkl: {e}' if not str(e).startswith(args.path) else str(e))

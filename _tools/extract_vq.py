@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import int_at_least  # noqa: E402
 from dataset import (IMAGE_ERRORS, DataError, WriteError, b64_bytes, image_error, load_pickle, rgb_array,  # noqa: E402
                      write_pickle)  # plain-data pickles
-from extract_tsv import drop_frameless, frames_shape_problem, read_tsv  # noqa: E402
+from extract_tsv import read_tsv, usable_frames  # noqa: E402
 
 LOGIT_LAPLACE_EPS = 0.1
 
@@ -120,11 +120,7 @@ def main():
                 pkl = read_tsv(path + '.tsv', path + '.lineidx')
             else:
                 sys.exit(f'missing {path}.pkl (or {path}.tsv + .lineidx)')
-            wrong = frames_shape_problem(pkl)
-            if wrong:
-                sys.exit(f'{path}: {wrong}')
-            pkl = drop_frameless(pkl, path)
-            vq.update(encode_videos(encoder, pkl, args.frame, args.device, args.batch))
+            vq.update(encode_videos(encoder, usable_frames(pkl, path), args.frame, args.device, args.batch))
         except DataError as e:  # (a pkl that is not one, a damaged index, a frame that is not an image: named)
             sys.exit(str(e))
     path_out = args.out or args.path[0] + '_vq.pkl'
