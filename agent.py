@@ -103,6 +103,10 @@ def data_errors_in_one_line(fn):
 def check_keys(given, where):
     """Unknown key, wrong type or bad value (the fields of CONFIGS say what each takes) -> SystemExit with one
     line naming the key."""
+    if where != '--set' and len(given) > 1 and not any(k in FIELDS for k in given):  # (a log.json, a txt_<task>.json)
+        raise config_error(f"{where}: not a config, none of its keys is one ({', '.join(map(repr, list(given)[:3]))}"
+                           f"{', ...' if len(given) > 3 else ''}): a run's config is its args.json, a task's "
+                           f"_data/args_<task>.json")
     for k, v in given.items():
         if k not in FIELDS:
             near = difflib.get_close_matches(k, FIELDS, n=1)

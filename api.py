@@ -62,8 +62,9 @@ def fspath(x):
 
 
 def find_config(ckpt, config=None):
-    """-> (config dict, vocab list or None). config: a dict, a JSON file (a run's args.json, an _data/args_*.json
-    or convert_ckpt's NAME.json holding {"config", "vocab"}), or None: NAME.json, then args.json beside ckpt."""
+    """-> (config dict, vocab list or None, where the config came from). config: a dict, a JSON file (a run's args.json,
+    an _data/args_*.json or convert_ckpt's NAME.json holding {"config", "vocab"}), or None: NAME.json, then args.json
+    beside ckpt."""
     if config is None:
         if not os.path.isfile(ckpt):  # (else its missing config would be named first)
             raise FileNotFoundError(f'checkpoint not found: {ckpt}')
@@ -82,8 +83,8 @@ def find_config(ckpt, config=None):
     if 'config' in config:  # convert_ckpt's file
         if not isinstance(config['config'], dict):
             raise ValueError(f'{where}: its "config" must be a JSON object of keys, not {type(config["config"]).__name__}')
-        return config['config'], config.get('vocab')
-    return config, None
+        return config['config'], config.get('vocab'), where
+    return config, None, where
 
 
 def read_vocab(src):
@@ -104,8 +105,8 @@ def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=
     for per-video features. sets: KEY=VALUE config overrides. upright: turn rotated video files upright
     (dataset.read_video; as the extraction tool's --upright: off, as the original, frames as they are encoded). -> Violet."""
     ckpt, config, vocab, cache = map(fspath, (ckpt, config, vocab, cache))
-    cfg, cfg_vocab = find_config(ckpt, config)
-    args = agent.load_args(sets=sets, base=cfg)
+    cfg, cfg_vocab, where = find_config(ckpt, config)
+    args = agent.load_args(where, sets, base=cfg)  # (a wrong key named with the file it is in)
     dataset.check_size_txt(args)
     args['path_ckpt'] = ckpt  # the VT weights come from it (model.load_vt), not from path_vt
     type_ = args['type'] or 'retrieval'

@@ -56,8 +56,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def say(*msg):
     """print on the run's first process alone (a 32-process run would say each line 32 times): rank 0 of the process
-    group, or before there is one, torchrun's RANK."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else os.environ.get('RANK', '0')
+    group, or before there is one, torchrun's RANK. A process that is alone (WORLD_SIZE unset or 1) speaks whatever
+    RANK a cluster's environment left set."""
+    if torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+    else:
+        alone = os.environ.get('WORLD_SIZE', '1').strip() in ('1', '0', '')
+        rank = '0' if alone else os.environ.get('RANK', '0')
     if str(rank).strip() in ('0', ''):  # (an empty RANK is no rank)
         print(*msg, flush=True)
 
@@ -333,12 +338,17 @@ class EncTxt(nn.Module):
         return self.emb_txt(input_ids=txt)
 
 
+STATE_DICT_WRAPPERS = ('model', 'state_dict', 'model_state_dict')  # where training loops keep the weights
+
+
 def read_ckpt(path):
-    """A checkpoint file -> its state dict (a plain one, or the 'model' of our resume files; the 'module.' prefix of a
-    state dict saved from a DDP or DataParallel wrapper is dropped)."""
+    """A checkpoint file -> its state dict: a plain one, or the one under 'model' (our resume files), 'state_dict'
+    (PyTorch Lightning, many training loops) or 'model_state_dict'; the 'module.' prefix of a state dict saved from
+    a DDP or DataParallel wrapper is dropped."""
     ckpt = read_checkpoint(path)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict):  # our resume files
-        ckpt = ckpt['model']
+    wrapper = next((k for k in STATE_DICT_WRAPPERS if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), None)
+    if wrapper is not None:
+        ckpt = ckpt[wrapper]
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path}: holds a {type(ckpt).__name__}, not a state dict of tensors')
     odd = next((k for k in ckpt if not isinstance(k, str)), None)
@@ -520,6 +530,11 @@ class VIOLET_Base(nn.Module):
         not_loaded = sorted(k for k in own if k not in loaded and not k.endswith(NOT_NEEDED))
         required = {'all': not_loaded, 'any': [],
                     'encoders': [k for k in not_loaded if k.startswith(ENCODERS)]}[need]
+        if not loaded:  # (even a deliberate partial load takes something: a run from random weights has path_ckpt "")
+            shown = (', '.join(f'{k} ({why})' for k, why in list(misfit.items())[:3])
+                     or f'its keys: {", ".join(map(str, list(ckpt)[:3]))}{", ..." if len(ckpt) > 3 else ""}')
+            raise CheckpointError(f'{path}: none of the file\'s {len(ckpt)} keys fits the model ({shown}); '
+                                  f'it does not hold this model\'s weights' if ckpt else f'{path}: an empty state dict')
         if required:
             shown = ', '.join(f'{k} ({misfit.get(k, "missing")})' for k in required[:8])
             more = f', ... and {len(required) - 8} more' if len(required) > 8 else ''

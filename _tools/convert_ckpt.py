@@ -32,8 +32,8 @@ def convert(ckpt, out=None, config=None, vocab=None):
     out = out or os.path.splitext(ckpt)[0] + '.safetensors'
     if not out.endswith('.safetensors'):
         raise SystemExit(f'--out must end with .safetensors, got {out}')
-    cfg, _ = api.find_config(ckpt, config)
-    args = agent.load_args(base=cfg)  # every key checked before anything is written
+    cfg, _, where = api.find_config(ckpt, config)
+    args = agent.load_args(where, base=cfg)  # every key checked before anything is written
     if vocab is None:
         beside = os.path.join(os.path.dirname(os.path.abspath(ckpt)), 'vocab.json')
         vocab = beside if os.path.isfile(beside) else None

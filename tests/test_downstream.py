@@ -1,6 +1,7 @@
 """Fine-tuning scripts under a 2-process torchrun, initialisation from a pretraining checkpoint, config errors."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -93,10 +94,16 @@ def test_load_ckpt_reports_only_head_keys(ckpt_pretrain):
                                if k.startswith(('fc_mtm.', 'fc_mvm.', 'fc.3.'))}
 
 
-def test_load_ckpt_saved_from_ddp_wrapper(ckpt_pretrain, tmp_path):
-    """A state dict saved from DDP / DataParallel (every key 'module.'-prefixed) used to be refused as 'another task'."""
+@pytest.mark.parametrize('wrap', [None, 'state_dict', 'model_state_dict'])
+def test_load_ckpt_saved_from_ddp_wrapper(ckpt_pretrain, tmp_path, wrap):
+    """A state dict saved from DDP / DataParallel (every key 'module.'-prefixed) used to be refused as 'another task';
+    one kept under 'state_dict' (PyTorch Lightning) or 'model_state_dict' beside an optimiser state was 'a key of
+    another kind'."""
     sd = torch.load(ckpt_pretrain, weights_only=True)
-    torch.save({f'module.{k}': v for k, v in sd.items()}, tmp_path / 'ddp.pt')
+    saved = {f'module.{k}': v for k, v in sd.items()}
+    if wrap:
+        saved = {wrap: saved, 'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 3}
+    torch.save(saved, tmp_path / 'ddp.pt')
     args = agent.load_args(f'{REPO}/_data/toy/args_toy-qaoe.json', [f'txt_backbone={TINY}'])
     m = violet.VIOLET_QAOE(args)
     assert m.load_ckpt(str(tmp_path / 'ddp.pt'))[0] == ['fc.3.bias', 'fc.3.weight']
@@ -169,6 +176,15 @@ def test_config_values_out_of_range_and_config_files(tmp_path):
         api.find_config('x.pt', str(listed))
     with pytest.raises(ValueError, match=r'^config: its "config" must be a JSON object of keys, not list$'):
         api.find_config('x.pt', {'config': []})
+    # a run's log.json given for its args.json: named as not a config, with the file (convert_ckpt said 'saved args')
+    log = tmp_path / 'log.json'
+    log.write_text(json.dumps({'ls_tr': [1.5], 'ac_vl': [0.5], 'ac_ts': [0.4], 'n_skipped': 0}))
+    said = (f"config error: {log}: not a config, none of its keys is one ('ls_tr', 'ac_vl', 'ac_ts', ...): a run's "
+            f"config is its args.json, a task's _data/args_<task>.json")
+    assert error_of(path=str(log)) == said
+    torch.save({}, tmp_path / 'x.pt')
+    with pytest.raises(SystemExit, match=f'^{re.escape(said)}$'):
+        api.load(str(tmp_path / 'x.pt'), config=str(log))
 
 
 def test_retrieval_loss_directions():
@@ -269,16 +285,18 @@ def test_eval_batches_are_the_single_process_ones(n, size_batch, world):
 
 def test_training_refuses_a_checkpoint_without_the_encoders(toy, tmp_path):
     """path_ckpt whose encoder tensors do not fit stops the run (it used to train from random weights with
-    'not loaded: [...165 keys]'); init_partial: true allows it on purpose."""
+    'not loaded: [...165 keys]'); init_partial: true allows it on purpose, but not a file of which no key fits (that
+    trained from random weights after 'Loaded ...: 0 keys')."""
     import main_qamc
     args = agent.load_args(f'{REPO}/_data/toy/args_toy-qamc.json', [f'txt_backbone={TINY}', f'path_data={toy}'])
     sd = violet.VIOLET_QAMC(args).state_dict()
     torch.save({k: torch.zeros(*v.shape, 2) for k, v in sd.items()}, tmp_path / 'wrong.pt')
+    torch.save({**torch.load(tmp_path / 'wrong.pt'), 'fc.1.bias': sd['fc.1.bias'] + 1}, tmp_path / 'partial.pt')
     out = tmp_path / 'out'
     with pytest.raises(SystemExit) as e:
         agent.main(main_qamc.QAMC, '', [f'{REPO}/_data/toy/args_toy-qamc.json', '--set', f'txt_backbone={TINY}',
-                                        f'path_data={toy}', f'path_ckpt={tmp_path / "wrong.pt"}', f'path_output={out}'])
-    assert str(e.value).startswith(f"path_ckpt: {tmp_path / 'wrong.pt'}: ")
+                                        f'path_data={toy}', f'path_ckpt={tmp_path / "partial.pt"}', f'path_output={out}'])
+    assert str(e.value).startswith(f"path_ckpt: {tmp_path / 'partial.pt'}: ")
     assert 'set init_partial: true to start from a partial checkpoint on purpose' in str(e.value)
     assert not os.path.exists(out / 'ckpt_violet_toy-qamc_0.pt')
     # Video Swin weights of another shape (path_vt): one line naming that key, not a traceback nor 'path_ckpt'
@@ -288,9 +306,16 @@ def test_training_refuses_a_checkpoint_without_the_encoders(toy, tmp_path):
         agent.main(main_qamc.QAMC, '', [f'{REPO}/_data/toy/args_toy-qamc.json', '--set', f'txt_backbone={TINY}',
                                         f'path_data={toy}', f'path_vt={tmp_path / "vt.pt"}', f'path_output={out}'])
     assert str(e.value).startswith(f"path_vt: {tmp_path / 'vt.pt'}: Video Swin weights do not fit the configured VT (")
-    trainer = agent.Trainer(main_qamc.QAMC(dict(args, path_ckpt=str(tmp_path / 'wrong.pt'), init_partial=True)),
+    # init_partial: the keys that fit are loaded, the rest reported; a file of which nothing fits is still refused
+    trainer = agent.Trainer(main_qamc.QAMC(dict(args, path_ckpt=str(tmp_path / 'partial.pt'), init_partial=True)),
                             torch.device('cpu'))
-    assert len(trainer.not_loaded) == sum(not k.endswith('relative_position_index') for k in sd)
+    assert len(trainer.not_loaded) == sum(not k.endswith('relative_position_index') for k in sd) - 1
+    assert torch.equal(trainer.raw.state_dict()['fc.1.bias'], sd['fc.1.bias'] + 1)
+    with pytest.raises(violet.CheckpointError, match=r"^.*wrong.pt: none of the file's \d+ keys fits the model \("
+                                                     r"enc_img.emb_cls \(\[1, 1, 1, 128, 2\] in the file, \[1, 1, 1, 128\] in "
+                                                     r"the model\), .*; it does not hold this model's weights$"):
+        agent.Trainer(main_qamc.QAMC(dict(args, path_ckpt=str(tmp_path / 'wrong.pt'), init_partial=True)),
+                      torch.device('cpu'))
 
 
 def test_step_log_and_tensorboard(toy, tmp_path):

@@ -331,6 +331,10 @@ def test_load_ckpt_need(tmp_path, capsys):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     wrong = {k: torch.zeros(*v.shape, 2) for k, v in m.state_dict().items()}  # every tensor of another shape
     torch.save(wrong, tmp_path / 'wrong.pt')
+    for need in ('all', 'encoders', 'any'):  # (even 'any' wants something loaded)
+        with pytest.raises(model.CheckpointError, match=r"wrong.pt: none of the file's \d+ keys fits the model \("):
+            m.load_ckpt(str(tmp_path / 'wrong.pt'), need)
+    torch.save({**wrong, 'fc.3.bias': before['fc.3.bias'] + 1}, tmp_path / 'wrong.pt')  # all but one
     n = sum(not k.endswith('relative_position_index') for k in wrong)
     for need in ('all', 'encoders'):
         with pytest.raises(model.CheckpointError) as e:
@@ -338,10 +342,11 @@ def test_load_ckpt_need(tmp_path, capsys):
         msg = str(e.value)
         assert msg.startswith(f"{tmp_path / 'wrong.pt'}: ")
         assert 'enc_img.emb_cls (' in msg and 'in the file, [1, 1, 1, 128] in the model)' in msg
-        assert f'... and {(n if need == "all" else n - 4) - 8} more' in msg  # 'encoders': the 4 fc keys aside
+        assert f'... and {(n - 1 if need == "all" else n - 4) - 8} more' in msg  # 'encoders': the 4 fc keys aside
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
-    assert m.load_ckpt(str(tmp_path / 'wrong.pt'), 'any') == (sorted(k for k in wrong if not k.endswith('relative_position_index')),
-                                                              sorted(k for k in wrong if not k.endswith('relative_position_index')))
+    misfit = sorted(k for k in wrong if not k.endswith('relative_position_index') and k != 'fc.3.bias')
+    assert m.load_ckpt(str(tmp_path / 'wrong.pt'), 'any') == (misfit, misfit)
+    assert torch.equal(m.state_dict()['fc.3.bias'], before['fc.3.bias'] + 1)
     # a checkpoint without the head: fine for training (reported), an error for evaluation
     no_head = {k: v for k, v in model.VIOLET_Retrieval(SMALL).state_dict().items() if not k.startswith('fc.')}
     torch.save(no_head, tmp_path / 'no_head.pt')
@@ -383,7 +388,9 @@ def test_unreadable_checkpoints_are_named(tmp_path):
     (tmp_path / 'empty.pt').write_bytes(b'')
     (tmp_path / 'raw.pkl').write_bytes(__import__('pickle').dumps({'fc.1.weight': [1.0]}))
     torch.save({'model': m.state_dict(), 'obj': np.random.default_rng(0)}, tmp_path / 'object.pt')
-    cases = {'cut.pt': 'truncated or corrupt PyTorch checkpoint (was its writing interrupted?): RuntimeError: ',
+    torch.save({}, tmp_path / 'nothing.pt')
+    cases = {'nothing.pt': 'an empty state dict',
+             'cut.pt': 'truncated or corrupt PyTorch checkpoint (was its writing interrupted?): RuntimeError: ',
              'junk.pt': "not a PyTorch checkpoint (expected a file written by torch.save; it starts with b'<html>no')",
              'empty.pt': 'not a PyTorch checkpoint (expected a file written by torch.save; an empty file)',
              'raw.pkl': 'not a PyTorch checkpoint (expected a file written by torch.save; a raw pickle)',
@@ -552,3 +559,17 @@ def test_window_attention_matches_explicit(window, n):
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
     for k in grads[0][1]:
         assert torch.allclose(grads[0][1][k], grads[1][1][k], atol=1e-6), k
+
+
+@pytest.mark.parametrize('world, rank, speaks', [('2', '1', False), ('2', '0', True), ('4', '', True), (None, '1', True),
+                                                 ('1', '1', True), (None, None, True)])
+def test_say_on_the_first_process_alone(monkeypatch, capsys, world, rank, speaks):
+    """Before a process group exists, torchrun's RANK decides; a process that is alone (no WORLD_SIZE, or 1) speaks
+    whatever RANK a cluster left set (a worker pod running predict.py was silent)."""
+    for key, value in (('WORLD_SIZE', world), ('RANK', rank)):
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    model.say('hello')
+    assert capsys.readouterr().out == ('hello\n' if speaks else '')
