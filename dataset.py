@@ -59,7 +59,7 @@ class DataConfig:
     size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`); a training run refuses more classes than `vocab` names', least=0)
     txt_vocab: str = config.key('', 'the tokenizer\'s vocabulary: a `vocab.txt` file or a tokenizer directory; `""`: the tokenizer of `txt_backbone`. Either must fit the BERT config (same `vocab_size`, `[CLS]`/`[SEP]`/`[PAD]`/`[MASK]` at 101/102/0/103, as bert-base-uncased), else the run stops naming what is missing; a directory without `vocab.txt` or `tokenizer.json` is an error, never a stand-in tokenizer')
     skip_bad: bool = config.key(False, 'skip and count bad samples instead of stopping')
-    fast_decode: bool = config.key(False, 'decode JPEG frames at least 4x `size_img` at 1/2, 1/4 or 1/8 scale (libjpeg\'s DCT scaling): decoding 1.2x (1280x720) to 1.5x (1920x1080) faster, but their values move from the original\'s (0.1-0.6/255 on average, up to 9/255 at single pixels of photo-like frames; see Benchmark). Off: every pixel is decoded, within 1/255 of the original\'s PIL path')
+    fast_decode: bool = config.key(False, 'decode JPEG frames at least 4x `size_img` at 1/2, 1/4 or 1/8 scale (libjpeg\'s DCT scaling): decoding 1.2x (1280x720) to 1.5x (1920x1080) faster, but their values move from the original\'s (0.1-0.6/255 on average, up to 9/255 at single pixels of photo-like frames; see Benchmark). Off: every pixel is decoded, within 1/255 of the original\'s PIL path (equal to it for frames that are enlarged)')
     num_workers: int = config.key(-1, 'DataLoader workers per process; `-1`: one per CPU of the process\'s share of the node (usable CPUs / LOCAL_WORLD_SIZE) but one, at most 8 (on one H100 with 16 cores, 8 keep up with every full-size bf16 step, 4 with all but QA-OE; see Benchmark); `0`: load in the main process. Each unit\'s line says what share of its time rank 0 waited for batches; the first over 10 % says to raise this', least=-1)
 
 
@@ -451,8 +451,16 @@ def pad_resize(img, size):
     """RGB uint8 [3, H, W] -> float [3, size, size] in [0, 1], as the reference: zero-pad the short side by
     (long-short)//2 on both ends (TV.transforms.Pad, so an odd difference stays 1 px non-square), bilinear
     resize to size x size (PIL-like, antialiased), ToTensor. Every frame of training, evaluation and
-    prediction goes through it (the model normalises with the ImageNet mean and std itself)."""
+    prediction goes through it (the model normalises with the ImageNet mean and std itself). A frame that is
+    enlarged (its padded short side under `size`) is resized by PIL itself, the original's arithmetic to the bit:
+    torch's uint8 kernel keeps fewer bits of its weights, which when enlarging moves values by up to 2/255."""
     h, w = img.shape[1:]
+    rows, cols = ((w - h) // 2, 0) if w > h else (0, (h - w) // 2)
+    if min(h + 2 * rows, w + 2 * cols) < size:
+        padded = np.zeros((h + 2 * rows, w + 2 * cols, 3), np.uint8)
+        padded[rows:rows + h, cols:cols + w] = img.permute(1, 2, 0).numpy()
+        enlarged = np.asarray(Image.fromarray(padded).resize((size, size), Image.BILINEAR))
+        return torch.from_numpy(enlarged.copy()).permute(2, 0, 1).float() / 255
     if w > h:
         # the resize is separable, a horizontal pass then a vertical one (as PIL's): rows of padding are zero
         # after the horizontal pass too, so it runs on the content alone and the narrower result is padded

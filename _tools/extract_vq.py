@@ -113,16 +113,17 @@ def main():
                  f'{str(e).splitlines()[0] if str(e) else ""})')
     vq = {}
     for path in args.path:
+        if os.path.isfile(path + '.pkl'):
+            src = path + '.pkl'
+        elif os.path.isfile(path + '.tsv') and os.path.isfile(path + '.lineidx'):
+            src = path + '.tsv'
+        else:
+            sys.exit(f'missing {path}.pkl (or {path}.tsv + .lineidx)')
         try:
-            if os.path.isfile(path + '.pkl'):
-                pkl = load_pickle(path + '.pkl')
-            elif os.path.isfile(path + '.tsv') and os.path.isfile(path + '.lineidx'):
-                pkl = read_tsv(path + '.tsv', path + '.lineidx')
-            else:
-                sys.exit(f'missing {path}.pkl (or {path}.tsv + .lineidx)')
-            vq.update(encode_videos(encoder, usable_frames(pkl, path), args.frame, args.device, args.batch))
+            pkl = load_pickle(src) if src.endswith('.pkl') else read_tsv(src, path + '.lineidx')
+            vq.update(encode_videos(encoder, usable_frames(pkl, src), args.frame, args.device, args.batch))
         except DataError as e:  # (a pkl that is not one, a damaged index, a frame that is not an image: named)
-            sys.exit(str(e))
+            sys.exit(str(e) if str(e).startswith(path) else f'{src}: {e}')
     path_out = args.out or args.path[0] + '_vq.pkl'
     try:
         write_pickle(vq, path_out)  # whole or not at all
