@@ -537,8 +537,9 @@ class Trainer:
 
     def add_losses(self, loss, losses, n_samples, window, bar):
         """A trained batch into this rank's unit sums (and on rank 0 into the log window and the bar). A loss that is
-        NaN had no target in the batch (no masked word): it is left out of its mean, as the original left out its
-        NaN (the mean of an empty cross-entropy), not averaged in as 0."""
+        NaN had no target in the batch (no masked word): it is left out of its mean, as the original's pretraining
+        left out its NaN (the mean of an empty cross-entropy), not averaged in as 0. (Its fine-tuning averaged the NaN
+        of a QA-OE batch of only out-of-vocabulary answers in, so the epoch's ls_tr was NaN; README says so.)"""
         values = {k: v.item() for k, v in (('loss', loss), *losses.items())}
         add_to(self.local, {k: v for k, v in values.items() if k != 'loss'})
         self.local['n_samples'] += n_samples
@@ -556,6 +557,9 @@ class Trainer:
                       [self.local['n_samples'], self.local['n_skipped'], n_samples])
         n_trained, n_skipped = int(tot[-3]), int(tot[-2])
         if n_trained == 0:  # never a "done" run (and never a loss of 0.0) without data
+            if n_skipped == 0:  # (every step's loss non-finite, too few in a row for max_nonfinite)
+                raise SystemExit(f'stopping: {where} trained on no sample: the loss of every step was non-finite; '
+                                 f'try a lower lr, max_grad_norm or precision bf16/fp32')
             raise SystemExit(f'stopping: {where} trained on no sample ({n_skipped} of {n_data} skipped as bad, '
                              f'the other steps non-finite); see the first error with skip_bad false')
         if n_skipped > self.args['max_skip_frac'] * n_data:
@@ -668,7 +672,10 @@ class Trainer:
             save_torch(self.raw.state_dict(), os.path.join(self.out, name))  # plain state dict: the original loads it
             if self.args['save_safetensors']:
                 save_safetensors(self.raw.state_dict(), os.path.join(self.out, name.removesuffix('.pt') + '.safetensors'))
-            save_json(self.log, os.path.join(self.out, 'log.json'))
+            # log.json as the original's (its keys, in its order); what this project adds beside it
+            keys = self.task.log_keys()
+            save_json({k: self.log[k] for k in keys}, os.path.join(self.out, 'log.json'))
+            save_json({k: v for k, v in self.log.items() if k not in keys}, os.path.join(self.out, 'log_extra.json'))
 
     def fit(self, out=None):
         """Train the units from the current position, evaluate and checkpoint each. -> True when done, False when
@@ -1033,6 +1040,9 @@ def main(task_cls, default_config, argv=None):
                   ', '.join(sorted({t for k in unread for t in KEY_TASKS[k]})) + ')', flush=True)
     if cli.eval and (cli.resume or not args['path_ckpt']):
         raise SystemExit('--eval evaluates the weights of a checkpoint: --set path_ckpt=FILE (not --resume)')
+    if not cli.eval and args['lr'] == 0:  # (it trained to 'done' with the weights it started from)
+        raise config_error("key 'lr' is 0: training would not change the weights (to evaluate a checkpoint as it is: "
+                           "--eval --set path_ckpt=FILE)")
     if args['type'] not in ('', task_cls.type):
         raise config_error(f"key 'type' is '{args['type']}', but this script trains '{task_cls.type}'")
     args['type'] = task_cls.type
@@ -1041,15 +1051,20 @@ def main(task_cls, default_config, argv=None):
     if device.type == 'cpu':  # a CPU kernel that accumulates over repeated indices may do so in a racy order:
         torch.use_deterministic_algorithms(True, warn_only=True)  # exact resume needs the deterministic ones
     task = task_cls(args)
-    if not cli.eval:
-        task.check_data()  # every file and split the run reads, before the first step
+    task.check_eval_data() if cli.eval else task.check_data()  # every file and split it reads, before the first step
     out = args['path_output'] or default_output(task.name + ('_eval' if cli.eval else ''))
     made = not os.path.exists(out)
     lock, out = take_on_main(lambda: take_folder(out, bool(cli.resume), cli.overwrite, task.run_files()), world, out)
     args['path_output'] = out
+    failed = True
     try:
-        return run(cli, task, state, device, out)
+        out = run(cli, task, state, device, out)
+        failed = False
+        return out
     except dataset.WriteError as e:  # a full disk: what is on it is whole (write_atomic); say how to go on
+        if not os.path.isdir(out):
+            raise SystemExit(f'{e}: the run\'s folder {out} is gone (removed while the run wrote to it?), and with it '
+                             f'its checkpoints and resume.pt: start it again') from e
         resumable = not cli.eval and os.path.isfile(os.path.join(out, 'resume.pt'))
         raise SystemExit(f'{e}; the files written before are whole: make room and ' +
                          (f'continue with --resume {out} (from its last resume.pt)' if resumable else
@@ -1057,7 +1072,9 @@ def main(task_cls, default_config, argv=None):
     finally:
         if lock:
             lock.close()  # releases the folder (a killed process releases it too)
-            if made and os.listdir(out) == ['.lock']:  # a run that failed before its first file leaves no folder
+            # a run that failed before its first file, or an --eval that failed (its args.json would block the rerun),
+            # leaves no folder it made
+            if made and os.path.isdir(out) and (os.listdir(out) == ['.lock'] or cli.eval and failed):
                 shutil.rmtree(out)
 
 
@@ -1105,7 +1122,15 @@ KEY_TASKS = {'retrieval_loss': ('retrieval',), 'size_option': ('qamc',), 'size_v
                                                          ('qamc', 'qaoe', 'retrieval'))}
 # keys whose change gives the model other parameter shapes (a resumed run's weights would not load)
 MODEL_SHAPE_KEYS = ('txt_backbone', 'vt_dim', 'vt_depths', 'vt_heads', 'vt_window', 'mvm_target', 'size_vocab')
-RUN_FILES = ('args.json', 'log.json', 'resume.pt', 'eval.json', 'eval_retrieval.json', 'steps.jsonl', 'tb')
+def read_run_log(out):
+    """A run's log: its log.json (the original's keys) with log_extra.json's entries beside them (the counts of
+    samples and steps skipped, the model keys not loaded from path_ckpt; QA-OE's ac_iv)."""
+    extra = os.path.join(out, 'log_extra.json')
+    return {**dataset.load_json(os.path.join(out, 'log.json')),
+            **(dataset.load_json(extra) if os.path.isfile(extra) else {})}
+
+
+RUN_FILES = ('args.json', 'log.json', 'log_extra.json', 'resume.pt', 'eval.json', 'eval_retrieval.json', 'steps.jsonl', 'tb')
 
 
 def take_folder(out, resume, overwrite, own_files=()):

@@ -65,6 +65,8 @@ def find_config(ckpt, config=None):
     """-> (config dict, vocab list or None, where the config came from). config: a dict, a JSON file (a run's args.json,
     an _data/args_*.json or convert_ckpt's NAME.json holding {"config", "vocab"}), or None: NAME.json, then args.json
     beside ckpt."""
+    if os.path.isdir(ckpt):  # (a run's folder: 'checkpoint not found' would be wrong)
+        raise violet.folder_given(ckpt)
     if config is None:
         if not os.path.isfile(ckpt):  # (else its missing config would be named first)
             raise FileNotFoundError(f'checkpoint not found: {ckpt}')

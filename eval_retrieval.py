@@ -207,11 +207,13 @@ def evaluate(model, args, split, device, rank=0, world=1, size_pair=256, ds=None
 
 
 def report(split, res):
-    """Two lines: text-to-video and video-to-text."""
+    """Three lines: the original's (print(split, res), its keys and values, for comparing with its logs), then
+    text-to-video and video-to-text."""
+    original = {'r@1': res['r1'], 'r@5': res['r5'], 'r@10': res['r10'], 'median': res['median']}
     line = lambda m: (f"R@1 {m['r1'] * 100:.1f}  R@5 {m['r5'] * 100:.1f}  R@10 {m['r10'] * 100:.1f}  "
                       f"MdR {m['median']:g}  MnR {m['mean']:.1f}")
-    return (f"{split} t2v: {line(res)}  ({res['n_text']} texts x {res['n_video']} videos, {res['pairs_per_s']:.0f} "
-            f"pairs/s)\n{split} v2t: {line(res['v2t'])}")
+    return (f"{split} {original}\n{split} t2v: {line(res)}  ({res['n_text']} texts x {res['n_video']} videos, "
+            f"{res['pairs_per_s']:.0f} pairs/s)\n{split} v2t: {line(res['v2t'])}")
 
 
 @agent.data_errors_in_one_line

@@ -149,6 +149,10 @@ class Pretrain(tasks.Task):
                 if not self.args['skip_bad']:  # files that do not go together stopped the run in their part
                     self.check_videos(tsv, lineidx, path_txt, captions, self.val[d])
 
+    def check_eval_data(self):
+        for d in self.args['datasets']:
+            self.eval_sets(dict(dataset=d))
+
     @staticmethod
     def check_videos(tsv, lineidx, path_txt, captions, val):
         """32 videos spread over a part have a (non-empty) caption and (mvm_target 'vq') VQ tokens; the val set holds
@@ -200,8 +204,11 @@ class Pretrain(tasks.Task):
         logged = dict(mtm=tasks.or_nan(ls_mtm, hit_mtm[1]), mvm=tasks.or_nan(ls_mvm, hit_mvm[1]), vtm=ls_vtm)
         return loss, logged, dict(mtm=hit_mtm, mvm=hit_mvm, vtm=hit_vtm)
 
-    def new_log(self):
-        return {d: {f'{a}_{k}': [] for a in ('ls', 'ac') for k in self.metrics} for d in self.args['datasets']}
+    def new_log(self):  # (the original's key order)
+        return {d: {f'{a}_{k}': [] for a in ('ls', 'ac') for k in ('vtm', 'mtm', 'mvm')} for d in self.args['datasets']}
+
+    def log_keys(self):
+        return tuple(self.args['datasets'])
 
     def record(self, log, unit, losses, accs):
         for k in self.metrics:

@@ -590,7 +590,7 @@ def read_checkpoint(path, safe_globals=()):
     design). Anything else is a CheckpointError naming the file and what was expected (UnsafeCheckpoint: objects
     weights_only does not read)."""
     if os.path.isdir(path):
-        raise CheckpointError(f'{path} is a folder, not a checkpoint file (a run\'s folder holds ckpt_violet_*.pt)')
+        raise folder_given(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     if path.endswith('.safetensors'):
@@ -612,6 +612,14 @@ def read_checkpoint(path, safe_globals=()):
     except (RuntimeError, EOFError, KeyError, ValueError) as e:
         raise CheckpointError(f'{path}: truncated or corrupt PyTorch checkpoint (was its writing interrupted?): '
                               f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e
+
+
+def folder_given(path):
+    """The CheckpointError for a folder given as a checkpoint file: it names the newest checkpoint in it."""
+    ckpts = [f for f in os.listdir(path) if f.startswith('ckpt_violet_') and f.endswith(('.pt', '.safetensors'))]
+    newest = max(ckpts, key=lambda f: os.path.getmtime(os.path.join(path, f)), default=None)
+    hint = f'the newest in it is {os.path.join(path, newest)}' if newest else "a run's folder holds ckpt_violet_*.pt"
+    return CheckpointError(f'{path} is a folder, not a checkpoint file ({hint})')
 
 
 def weights_only_refusal(e):

@@ -44,6 +44,8 @@ class Task:
       step(model, batch, gen) -> (loss to minimise, {name: loss tensor} to log, {metric: (n_correct, n_count)});
           batch is on the device, gen a torch.Generator seeded from (seed, unit, step, rank)
       new_log() -> dict;  record(log, unit, mean losses, {tag: {metric: accuracy}}) appends to it
+      log_keys() -> the keys of new_log() that the original's log.json has, in its order (the rest, with the run's
+          counts, go to log_extra.json)
       ckpt_name(unit) -> file name (unit None: the checkpoint written before training)
       evaluate_only(trainer) -> {split: metrics} (--eval: no training)
       run_files() -> {file name: JSON object} written into the run dir beside the checkpoints (QA-OE: vocab.json)
@@ -70,8 +72,14 @@ class Task:
             self.train_set(unit)
             self.eval_sets(unit)
 
+    def check_eval_data(self):
+        """--eval: open every dataset evaluate_only reads, before the first is scored."""
+
     def run_files(self):
         return {}
+
+    def log_keys(self):
+        return ('ls_tr', 'ac_vl', 'ac_ts')  # the original's fine-tuning log.json
 
 
 class Downstream(Task):
@@ -95,12 +103,19 @@ class Downstream(Task):
         a whole epoch of training; an empty caption, question or option and an answer out of range are named here too
         (under skip_bad such items are skipped and counted as they come)."""
         super().check_data()
-        for ds in self.sets.values():  # an empty val or test split stopped the run at its first evaluation
+        self.check_items(self.sets.values())
+
+    def check_eval_data(self):
+        """(a video missing from test stopped --eval after val was scored, and its args.json blocked the rerun)"""
+        self.check_items([self.split(s) for s in ('val', 'test')])
+
+    def check_items(self, sets):
+        for ds in sets:  # an empty val or test split stopped the run at its first evaluation
             if not len(ds):
                 raise dataset.DataError(f'{ds.path_txt}: "{ds.split}" has no items (every split the run trains on or '
                                         f'evaluates needs some)')
         if not self.args['skip_bad']:
-            for ds in self.sets.values():
+            for ds in sets:
                 ds.check_items()
 
     def build_model(self):

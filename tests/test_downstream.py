@@ -69,7 +69,11 @@ def test_two_process_epoch(toy, ckpt_pretrain, tmp_path, task, script, launcher)
     assert r.stdout.count('===== Loaded') == 1, r.stdout  # rank 0 alone says what it loaded
     files = set(os.listdir(out))
     assert {f'ckpt_violet_toy-{task}_0.pt', f'ckpt_violet_toy-{task}_1.pt', 'log.json', 'args.json', 'resume.pt'} <= files
-    log = json.load(open(os.path.join(out, 'log.json')))
+    with open(os.path.join(out, 'log.json')) as f:  # the original's keys alone, in its order
+        assert list(json.load(f)) == ['ls_tr', 'ac_vl', 'ac_ts']
+    with open(os.path.join(out, 'log_extra.json')) as f:  # what this project counts besides
+        assert list(json.load(f)) == ['ac_iv_vl', 'ac_iv_ts'] * (task == 'qaoe') + ['n_skipped', 'n_nonfinite', 'not_loaded']
+    log = agent.read_run_log(out)
     assert len(log['ls_tr']) == len(log['ac_vl']) == len(log['ac_ts']) == 1
     assert all(0 <= log[k][0] <= 1 for k in ('ac_vl', 'ac_ts'))
     # accuracy over the whole split: a multiple of 1/len(split) (8 items), not a mean of batch means
@@ -332,7 +336,7 @@ def test_step_log_and_tensorboard(toy, tmp_path):
     train = [r for r in lines if 'eval' not in r]
     evals = [r for r in lines if 'eval' in r]
     assert [r['step'] for r in train] == list(range(1, 9)) and [r['unit_step'] for r in train] == [1, 2, 3, 4] * 2
-    log = json.load(open(out / 'log.json'))
+    log = agent.read_run_log(out)
     # the derived frame count is recorded (the config says 0): the toy's stored frames per video
     stored = {len(v) for v in dataset.load_pickle(f'{toy}/img_toy.pkl').values()}
     assert json.load(open(out / 'args.json'))['size_frame'] == stored.pop() and not stored

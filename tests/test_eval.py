@@ -292,6 +292,8 @@ def test_cli_end_to_end_writes_json(cli_single):
         assert 0 <= r['r1'] <= r['r5'] <= r['r10'] <= 1
         assert all(1 <= k <= r['n_video'] for k in r['ranks'])
         assert f'{split} t2v: R@1' in stdout and f'{split} v2t: R@1' in stdout
+        # the original's line, print(split, res), with the same values
+        assert f"\n{split} {{'r@1': {r['r1']!r}, 'r@5': {r['r5']!r}, 'r@10': {r['r10']!r}, 'median': {r['median']}}}\n" in stdout
         assert set(r['v2t']) >= {'r1', 'r5', 'r10', 'median', 'mean', 'ranks'} and len(r['v2t']['ranks']) == r['n_video']
 
 

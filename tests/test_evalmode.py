@@ -122,7 +122,7 @@ def test_qaoe_unknown_answers_train_and_eval(toy, tmp_path):
     run('main_qaoe.py', f'{REPO}/_data/toy/args_toy-qaoe.json',
         ['--set', f'path_data={toy}', f'txt_backbone={TINY}', f'path_output={out}', 'size_epoch=1', 'size_batch=4',
          'save_safetensors=true'])
-    log = json.load(open(os.path.join(out, 'log.json')))
+    log = agent.read_run_log(out)
     assert np.isfinite(log['ls_tr'][0]) and set(log) >= {'ac_vl', 'ac_ts', 'ac_iv_vl', 'ac_iv_ts'}
     qa = json.load(open(os.path.join(toy, 'txt_toy-qaoe.json')))
     assert json.load(open(os.path.join(out, 'vocab.json'))) == qa['vocab']
@@ -201,6 +201,38 @@ def test_eval_needs_every_key(toy, ckpts, tmp_path):
     r = run('main_qamc.py', f'{REPO}/_data/toy/args_toy-qamc.json', eval_sets(toy, str(tmp_path / 'b'), ''), check=False)
     assert r.stderr.strip().splitlines()[-1] == ('--eval evaluates the weights of a checkpoint: --set path_ckpt=FILE '
                                                 '(not --resume)')
+
+
+def test_eval_checks_every_split_first_and_leaves_no_folder(toy, ckpts, tmp_path, monkeypatch, capsys):
+    """--eval did not check the data first: a video missing from test stopped it after val was scored, and the
+    args.json it left made the rerun 'another run's files: continue that run with --resume' (which had nothing to
+    resume). Every split is checked first now, and a failed --eval leaves no folder it made."""
+    import shutil
+    import main_qamc
+    data = tmp_path / 'data'
+    shutil.copytree(toy, data)
+    qs = json.load(open(data / 'txt_toy-qamc.json'))
+    qs['test'][2]['video'] = 'nosuchvideo'
+    json.dump(qs, open(data / 'txt_toy-qamc.json', 'w'))
+    argv = [f'{REPO}/_data/toy/args_toy-qamc.json', '--eval', '--set', f'path_data={data}', f'txt_backbone={TINY}',
+            f'path_output={tmp_path / "out"}', f'path_ckpt={ckpts}']
+    with pytest.raises(SystemExit) as e:
+        agent.main(main_qamc.QAMC, '', argv)
+    assert str(e.value) == f'{data}/txt_toy-qamc.json["test"][2]: no video "nosuchvideo" in {data}/img_toy.pkl'
+    assert 'evaluation only' not in capsys.readouterr().out and not os.path.exists(tmp_path / 'out')
+    # a failure during the evaluation itself (a frame found corrupt when decoded): no folder left either
+    qs['test'][2]['video'] = qs['test'][1]['video']
+    json.dump(qs, open(data / 'txt_toy-qamc.json', 'w'))
+
+    def corrupt(task, trainer):
+        raise dataset.BadSample(f'{data}/img_toy.tsv line 3: cannot decode image')
+    monkeypatch.setattr(main_qamc.QAMC, 'evaluate_only', corrupt)
+    with pytest.raises(SystemExit, match='cannot decode image'):
+        agent.main(main_qamc.QAMC, '', argv)
+    assert not os.path.exists(tmp_path / 'out')
+    monkeypatch.undo()
+    agent.main(main_qamc.QAMC, '', argv)  # the rerun: not refused
+    assert {'args.json', 'eval.json'} <= set(os.listdir(tmp_path / 'out'))
 
 
 def test_load_ckpt_need_and_safetensors(tmp_path):

@@ -83,18 +83,18 @@ def test_skip_cap_and_no_data(toy, tmp_path):
                         rf'max_skip_frac\); resume.pt saved at step \d: --resume {tmp_path / "a"} goes on from there',
                         msg), msg
     qamc(toy, tmp_path / 'b', 'skip_bad=true', 'max_skip_frac=0.2')  # allowed: 2 of 16, counted
-    log = json.load(open(tmp_path / 'b' / 'log.json'))
+    log = agent.read_run_log(tmp_path / 'b')
     assert log['n_skipped'] == sum(it['video'] in bad for s in ('train', 'val', 'test')
                                    for it in json.load(open(f'{toy}/txt_toy-qamc.json'))[s])
     assert 0 < log['ls_tr'][0]
     # ... and goes on from there as the run that allowed them from the start (also inside a grad_accum window, whose
     # start is saved)
     agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'a'), '--set', 'max_skip_frac=0.2'])
-    assert json.load(open(tmp_path / 'a' / 'log.json')) == log
+    assert agent.read_run_log(tmp_path / 'a') == log
     stops(qamc, toy, tmp_path / 'a2', 'skip_bad=true', 'grad_accum=2', 'size_batch=2')
     agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(tmp_path / 'a2'), '--set', 'max_skip_frac=0.2'])
     qamc(toy, tmp_path / 'b2', 'skip_bad=true', 'grad_accum=2', 'size_batch=2', 'max_skip_frac=0.2')
-    assert json.load(open(tmp_path / 'a2' / 'log.json')) == json.load(open(tmp_path / 'b2' / 'log.json'))
+    assert agent.read_run_log(tmp_path / 'a2') == agent.read_run_log(tmp_path / 'b2')
     # the file cut after its first third: its index points past its end, refused before the first step
     raw = open(f'{toy}/img_toy.tsv', 'rb').read()
     open(f'{toy}/img_toy.tsv', 'wb').write(raw[:len(raw) // 3])
@@ -110,7 +110,7 @@ def test_skip_cap_and_no_data(toy, tmp_path):
     write_tsv({v: f[:2] if v in train else f for v, f in frames.items()}, f'{toy}/img_toy.tsv', f'{toy}/img_toy.lineidx')
     msg = stops(qamc, toy, tmp_path / 'c', 'skip_bad=true', 'max_skip_frac=1.0', 'size_frame=5')
     assert qs["train"]
-    assert not os.path.exists(tmp_path / 'c' / 'log.json') or json.load(open(tmp_path / 'c' / 'log.json'))['ls_tr'] == []
+    assert not os.path.exists(tmp_path / 'c' / 'log.json') or agent.read_run_log(tmp_path / 'c')['ls_tr'] == []
 
 
 # ---------------------------------------------------------------------------------------------- output folders
@@ -123,7 +123,7 @@ def test_output_folder_is_one_runs(toy, tmp_path, capsys):
     # a second run into the same folder is refused, nothing of the first touched
     mtimes = {f: os.path.getmtime(out / f) for f in first if f != '.lock'}
     assert stops(qamc, toy, out) == (f"{out} holds another run's files (args.json, ckpt_violet_toy-qamc_0.pt, log.json, "
-                                     f"resume.pt, ...): continue that run with --resume {out}, choose another path_output, "
+                                     f"log_extra.json, ...): continue that run with --resume {out}, choose another path_output, "
                                      f"or pass --overwrite to replace them")
     assert {f: os.path.getmtime(out / f) for f in os.listdir(out) if f != '.lock'} == mtimes
     # a running run holds the folder's lock: a concurrent resume (or run) is refused
@@ -331,13 +331,42 @@ def test_full_disk_stops_the_run_and_resume_goes_on(toy, tmp_path):
     for ep in (1, 2):
         a, b = (torch.load(os.path.join(d, f'ckpt_violet_toy-qamc_{ep}.pt'), weights_only=True) for d in (whole, out))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ep
-    assert json.load(open(out / 'log.json')) == json.load(open(os.path.join(whole, 'log.json')))
+    assert agent.read_run_log(out) == agent.read_run_log(whole)
     # a new run whose first checkpoint does not fit: there is no resume.pt to go on from, and the line says so
     with file_size_limit(ckpt // 2):
         msg = stops(qamc, toy, tmp_path / 'new')
     assert re.fullmatch(refused_write(tmp_path / 'new' / 'ckpt_violet_toy-qamc_0.pt') + re.escape(
         '; the files written before are whole: make room and start it again (--overwrite replaces the files of this '
         'run)'), msg), msg
+
+
+def test_a_unit_of_only_non_finite_steps_names_the_loss(toy, tmp_path, monkeypatch):
+    """Every step of a unit non-finite (a diverged run: lr far too high), fewer than max_nonfinite in a row: the stop
+    said '0 of 16 skipped as bad ... see the first error with skip_bad false', of a run without a bad sample."""
+    step = main_qamc.QAMC.step
+
+    def diverged(task, model, batch, gen):
+        loss, losses, hits = step(task, model, batch, gen)
+        return loss * math.nan, {k: v * math.nan for k, v in losses.items()}, hits
+    monkeypatch.setattr(main_qamc.QAMC, 'step', diverged)
+    assert stops(qamc, toy, tmp_path / 'run') == ('stopping: epoch 1 trained on no sample: the loss of every step was '
+                                                  'non-finite; try a lower lr, max_grad_norm or precision bf16/fp32')
+
+
+def test_output_folder_removed_mid_run(toy, tmp_path, monkeypatch):
+    """The run's folder deleted while it trains: one line saying so (the cleanup's os.listdir of the missing folder
+    put 'No such file or directory' in its place, and the full-disk advice said to make room)."""
+    out, save_unit = tmp_path / 'run', agent.Trainer.save_unit
+
+    def removed_first(trainer, name):
+        if name != 'ckpt_violet_toy-qamc_0.pt':
+            shutil.rmtree(out)
+        return save_unit(trainer, name)
+    monkeypatch.setattr(agent.Trainer, 'save_unit', removed_first)
+    msg = stops(qamc, toy, out, 'size_epoch=1')
+    assert re.fullmatch(rf"could not write {out}/ckpt_violet_toy-qamc_1.pt: No such file or directory \(.*\): the run's "
+                        rf"folder {out} is gone \(removed while the run wrote to it\?\), and with it its checkpoints "
+                        rf"and resume.pt: start it again", msg), msg
 
 
 # ---------------------------------------------------------------------------------------------- config and data
@@ -629,7 +658,7 @@ def test_bad_sample_mid_unit_saves_and_resumes_exactly(toy, tmp_path, monkeypatc
     for ep in (1, 2):
         a, b = (torch.load(os.path.join(d, f'ckpt_violet_toy-qamc_{ep}.pt'), weights_only=True) for d in (whole, out))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ep
-    assert json.load(open(out / 'log.json')) == json.load(open(os.path.join(whole, 'log.json')))
+    assert agent.read_run_log(out) == agent.read_run_log(whole)
 
 
 def test_killed_without_warning_resumes_from_save_minutes(toy, tmp_path):
@@ -705,8 +734,8 @@ def test_stop_signal_during_evaluation_resumes_from_the_units_end(toy, tmp_path,
     for ep in (1, 2):
         a, b = (torch.load(os.path.join(d, f'ckpt_violet_toy-qamc_{ep}.pt'), weights_only=True) for d in (whole, out))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ep
-    log = json.load(open(out / 'log.json'))
-    assert log == json.load(open(os.path.join(whole, 'log.json'))) and log['n_skipped'] > 0
+    log = agent.read_run_log(out)
+    assert log == agent.read_run_log(whole) and log['n_skipped'] > 0
     lines = [[{k: v for k, v in json.loads(x).items() if k != 'samples_per_s'} for x in open(d / 'steps.jsonl')]
              for d in (tmp_path / 'whole', out)]
     assert lines[0] == lines[1] and sum('eval' in x for x in lines[1]) == 2
@@ -836,7 +865,7 @@ def test_skipped_samples_of_an_evaluation_are_counted(toy, tmp_path):
     pickle.dump(frames, open(f'{toy}/img_toy.pkl', 'wb'))
     n_bad = sum(it['video'] == val[0]['video'] for it in val)
     qamc(toy, tmp_path / 'a', 'skip_bad=true', 'max_skip_frac=0.5')
-    assert json.load(open(tmp_path / 'a' / 'log.json'))['n_skipped'] == n_bad
+    assert agent.read_run_log(tmp_path / 'a')['n_skipped'] == n_bad
     assert stops(qamc, toy, tmp_path / 'b', 'skip_bad=true') == (
         f'stopping: {n_bad} of the {len(val)} samples of evaluation vl were bad and skipped, more than max_skip_frac '
         f'0.01 allows; run with skip_bad false to see the first error (or raise max_skip_frac)')
@@ -911,7 +940,7 @@ def test_skipped_batch_on_one_rank_under_torchrun(toy, tmp_path):
     out = tmp_path / 'ddp'
     proc = torchrun_qamc(toy, out, 'size_batch=1', 'skip_bad=true', 'max_skip_frac=0.5')
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.load(open(out / 'log.json'))['n_skipped'] == 1
+    assert agent.read_run_log(out)['n_skipped'] == 1
 
 
 def test_waiting_for_data_is_reported(toy, tmp_path, monkeypatch, capsys):

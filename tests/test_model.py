@@ -265,7 +265,13 @@ def test_load_ckpt_reports_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='checkpoint not found: .*nope.pt'):
         m.load_ckpt(str(tmp_path / 'nope.pt'))
     os.makedirs(tmp_path / 'run.pt')  # (was 'checkpoint not found')
-    with pytest.raises(model.CheckpointError, match=f"^{tmp_path}/run.pt is a folder, not a checkpoint file"):
+    with pytest.raises(model.CheckpointError, match=f"^{tmp_path}/run.pt is a folder, not a checkpoint file \\(a run's "):
+        m.load_ckpt(str(tmp_path / 'run.pt'))
+    for epoch in (2, 10, 1):  # a run's folder: its newest checkpoint is named (by time: epoch 10 sorts before 2)
+        torch.save({}, tmp_path / 'run.pt' / f'ckpt_violet_x_{epoch}.pt')
+        os.utime(tmp_path / 'run.pt' / f'ckpt_violet_x_{epoch}.pt', (epoch, epoch))
+    with pytest.raises(model.CheckpointError, match=f"^{tmp_path}/run.pt is a folder, not a checkpoint file \\(the "
+                                                    f"newest in it is {tmp_path}/run.pt/ckpt_violet_x_10.pt\\)$"):
         m.load_ckpt(str(tmp_path / 'run.pt'))
     pre = model.VIOLET_Pretrain(SMALL)
     sd = pre.state_dict()

@@ -393,6 +393,11 @@ def test_checkpoint_missing_is_named_before_its_config(tmp_path):
     torch.save({}, tmp_path / 'bare.pt')
     with pytest.raises(FileNotFoundError, match=rf'^{tmp_path}/bare.pt: no config beside it \(NAME.json or args.json\)'):
         api.find_config(str(tmp_path / 'bare.pt'))
+    # a run's folder given for its checkpoint: named as a folder (it was 'checkpoint not found'), in predict.py too
+    torch.save({}, tmp_path / 'ckpt_violet_x_1.pt')
+    with pytest.raises(ValueError, match=rf"^{tmp_path} is a folder, not a checkpoint file \(the newest in it is "
+                                         rf"{tmp_path}/ckpt_violet_x_1.pt\)$"):
+        api.find_config(str(tmp_path))
 
 
 def test_folders_inside_a_folder_are_named(tmp_path, capsys):

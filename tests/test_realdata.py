@@ -10,6 +10,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, '_tools')
 sys.path.insert(0, TOOLS)
+import agent  # noqa: E402
 import dataset  # noqa: E402
 import convert_layout  # noqa: E402
 
@@ -632,7 +633,7 @@ def test_toy_v2_layout_trains_one_epoch(tmp_path):
                         f'path_output={out}', 'size_frame=5', 'size_epoch=1', 'size_batch=8'],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
-    log = json.load(open(os.path.join(out, 'log.json')))
+    log = agent.read_run_log(out)
     assert len(log['ls_tr']) == 1 and all(0 <= log[k][0] <= 1 for k in ('ac_vl', 'ac_ts'))
 
 
