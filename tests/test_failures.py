@@ -353,6 +353,14 @@ def test_a_unit_of_only_non_finite_steps_names_the_loss(toy, tmp_path, monkeypat
                                                   'non-finite; try a lower lr, max_grad_norm or precision bf16/fp32')
 
 
+def test_learning_rate_zero_is_refused(toy, tmp_path):
+    """lr 0 trained to 'done' with the weights it started from (the checkpoints of epoch 0 and the last equal)."""
+    assert stops(qamc, toy, tmp_path / 'run', 'lr=0') == (
+        "config error: key 'lr' is 0: training would not change the weights (to evaluate a checkpoint as it is: "
+        "--eval --set path_ckpt=FILE)")
+    assert not os.path.exists(tmp_path / 'run')
+
+
 def test_output_folder_removed_mid_run(toy, tmp_path, monkeypatch):
     """The run's folder deleted while it trains: one line saying so (the cleanup's os.listdir of the missing folder
     put 'No such file or directory' in its place, and the full-disk advice said to make room)."""
