@@ -370,6 +370,7 @@ class Trainer:
         self.data_warned = False          # said once per invocation that the loader held training up
         self.nonfinite_run = 0            # consecutive non-finite steps (same on every rank)
         self.signalled = 0                # a stop signal this process received (fit's handlers), 0 when none
+        self.ctrl_c_at = 0.0              # when it came (time.monotonic)
         self.last_resume = time.time()    # when resume.pt was last written (or this invocation started): save_minutes
         self.local = self.fresh_local()   # this rank's running sums of the current unit
         if state is None:
@@ -697,8 +698,14 @@ class Trainer:
                 self.steplog = None
 
     def on_signal(self, signum, frame):
-        """A scheduler's warning before it kills the job: finish the step, save resume.pt, stop (train_unit)."""
-        self.signalled = signum
+        """A scheduler's warning before it kills the job, or Ctrl-C: finish the step, save resume.pt, stop
+        (train_unit). A second Ctrl-C, SECOND_CTRL_C seconds or more after the first, stops at once (torchrun passes
+        the terminal's one on to its workers within milliseconds: that copy is not a second press)."""
+        if signum == signal.SIGINT and self.signalled == signal.SIGINT:
+            if time.monotonic() - self.ctrl_c_at >= SECOND_CTRL_C:
+                raise KeyboardInterrupt
+            return
+        self.signalled, self.ctrl_c_at = signum, time.monotonic()
 
     def out_of_memory(self, e, where):
         """The one line for a training step that ran out of (GPU) memory: torch's first line, the settings that
@@ -782,8 +789,10 @@ class Trainer:
 
 
 # what schedulers send some time before they kill a job (Slurm: SIGTERM at preemption or the time limit, and
-# --signal=USR1@SECONDS ahead of it; torchrun forwards SIGTERM to its workers)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# --signal=USR1@SECONDS ahead of it; torchrun forwards SIGTERM to its workers), and Ctrl-C (SIGINT, to every
+# process of the terminal's job; torchrun passes it on too)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SECOND_CTRL_C = 1.0  # seconds: a Ctrl-C this long after the first stops at once
 
 
 def outlive_stop_signals(trainer_pid, worker_id):
@@ -1061,6 +1070,10 @@ def main(task_cls, default_config, argv=None):
         out = run(cli, task, state, device, out)
         failed = False
         return out
+    except KeyboardInterrupt:  # (a second Ctrl-C, or one outside training): one line, not a traceback
+        saved = not cli.eval and os.path.isfile(os.path.join(out, 'resume.pt'))
+        raise SystemExit('interrupted (Ctrl-C): ' + (f'the steps since its last resume.pt are lost; --resume {out} '
+                                                     f'goes on from there' if saved else 'nothing saved to go on from'))
     except dataset.WriteError as e:  # a full disk: what is on it is whole (write_atomic); say how to go on
         if not os.path.isdir(out):
             raise SystemExit(f'{e}: the run\'s folder {out} is gone (removed while the run wrote to it?), and with it '

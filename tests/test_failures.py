@@ -706,7 +706,7 @@ def wait_for_steps(out, proc, n=1, timeout=120):
 
 
 def stopped_step(stderr, out):
-    m = re.search(rf'stopped by SIG(TERM|USR1) at epoch \d+ step (\d+): resume.pt saved; continue with --resume {out}$',
+    m = re.search(rf'stopped by SIG(TERM|USR1|INT) at epoch \d+ step (\d+): resume.pt saved; continue with --resume {out}$',
                   stderr.strip())
     assert m, stderr[-3000:]
     return int(m.group(2))
@@ -757,20 +757,52 @@ def test_stop_signal_during_evaluation_resumes_from_the_units_end(toy, tmp_path,
         assert got[0] == got[1], tag
 
 
-def test_stop_signal_to_the_whole_job_with_workers(toy, tmp_path):
+@pytest.mark.parametrize('signum, launch', [(signal.SIGTERM, []), (signal.SIGINT, []),
+                                           (signal.SIGINT, ['-m', 'torch.distributed.run', '--nproc_per_node=2'])])
+def test_stop_signal_to_the_whole_job_with_workers(toy, tmp_path, signum, launch):
     """A scheduler signals every process of the job, DataLoader workers included: they live on until the run has
-    saved (else the run dies of 'DataLoader worker killed by signal' before it can), and the run stops cleanly."""
+    saved (else the run dies of 'DataLoader worker killed by signal' before it can), and the run stops cleanly.
+    Ctrl-C in a terminal (SIGINT to the whole job; torchrun passes it on once more) does the same: it was a
+    KeyboardInterrupt traceback from every process, and no resume.pt."""
     out = tmp_path / 'job'
-    cmd = [sys.executable, 'main_qamc.py', CONFIG, '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}',
-           f'path_output={out}', 'size_epoch=50', 'size_batch=4', 'num_workers=2']
+    cmd = [sys.executable, *launch, 'main_qamc.py', CONFIG, '--set', f'txt_backbone={REPO}/_data/bert-tiny',
+           f'path_data={toy}', f'path_output={out}', 'size_epoch=50', 'size_batch=4', 'num_workers=2']
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    wait_for_steps(out, proc)
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 1
-    step = stopped_step(stderr, out)
-    assert torch.load(out / 'resume.pt', weights_only=True)['step'] == step
+    try:
+        wait_for_steps(out, proc)
+        os.killpg(proc.pid, signum)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    name = signal.Signals(signum).name
+    where = set(re.findall(rf'stopped by {name} at (epoch \d+ step \d+|the evaluation of epoch \d+ \(vl\)): resume.pt '
+                           rf'saved; continue with --resume {out}', stderr))
+    assert len(where) == 1 and stderr.count('stopped by') == (2 if launch else 1), stderr[-3000:]  # every rank, one place
+    step = torch.load(out / 'resume.pt', weights_only=True)['step']
+    assert re.fullmatch(rf'epoch \d+ step {step}|the evaluation of epoch \d+ \(vl\)', where.pop())
+    assert proc.returncode == 1 and 'KeyboardInterrupt' not in stderr
+    if not launch:  # (torchrun itself prints a traceback for the signal it got)
+        assert 'Traceback' not in stderr, stderr[-3000:]
+
+
+def test_a_second_ctrl_c_stops_at_once(toy, tmp_path, monkeypatch):
+    """Ctrl-C finishes the step and saves; a second one (a second or more later) stops at once, in one line."""
+    monkeypatch.setattr(agent, 'SECOND_CTRL_C', 0.0)
+    calls, step = [0], main_qamc.QAMC.step
+
+    def pressed_twice(self, *a):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *a)
+    monkeypatch.setattr(main_qamc.QAMC, 'step', pressed_twice)
+    out = tmp_path / 'run'
+    assert stops(qamc, toy, out, 'size_epoch=2', 'save_every=1') == (
+        f'interrupted (Ctrl-C): the steps since its last resume.pt are lost; --resume {out} goes on from there')
+    assert torch.load(out / 'resume.pt', weights_only=True)['step'] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_stop_signal_to_one_rank_stops_all(toy, tmp_path):
