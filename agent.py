@@ -644,13 +644,17 @@ class Trainer:
         self.last_resume = time.time()
         ranks = gather_objects(dict(rng=at['rng'], **at['local']))
         if is_main():
+            # (the units by name and the unit's sample count: a resume checks that its position still means the same)
+            units = [u['name'] for u in self.task.units()]
+            size = self.task.unit_size(self.task.units()[self.unit]) if self.unit < len(units) else None
             save_torch(dict(model=self.raw.state_dict(), optim=self.optim.state_dict(), scaler=self.scaler.state_dict(),
-                            unit=self.unit, step=self.step, nonfinite_run=at['nonfinite_run'],
+                            unit=self.unit, step=self.step, nonfinite_run=at['nonfinite_run'], units=units, unit_size=size,
                             log={**self.log, 'n_nonfinite': at['n_nonfinite']},
                             global_step=self.global_step,
                             ranks=ranks, world=self.world, args=self.args), os.path.join(self.out, 'resume.pt'))
 
     def load_state(self, state):
+        self.check_position(state)
         self.optim.load_state_dict(state['optim'])
         if state['scaler']:
             self.scaler.load_state_dict(state['scaler'])
@@ -667,6 +671,27 @@ class Trainer:
         else:
             raise SystemExit(f'resume: the run stopped inside a unit with {state["world"]} processes; resume it with '
                              f'the same number (this has {self.world}), or from a unit boundary')
+
+    def check_position(self, state):
+        """A resume.pt's position is a unit index and a batch count: the units before it (and the one it is inside)
+        must be those the run trained, and a unit stopped inside must hold as many samples, else the resumed run
+        would skip or repeat some in silence (a training part added or removed, datasets reordered, a split edited).
+        Units after it may change (size_epoch raised or lowered, a part added at the end)."""
+        saved, units = state.get('units'), self.task.units()  # (absent from resume files of earlier versions)
+        names = [u['name'] for u in units]
+        if saved is not None:
+            k = min(state['unit'] + 1, len(names), len(saved))
+            i = next((i for i in range(k) if names[i] != saved[i]), None)
+            if i is not None:
+                raise SystemExit(f"resume: the run's units are not those of its resume.pt: unit {i + 1} was "
+                                 f"'{saved[i]}', is now '{names[i]}' (a training part added or removed, or datasets "
+                                 f"reordered?): resume with the run's data files and datasets")
+        if state['step'] and state.get('unit_size') is not None and state['unit'] < len(units):
+            size = self.task.unit_size(units[state['unit']])
+            if size != state['unit_size']:
+                raise SystemExit(f"resume: {names[state['unit']]} had {state['unit_size']} training samples when "
+                                 f"resume.pt was saved inside it (step {state['step']}), it has {size} now: going on "
+                                 f"there would skip or repeat samples; restore its data to resume")
 
     def save_unit(self, name):
         if is_main():

@@ -5,6 +5,7 @@ Features are computed once per unique video and once per caption; the N_text x N
 runs as large batches of (video, text) pairs gathered on the device, sharded over torchrun ranks.
 
   python eval_retrieval.py _data/args_msrvtt-retrieval.json [--ckpt PATH] [--zero-shot] [--set k=v ...]
+  (the weights: --ckpt, else the config's path_ckpt; --ckpt '' scores a random model on purpose)
   torchrun --nproc_per_node 4 eval_retrieval.py ...   (same numbers, split over the GPUs)
 
 Precision: the config's `precision` key. 'fp32' (and 'auto') run everything in float32, as the original
@@ -19,6 +20,8 @@ and args.json into --out, else the config's path_output, else _snapshot/_eval_re
 """
 import argparse
 import contextlib
+import glob
+import json
 import math
 import os
 import shutil
@@ -220,7 +223,8 @@ def report(split, res):
 def main():
     parser = argparse.ArgumentParser(description='text-to-video retrieval evaluation (R@1/5/10, median/mean rank)')
     parser.add_argument('config', nargs='?', default='./_data/args_msrvtt-retrieval.json')
-    parser.add_argument('--ckpt', default=None, help="checkpoint to score with (default: the config's path_ckpt)")
+    parser.add_argument('--ckpt', default=None, help="checkpoint to score with (default: the config's path_ckpt; "
+                                                     "'' scores a randomly initialised model)")
     parser.add_argument('--zero-shot', action='store_true', help='pretraining checkpoint scored with its VTM head: the zero-shot numbers')
     parser.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                         help='override config keys (VALUE parsed as JSON when possible)')
@@ -232,7 +236,17 @@ def main():
     opt = parser.parse_args()
 
     args = agent.load_args(opt.config, opt.set)
-    if opt.ckpt is not None:
+    if opt.ckpt is None:
+        trained = glob.glob(os.path.join(os.path.dirname(os.path.abspath(opt.config)), 'ckpt_violet_*.pt'))
+        if os.path.basename(opt.config) == 'args.json' and trained:  # (it scored the weights the run started from)
+            newest, began = max(trained, key=os.path.getmtime), json.dumps(args['path_ckpt'])
+            raise SystemExit(f"eval_retrieval: {opt.config} is a training run's args.json: its path_ckpt ({began}) is "
+                             f"what the run started from; name the weights to score: --ckpt CKPT (the run's newest: "
+                             f"{newest})")
+        if not args['path_ckpt']:
+            raise SystemExit(f'eval_retrieval: no checkpoint (path_ckpt is "" in {opt.config}): give --ckpt CKPT; '
+                             f'--ckpt "" scores a randomly initialised model (a chance-level baseline)')
+    else:
         args['path_ckpt'] = opt.ckpt  # the model's VT may come from it (model.load_vt)
     rank, world, device = agent.init_dist(opt.local_rank)
     agent.seed_all(args['seed'])  # same random init on every rank when no checkpoint is given

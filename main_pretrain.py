@@ -149,6 +149,10 @@ class Pretrain(tasks.Task):
                 if not self.args['skip_bad']:  # files that do not go together stopped the run in their part
                     self.check_videos(tsv, lineidx, path_txt, captions, self.val[d])
 
+    def unit_size(self, unit):  # (the part's lines, without loading its VQ tokens as its Dataset does)
+        return len(dataset.read_lineidx(os.path.join(self.args['path_data'],
+                                                     f"img_{unit['dataset']}_train_{unit['part']}.lineidx")))
+
     def check_eval_data(self):
         for d in self.args['datasets']:
             self.eval_sets(dict(dataset=d))

@@ -75,6 +75,10 @@ class Task:
     def check_eval_data(self):
         """--eval: open every dataset evaluate_only reads, before the first is scored."""
 
+    def unit_size(self, unit):
+        """The number of training samples of a unit (resume.pt keeps it)."""
+        return len(self.train_set(unit))
+
     def run_files(self):
         return {}
 

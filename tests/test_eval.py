@@ -268,6 +268,9 @@ def toy(tmp_path_factory):
 
 
 def run_cli(argv, torchrun=False):
+    """eval_retrieval.py -> its CompletedProcess. Without --ckpt: --ckpt '' (a random model, said on purpose: these
+    tests check the evaluation's mechanics)."""
+    argv = argv if '--ckpt' in argv else [*argv, '--ckpt', '']
     env = dict(os.environ, OMP_NUM_THREADS='1')  # same kernels in one or two processes
     launch = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2'] if torchrun else []
     p = subprocess.run([sys.executable, *launch, 'eval_retrieval.py', *argv], cwd=ROOT, env=env,
@@ -456,6 +459,29 @@ def test_bench_original_way_pretraining_step_equals_ours(train):
         assert torch.allclose(grads[k], grads_o[k], atol=1e-5, rtol=1e-4), (k, (grads[k] - grads_o[k]).abs().max())
 
 
+def test_weights_to_score_must_be_named(toy, tmp_path, monkeypatch):
+    """A training run's args.json without --ckpt scored the weights the run started from (its path_ckpt: the
+    pretraining checkpoint, zero-shot) and wrote into the run's folder, exit 0; a config whose path_ckpt is "" scored a
+    random model. Both are refused, saying what to give; --ckpt '' asks for the random model on purpose."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'args.json').write_text(json.dumps({**json.load(open(toy[1])), 'path_ckpt': 'pre/ckpt_violet_pretrain_0.pt'}))
+    for epoch in (1, 2):
+        torch.save({}, run / f'ckpt_violet_toy-retrieval2_{epoch}.pt')
+        os.utime(run / f'ckpt_violet_toy-retrieval2_{epoch}.pt', (epoch, epoch))
+    for config, said in (
+            (run / 'args.json', f'eval_retrieval: {run}/args.json is a training run\'s args.json: its path_ckpt '
+                                f'("pre/ckpt_violet_pretrain_0.pt") is what the run started from; name the weights to '
+                                f'score: --ckpt CKPT (the run\'s newest: {run}/ckpt_violet_toy-retrieval2_2.pt)'),
+            (toy[1], f'eval_retrieval: no checkpoint (path_ckpt is "" in {toy[1]}): give --ckpt CKPT; --ckpt "" scores '
+                     f'a randomly initialised model (a chance-level baseline)')):
+        monkeypatch.setattr(sys, 'argv', ['eval_retrieval.py', str(config), '--out', str(tmp_path / 'out')])
+        with pytest.raises(SystemExit) as e:
+            eval_retrieval.main()
+        assert str(e.value) == said and not os.path.exists(tmp_path / 'out')
+        assert sorted(os.listdir(run)) == ['args.json', 'ckpt_violet_toy-retrieval2_1.pt', 'ckpt_violet_toy-retrieval2_2.pt']
+
+
 def test_checkpoint_that_does_not_fit_is_refused(toy, tmp_path):
     """A checkpoint whose tensors all have another shape used to be 'loaded' (0 keys) and the random model
     evaluated with exit 0; now it is an error naming the file, and nothing is written."""
@@ -508,7 +534,7 @@ def test_failed_eval_leaves_no_empty_folder(toy, tmp_path):
     for out, existed in ((tmp_path / 'new', False), (tmp_path / 'old', True)):
         if existed:
             out.mkdir()
-        p = subprocess.run([sys.executable, 'eval_retrieval.py', toy[1], '--splits', 'nosuch', '--out', str(out)],
+        p = subprocess.run([sys.executable, 'eval_retrieval.py', toy[1], '--splits', 'nosuch', '--out', str(out), '--ckpt', ''],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert p.returncode == 1 and 'nosuch' in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
         assert out.exists() == existed
@@ -523,7 +549,7 @@ def test_eval_refuses_a_folder_in_use(toy, tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write('pid 4242 on elsewhere\n')
         held.flush()
-        p = subprocess.run([sys.executable, 'eval_retrieval.py', toy[1], '--splits', 'val', '--out', str(out)],
+        p = subprocess.run([sys.executable, 'eval_retrieval.py', toy[1], '--splits', 'val', '--out', str(out), '--ckpt', ''],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert p.returncode == 1 and 'R@1' not in p.stdout
         assert p.stderr.strip().splitlines()[-1] == (f'eval_retrieval: {out} is in use by another run (pid 4242 on '
@@ -548,7 +574,7 @@ def test_every_split_checked_before_scoring(toy, tmp_path):
     txt = json.load(open(os.path.join(toy[0], 'txt_toy-retrieval.json')))
     txt['test'][1]['caption'] = ' '
     json.dump(txt, open(os.path.join(toy[0], 'txt_toy-emptycap.json'), 'w'))
-    p = subprocess.run([sys.executable, 'eval_retrieval.py', toy[1], '--set', 'task=toy-emptycap', '--out', str(tmp_path / 'out')],
+    p = subprocess.run([sys.executable, 'eval_retrieval.py', toy[1], '--set', 'task=toy-emptycap', '--out', str(tmp_path / 'out'), '--ckpt', ''],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
         f'{toy[0]}/txt_toy-emptycap.json["test"][1] (video "{txt["test"][1]["video"]}"): "caption" is empty (only [CLS] '

@@ -353,6 +353,40 @@ def test_a_unit_of_only_non_finite_steps_names_the_loss(toy, tmp_path, monkeypat
                                                   'non-finite; try a lower lr, max_grad_norm or precision bf16/fp32')
 
 
+def test_resume_refuses_a_position_that_moved(toy, tmp_path):
+    """resume.pt's position is a unit index and a batch count. A training part removed (or datasets reordered) made the
+    resumed pretraining skip a part and say 'done'; a train split edited inside an epoch resumed at its batch 2 of
+    another order. Both are refused now, naming the unit; units after the position may change (size_epoch)."""
+    pre = f'{REPO}/_data/toy/args_pretrain.json'
+    out = tmp_path / 'pre'
+    argv = [pre, '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}', f'path_output={out}', 'size_epoch=1',
+            'size_batch=4']
+    agent.main(main_pretrain.Pretrain, pre, argv + ['stop_after_steps=2'])  # toyvid's two parts (2 videos each)
+    assert torch.load(out / 'resume.pt', weights_only=True)['unit'] == 2
+    os.makedirs(tmp_path / 'aside')
+    for ext in ('tsv', 'lineidx'):
+        shutil.move(f'{toy}/img_toyvid_train_1.{ext}', tmp_path / 'aside')
+    said = ("resume: the run's units are not those of its resume.pt: unit 2 was 'ep 1 toyvid part 1', is now 'ep 1 "
+            "toyimg part 0' (a training part added or removed, or datasets reordered?): resume with the run's data "
+            "files and datasets")
+    assert stops(agent.main, main_pretrain.Pretrain, pre, ['--resume', str(out)]) == said
+    for ext in ('tsv', 'lineidx'):
+        shutil.move(tmp_path / 'aside' / f'img_toyvid_train_1.{ext}', toy)
+    assert stops(agent.main, main_pretrain.Pretrain, pre, ['--resume', str(out), '--set',
+                                                           'datasets=["toyimg","toyvid"]']).startswith(
+        "resume: the run's units are not those of its resume.pt: unit 1 was 'ep 1 toyvid part 0', is now 'ep 1 toyimg")
+    agent.main(main_pretrain.Pretrain, pre, ['--resume', str(out), '--set', 'size_epoch=2', 'stop_after_steps=1'])
+    # fine-tuning stopped inside epoch 1 (16 samples), then the train split edited
+    out = tmp_path / 'qamc'
+    qamc(toy, out, 'stop_after_steps=2', 'save_every=1')
+    qs = json.load(open(f'{toy}/txt_toy-qamc.json'))
+    qs['train'] = qs['train'][:9]
+    json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
+    assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(out)]) == (
+        'resume: epoch 1 had 16 training samples when resume.pt was saved inside it (step 2), it has 9 now: going on '
+        'there would skip or repeat samples; restore its data to resume')
+
+
 def test_learning_rate_zero_is_refused(toy, tmp_path):
     """lr 0 trained to 'done' with the weights it started from (the checkpoints of epoch 0 and the last equal)."""
     assert stops(qamc, toy, tmp_path / 'run', 'lr=0') == (
@@ -889,6 +923,7 @@ def test_bad_sample_in_an_evaluation_on_one_rank_stops_all(toy, tmp_path):
     assert 'agent.py", line' not in proc.stderr and 'Connection closed' not in proc.stderr, proc.stderr[-3000:]
     proc = subprocess.run(['torchrun', '--standalone', '--nproc_per_node=2', 'eval_retrieval.py',
                            f'{REPO}/_data/toy/args_toy-retrieval.json', '--splits', 'val', '--out', str(tmp_path / 'ev'),
+                           '--ckpt', '',
                            '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}', 'path_ckpt='],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-3000:]
