@@ -88,7 +88,8 @@ def config_error(msg):
 
 def data_errors_in_one_line(fn):
     """A script's main: bad input data (dataset.DataError: a file, key, line or video named in the message) and a
-    missing file stop it with that one message, not a traceback through the DataLoader and its worker."""
+    missing file stop it with that one message, not a traceback through the DataLoader and its worker; so does
+    Ctrl-C outside training (training saves first: Trainer.on_signal)."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
@@ -97,6 +98,8 @@ def data_errors_in_one_line(fn):
             raise SystemExit(dataset.error_message(e)) from e
         except dataset.WriteError as e:
             raise SystemExit(str(e)) from e
+        except KeyboardInterrupt:
+            raise SystemExit('interrupted (Ctrl-C)') from None
     return wrapped
 
 

@@ -482,6 +482,18 @@ def test_weights_to_score_must_be_named(toy, tmp_path, monkeypatch):
         assert sorted(os.listdir(run)) == ['args.json', 'ckpt_violet_toy-retrieval2_1.pt', 'ckpt_violet_toy-retrieval2_2.pt']
 
 
+def test_ctrl_c_is_one_line(toy, tmp_path, monkeypatch):
+    """Ctrl-C during the scoring: one line, not a KeyboardInterrupt traceback; the --out folder it made is removed."""
+    def pressed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(eval_retrieval, 'evaluate', pressed)
+    monkeypatch.setattr(sys, 'argv', ['eval_retrieval.py', toy[1], '--ckpt', '', '--splits', 'val', '--out',
+                                      str(tmp_path / 'out')])
+    with pytest.raises(SystemExit, match=r'^interrupted \(Ctrl-C\)$'):
+        eval_retrieval.main()
+    assert not os.path.exists(tmp_path / 'out')
+
+
 def test_checkpoint_that_does_not_fit_is_refused(toy, tmp_path):
     """A checkpoint whose tensors all have another shape used to be 'loaded' (0 keys) and the random model
     evaluated with exit 0; now it is an error naming the file, and nothing is written."""
