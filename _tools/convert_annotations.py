@@ -1,9 +1,12 @@
 """Public annotation files -> txt_<task>.json as dataset.py reads it (README "Real data").
 
-    python _tools/convert_annotations.py msrvtt-retrieval --src DIR --out _data/txt_msrvtt-retrieval.json
-        DIR: train_val_videodatainfo.json, test_videodatainfo.json (MSR-VTT), MSRVTT_train.9k.csv (the 9k
-        training videos) and MSRVTT_JSFUSION_test.csv (JSFusion's 1k-A test: key, vid_key, video_id, sentence).
-        train: every caption of the 9k videos; val and test: the 1,000 JSFusion (video, sentence) pairs.
+    python _tools/convert_annotations.py msrvtt-retrieval --src DIR --out _data/txt_msrvtt-retrieval.json [--train 7k|9k]
+        DIR: the captions, MSRVTT_data.json (in CLIP4Clip's msrvtt_data.zip) or train_val_videodatainfo.json +
+        test_videodatainfo.json (the MSR-VTT release); MSRVTT_JSFUSION_test.csv (JSFusion's 1k-A test: key,
+        vid_key, video_id, sentence); for --train 9k, MSRVTT_train.9k.csv.
+        train: every caption of the training videos: 7k (the default, the original's: ClipBERT's protocol, the
+        7,010 videos MSR-VTT puts in train and validate; MSRVTT_train.7k.csv when present) or 9k (CLIP4Clip's:
+        MSRVTT_train.9k.csv); val and test: the 1,000 JSFusion (video, sentence) pairs.
     python _tools/convert_annotations.py msrvtt-qa --src DIR --out _data/txt_msrvtt-qa.json [--size_vocab 1000]
         DIR: train_qa.json, val_qa.json, test_qa.json (Xu et al. 2017); video_id k -> "video<k>".
     python _tools/convert_annotations.py msvd-qa --src DIR --out _data/txt_msvd-qa.json [--size_vocab 1000]
@@ -30,8 +33,9 @@ from dataset import DataError, WriteError, read_text, write_json  # noqa: E402  
 
 # published split sizes: MSR-VTT (Xu et al. 2016) with JSFusion's 1k-A split (Yu et al. 2018),
 # MSRVTT-QA and MSVD-QA (Xu et al. 2017), TGIF-QA (Jang et al. 2017)
+TRAIN_9K = '9,000 videos, 180,000 captions'  # msrvtt-retrieval --train 9k
 PUBLISHED = {
-    'msrvtt-retrieval': {'train': '9,000 videos, 180,000 captions', 'val': '1,000 videos', 'test': '1,000 videos'},
+    'msrvtt-retrieval': {'train': '7,010 videos, 140,200 captions', 'val': '1,000 videos', 'test': '1,000 videos'},
     'msrvtt-qa': {'train': '158,581 questions', 'val': '12,278 questions', 'test': '72,821 questions'},
     'msvd-qa': {'train': '30,933 questions', 'val': '6,415 questions', 'test': '13,157 questions'},
     'tgif-action': {'train': '20,475 questions', 'val': '2,274 questions', 'test': '2,274 questions'},
@@ -62,30 +66,66 @@ def field(entry, key, where):
     return entry[key]
 
 
-def read_video_list(path):
-    """A CSV with a video_id column (MSRVTT_train.9k.csv, MSRVTT_JSFUSION_test.csv) -> [(line, row dict)]."""
-    rows = list(csv.DictReader(io.StringIO(read_text(need(path)), newline='')))
-    if rows and 'video_id' not in rows[0]:
-        raise BadAnnotation(f'{path} line 1: no "video_id" column (has {list(rows[0])})')
-    return [(i + 2, r) for i, r in enumerate(rows)]
+def read_video_list(path, columns=('video_id',)):
+    """A CSV with a header naming `columns` (MSRVTT_train.9k.csv, MSRVTT_JSFUSION_test.csv) -> [(line, row dict)];
+    a row of more or fewer fields than the header (an unquoted comma) or an empty value in `columns` is named."""
+    reader = csv.reader(io.StringIO(read_text(need(path)), newline=''))
+    header = next(reader, None) or []
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise BadAnnotation(f'{path} line 1: no "{missing[0]}" column (has {header})')
+    rows = []
+    for fields in reader:
+        if not fields:  # (a blank line)
+            continue
+        if len(fields) != len(header):
+            raise BadAnnotation(f'{path} line {reader.line_num}: {len(fields)} fields, the header has {len(header)} '
+                                f'(a comma outside quotes?)')
+        row = dict(zip(header, fields))
+        empty = next((c for c in columns if not row[c].strip()), None)
+        if empty:
+            raise BadAnnotation(f'{path} line {reader.line_num}: "{empty}" is empty')
+        rows.append((reader.line_num, row))
+    return rows
 
 
-def msrvtt_retrieval(src):
-    captions = collections.defaultdict(list)  # video -> captions, in file order
-    for name in ['train_val_videodatainfo.json', 'test_videodatainfo.json']:
-        path = os.path.join(src, name)
-        for i, s in enumerate(field(read_json(path), 'sentences', path)):
+def msrvtt_captions(src):
+    """-> ({video: [caption, ...]} in file order, {video: its MSR-VTT split}, the files read), from MSRVTT_data.json
+    (CLIP4Clip's download) or else the release's two videodatainfo files (the same "videos" and "sentences")."""
+    merged = os.path.join(src, 'MSRVTT_data.json')
+    paths = [merged] if os.path.isfile(merged) else [os.path.join(src, n) for n in ('train_val_videodatainfo.json',
+                                                                                   'test_videodatainfo.json')]
+    captions, splits = collections.defaultdict(list), {}
+    for path in paths:
+        info = read_json(path)
+        for i, s in enumerate(field(info, 'sentences', path)):
             captions[field(s, 'video_id', f'{path} sentences[{i}]')].append(field(s, 'caption', f'{path} sentences[{i}]'))
+        for i, v in enumerate(info.get('videos', []) if isinstance(info, dict) else []):
+            splits[field(v, 'video_id', f'{path} videos[{i}]')] = (v.get('split') if isinstance(v, dict) else None, path)
+    return captions, splits, ' / '.join(os.path.basename(p) for p in paths)
+
+
+def msrvtt_retrieval(src, train='7k'):
+    captions, splits, read = msrvtt_captions(src)
+    listed = os.path.join(src, f'MSRVTT_train.{train}.csv')
+    if train == '9k' or os.path.isfile(listed):
+        videos = [(f'{listed} line {line}', row['video_id']) for line, row in read_video_list(listed)]
+    else:  # 7k without its list: the videos MSR-VTT itself puts in train and validate
+        no_split = next((v for v, (split, _) in splits.items() if split is None), None)
+        if not splits or no_split is not None:
+            raise BadAnnotation(f'{read}: ' + (f'video "{no_split}" has no "split"' if splits else 'no "videos" list')
+                                + f' to take the 7k training videos from; give {listed}')
+        videos = [(f'{splits[v][1]} video "{v}"', v) for v, (split, _) in splits.items() if split in ('train', 'validate')]
     out = {'train': []}
-    path = os.path.join(src, 'MSRVTT_train.9k.csv')
-    for line, row in read_video_list(path):
-        if row['video_id'] not in captions:
-            raise BadAnnotation(f'{path} line {line}: video "{row["video_id"]}" has no caption in the videodatainfo files')
-        out['train'] += [{'video': row['video_id'], 'caption': c} for c in captions[row['video_id']]]
+    for where, vid in videos:
+        if vid not in captions:
+            raise BadAnnotation(f'{where}: video "{vid}" has no caption in {read}')
+        out['train'] += [{'video': vid, 'caption': c} for c in captions[vid]]
     path = os.path.join(src, 'MSRVTT_JSFUSION_test.csv')
-    rows = read_video_list(path)
-    if rows and 'sentence' not in rows[0][1]:
-        raise BadAnnotation(f'{path} line 1: no "sentence" column')
+    rows = read_video_list(path, ('video_id', 'sentence'))
+    unknown = next(((line, r['video_id']) for line, r in rows if r['video_id'] not in captions), None)
+    if unknown:
+        raise BadAnnotation(f'{path} line {unknown[0]}: video "{unknown[1]}" is not an MSR-VTT video of {read}')
     out['val'] = out['test'] = [{'video': r['video_id'], 'caption': r['sentence']} for _, r in rows]
     return out
 
@@ -175,10 +215,10 @@ def sizes_questions(out):
     return {s: f'{len(out[s]):,} questions' for s in ['train', 'val', 'test']}
 
 
-def convert(task, src, size_vocab=1000):
-    """-> (txt json, {split: size line})."""
+def convert(task, src, size_vocab=1000, train='7k'):
+    """-> (txt json, {split: size line}). train: msrvtt-retrieval's training videos, '7k' or '9k'."""
     if task == 'msrvtt-retrieval':
-        out = msrvtt_retrieval(src)
+        out = msrvtt_retrieval(src, train)
         return out, sizes_retrieval(out)
     if task in ('msrvtt-qa', 'msvd-qa'):
         out = (msrvtt_qa if task == 'msrvtt-qa' else msvd_qa)(src, size_vocab)
@@ -196,9 +236,14 @@ def main():
     parser.add_argument('--src', required=True, help='folder of the downloaded annotation files')
     parser.add_argument('--out', required=True, help='txt_<task>.json to write')
     parser.add_argument('--size_vocab', type=int_at_least(1), default=1000, help='QA-OE: answer vocabulary size (VIOLET: 1000)')
+    parser.add_argument('--train', choices=['7k', '9k'], default='7k',
+                        help="msrvtt-retrieval's training videos: 7k (the original's, ClipBERT's protocol) or 9k "
+                             "(CLIP4Clip's, MSRVTT_train.9k.csv)")
     args = parser.parse_args()
+    if args.train != '7k' and args.task != 'msrvtt-retrieval':
+        parser.error(f"--train is msrvtt-retrieval's (its training videos), not {args.task}'s")
     try:
-        out, sizes = convert(args.task, args.src, args.size_vocab)
+        out, sizes = convert(args.task, args.src, args.size_vocab, args.train)
     except (FileNotFoundError, BadAnnotation, DataError) as e:
         sys.exit(str(e))
     out_path = os.path.abspath(args.out)
@@ -211,8 +256,9 @@ def main():
     except (WriteError, OSError) as e:
         sys.exit(str(e) if isinstance(e, WriteError) else f'--out {args.out}: cannot make its folder: {e.strerror or e}')
     print(f'{args.out}:')
+    published = {**PUBLISHED[args.task], **({'train': TRAIN_9K} if args.train == '9k' else {})}
     for split in ['train', 'val', 'test']:
-        print(f'  {split}: {sizes[split]} (published: {PUBLISHED[args.task][split]})')
+        print(f'  {split}: {sizes[split]} (published: {published[split]})')
 
 
 if __name__ == '__main__':

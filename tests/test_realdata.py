@@ -264,54 +264,92 @@ def write_json(path, obj):
         json.dump(obj, f)
 
 
-def write_msrvtt(d, n_videos=12, n_caps=3, test_ids=(1, 5, 9)):
-    """MSR-VTT's videodatainfo files (videos 0..69% in train_val, the rest in test, as the release splits them),
-    the 9k-style train list and the JSFusion-style test csv (one sentence per test video)."""
-    n_tv = n_videos * 7 // 10
-    for name, ids in [('train_val_videodatainfo.json', range(n_tv)), ('test_videodatainfo.json', range(n_tv, n_videos))]:
-        write_json(os.path.join(d, name), {
-            'info': {'year': 2016}, 'videos': [{'video_id': f'video{i}', 'id': i, 'split': 'train', 'category': 1,
-                                               'url': '', 'start time': 0.0, 'end time': 10.0} for i in ids],
+def msrvtt_info(ids, n_tv, n_caps):
+    """A videodatainfo file's content: MSR-VTT puts videos 0..65% in train, the rest of train_val in validate, the
+    others in test."""
+    return {'info': {'year': 2016},
+            'videos': [{'video_id': f'video{i}', 'id': i, 'category': 1, 'url': '', 'start time': 0.0, 'end time': 10.0,
+                        'split': 'train' if i < n_tv * 93 // 100 else 'validate' if i < n_tv else 'test'} for i in ids],
             'sentences': [{'caption': f'caption {k} of video {i}', 'video_id': f'video{i}', 'sen_id': i * n_caps + k}
-                          for i in ids for k in range(n_caps)]})
+                          for i in ids for k in range(n_caps)]}
+
+
+def write_msrvtt(d, n_videos=12, n_caps=3, test_ids=(9, 1, 10), merged=False, n_tv=None):
+    """MSR-VTT's videodatainfo files (videos 0..69% in train_val, the rest in test, as the release splits them) or
+    CLIP4Clip's MSRVTT_data.json (both in one), the 9k-style train list and the JSFusion-style test csv (one sentence
+    per test video). -> the train_val videos (the 7k protocol's)."""
+    n_tv = n_tv or n_videos * 7 // 10
+    if merged:
+        write_json(os.path.join(d, 'MSRVTT_data.json'), msrvtt_info(range(n_videos), n_tv, n_caps))
+    else:
+        for name, ids in [('train_val_videodatainfo.json', range(n_tv)), ('test_videodatainfo.json', range(n_tv, n_videos))]:
+            write_json(os.path.join(d, name), msrvtt_info(ids, n_tv, n_caps))
     with open(os.path.join(d, 'MSRVTT_train.9k.csv'), 'w') as f:
         f.write('video_id\n' + ''.join(f'video{i}\n' for i in range(n_videos) if i not in test_ids))
     with open(os.path.join(d, 'MSRVTT_JSFUSION_test.csv'), 'w') as f:
         f.write('key,vid_key,video_id,sentence\n' +
                 ''.join(f'ret{j},msr{i},video{i},"a test sentence, for video {i}"\n' for j, i in enumerate(test_ids)))
+    return [f'video{i}' for i in range(n_tv)]
 
 
-def test_convert_msrvtt_retrieval(tmp_path, capsys, monkeypatch):
-    write_msrvtt(str(tmp_path))
+@pytest.mark.parametrize('merged', [False, True])
+def test_convert_msrvtt_retrieval(tmp_path, capsys, monkeypatch, merged):
+    """Train: the 7k videos of train_val (the original's: its released txt_msrvtt-retrieval.json trains on videos below
+    video7010 alone) or, --train 9k, CLIP4Clip's list; val = test: JSFusion's pairs. From the release's videodatainfo
+    files or from CLIP4Clip's MSRVTT_data.json (which the converter refused as 'missing train_val_videodatainfo.json')."""
+    train_val = write_msrvtt(str(tmp_path), merged=merged)
+    caps = lambda vids: [{'video': v, 'caption': f'caption {k} of video {v[5:]}'} for v in vids for k in range(3)]
     out, sizes = conv.convert('msrvtt-retrieval', str(tmp_path))
-    train_vids = [f'video{i}' for i in range(12) if i not in (1, 5, 9)]
-    assert out['train'] == [{'video': v, 'caption': f'caption {k} of video {v[5:]}'} for v in train_vids for k in range(3)]
-    assert out['test'] == out['val'] == [{'video': f'video{i}', 'caption': f'a test sentence, for video {i}'} for i in (1, 5, 9)]
-    assert sizes == {'train': '9 videos, 27 captions', 'val': '3 videos, 3 captions', 'test': '3 videos, 3 captions'}
+    assert out['train'] == caps(train_val) and len(train_val) == 8
+    assert out['test'] == out['val'] == [{'video': f'video{i}', 'caption': f'a test sentence, for video {i}'}
+                                         for i in (9, 1, 10)]
+    assert sizes == {'train': '8 videos, 24 captions', 'val': '3 videos, 3 captions', 'test': '3 videos, 3 captions'}
+    out9, sizes9 = conv.convert('msrvtt-retrieval', str(tmp_path), train='9k')
+    assert out9['train'] == caps([f'video{i}' for i in range(12) if i not in (9, 1, 10)]) and out9['test'] == out['test']
     code, printed = cli(conv.main, ['msrvtt-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/txt.json'], capsys, monkeypatch)
     assert code == 0 and '  test: 3 videos, 3 captions (published: 1,000 videos)' in printed
+    assert '  train: 8 videos, 24 captions (published: 7,010 videos, 140,200 captions)' in printed
     assert json.load(open(tmp_path / 'txt.json')) == out
-    # a listed video without captions, a list without its column: named with file and line
+    code, printed = cli(conv.main, ['msrvtt-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/9k/txt.json', '--train',
+                                    '9k'], capsys, monkeypatch)
+    assert code == 0 and '  train: 9 videos, 27 captions (published: 9,000 videos, 180,000 captions)' in printed
+    # CLIP4Clip's MSRVTT_train.7k.csv, when there, is the 7k list
+    (tmp_path / 'MSRVTT_train.7k.csv').write_text('video_id\nvideo3\nvideo0\n')
+    assert conv.convert('msrvtt-retrieval', str(tmp_path))[0]['train'] == caps(['video3', 'video0'])
+    os.remove(tmp_path / 'MSRVTT_train.7k.csv')
+    # a listed video without captions, a list without its column, a JSFusion row of more or fewer fields or of a
+    # video MSR-VTT does not have: named with file and line (they became {"video": null} or a cut sentence, exit 0)
     with open(tmp_path / 'MSRVTT_train.9k.csv', 'a') as f:
         f.write('video77\n')
     with pytest.raises(conv.BadAnnotation, match=r'MSRVTT_train.9k.csv line 11: video "video77" has no caption'):
-        conv.convert('msrvtt-retrieval', str(tmp_path))
+        conv.convert('msrvtt-retrieval', str(tmp_path), train='9k')
     (tmp_path / 'MSRVTT_train.9k.csv').write_text('vid\nvideo0\n')
     with pytest.raises(conv.BadAnnotation, match=r'MSRVTT_train.9k.csv line 1: no "video_id" column'):
-        conv.convert('msrvtt-retrieval', str(tmp_path))
-    os.remove(tmp_path / 'test_videodatainfo.json')
-    code, _ = cli(conv.main, ['msrvtt-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/x.json'], capsys, monkeypatch)
-    assert code == f'missing annotation file: {tmp_path}/test_videodatainfo.json' and not os.path.exists(tmp_path / 'x.json')
+        conv.convert('msrvtt-retrieval', str(tmp_path), train='9k')
+    jsfusion = (tmp_path / 'MSRVTT_JSFUSION_test.csv').read_text()
+    for row, said in (('ret3,msr5\n', 'line 5: 2 fields, the header has 4 (a comma outside quotes?)'),
+                      ('ret3,msr5,video5,a dog runs, fast\n', 'line 5: 5 fields, the header has 4 (a comma outside'),
+                      ('ret3,msr5,video5,  \n', 'line 5: "sentence" is empty'),
+                      ('ret3,msr5,video99,a dog\n', 'line 5: video "video99" is not an MSR-VTT video of ')):
+        (tmp_path / 'MSRVTT_JSFUSION_test.csv').write_text(jsfusion + row)
+        with pytest.raises(conv.BadAnnotation, match=re.escape(f'{tmp_path}/MSRVTT_JSFUSION_test.csv {said}')):
+            conv.convert('msrvtt-retrieval', str(tmp_path))
+    (tmp_path / 'MSRVTT_JSFUSION_test.csv').write_text(jsfusion)
+    if not merged:
+        os.remove(tmp_path / 'test_videodatainfo.json')
+        code, _ = cli(conv.main, ['msrvtt-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/x.json'], capsys, monkeypatch)
+        assert code == f'missing annotation file: {tmp_path}/test_videodatainfo.json' and not os.path.exists(tmp_path / 'x.json')
 
 
 def test_convert_msrvtt_1ka_has_the_published_sizes(tmp_path):
     """At full size (10,000 videos, 20 captions each, JSFusion's 1,000 test videos) the split sizes are the
-    published ones."""
-    write_msrvtt(str(tmp_path), n_videos=10000, n_caps=20, test_ids=range(7010, 8010))
+    published ones, for the 7k protocol and the 9k."""
+    write_msrvtt(str(tmp_path), n_videos=10000, n_caps=20, test_ids=range(7010, 8010), n_tv=7010)
     _, sizes = conv.convert('msrvtt-retrieval', str(tmp_path))
     published = conv.PUBLISHED['msrvtt-retrieval']
-    assert sizes['train'] == published['train'] == '9,000 videos, 180,000 captions'
+    assert sizes['train'] == published['train'] == '7,010 videos, 140,200 captions'
     assert sizes['val'] == sizes['test'] == published['test'] + ', 1,000 captions'
+    assert conv.convert('msrvtt-retrieval', str(tmp_path), train='9k')[1]['train'] == conv.TRAIN_9K
 
 
 def write_xu_qa(d, answers, n_val=2, n_test=3):
