@@ -39,21 +39,24 @@ from extract_tsv import frames_shape_problem, read_tsv, write_tsv  # noqa: E402
 extract_video, jpeg_b64 = video_b64, frame_b64  # their names in this tool until 2026-11-29, for scripts importing it
 
 
-def list_videos(dir_in, exts=('mp4',)):
+def list_videos(dir_in, exts=('mp4',), recursive=False):
     """-> [(video id, path)] of the files dir_in/*.<ext>, sorted by id, named as the original's glob('_X/*.mp4') and
     .replace('.mp4', '') named them: the id is the file name without every '.<ext>' in it (clip.mp4.mp4 is "clip");
     hidden files (a name starting with '.', as macOS's ._clip.mp4 copies) are skipped as glob skips them. Extensions
     match in any case (a camera's C.MP4 under mp4). Of two files of one id, the one listed first is the one the
     original read: of the first extension of `exts`, spelled as given (a.mp4 before a.MP4); extract_to names the
-    others. A broken link is listed: read_video names it."""
+    others. A broken link is listed: read_video names it. recursive: the files of every folder below dir_in too
+    (WebVid's videos/<page_dir>/<videoid>.mp4), each named by its file name alone; hidden folders are skipped."""
     rank = {e.lower(): k for k, e in enumerate(exts)}
     found = []
-    for name in os.listdir(dir_in):
-        ext = os.path.splitext(name)[1]
-        path = os.path.join(dir_in, name)
-        if name.startswith('.') or ext[1:].lower() not in rank or os.path.isdir(path):
-            continue
-        found.append((name.replace(ext, ''), rank[ext[1:].lower()], ext[1:] not in exts, name, path))
+    for folder, subfolders, names in os.walk(dir_in) if recursive else [(dir_in, [], os.listdir(dir_in))]:
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
+        for name in names:
+            ext = os.path.splitext(name)[1]
+            path = os.path.join(folder, name)
+            if name.startswith('.') or ext[1:].lower() not in rank or os.path.isdir(path):
+                continue
+            found.append((name.replace(ext, ''), rank[ext[1:].lower()], ext[1:] not in exts, name, path))
     return [(vid, path) for vid, *_, path in sorted(found)]
 
 
@@ -165,9 +168,10 @@ def write_output(frames, out, layout, shard):
     write_pickle(frames, data) if layout == 'pkl' else write_tsv(frames, data, index)
 
 
-def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=('mp4',), progress=True, upright=False):
-    """Extract dir_in's videos into `out` (resumably, see the module doc). -> (videos written by this run,
-    videos found already written, {path: failure reason})."""
+def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=('mp4',), progress=True, upright=False,
+               recursive=False):
+    """Extract dir_in's videos (recursive: its subfolders' too) into `out` (resumably, see the module doc). ->
+    (videos written by this run, videos found already written, {path: failure reason})."""
     if layout == 'pkl' and shard_size:
         raise ValueError('--shard_size needs --layout tsv or v2 (a pkl is one file)')
     try:
@@ -177,7 +181,7 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
                          f'{e.strerror or e}') from None
     remove_stale_tmp(os.path.dirname(os.path.abspath(out)), os.path.basename(out))  # what a kill -9 left of a shard
     videos, failed, first = [], {}, {}
-    for vid, path in list_videos(dir_in, exts):  # a.mp4 and a.avi are both video "a": the second would replace the first
+    for vid, path in list_videos(dir_in, exts, recursive):  # a.mp4 and a.avi are both video "a": the second would replace the first
         if vid in first:
             failed[path] = f'{path}: the same video id "{vid}" as {first[vid]} (rename one)'
             tqdm.write(f'skipped: {failed[path]}', file=sys.stderr)
@@ -248,6 +252,9 @@ def main():
     parser.add_argument('--out', default=None, help='output: the pkl file, or the prefix of the .tsv + index (default X)')
     parser.add_argument('--layout', default='pkl', choices=['pkl', 'tsv', 'v2'])
     parser.add_argument('--shard_size', type=int_at_least(0), default=0, help='videos per TSV shard <out>_<k>; 0: one file')
+    parser.add_argument('--recursive', action='store_true',
+                        help="read the videos of every folder below the video folder too (WebVid's "
+                             "videos/<page_dir>/<videoid>.mp4), each named by its file name")
     parser.add_argument('--ext', default='mp4', help='video file extensions, comma separated (e.g. mp4,avi,gif; '
                                                      'images: jpg,png with --sample 1)')
     parser.add_argument('--upright', action='store_true',
@@ -271,13 +278,14 @@ def main():
     exts = args.ext.split(',')
     files = [f for f in os.listdir(dir_in) if os.path.isfile(os.path.join(dir_in, f))]
     hidden = sum(f.startswith('.') for f in files)
-    if not list_videos(dir_in, exts):  # nothing to write: say what the folder holds instead of writing an empty file
+    if not list_videos(dir_in, exts, args.recursive):  # nothing to write: say what the folder holds, not an empty file
         found = sorted({os.path.splitext(f)[1] for f in files if not f.startswith('.')} - {''})
         folders = [f for f in os.listdir(dir_in) if os.path.isdir(os.path.join(dir_in, f))]
         sys.exit(f'no {" or ".join("*." + e for e in exts)} file in {dir_in}'
                  + (f' (it has {", ".join(found)} files: see --ext)' if found else '')
                  + (f' (it has {hidden} hidden files, whose names start with ".": never read)' if hidden else '')
-                 + (f' (it has {len(folders)} folders: their videos are not read, give each as --videos)' if folders else ''))
+                 + (f' (it has {len(folders)} folders: their videos are read with --recursive)'
+                    if folders and not args.recursive else ''))
     want = {e.lower() for e in exts}
     others = collections.Counter(os.path.splitext(f)[1] or 'without extension' for f in files
                                  if not f.startswith('.') and os.path.splitext(f)[1].lower()[1:] not in want)
@@ -287,12 +295,12 @@ def main():
         print(f'{dir_in}: not read (not --ext {args.ext}): ' + ', '.join(f'{n} {e}' for e, n in sorted(others.items())),
               file=sys.stderr)
     folders = sum(os.path.isdir(os.path.join(dir_in, f)) for f in os.listdir(dir_in))
-    if folders:  # (the videos of subfolders were left out without a word when the folder had videos of its own)
-        print(f'{dir_in}: {folders} folder(s) in it not read (only its own files are): give each as --videos',
+    if folders and not args.recursive:  # (the videos of subfolders were left out without a word)
+        print(f'{dir_in}: {folders} folder(s) in it not read (only its own files are): --recursive reads them',
               file=sys.stderr)
     try:
         written, before, failed = extract_to(dir_in, out, args.sample, args.layout, args.shard_size, args.workers, exts,
-                                              upright=args.upright)
+                                              upright=args.upright, recursive=args.recursive)
     except ValueError as e:
         sys.exit(str(e))
     except WriteError as e:  # a full disk: the outputs written before are whole, and a rerun goes on from them

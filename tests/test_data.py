@@ -468,6 +468,33 @@ def test_extract_cli_skips_unreadable_and_fails_when_nothing_read(tmp_path):
     assert r.returncode != 0 and 'no video could be read' in r.stderr
 
 
+def test_extract_recursive_webvid_layout(tmp_path):
+    """WebVid's download: videos/<page_dir>/<videoid>.mp4. It was refused ('give each as --videos'), and a run per
+    folder started a shard per folder; --recursive reads every folder below, each video named by its file name,
+    into shards of --shard_size; an id in two folders keeps the first and lists the other."""
+    videos = tmp_path / 'videos'
+    for page, ids in (('000001_000050', ('1066674784', '1066674799')), ('000051_000100', ('1058911', '9931'))):
+        (videos / page).mkdir(parents=True)
+        for k, vid in enumerate(ids):
+            write_clip(str(videos / page / f'{vid}.mp4'), [(k * 40 + j * 10,) * 3 for j in range(6)])
+    (videos / '.cache').mkdir()  # hidden folders are not read
+    write_clip(str(videos / '.cache' / 'x.mp4'), [(0,) * 3] * 6)
+    out = tmp_path / 'img_webvid2.5m_train'
+    r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(videos), '--sample=4', '--recursive',
+                 '--layout', 'tsv', '--shard_size', '3', '--out', str(out), '--workers=1')
+    assert r.returncode == 0, r.stderr
+    shards = [extract_tsv.read_tsv(f'{out}_{k}.tsv', f'{out}_{k}.lineidx') for k in (0, 1)]
+    assert [list(sh) for sh in shards] == [['1058911', '1066674784', '1066674799'], ['9931']]
+    assert all(len(f) == 4 for sh in shards for f in sh.values()) and 'folder(s) in it not read' not in r.stderr
+    write_clip(str(videos / '000051_000100' / '1066674784.mp4'), [(9,) * 3] * 6)  # one id in two folders
+    r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(videos), '--sample=4', '--recursive',
+                 '--out', str(tmp_path / 'one.pkl'), '--workers=1')
+    assert r.returncode == 0 and list(dataset.load_pickle(str(tmp_path / 'one.pkl'))) == [
+        '1058911', '1066674784', '1066674799', '9931'], r.stderr
+    assert (f'skipped: {videos}/000051_000100/1066674784.mp4: the same video id "1066674784" as '
+            f'{videos}/000001_000050/1066674784.mp4 (rename one)') in r.stderr
+
+
 def test_extract_cli_folder_without_the_extension(tmp_path):
     """A folder of .avi files under the default --ext mp4 used to get an empty img_*.pkl and 'no video could be
     read'; now nothing is written and the message says which extensions the folder has. Extensions match in any
@@ -484,7 +511,7 @@ def test_extract_cli_folder_without_the_extension(tmp_path):
     r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(tmp_path / 'clips'), '--sample=5',
                  '--out', str(tmp_path / 'img_mine.pkl'))
     assert r.stderr.strip().splitlines()[-1] == (f'no *.mp4 file in {tmp_path}/clips (it has .avi files: see --ext) (it has '
-                                                 f'1 folders: their videos are not read, give each as --videos)')
+                                                 f'1 folders: their videos are read with --recursive)')
     write_clip(str(tmp_path / 'clips' / 'C.MP4'), [(k * 20,) * 3 for k in range(10)])
     r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(tmp_path / 'clips'), '--sample=5',
                  '--out', str(tmp_path / 'img_mine.pkl'))
@@ -498,7 +525,7 @@ def test_extract_cli_folder_without_the_extension(tmp_path):
                   '--out', str(tmp_path / 'img_7.pkl'))
     assert r7.returncode == 2 and 'error: --sample 7: VIOLET takes at most 6 frames a video; only the v2 layout' in r7.stderr
     # beside videos of its own too (it was said only when the folder had none)
-    assert f'{tmp_path}/clips: 1 folder(s) in it not read (only its own files are): give each as --videos' in r.stderr
+    assert f'{tmp_path}/clips: 1 folder(s) in it not read (only its own files are): --recursive reads them' in r.stderr
     os.rmdir(tmp_path / 'clips' / 'more')
     # the files of other extensions are named (the .avi videos beside the .mp4 ones were left out without a word)
     assert f'{tmp_path}/clips: not read (not --ext mp4): 1 .avi, 1 without extension' in r.stderr
