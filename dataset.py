@@ -176,6 +176,11 @@ def _indexed_frames(container, stream, covers, path, n_frames, upright):
         raise BadVideo(f'{path}: no frames')
     if any(pts is None for pts, _, _, _ in packets) or any(bad for *_, bad in packets):
         return None
+    # a codec that reorders frames (B-frames) in a container that keeps no display order (AVI, ASF: timestamps made
+    # up in decoding order, ever increasing): the packets' timestamps are not the frames' (H.264 in AVI gave frames
+    # 4, 10, 14, 20, 24 for 5, 10, 15, 20, 25)
+    if stream.codec_context.has_b_frames and all(a[0] < b[0] for a, b in zip(packets, packets[1:])):
+        return None
     pts = sorted(pts for pts, _, _, _ in packets)
     keys = sorted((pts, pts if dts is None else dts) for pts, dts, key, _ in packets if key)
     # a stream that flags no keyframe cannot be entered by seeking; one that gives two frames the same timestamp
