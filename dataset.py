@@ -25,6 +25,7 @@ Pickled data files (img_*.pkl, vq_*.pkl, and the tools' inputs) are read by load
 but containers, str, bytes, numbers and numpy arrays: reading a downloaded data file never runs code.
 """
 import base64, binascii, collections, contextlib, dataclasses, functools, io, json, math, os, pickle, random, re, shutil
+import unicodedata
 
 import av
 import numpy as np
@@ -143,8 +144,11 @@ def read_video(path, n_frames, upright=False):
     if n_frames < 1:
         raise ValueError(f'n_frames must be >= 1, got {n_frames}')
     if not os.path.isfile(path):
-        raise BadVideo(f'{path}: ' + (f'a broken link (to {os.readlink(path)})' if os.path.islink(path) else
-                                      'a folder, not a video file' if os.path.isdir(path) else 'no such file'))
+        raise BadVideo(f'{path}: ' + (f'a broken link (to {os.readlink(path)})' if os.path.islink(path) and
+                                      not os.path.exists(path) else
+                                      'a folder, not a video file' if os.path.isdir(path) else
+                                      'not a regular file (a named pipe, a socket or a device)' if os.path.exists(path)
+                                      else 'no such file'))
     if os.path.getsize(path) == 0:  # FFmpeg's word for it is 'Invalid data found when processing input'
         raise BadVideo(f'{path}: an empty file (0 bytes)')
     if is_image(path):
@@ -942,6 +946,10 @@ class Dataset_Base(torch.utils.data.Dataset):
             return f' (the ids are file names without their extension: "{stem}")'
         if vid.strip() != vid and vid.strip() in self.frames:
             return f' (there is "{vid.strip()}": the id has white space around it)'
+        other = next((f for f in ('NFC', 'NFD') if unicodedata.normalize(f, vid) in self.frames), None)
+        if other and not vid.isascii():  # (macOS writes file names decomposed, NFD; typed text is mostly NFC)
+            return (f' (there is one of the same letters in another Unicode form, {other}: macOS writes file names '
+                    f'decomposed; normalise the ids of the texts or of the frames file to one form)')
         path = os.path.splitext(self.path_frames)[0] + '.failed.json'
         if self.failures is None:
             self.failures = {}

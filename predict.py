@@ -90,8 +90,9 @@ def expand(paths):
     out = []
     for p in paths:
         if os.path.isdir(p):
+            # (every entry but folders: a broken link or a pipe is skipped and listed with its reason, not dropped)
             files = [(os.path.join(p, f), False) for f in sorted(os.listdir(p))
-                     if not f.startswith('.') and os.path.isfile(os.path.join(p, f))]
+                     if not f.startswith('.') and not os.path.isdir(os.path.join(p, f))]
             folders = sorted(f for f in os.listdir(p) if os.path.isdir(os.path.join(p, f)))
             if folders:  # 'no readable video' said nothing of the videos one level down
                 print(f'predict: {p}: its folders are not searched ({", ".join(folders[:5])}'

@@ -1,5 +1,5 @@
 """Data side: offline tools (_tools/), dataset.py, the toy corpus. Small and CPU-only."""
-import base64, binascii, contextlib, importlib.util, io, json, os, pickle, re, shutil, subprocess, sys, types
+import base64, binascii, contextlib, importlib.util, io, json, os, pickle, re, shutil, subprocess, sys, types, unicodedata
 
 import numpy as np
 import pytest
@@ -1495,6 +1495,13 @@ def test_missing_video_names_its_extraction_failure(args, bad_copy):
     ds.txt[0]['video'] = vid + ' '
     with pytest.raises(dataset.BadSample, match=rf'^{bad_copy}/img_toy.pkl: no video "{vid} " \(there is "{vid}": the id has '
                                                 r'white space around it\)$'):
+        ds[0]
+    # a name typed (NFC: one code point for é) for a file named on macOS (NFD: e + a combining accent): both print
+    # "café", so the message says what differs
+    ds.frames[unicodedata.normalize('NFD', 'café')] = ds.frames[vid]
+    ds.txt[0]['video'] = 'café'
+    with pytest.raises(dataset.BadSample, match=rf'^{bad_copy}/img_toy.pkl: no video "café" \(there is one of the same '
+                                                r'letters in another Unicode form, NFD: macOS writes file names '):
         ds[0]
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -201,6 +202,23 @@ def test_full_disk_named_for_cache_and_results(clips, ckpts, capsys, tmp_path):
         predict.main(args + ['--out', str(out)])
     assert re.fullmatch('predict: ' + refused_write(out) + re.escape(' (the results are printed above)'), str(e.value))
     assert '"a red bar"' in capsys.readouterr().out and os.listdir(tmp_path) == ['cache']
+
+
+def test_folder_lists_links_and_pipes_it_cannot_read(clips, ckpts, capsys, tmp_path):
+    """A broken link and a named pipe in a folder were dropped without a word (not in 'skipped', exit 0), and the
+    extraction tool called the pipe 'no such file'; both are skipped and listed with their reason now (a pipe is
+    never opened: reading it would wait for a writer)."""
+    folder = tmp_path / 'mine'
+    folder.mkdir()
+    shutil.copy(clips / 'mixed' / 'ok.mp4', folder / 'ok.mp4')
+    os.symlink(tmp_path / 'gone.mp4', folder / 'broken.mp4')
+    os.mkfifo(folder / 'pipe.mp4')
+    res, printed = run_predict(capsys, 'pretrain', '--ckpt', ckpts['pretrain'], '--video', str(folder), '--text', 'x',
+                               '--frames', '5')
+    assert [r['video'] for r in res['results']] == [str(folder / 'ok.mp4')]
+    assert {s['video']: s['error'] for s in res['skipped']} == {
+        str(folder / 'broken.mp4'): f'{folder}/broken.mp4: a broken link (to {tmp_path}/gone.mp4)',
+        str(folder / 'pipe.mp4'): f'{folder}/pipe.mp4: not a regular file (a named pipe, a socket or a device)'}
 
 
 def test_folder_skips_bad_files_named_file_stops(clips, ckpts, capsys):
