@@ -152,7 +152,7 @@ def read_video(path, n_frames, upright=False):
     if os.path.getsize(path) == 0:  # FFmpeg's word for it is 'Invalid data found when processing input'
         raise BadVideo(f'{path}: an empty file (0 bytes)')
     if is_image(path):
-        return [read_image(path, n_frames)]
+        return read_image(path, n_frames)
     try:
         container = av.open(path)
     except av.FFmpegError as e:
@@ -242,14 +242,25 @@ def is_image(path):
 
 
 def read_image(path, n_frames=1):
-    """A photo as a one-frame video: RGB uint8 [H, W, 3], decoded by decode_image, as training decodes a stored frame
-    (the extraction tool stores a JPEG's own bytes), so a prediction on the file sees what training on it saw."""
-    if n_frames > 1:
-        raise BadVideo(f'{path}: 1 frame (an image), fewer than the {n_frames} asked for')
+    """A photo as a one-frame video: [RGB uint8 [H, W, 3]], decoded by decode_image, as training decodes a stored
+    frame (the extraction tool stores a JPEG's own bytes), so a prediction on the file sees what training on it saw.
+    An animated WebP or PNG (APNG; FFmpeg reads neither's frames) is a video of its frames, as PIL composes them,
+    sampled as a video's (sample_inside): it was '1 frame (an image)'."""
     with open(path, 'rb') as f:
         raw = f.read()
     try:
-        return decode_image(raw).permute(1, 2, 0).numpy()
+        pil = Image.open(io.BytesIO(raw))
+        if pil.format in ('WEBP', 'PNG') and getattr(pil, 'is_animated', False):
+            frames = []
+            for i in pick(pil.n_frames, n_frames, path):
+                pil.seek(i)
+                frames.append(rgb_array(pil))
+            return frames
+        if n_frames > 1:
+            raise BadVideo(f'{path}: 1 frame (an image), fewer than the {n_frames} asked for')
+        return [decode_image(raw).permute(1, 2, 0).numpy()]
+    except BadVideo:
+        raise
     except IMAGE_ERRORS as e:
         raise BadVideo(f'{path}: not an image ({image_error(e)})') from e
 

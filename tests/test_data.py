@@ -179,6 +179,25 @@ def test_read_video_of_b_frames_in_a_container_without_display_order(tmp_path, n
         assert all(np.array_equal(a, every[i]) for a, i in zip(dataset.read_video(path, n), dataset.sample_inside(30, n)))
 
 
+@pytest.mark.parametrize('name, options', [('anim.webp', {'lossless': True}), ('anim.png', {})])
+def test_read_video_of_an_animated_webp_or_png(tmp_path, name, options):
+    """An animated WebP or PNG (APNG) is a video of its frames (FFmpeg reads neither's): it was refused as '1 frame
+    (an image)', and with --sample 1 its first frame was kept in silence. A still PNG stays one frame."""
+    frames = [Image.fromarray(np.full((48, 64, 3), 10 * i, np.uint8)) for i in range(12)]
+    frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], duration=100, **options)
+    for n in (1, 5, 12):
+        got = dataset.read_video(str(tmp_path / name), n)
+        assert [int(f.mean()) // 10 for f in got] == dataset.sample_inside(12, n) and got[0].shape == (48, 64, 3)
+    b64, why = dataset.video_b64(str(tmp_path / name), 5)
+    assert why is None and [int(round(b64_to_array(b).mean() / 10)) for b in b64] == dataset.sample_inside(12, 5)
+    with pytest.raises(dataset.BadVideo, match=f'{name}: 12 frames, fewer than the 13 asked for$'):
+        dataset.read_video(str(tmp_path / name), 13)
+    frames[3].save(tmp_path / 'still.png')
+    assert len(dataset.read_video(str(tmp_path / 'still.png'), 1)) == 1
+    with pytest.raises(dataset.BadVideo, match=r'still.png: 1 frame \(an image\), fewer than the 5 asked for$'):
+        dataset.read_video(str(tmp_path / 'still.png'), 5)
+
+
 def write_clip_with_still(path, n, still, n_stills=1):
     """A 96 x 64 x264 clip of n frames (write_av_clip's, B-frames) beside n_stills still pictures: 'cover', PNGs
     with the attached_pic disposition (a thumbnail embedded by a download tool; the mp4 muxer stores it as cover art
