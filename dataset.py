@@ -25,7 +25,7 @@ Pickled data files (img_*.pkl, vq_*.pkl, and the tools' inputs) are read by load
 but containers, str, bytes, numbers and numpy arrays: reading a downloaded data file never runs code.
 """
 import base64, binascii, collections, contextlib, dataclasses, functools, io, json, math, os, pickle, random, re, shutil
-import unicodedata
+import struct, unicodedata
 
 import av
 import numpy as np
@@ -317,11 +317,33 @@ def frame_rgb(frame, upright=False):
     `to_ndarray` makes the same call without the PIL image (equal values, tested on 8- and 10-bit, 4:2:0 and 4:2:2,
     odd sizes). OpenCV converts otherwise (bicubic, into BGR): 0 apart on 8-bit 4:2:0 clips of even sides, but up
     to 21 / 255 on odd sides and 27 / 255 on 10-bit.
-    upright: a phone's portrait video is stored landscape with a rotation in its display matrix (frame.rotation,
-    degrees counter-clockwise), which players and OpenCV apply; the original's extraction did not (such a clip came
-    out on its side), so it is applied only when asked for (the extraction tool's and predict.py's --upright)."""
+    upright: a phone's portrait video is stored landscape with a rotation in its display matrix, which players and
+    OpenCV apply; the original's extraction did not (such a clip came out on its side), so it is applied only when
+    asked for (the extraction tool's and predict.py's --upright): turn_upright."""
     rgb = frame.to_ndarray(format='rgb24')
-    return np.ascontiguousarray(np.rot90(rgb, frame.rotation // 90)) if upright and frame.rotation % 360 else rgb
+    if not upright:
+        return rgb
+    matrix = next((struct.unpack('=9i', bytes(sd)) for sd in frame.side_data if sd.type.name == 'DISPLAYMATRIX'), None)
+    return rgb if matrix is None else np.ascontiguousarray(turn_upright(rgb, matrix))
+
+
+def turn_upright(rgb, m):
+    """[H, W, 3] as FFmpeg's player and tools show a frame of display matrix `m` (9 ints, 16.16 fixed point):
+    their autorotate's turns and flips, so a mirrored matrix is mirrored (PyAV's frame.rotation calls a
+    horizontal mirror a turn by 180 degrees, which OpenCV applies: upside down). An angle that is not a quarter
+    turn is left as stored."""
+    scale = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if not all(scale):
+        return rgb
+    theta = -round(-math.degrees(math.atan2(m[1] / scale[1], m[0] / scale[0])))  # av_display_rotation_get, negated
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if theta == 90:  # transpose: clockwise, or (a mirror) the plain transposition
+        return rgb.transpose(1, 0, 2) if m[3] > 0 else np.rot90(rgb, -1)
+    if theta == 270:  # counter-clockwise, or (a mirror) the transposition across the other diagonal
+        return np.rot90(rgb, 2).transpose(1, 0, 2) if m[3] < 0 else np.rot90(rgb, 1)
+    if theta == 180:
+        return rgb[::-1 if m[4] < 0 else 1, ::-1 if m[0] < 0 else 1]
+    return rgb[::-1] if theta == 0 and m[4] < 0 else rgb
 
 
 def video_stream(container):

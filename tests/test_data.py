@@ -310,6 +310,22 @@ def test_read_video_keeps_a_rotated_video_as_the_original_unless_upright(tmp_pat
     assert all(np.array_equal(a, shown[i]) for a, i in zip(got, pos))
 
 
+@pytest.mark.parametrize('matrix, shown', [
+    ([-1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30], lambda f: f[:, ::-1]),                   # x' = -x: mirrored
+    ([1 << 16, 0, 0, 0, -1 << 16, 0, 0, 0, 1 << 30], lambda f: f[::-1]),                      # y' = -y: upside down
+    ([0, 1 << 16, 0, 1 << 16, 0, 0, 0, 0, 1 << 30], lambda f: f.transpose(1, 0, 2)),          # x' = y, y' = x
+    ([0, -1 << 16, 0, -1 << 16, 0, 0, 0, 0, 1 << 30], lambda f: f[::-1, ::-1].transpose(1, 0, 2))])  # x' = -y, y' = -x
+def test_upright_mirrors_a_mirrored_video(tmp_path, matrix, shown):
+    """A display matrix that mirrors (x' = -x, a selfie camera's): upright shows what the matrix says, as FFmpeg's
+    autorotate does. PyAV's frame.rotation calls x' = -x a turn by 180 degrees (OpenCV applies that too): the frames
+    came out upside down instead of mirrored."""
+    write_av_clip(str(tmp_path / 'flat.mp4'), 12, 'libx264', size=(96, 64))
+    rotate_in_header(str(tmp_path / 'flat.mp4'), str(tmp_path / 'mirror.mp4'), matrix)
+    stored = original_frames(str(tmp_path / 'mirror.mp4'))
+    got = dataset.read_video(str(tmp_path / 'mirror.mp4'), 5, upright=True)
+    assert all(np.array_equal(a, shown(stored[i])) for a, i in zip(got, dataset.sample_inside(12, 5)))
+
+
 def test_extraction_tool_upright_flag(tmp_path, monkeypatch, capsys):
     """The extraction tool stores a rotated clip as the original did (as encoded) and upright with --upright, through
     its worker pool too."""
