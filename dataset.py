@@ -156,11 +156,11 @@ def read_video(path, n_frames, upright=False):
     try:
         container = av.open(path)
     except av.FFmpegError as e:
-        raise BadVideo(f'{path}: ' + (mp4_cut_short(path) or f'not a video ({e})')) from e
+        raise BadVideo(f'{path}: ' + (cut_short(path) or f'not a video ({e})')) from e
     try:
         with container:
             if not container.streams.video:
-                raise BadVideo(f'{path}: ' + (mp4_cut_short(path) or 'not a video (no video stream)'))
+                raise BadVideo(f'{path}: ' + (cut_short(path) or 'not a video (no video stream)'))
             stream, covers = video_stream(container)
             frames = None if stream is None else _indexed_frames(container, stream, covers, path, n_frames, upright)
             if frames is None:  # no usable index, damage, several tracks: decoded from the start, as the original
@@ -177,7 +177,7 @@ def _indexed_frames(container, stream, covers, path, n_frames, upright):
     packets = [(p.pts, p.dts, p.is_keyframe, p.is_corrupt) for p in container.demux(stream)
                if p.size and not p.is_discard]
     if not packets:
-        raise BadVideo(f'{path}: no frames')
+        raise BadVideo(f'{path}: ' + (cut_short(path) or 'no frames'))
     if any(pts is None for pts, _, _, _ in packets) or any(bad for *_, bad in packets):
         return None
     # a codec that reorders frames (B-frames) in a container that keeps no display order (AVI, ASF: timestamps made
@@ -201,6 +201,51 @@ def _indexed_frames(container, stream, covers, path, n_frames, upright):
         return _seek_decode(container, stream, [pts[i] for i in want], keys, upright)
     except av.FFmpegError:  # a damaged packet on the way: decoded from the start, up to it
         return None
+
+
+def cut_short(path):
+    """Why a video file that gives no frame (or does not open) is damaged, when its own header says it is longer than
+    it is, as an interrupted download or copy leaves it (MP4 / MOV, AVI, Matroska / WebM); else None."""
+    return mp4_cut_short(path) or riff_cut_short(path) or matroska_cut_short(path)
+
+
+def riff_cut_short(path):
+    """An AVI (a RIFF file) shorter than its RIFF header says -> why, else None."""
+    with open(path, 'rb') as f:
+        head = f.read(12)
+    size = os.path.getsize(path)
+    if len(head) < 12 or head[:4] != b'RIFF' or int.from_bytes(head[4:8], 'little') + 8 <= size:
+        return None
+    return (f'an {head[8:12].decode("latin-1").strip() or "RIFF"} file cut short: {size} of the '
+            f'{int.from_bytes(head[4:8], "little") + 8} bytes its header gives: an interrupted download or copy?')
+
+
+def matroska_cut_short(path):
+    """A Matroska / WebM file shorter than its Segment's size -> why, else None (its size may be unknown: a live
+    recording's)."""
+    def vint(f):  # EBML's variable-length integer -> (value, all value bits set)
+        first = f.read(1)
+        if not first or first[0] == 0:
+            return None, False
+        n = 8 - first[0].bit_length() + 1
+        rest = f.read(n - 1)
+        value = int.from_bytes(bytes([first[0] & (0xFF >> n)]) + rest, 'big')
+        return value, value == (1 << (7 * n)) - 1
+    with open(path, 'rb') as f:
+        if f.read(4) != b'\x1a\x45\xdf\xa3':
+            return None
+        header, _ = vint(f)
+        if header is None:
+            return None
+        f.seek(header, 1)
+        if f.read(4) != b'\x18\x53\x80\x67':  # the Segment
+            return None
+        size, unknown = vint(f)
+        end = None if size is None or unknown else f.tell() + size
+    have = os.path.getsize(path)
+    if end is None or end <= have:
+        return None
+    return f'a Matroska file cut short: {have} of the {end} bytes its header gives: an interrupted download or copy?'
 
 
 def mp4_cut_short(path):
@@ -283,7 +328,7 @@ def _decode_all(path, n_frames, upright=False):
         raise BadVideo(f'{path}: a corrupt video, its frames cannot be decoded ({error[0]})' +
                        (f'; the {count} before the damage are fewer than the {n_frames} asked for' if count else ''))
     if not count:
-        raise BadVideo(f'{path}: no frames')
+        raise BadVideo(f'{path}: ' + (cut_short(path) or 'no frames'))
     want = pick(count, n_frames, path)
     kept = {}
     for k, frame in enumerate(_frames_in_order(path, [])):

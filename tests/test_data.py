@@ -462,6 +462,22 @@ def test_read_video_of_a_stream_cut_without_reencoding(tmp_path, ext, params, cu
         assert all(np.array_equal(a, every[i]) for a, i in zip(got, dataset.sample_inside(count, n))), n
 
 
+@pytest.mark.parametrize('name, codec, kind', [('long.mkv', 'libx264', 'a Matroska file'), ('long.avi', 'mpeg4', 'an AVI file')])
+def test_read_video_names_a_cut_mkv_or_avi(tmp_path, name, codec, kind):
+    """An MKV or AVI cut short (an interrupted download) was 'no frames' or 'not a video (Invalid data found ...)';
+    its header's size names it, as an MP4's boxes did."""
+    write_av_clip(str(tmp_path / name), 16, codec)
+    raw = (tmp_path / name).read_bytes()
+    assert dataset.cut_short(str(tmp_path / name)) is None
+    for frac in (0.6, 0.2):
+        (tmp_path / 'cut').mkdir(exist_ok=True)
+        cut = tmp_path / 'cut' / name
+        cut.write_bytes(raw[:int(len(raw) * frac)])
+        with pytest.raises(dataset.BadVideo, match=re.escape(f'{cut}: {kind} cut short: {int(len(raw) * frac)} of the '
+                                                             f'{len(raw)} bytes its header gives: an interrupted download')):
+            dataset.read_video(str(cut), 5)
+
+
 def test_read_video_names_the_bad_file(tmp_path):
     write_clip(str(tmp_path / 'grey.mp4'), [(k * 16,) * 3 for k in range(9)], size=(48, 32))
     frames = dataset.read_video(str(tmp_path / 'grey.mp4'), 3)
