@@ -17,6 +17,11 @@
         DIR: Train_<action|transition>_question.csv, Test_..._question.csv (Jang et al. 2017; tab separated
         despite the name, a header line, then gif_name, question, a1..a5, answer (0-4), vid_id, key).
         TGIF-QA has no validation split: val is the test split.
+    python _tools/convert_annotations.py webvid2.5m --src DIR --out _data/txt_webvid2.5m.json
+        DIR: results_2M_train.csv, results_2M_val.csv (m-bain/webvid); ids: videoid, captions: name.
+    python _tools/convert_annotations.py cc3m --src DIR --out _data/txt_cc3m.json
+        DIR: Train_GCC-training.tsv, Validation_GCC-1.1.0-Validation.tsv; ids: the row index in 8 digits.
+        (pretraining texts: {"train": {id: [caption]}, "val": {...}}, as the original's)
 
 QA-OE: the answer vocabulary is the --size_vocab most frequent training answers (ties: first seen first), in
 alphabetical order, as in the original's released txt_msvd-qa.json (its class 482 is "man", 985 "woman"): the
@@ -40,6 +45,8 @@ PUBLISHED = {
     'msvd-qa': {'train': '30,933 questions', 'val': '6,415 questions', 'test': '13,157 questions'},
     'tgif-action': {'train': '20,475 questions', 'val': '2,274 questions', 'test': '2,274 questions'},
     'tgif-transition': {'train': '52,704 questions', 'val': '6,232 questions', 'test': '6,232 questions'},
+    'webvid2.5m': {'train': 'about 2.5 million videos', 'val': '5,000 videos'},
+    'cc3m': {'train': '3,318,333 images', 'val': '15,840 images'},
 }
 
 
@@ -64,6 +71,13 @@ def field(entry, key, where):
     if not isinstance(entry, dict) or key not in entry:
         raise BadAnnotation(f'{where}: no key "{key}"')
     return entry[key]
+
+
+def lines_of(path):
+    """A text file's lines, split at line feeds alone (CRLF too): str.splitlines also splits at U+0085, U+2028 and
+    other characters a question or caption may hold, which cut a line in two."""
+    lines = read_text(need(path)).replace('\r\n', '\n').split('\n')
+    return lines[:-1] if lines and lines[-1] == '' else lines
 
 
 def read_video_list(path, columns=('video_id',)):
@@ -172,7 +186,7 @@ def msrvtt_qa(src, size_vocab):
 def msvd_qa(src, size_vocab):
     path = os.path.join(src, 'youtube_mapping.txt')
     names = {}
-    for line, text in enumerate(read_text(need(path)).splitlines(), 1):
+    for line, text in enumerate(lines_of(path), 1):
         if text.strip():
             parts = text.split()
             if len(parts) != 2 or not parts[1].startswith('vid'):
@@ -193,7 +207,7 @@ def tgif_mc(src, kind):
     out = {}
     for split, name in [('train', 'Train'), ('test', 'Test')]:
         path = os.path.join(src, f'{name}_{kind}_question.csv')
-        lines = read_text(need(path)).splitlines()
+        lines = lines_of(path)
         if not lines or lines[0].split('\t')[:8] != TGIF_COLUMNS[:8]:
             raise BadAnnotation(f'{path} line 1: expected the header {TGIF_COLUMNS} (tab separated)')
         out[split] = []
@@ -211,6 +225,35 @@ def tgif_mc(src, kind):
     return {s: out[s] for s in ['train', 'val', 'test']}
 
 
+def webvid(src):
+    """WebVid's results_2M_train.csv / results_2M_val.csv (m-bain/webvid: videoid, name, page_idx, page_dir, duration,
+    contentUrl) -> {"train": {videoid: [name]}, "val": {...}}, as the original's txt_webvid2.5m.json holds them
+    (the videos are videos/<page_dir>/<videoid>.mp4: extract them with --recursive)."""
+    out = {}
+    for split in ['train', 'val']:
+        path = os.path.join(src, f'results_2M_{split}.csv')
+        out[split] = {}
+        for _, row in read_video_list(path, ('videoid', 'name')):
+            out[split].setdefault(row['videoid'].strip(), []).append(row['name'])
+    return out
+
+
+def cc3m(src):
+    """Conceptual Captions' Train_GCC-training.tsv / Validation_GCC-1.1.0-Validation.tsv (caption TAB url, no header)
+    -> {"train": {id: [caption]}, "val": {...}}, the id being the row's index in eight digits ("00000000"), as the
+    original's txt_cc3m.json names them: name each downloaded image so (img2dataset: its key)."""
+    out = {}
+    for split, name in [('train', 'Train_GCC-training.tsv'), ('val', 'Validation_GCC-1.1.0-Validation.tsv')]:
+        path = os.path.join(src, name)
+        out[split] = {}
+        for i, text in enumerate(lines_of(path)):
+            fields = text.split('\t')
+            if len(fields) != 2 or not fields[0].strip():
+                raise BadAnnotation(f'{path} line {i + 1}: expected a caption, a tab and a URL, got {text[:60]!r}')
+            out[split][f'{i:08d}'] = [fields[0]]
+    return out
+
+
 def sizes_questions(out):
     return {s: f'{len(out[s]):,} questions' for s in ['train', 'val', 'test']}
 
@@ -226,6 +269,9 @@ def convert(task, src, size_vocab=1000, train='7k'):
         for s in ['train', 'val', 'test']:
             sizes[s] += f' ({sum(it["answer"] >= 0 for it in out[s]):,} answers in the vocabulary of {len(out["vocab"])})'
         return out, sizes
+    if task in ('webvid2.5m', 'cc3m'):  # pretraining: {split: {id: [caption]}}
+        out = webvid(src) if task == 'webvid2.5m' else cc3m(src)
+        return out, {s: f'{len(out[s]):,} {"videos" if task == "webvid2.5m" else "images"}' for s in out}
     out = tgif_mc(src, task.split('-')[1])
     return out, sizes_questions(out)
 
@@ -257,7 +303,7 @@ def main():
         sys.exit(str(e) if isinstance(e, WriteError) else f'--out {args.out}: cannot make its folder: {e.strerror or e}')
     print(f'{args.out}:')
     published = {**PUBLISHED[args.task], **({'train': TRAIN_9K} if args.train == '9k' else {})}
-    for split in ['train', 'val', 'test']:
+    for split in published:
         print(f'  {split}: {sizes[split]} (published: {published[split]})')
 
 

@@ -447,6 +447,43 @@ def test_convert_tgif_action_and_transition(tmp_path, capsys, monkeypatch):
     (tmp_path / 'Test_action_question.csv').write_text(TGIF_HEADER.replace('\t', ',') + '\n')
     with pytest.raises(conv.BadAnnotation, match=r'Test_action_question.csv line 1: expected the header'):
         conv.convert('tgif-action', str(tmp_path))
+    # a question holding U+0085 (NEL) or U+2028: one line still (str.splitlines cut it in two: '2 fields, expected 10')
+    (tmp_path / 'Test_action_question.csv').write_text(TGIF_HEADER + rows['Test_action'][0].replace(' do 4', ' do\u0085\u2028 4'))
+    assert conv.convert('tgif-action', str(tmp_path))[0]['test'][0]['question'] == 'What does the dog do\u0085\u2028 4 times ?'
+
+
+def test_convert_webvid_and_cc3m_pretraining_texts(tmp_path, capsys, monkeypatch):
+    """WebVid's and Conceptual Captions' files as they are downloaded -> txt_<dataset>.json as the original's (video
+    id -> [caption]): there was no route from them (an 'invalid choice' of task)."""
+    header = 'videoid,name,page_idx,page_dir,duration,contentUrl\n'
+    (tmp_path / 'results_2M_train.csv').write_text(
+        header + '31353427,"Merida, mexico - may 23, 2017: tourists are walking",1,000001_000050,PT00H00M11S,https://x/1.mp4\n'
+        '14069897,"Close up of filling a cup with boiling water from a kettle.\n\n",1,000001_000050,PT00H00M20S,https://x/2.mp4\n',
+        encoding='utf-8')
+    (tmp_path / 'results_2M_val.csv').write_text(header + '1066674784,Fun clown - 3d animation,7,000301_000350,PT00H00M09S,u\n')
+    out, sizes = conv.convert('webvid2.5m', str(tmp_path))
+    assert out == {'train': {'31353427': ['Merida, mexico - may 23, 2017: tourists are walking'],
+                             '14069897': ['Close up of filling a cup with boiling water from a kettle.\n\n']},
+                   'val': {'1066674784': ['Fun clown - 3d animation']}}
+    assert sizes == {'train': '2 videos', 'val': '1 videos'}
+    code, printed = cli(conv.main, ['webvid2.5m', f'--src={tmp_path}', f'--out={tmp_path}/d/txt_webvid2.5m.json'], capsys,
+                        monkeypatch)
+    assert code == 0 and '  val: 1 videos (published: 5,000 videos)' in printed and '  test:' not in printed
+    assert dataset.load_captions(f'{tmp_path}/d/txt_webvid2.5m.json', 'train') == out['train']  # what pretraining reads
+    (tmp_path / 'results_2M_val.csv').write_text(header + '1066674784,a clown, laughing,7,000301_000350,PT00H00M09S,u\n')
+    with pytest.raises(conv.BadAnnotation, match=r'results_2M_val.csv line 2: 7 fields, the header has 6 \(a comma outside'):
+        conv.convert('webvid2.5m', str(tmp_path))
+    (tmp_path / 'Train_GCC-training.tsv').write_text('a very typical bus station\thttp://a/1.jpg\n'
+                                                      'sierra looked stunning in this top\thttp://a/2.jpg\n')
+    (tmp_path / 'Validation_GCC-1.1.0-Validation.tsv').write_text('author : a life in photography\thttp://b/1.jpg\n')
+    out, sizes = conv.convert('cc3m', str(tmp_path))
+    assert out == {'train': {'00000000': ['a very typical bus station'], '00000001': ['sierra looked stunning in this top']},
+                   'val': {'00000000': ['author : a life in photography']}}
+    assert sizes == {'train': '2 images', 'val': '1 images'}
+    (tmp_path / 'Validation_GCC-1.1.0-Validation.tsv').write_text('no url here\n')
+    with pytest.raises(conv.BadAnnotation, match=r"Validation_GCC-1.1.0-Validation.tsv line 1: expected a caption, a tab "
+                                                 r"and a URL, got 'no url here'"):
+        conv.convert('cc3m', str(tmp_path))
 
 
 # ---- frame extraction at scale
