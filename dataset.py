@@ -365,7 +365,10 @@ def frame_rgb(frame, upright=False):
     upright: a phone's portrait video is stored landscape with a rotation in its display matrix, which players and
     OpenCV apply; the original's extraction did not (such a clip came out on its side), so it is applied only when
     asked for (the extraction tool's and predict.py's --upright): turn_upright."""
-    rgb = frame.to_ndarray(format='rgb24')
+    # one swscale thread: parallelism belongs to the caller, and the pool of threads swscale starts by default for
+    # every conversion, left in a frame awaiting the garbage collector, hung a process forked from this one (its
+    # collector waited for threads only the parent had)
+    rgb = frame.to_ndarray(format='rgb24', threads=1)
     if not upright:
         return rgb
     matrix = next((struct.unpack('=9i', bytes(sd)) for sd in frame.side_data if sd.type.name == 'DISPLAYMATRIX'), None)

@@ -23,7 +23,7 @@ a video failed (a stale one from an earlier run is removed); the exit status is 
 A worker process that dies on a video (FFmpeg crashing, the out-of-memory killer) fails that video alone
 (in_processes).
 """
-import argparse, collections, functools, glob, os, sys
+import argparse, collections, functools, gc, glob, os, sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -80,6 +80,7 @@ def in_processes(read, paths, workers, ahead=8):
     multiprocessing.Pool waiting for ever: here the videos in flight that have no result are read again one at a
     time in a process of their own, and the one whose process dies is failed with that reason; the others go on."""
     i = 0  # paths[:i] are yielded
+    gc.collect()  # (garbage a forked worker inherits would be freed there, where the threads it may refer to are not)
     while i < len(paths):
         pool, flight = ProcessPoolExecutor(workers), collections.deque()
         try:
