@@ -702,8 +702,8 @@ class Trainer:
             if self.args['save_safetensors']:
                 save_safetensors(self.raw.state_dict(), os.path.join(self.out, name.removesuffix('.pt') + '.safetensors'))
             # log.json as the original's (its keys, in its order); what this project adds beside it
-            keys = self.task.log_keys()
-            save_json({k: self.log[k] for k in keys}, os.path.join(self.out, 'log.json'))
+            keys, template = self.task.log_keys(), self.task.new_log()
+            save_json(in_order_of({k: template[k] for k in keys}, self.log), os.path.join(self.out, 'log.json'))
             save_json({k: v for k, v in self.log.items() if k not in keys}, os.path.join(self.out, 'log_extra.json'))
 
     def fit(self, out=None):
@@ -818,7 +818,7 @@ class Trainer:
 
 # what schedulers send some time before they kill a job (Slurm: SIGTERM at preemption or the time limit, and
 # --signal=USR1@SECONDS ahead of it; torchrun forwards SIGTERM to its workers), and Ctrl-C (SIGINT, to every
-# process of the terminal's job; torchrun passes it on too)
+# process of the terminal's job; torchrun, whose ranks have sessions of their own, passes it on)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 SECOND_CTRL_C = 1.0  # seconds: a Ctrl-C this long after the first stops at once
 
@@ -1163,6 +1163,12 @@ KEY_TASKS = {'retrieval_loss': ('retrieval',), 'size_option': ('qamc',), 'size_v
                                                          ('qamc', 'qaoe', 'retrieval'))}
 # keys whose change gives the model other parameter shapes (a resumed run's weights would not load)
 MODEL_SHAPE_KEYS = ('txt_backbone', 'vt_dim', 'vt_depths', 'vt_heads', 'vt_window', 'mvm_target', 'size_vocab')
+def in_order_of(template, log):
+    """log's entries under template's keys, in template's order, at every level (a log restored from an older
+    resume.pt keeps the order it was built in)."""
+    return {k: in_order_of(v, log[k]) if isinstance(v, dict) else log[k] for k, v in template.items()}
+
+
 def read_run_log(out):
     """A run's log: its log.json (the original's keys) with log_extra.json's entries beside them (the counts of
     samples and steps skipped, the model keys not loaded from path_ckpt; QA-OE's ac_iv)."""

@@ -210,14 +210,14 @@ def cut_short(path):
 
 
 def riff_cut_short(path):
-    """An AVI (a RIFF file) shorter than its RIFF header says -> why, else None."""
+    """An AVI (a RIFF file of form AVI) shorter than its RIFF header says -> why, else None. A size of 0 or 0xFFFFFFFF
+    is unknown (FFmpeg writes it when the output cannot seek: a pipe)."""
     with open(path, 'rb') as f:
         head = f.read(12)
-    size = os.path.getsize(path)
-    if len(head) < 12 or head[:4] != b'RIFF' or int.from_bytes(head[4:8], 'little') + 8 <= size:
+    have, said = os.path.getsize(path), int.from_bytes(head[4:8], 'little')
+    if len(head) < 12 or head[:4] != b'RIFF' or head[8:12] != b'AVI ' or said in (0, 0xFFFFFFFF) or said + 8 <= have:
         return None
-    return (f'an {head[8:12].decode("latin-1").strip() or "RIFF"} file cut short: {size} of the '
-            f'{int.from_bytes(head[4:8], "little") + 8} bytes its header gives: an interrupted download or copy?')
+    return f'an AVI file cut short: {have} of the {said + 8} bytes its header gives: an interrupted download or copy?'
 
 
 def matroska_cut_short(path):
@@ -296,9 +296,10 @@ def read_image(path, n_frames=1):
     try:
         pil = Image.open(io.BytesIO(raw))
         if pil.format in ('WEBP', 'PNG') and getattr(pil, 'is_animated', False):
+            still = 1 if pil.info.get('default_image') else 0  # (an APNG's still for viewers without APNG)
             frames = []
-            for i in pick(pil.n_frames, n_frames, path):
-                pil.seek(i)
+            for i in pick(pil.n_frames - still, n_frames, path):
+                pil.seek(i + still)
                 frames.append(rgb_array(pil))
             return frames
         if n_frames > 1:

@@ -236,7 +236,8 @@ def main():
     opt = parser.parse_args()
 
     args = agent.load_args(opt.config, opt.set)
-    if opt.ckpt is None:
+    named = opt.ckpt is not None or any(kv.partition('=')[0] == 'path_ckpt' for kv in opt.set)
+    if not named:
         trained = glob.glob(os.path.join(os.path.dirname(os.path.abspath(opt.config)), 'ckpt_violet_*.pt'))
         if os.path.basename(opt.config) == 'args.json' and trained:  # (it scored the weights the run started from)
             newest, began = max(trained, key=os.path.getmtime), json.dumps(args['path_ckpt'])
@@ -246,7 +247,7 @@ def main():
         if not args['path_ckpt']:
             raise SystemExit(f'eval_retrieval: no checkpoint (path_ckpt is "" in {opt.config}): give --ckpt CKPT; '
                              f'--ckpt "" scores a randomly initialised model (a chance-level baseline)')
-    else:
+    elif opt.ckpt is not None:
         args['path_ckpt'] = opt.ckpt  # the model's VT may come from it (model.load_vt)
     rank, world, device = agent.init_dist(opt.local_rank)
     agent.seed_all(args['seed'])  # same random init on every rank when no checkpoint is given

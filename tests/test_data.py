@@ -192,6 +192,12 @@ def test_read_video_of_an_animated_webp_or_png(tmp_path, name, options):
     assert why is None and [int(round(b64_to_array(b).mean() / 10)) for b in b64] == dataset.sample_inside(12, 5)
     with pytest.raises(dataset.BadVideo, match=f'{name}: 12 frames, fewer than the 13 asked for$'):
         dataset.read_video(str(tmp_path / name), 13)
+    if name.endswith('.png'):  # an APNG's default image (a still for viewers without APNG) is not one of its frames
+        still = Image.fromarray(np.full((48, 64, 3), 255, np.uint8))
+        still.save(tmp_path / 'def.png', save_all=True, append_images=frames, default_image=True)
+        for n in (1, 5, 12):
+            got = dataset.read_video(str(tmp_path / 'def.png'), n)
+            assert [int(f.mean()) // 10 for f in got] == dataset.sample_inside(12, n), n
     frames[3].save(tmp_path / 'still.png')
     assert len(dataset.read_video(str(tmp_path / 'still.png'), 1)) == 1
     with pytest.raises(dataset.BadVideo, match=r'still.png: 1 frame \(an image\), fewer than the 5 asked for$'):
@@ -476,6 +482,16 @@ def test_read_video_names_a_cut_mkv_or_avi(tmp_path, name, codec, kind):
         with pytest.raises(dataset.BadVideo, match=re.escape(f'{cut}: {kind} cut short: {int(len(raw) * frac)} of the '
                                                              f'{len(raw)} bytes its header gives: an interrupted download')):
             dataset.read_video(str(cut), 5)
+
+
+def test_cut_short_needs_a_known_size(tmp_path):
+    """A RIFF size FFmpeg leaves unknown (0xFFFFFFFF or 0: written to a pipe), or a RIFF file that is not an AVI (a
+    WAV), is no evidence of a cut: such an audio-only file was called 'an AVI file cut short' ('an WAVE file')."""
+    for form, size in ((b'AVI ', 0xFFFFFFFF), (b'AVI ', 0), (b'WAVE', 10 ** 6)):
+        (tmp_path / 'x.avi').write_bytes(b'RIFF' + size.to_bytes(4, 'little') + form + bytes(100))
+        assert dataset.cut_short(str(tmp_path / 'x.avi')) is None
+    (tmp_path / 'x.avi').write_bytes(b'RIFF' + (10 ** 6).to_bytes(4, 'little') + b'AVI ' + bytes(100))
+    assert dataset.cut_short(str(tmp_path / 'x.avi')).startswith('an AVI file cut short: 112 of the 1000008 bytes')
 
 
 def test_read_video_names_the_bad_file(tmp_path):

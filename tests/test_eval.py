@@ -480,6 +480,11 @@ def test_weights_to_score_must_be_named(toy, tmp_path, monkeypatch):
             eval_retrieval.main()
         assert str(e.value) == said and not os.path.exists(tmp_path / 'out')
         assert sorted(os.listdir(run)) == ['args.json', 'ckpt_violet_toy-retrieval2_1.pt', 'ckpt_violet_toy-retrieval2_2.pt']
+    # weights named by --set path_ckpt are named too: it goes on to read them (here an empty state dict, refused)
+    monkeypatch.setattr(sys, 'argv', ['eval_retrieval.py', str(run / 'args.json'), '--set',
+                                      f'path_ckpt={run}/ckpt_violet_toy-retrieval2_2.pt', '--out', str(tmp_path / 'out')])
+    with pytest.raises(SystemExit, match=f'^eval_retrieval: {run}/ckpt_violet_toy-retrieval2_2.pt: an empty state dict$'):
+        eval_retrieval.main()
 
 
 def test_ctrl_c_is_one_line(toy, tmp_path, monkeypatch):

@@ -311,3 +311,17 @@ def test_pixel_target_step(toy, tmp_path):
     model = task.build_model()
     loss, losses, _ = task.step(model, b, agent.generator('cpu', 0, 0))
     assert model.fc_mvm[-1].out_features == 3 * 32 * 32 and torch.isfinite(loss)
+
+
+def test_log_json_in_the_originals_order_after_an_older_resume():
+    """A log restored from a resume.pt of the previous version (its lists built as ls_mtm, ls_mvm, ...) is written in
+    the original's order all the same (only the datasets were put in order)."""
+    args = agent.load_args(TOY_CONFIG, [f'txt_backbone={REPO}/_data/bert-tiny'])
+    task = mp.Pretrain(args)
+    template = task.new_log()
+    old = {d: {f'{a}_{k}': [0.5] for a in ('ls', 'ac') for k in ('mtm', 'mvm', 'vtm')} for d in args['datasets']}
+    old['n_skipped'] = 0
+    written = agent.in_order_of({d: template[d] for d in task.log_keys()}, old)
+    assert [(d, list(v)) for d, v in written.items()] == [
+        (d, ['ls_vtm', 'ls_mtm', 'ls_mvm', 'ac_vtm', 'ac_mtm', 'ac_mvm']) for d in args['datasets']]
+    assert all(v == [0.5] for d in written.values() for v in d.values())
