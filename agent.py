@@ -648,10 +648,11 @@ class Trainer:
         ranks = gather_objects(dict(rng=at['rng'], **at['local']))
         if is_main():
             # (the units by name and the unit's sample count: a resume checks that its position still means the same)
-            units = [u['name'] for u in self.task.units()]
-            size = self.task.unit_size(self.task.units()[self.unit]) if self.unit < len(units) else None
+            units = self.task.units()
+            size = self.task.unit_size(units[self.unit]) if self.unit < len(units) else None
             save_torch(dict(model=self.raw.state_dict(), optim=self.optim.state_dict(), scaler=self.scaler.state_dict(),
-                            unit=self.unit, step=self.step, nonfinite_run=at['nonfinite_run'], units=units, unit_size=size,
+                            unit=self.unit, step=self.step, nonfinite_run=at['nonfinite_run'],
+                            units=[u['name'] for u in units], unit_size=size,
                             log={**self.log, 'n_nonfinite': at['n_nonfinite']},
                             global_step=self.global_step,
                             ranks=ranks, world=self.world, args=self.args), os.path.join(self.out, 'resume.pt'))
@@ -1177,7 +1178,8 @@ def read_run_log(out):
             **(dataset.load_json(extra) if os.path.isfile(extra) else {})}
 
 
-RUN_FILES = ('args.json', 'log.json', 'log_extra.json', 'resume.pt', 'eval.json', 'eval_retrieval.json', 'steps.jsonl', 'tb')
+RUN_FILES = ('args.json', 'log.json', 'log_extra.json', 'resume.pt', 'eval.json', 'eval_retrieval.json', 'steps.jsonl',
+             'tb')
 
 
 def take_folder(out, resume, overwrite, own_files=()):

@@ -1,6 +1,7 @@
-"""Public annotation files -> txt_<task>.json as dataset.py reads it (README "Real data").
+r"""Public annotation files -> txt_<task>.json as dataset.py reads it (README "Real data").
 
-    python _tools/convert_annotations.py msrvtt-retrieval --src DIR --out _data/txt_msrvtt-retrieval.json [--train 7k|9k]
+    python _tools/convert_annotations.py msrvtt-retrieval --src DIR --out _data/txt_msrvtt-retrieval.json \
+        [--train 7k|9k]
         DIR: the captions, MSRVTT_data.json (in CLIP4Clip's msrvtt_data.zip) or train_val_videodatainfo.json +
         test_videodatainfo.json (the MSR-VTT release); MSRVTT_JSFUSION_test.csv (JSFusion's 1k-A test: key,
         vid_key, video_id, sentence); for --train 9k, MSRVTT_train.9k.csv.
@@ -115,7 +116,8 @@ def msrvtt_captions(src):
         for i, s in enumerate(field(info, 'sentences', path)):
             captions[field(s, 'video_id', f'{path} sentences[{i}]')].append(field(s, 'caption', f'{path} sentences[{i}]'))
         for i, v in enumerate(info.get('videos', []) if isinstance(info, dict) else []):
-            splits[field(v, 'video_id', f'{path} videos[{i}]')] = (v.get('split') if isinstance(v, dict) else None, path)
+            split = v.get('split') if isinstance(v, dict) else None
+            splits[field(v, 'video_id', f'{path} videos[{i}]')] = (split, path)
     return captions, splits, ' / '.join(os.path.basename(p) for p in paths)
 
 
@@ -129,7 +131,8 @@ def msrvtt_retrieval(src, train='7k'):
         if not splits or no_split is not None:
             raise BadAnnotation(f'{read}: ' + (f'video "{no_split}" has no "split"' if splits else 'no "videos" list')
                                 + f' to take the 7k training videos from; give {listed}')
-        videos = [(f'{splits[v][1]} video "{v}"', v) for v, (split, _) in splits.items() if split in ('train', 'validate')]
+        videos = [(f'{splits[v][1]} video "{v}"', v) for v, (split, _) in splits.items()
+                  if split in ('train', 'validate')]
     out = {'train': []}
     for where, vid in videos:
         if vid not in captions:

@@ -182,7 +182,8 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
                          f'{e.strerror or e}') from None
     remove_stale_tmp(os.path.dirname(os.path.abspath(out)), os.path.basename(out))  # what a kill -9 left of a shard
     videos, failed, first = [], {}, {}
-    for vid, path in list_videos(dir_in, exts, recursive):  # a.mp4 and a.avi are both video "a": the second would replace the first
+    # a.mp4 and a.avi are both video "a": the second would replace the first
+    for vid, path in list_videos(dir_in, exts, recursive):
         if vid in first:
             failed[path] = f'{path}: the same video id "{vid}" as {first[vid]} (rename one)'
             tqdm.write(f'skipped: {failed[path]}', file=sys.stderr)
