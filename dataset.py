@@ -546,12 +546,8 @@ def pad_resize(img, size):
     enlarged (its padded short side under `size`) is resized by PIL itself, the original's arithmetic to the bit:
     torch's uint8 kernel keeps fewer bits of its weights, which when enlarging moves values by up to 2/255."""
     h, w = img.shape[1:]
-    rows, cols = ((w - h) // 2, 0) if w > h else (0, (h - w) // 2)
-    if min(h + 2 * rows, w + 2 * cols) < size:
-        padded = np.zeros((h + 2 * rows, w + 2 * cols, 3), np.uint8)
-        padded[rows:rows + h, cols:cols + w] = img.permute(1, 2, 0).numpy()
-        enlarged = np.asarray(Image.fromarray(padded).resize((size, size), Image.BILINEAR))
-        return torch.from_numpy(enlarged.copy()).permute(2, 0, 1).float() / 255
+    if max(h, w) - abs(w - h) % 2 < size:  # (the padded short side: the long one, 1 less for an odd difference)
+        return torch.from_numpy(pil_pad_resize(img.permute(1, 2, 0).numpy(), size)).permute(2, 0, 1).float() / 255
     if w > h:
         # the resize is separable, a horizontal pass then a vertical one (as PIL's): rows of padding are zero
         # after the horizontal pass too, so it runs on the content alone and the narrower result is padded
@@ -560,6 +556,16 @@ def pad_resize(img, size):
     else:
         img = zero_pad(img, 0, (h - w) // 2)
     return resize(img, [size, size]).float() / 255
+
+
+def pil_pad_resize(rgb, size):
+    """RGB uint8 [H, W, 3] -> uint8 [size, size, 3] by the original's own arithmetic: zero rows (columns) of
+    (long - short) // 2 on both sides of the short one, PIL's bilinear resize."""
+    h, w = rgb.shape[:2]
+    rows, cols = ((w - h) // 2, 0) if w > h else (0, (h - w) // 2)
+    padded = np.zeros((h + 2 * rows, w + 2 * cols, 3), np.uint8)
+    padded[rows:rows + h, cols:cols + w] = rgb
+    return np.array(Image.fromarray(padded).resize((size, size), Image.BILINEAR))
 
 
 def resize(img, hw):

@@ -20,7 +20,6 @@ and args.json into --out, else the config's path_output, else _snapshot/_eval_re
 """
 import argparse
 import contextlib
-import glob
 import json
 import math
 import os
@@ -238,9 +237,9 @@ def main():
     args = agent.load_args(opt.config, opt.set)
     named = opt.ckpt is not None or any(kv.partition('=')[0] == 'path_ckpt' for kv in opt.set)
     if not named:
-        trained = glob.glob(os.path.join(os.path.dirname(os.path.abspath(opt.config)), 'ckpt_violet_*.pt'))
-        if os.path.basename(opt.config) == 'args.json' and trained:  # (it scored the weights the run started from)
-            newest, began = max(trained, key=os.path.getmtime), json.dumps(args['path_ckpt'])
+        newest = violet.newest_ckpt(os.path.dirname(os.path.abspath(opt.config)))
+        if os.path.basename(opt.config) == 'args.json' and newest:  # (it scored the weights the run started from)
+            began = json.dumps(args['path_ckpt'])
             raise SystemExit(f"eval_retrieval: {opt.config} is a training run's args.json: its path_ckpt ({began}) is "
                              f"what the run started from; name the weights to score: --ckpt CKPT (the run's newest: "
                              f"{newest})")

@@ -614,11 +614,17 @@ def read_checkpoint(path, safe_globals=()):
                               f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e
 
 
+def newest_ckpt(folder):
+    """The run folder's most recently written ckpt_violet_*.pt / .safetensors, or None."""
+    ckpts = [os.path.join(folder, f) for f in os.listdir(folder)
+             if f.startswith('ckpt_violet_') and f.endswith(('.pt', '.safetensors'))]
+    return max(ckpts, key=os.path.getmtime, default=None)
+
+
 def folder_given(path):
     """The CheckpointError for a folder given as a checkpoint file: it names the newest checkpoint in it."""
-    ckpts = [f for f in os.listdir(path) if f.startswith('ckpt_violet_') and f.endswith(('.pt', '.safetensors'))]
-    newest = max(ckpts, key=lambda f: os.path.getmtime(os.path.join(path, f)), default=None)
-    hint = f'the newest in it is {os.path.join(path, newest)}' if newest else "a run's folder holds ckpt_violet_*.pt"
+    newest = newest_ckpt(path)
+    hint = f'the newest in it is {newest}' if newest else "a run's folder holds ckpt_violet_*.pt"
     return CheckpointError(f'{path} is a folder, not a checkpoint file ({hint})')
 
 

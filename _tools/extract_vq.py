@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import int_at_least  # noqa: E402
-from dataset import (IMAGE_ERRORS, DataError, WriteError, b64_bytes, image_error, load_pickle, rgb_array,  # noqa: E402
-                     write_pickle)  # plain-data pickles
+from dataset import (IMAGE_ERRORS, DataError, WriteError, b64_bytes, image_error, load_pickle,  # noqa: E402
+                     pil_pad_resize, rgb_array, write_pickle)  # plain-data pickles
 from extract_tsv import read_tsv, usable_frames  # noqa: E402
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -45,12 +45,7 @@ def vq_input(b64, size):
     values 1/255 apart; a token is a label, so its input keeps the original's arithmetic (the encoder, not this,
     is the cost). Frames that are not RGB (greyscale, CMYK) are made RGB first (the original's encoder failed on
     them); 16-bit grey ones are scaled to 8 bits as training reads them (dataset.rgb_array)."""
-    img = Image.fromarray(rgb_array(Image.open(io.BytesIO(b64_bytes(b64)))))
-    w, h = img.size
-    rows, cols = ((w - h) // 2, 0) if w > h else (0, (h - w) // 2)
-    square = Image.new('RGB', (w + 2 * cols, h + 2 * rows))
-    square.paste(img, (cols, rows))
-    return TVF.to_tensor(square.resize((size, size), Image.BILINEAR))
+    return TVF.to_tensor(pil_pad_resize(rgb_array(Image.open(io.BytesIO(b64_bytes(b64)))), size))
 
 
 @torch.no_grad()
