@@ -1009,6 +1009,11 @@ class Dataset_Base(torch.utils.data.Dataset):
     def str2txt(self, s):
         return tokenize(self.tokzr, s, self.size_txt)
 
+    def has_words(self, s):
+        """Whether s tokenises to a word piece: an empty text (white space, zero-width or control characters, lone
+        accents) gives [CLS] [SEP] alone. (Tokenised only when no letter or digit settles it.)"""
+        return any(c.isalnum() for c in s) or bool(self.tokzr.tokenize(s))
+
     def open_frames(self, dataset):
         """The frames of img_<dataset> in its layout (find_layout; TSV rows are read on demand)."""
         self.layout, paths = find_layout(self.path(f'img_{dataset}'), self.args['frame_layout'])
@@ -1158,7 +1163,8 @@ class Dataset_Pretrain(Dataset_Base):
         img = self.decode_frames(fields[1:], vid, where)
         if vid not in self.txt:
             raise BadSample(f'{self.path_txt}["{self.split}"]: no caption for video "{vid}" ({where})')
-        txt, mask = self.str2txt(first_caption(self.txt[vid], f'{self.path_txt}["{self.split}"]["{vid}"]', where))
+        txt, mask = self.str2txt(first_caption(self.txt[vid], f'{self.path_txt}["{self.split}"]["{vid}"]', where,
+                                               self.has_words))
         hw = self.size_img // 32
         if self.vq is None:  # pixel targets: a placeholder token 0 per patch
             vq = np.zeros((self.size_frame, hw, hw), dtype=np.int64)
@@ -1189,14 +1195,15 @@ def load_captions(path_txt, split):
     return captions
 
 
-def first_caption(caps, key, where):
+def first_caption(caps, key, where, has_words):
     """A pretraining video's captions (a string or a list of them) -> the first, the one trained on; BadSample
-    naming `key` (its place in txt_<dataset>.json) and `where` (its line) when there is none or it is empty."""
+    naming `key` (its place in txt_<dataset>.json) and `where` (its line) when there is none or it has no words.
+    (A bare string is one caption: the original took its first character, a caption of one letter.)"""
     if isinstance(caps, str):
         caps = [caps]
     if not isinstance(caps, list) or len(caps) == 0 or not isinstance(caps[0], str):
         raise BadSample(f'{key}: {caps!r:.60} is not a caption or a non-empty list of captions ({where})')
-    if not caps[0].strip():
+    if not has_words(caps[0]):
         raise BadSample(f'{key}: the caption is {EMPTY} ({where})')
     return caps[0]
 
@@ -1296,7 +1303,7 @@ class Dataset_Downstream(Dataset_Base):
                                 f'{len(self.frames[vid])} frames in {self.path_frames}, expected {self.size_frame}'
                                 + (f' ({more} more of the split\'s videos)' if more else ''))
         empty = [i for i, it in enumerate(self.txt) if isinstance(it, dict)
-                 and any(isinstance(it.get(k), str) and not it[k].strip() for k in self.words)]
+                 and any(isinstance(it.get(k), str) and not self.has_words(it[k]) for k in self.words)]
         if empty:
             self.item(empty[0], *self.words, more=f' ({len(empty) - 1} more of the split\'s items have an empty text)'
                       if len(empty) > 1 else '')
@@ -1319,7 +1326,7 @@ class Dataset_Downstream(Dataset_Base):
                 raise BadKey(f'{where}: no key "{k}"')
             if k != 'answer' and not isinstance(item[k], str):
                 raise BadSample(f'{where}: "{k}" is {type(item[k]).__name__} {item[k]!r:.60}, not a string')
-            if k in self.words and not item[k].strip():
+            if k in self.words and not self.has_words(item[k]):
                 raise BadSample(f'{where} (video "{item.get("video")}"): "{k}" is {EMPTY}{more}')
         return item
 
@@ -1353,7 +1360,7 @@ class Dataset_QAMC(Dataset_Downstream):
         # an empty question is allowed (caption-choice sets such as MSRVTT-MC have none: the options alone are
         # scored), but said, once per split
         empty = [i for i, it in enumerate(self.txt)
-                 if isinstance(it, dict) and isinstance(it.get('question'), str) and not it['question'].strip()]
+                 if isinstance(it, dict) and isinstance(it.get('question'), str) and not self.has_words(it['question'])]
         if empty:
             say(f'{self.path_txt}["{split}"]: {len(empty)} of {len(self.txt)} items have an empty "question" (first '
                 f'[{empty[0]}], video "{self.txt[empty[0]].get("video")}"): their options are scored alone')

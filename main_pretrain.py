@@ -168,7 +168,7 @@ class Pretrain(tasks.Task):
             for where, has in ((f'{path_txt}["train"]: no caption', captions), (f'{val.path_vq}: no VQ tokens', val.vq)):
                 if has is not None and vid not in has:
                     raise dataset.BadSample(f'{where} for video "{vid}" ({line})')
-            dataset.first_caption(captions[vid], f'{path_txt}["train"]["{vid}"]', line)
+            dataset.first_caption(captions[vid], f'{path_txt}["train"]["{vid}"]', line, val.has_words)
 
     def eval_sets(self, unit):
         d = unit['dataset']

@@ -1495,7 +1495,7 @@ def test_empty_texts_are_named(args, bad_copy, capsys):
     a = dict(args, path_data=bad_copy, dataset='toy')
     rt_vid = json.load(open(f'{bad_copy}/txt_toy-retrieval.json'))['val'][1]['video']
     edit_json(f'{bad_copy}/txt_toy-retrieval.json', lambda t: (t['val'][1].update(caption=''),
-                                                               t['val'][2].update(caption=' \n ')))
+                                                               t['val'][2].update(caption=' \u200b\n\ufeff ')))
     edit_json(f'{bad_copy}/txt_toy-qamc.json', lambda t: (t['val'][0].update(question=''), t['val'][1].update(question=' '),
                                                          t['val'][2].update(option_3='')))
     edit_json(f'{bad_copy}/txt_toy-qaoe.json', lambda t: t['val'][3].update(question='  '))
@@ -1509,6 +1509,9 @@ def test_empty_texts_are_named(args, bad_copy, capsys):
                                                 r"split's items have an empty text\)"):
         rt.check_items()
     rt[0]
+    # empty is what tokenises to nothing (white space, zero-width, control characters, lone accents passed str.strip)
+    texts = ['', ' \u200b', '\x00\ufffd', '\u0301', '\t\xad', '\u2028', '?', 'é', '٣', '猫', '[PAD]', 'a\u200b']
+    assert [rt.has_words(t) for t in texts] == [bool(rt.tokzr.tokenize(t)) for t in texts] == [False] * 6 + [True] * 6
     mc = dataset.Dataset_QAMC(dict(a, task='toy-qamc'), 'val')
     qs = json.load(open(f'{bad_copy}/txt_toy-qamc.json'))['val']
     assert capsys.readouterr().out == (f'{bad_copy}/txt_toy-qamc.json["val"]: 2 of {len(qs)} items have an empty "question" '
@@ -1522,7 +1525,7 @@ def test_empty_texts_are_named(args, bad_copy, capsys):
     assert dataset.Dataset_Retrieval(dict(a, task='toy-retrieval', skip_bad=True), 'val')[1] is None  # skippable
     # pretraining: the first caption is the one trained on
     vids = [ln.split('\t')[0] for ln in open(f'{bad_copy}/img_toyvid_val.tsv')]
-    edit_json(f'{bad_copy}/txt_toyvid.json', lambda t: t['val'].update({vids[0]: ['', 'a red dot'], vids[1]: ' '}))
+    edit_json(f'{bad_copy}/txt_toyvid.json', lambda t: t['val'].update({vids[0]: ['', 'a red dot'], vids[1]: '\xad\u0301'}))
     pre = dataset.Dataset_Pretrain(args | dict(path_data=bad_copy), 'toyvid', 'val')
     with pytest.raises(dataset.BadSample, match=rf'txt_toyvid.json\["val"\]\["{vids[0]}"\]: the caption {empty} '
                                                 rf'\(.*img_toyvid_val.tsv line 0'):
