@@ -57,7 +57,7 @@ class DataConfig:
     size_frame: int = config.key(0, 'downstream frames per video; 0: the count most of a sample of 32 videos have (5 in the released sets; the others are named; the run records it in its `args.json`); must be set for the `v2` layout (VIOLETv2 uses 5); at most 6 (`emb_len`)', choices=range(MAX_FRAMES + 1))
     frame_layout: str = config.key('auto', 'downstream frame files (`dataset.find_layout`): `pkl` (`img_<dataset>.pkl`), `v2` (VIOLETv2: `img_<dataset>.tsv` + `img_<dataset>.id2lineidx.pkl`, `size_frame` of the stored frames sampled per video), `tsv` (`img_<dataset>.tsv` + `.lineidx`); `auto`: the first of these whose files are present', choices=FRAME_LAYOUTS)
     size_option: int = config.key(5, 'QA-MC options per question', least=1)
-    size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`); a training run refuses more classes than `vocab` names', least=0)
+    size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`); a training run refuses more classes than `vocab` names; a json without `vocab` (answer indices alone, as the original read them) needs it set and writes no `vocab.json`', least=0)
     txt_vocab: str = config.key('', 'the tokenizer\'s vocabulary: a `vocab.txt` file or a tokenizer directory; `""`: the tokenizer of `txt_backbone`. Either must fit the BERT config (same `vocab_size`, `[CLS]`/`[SEP]`/`[PAD]`/`[MASK]` at 101/102/0/103, as bert-base-uncased), else the run stops naming what is missing; a directory without `vocab.txt` or `tokenizer.json` is an error, never a stand-in tokenizer')
     skip_bad: bool = config.key(False, 'skip and count bad samples instead of stopping')
     fast_decode: bool = config.key(False, 'decode JPEG frames at least 4x `size_img` at 1/2, 1/4 or 1/8 scale (libjpeg\'s DCT scaling): decoding 1.2x (1280x720) to 1.5x (1920x1080) faster, but their values move from the original\'s (0.1-0.6/255 on average, up to 9/255 at single pixels of photo-like frames; see Benchmark). Off: every pixel is decoded, within 1/255 of the original\'s PIL path (equal to it for frames that are enlarged)')
@@ -1402,9 +1402,15 @@ class Dataset_QAOE(Dataset_Downstream):
     def __init__(self, args, split):
         super().__init__(args, split)
         key = 'ans2label' if 'ans2label' in self.json and 'vocab' not in self.json else 'vocab'  # VIOLETv2's name
-        self.vocab = json_key(self.json, key, self.path_txt)
-        self.answers = answer_texts(self.vocab, self.path_txt)
-        self.size_vocab = self.args.get('size_vocab') or len(self.vocab)
+        if isinstance(self.json, dict) and key not in self.json:
+            if not self.args.get('size_vocab'):
+                raise MissingKey(f'{self.path_txt}: no key "vocab" (has {sorted(self.json)[:10]}): the answer texts by '
+                                 f'class index; without them, set size_vocab (the number of answer classes)')
+            self.vocab = self.answers = None  # the original's way: answer indices alone (no vocab.json, no texts)
+        else:
+            self.vocab = json_key(self.json, key, self.path_txt)
+            self.answers = answer_texts(self.vocab, self.path_txt)
+        self.size_vocab = self.args.get('size_vocab') or len(self.answers)
         self.answer_range = (self.size_vocab, True)  # -1: not in the answer vocabulary
         self.answer_source = (f'size_vocab {self.size_vocab}' if self.args.get('size_vocab') else
                               f'the {self.size_vocab} answers of its "{key}"') + '; -1: not in it'

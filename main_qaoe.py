@@ -5,7 +5,8 @@ A question whose answer is not in the answer vocabulary has "answer": -1 in txt_
 no loss (never an error); evaluation counts it as wrong. `ac` is the accuracy over ALL questions (the main
 number, VIOLETv2's protocol: dropping such questions inflates it), `ac_iv` the accuracy over the in-vocabulary
 questions only. The run writes vocab.json (the answer texts, by class index) beside its checkpoints; predict.py
-reads it to answer in words.
+reads it to answer in words. A txt_<task>.json without "vocab" trains on the answer indices of size_vocab classes,
+as the original (no vocab.json then).
 
     python main_qaoe.py [_data/args_msvd-qa.json] [--set KEY=VALUE ...] [--resume DIR]
     python main_qaoe.py CONFIG --eval --set path_ckpt=CKPT      (val and test accuracy, no training)
@@ -29,7 +30,8 @@ class QAOE(tasks.Downstream):
         return loss, {'tr': tasks.or_nan(loss, n_in_vocab)}, {'ac': (hits, ans.numel()), 'ac_iv': (hits, n_in_vocab)}
 
     def run_files(self):
-        return {'vocab.json': self.split('train').answers[:self.args['size_vocab']]}
+        answers = self.split('train').answers
+        return {} if answers is None else {'vocab.json': answers[:self.args['size_vocab']]}
 
     def check_data(self):
         super().check_data()
@@ -37,7 +39,10 @@ class QAOE(tasks.Downstream):
         if all(isinstance(it, dict) and it.get('answer') == -1 for it in train.txt):  # (it trained nothing to 'done')
             raise dataset.DataError(f'{train.path_txt}["train"]: every answer is -1 (not in the vocabulary): nothing to '
                                     f'learn from; an answer is the index of its text in "vocab"')
-        if self.args['size_vocab'] > len(train.answers):  # the classes past it would have no answer text
+        if train.answers is None:
+            agent.say(f'{train.path_txt} has no "vocab": training on the answer indices of size_vocab '
+                      f'{self.args["size_vocab"]} classes; no vocab.json is written (predict.py then needs --vocab)')
+        elif self.args['size_vocab'] > len(train.answers):  # the classes past it would have no answer text
             raise agent.config_error(
                 f"key 'size_vocab' is {self.args['size_vocab']}, but {train.path_txt} names {len(train.answers)} "
                 f"answers in its \"vocab\": vocab.json and predict.py need a text for every class (size_vocab 0: "

@@ -575,6 +575,26 @@ def test_qaoe_size_vocab_past_the_vocabulary(toy, tmp_path):
     main_qaoe.QAOE(dict(args, size_vocab=0)).check_data()
 
 
+def test_qaoe_texts_without_vocab_train_on_indices(toy, tmp_path, capsys):
+    """The original read only the answer indices and size_vocab: a txt_<task>.json without "vocab" (made for it by
+    hand) was refused with 'no key "vocab"' whatever size_vocab said. It trains now, with no vocab.json."""
+    txt = json.load(open(f'{toy}/txt_toy-qaoe.json'))
+    del txt['vocab']
+    json.dump(txt, open(f'{toy}/txt_toy-qaoe.json', 'w'))
+    config = f'{REPO}/_data/toy/args_toy-qaoe.json'
+    oe = agent.main(main_qaoe.QAOE, config, [config, '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}',
+                                             f'path_output={tmp_path / "run"}', 'size_epoch=1', 'size_batch=4',
+                                             'size_vocab=12', 'stop_after_steps=2'])
+    assert 'no vocab.json is written (predict.py then needs --vocab)' in capsys.readouterr().out
+    assert 'ckpt_violet_toy-qaoe_0.pt' in os.listdir(oe) and 'vocab.json' not in os.listdir(oe)
+    assert json.load(open(f'{oe}/args.json'))['size_vocab'] == 12
+    args = agent.load_args(f'{REPO}/_data/toy/args_toy-qaoe.json', [f'txt_backbone={REPO}/_data/bert-tiny',
+                                                                     f'path_data={toy}', 'size_vocab=0'])
+    with pytest.raises(dataset.MissingKey, match=rf'^{toy}/txt_toy-qaoe.json: no key "vocab" .*: the answer texts '
+                                                 r'by class index; without them, set size_vocab \(the number of answer '):
+        main_qaoe.QAOE(args).check_data()
+
+
 def test_qaoe_without_an_answer_to_learn(toy):
     """A train split whose answers are all -1 (not in the vocabulary) trained nothing and logged loss 0.0000 to
     'done'. A batch of such answers alone logs NaN (left out of the unit's mean), not 0."""
