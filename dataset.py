@@ -1349,14 +1349,16 @@ def answer_ok(a, n, unknown_ok=False):
 
 
 class Dataset_QAMC(Dataset_Downstream):
-    """-> (img [T,3,S,S], txt [O,X], mask [O,X], answer); text i = question + ' ' + option_i, i < size_option."""
+    """-> (img [T,3,S,S], txt [O,X], mask [O,X], answer); text i = question + ' ' + option_i, i < size_option;
+    answer -1: none of the options (no loss in training, wrong in evaluation, as the original)."""
+    no_answer = ('none of the options', 'the index of the right option')
 
     def __init__(self, args, split):
         super().__init__(args, split)
         self.size_option = self.args['size_option']
         self.words = tuple(f'option_{i}' for i in range(self.size_option))
-        self.answer_range = (self.size_option, False)
-        self.answer_source = f'size_option {self.size_option}'
+        self.answer_range = (self.size_option, True)  # -1: none of them (the original's ignore_index)
+        self.answer_source = f'size_option {self.size_option}; -1: none of them'
         # an empty question is allowed (caption-choice sets such as MSRVTT-MC have none: the options alone are
         # scored), but said, once per split
         empty = [i for i, it in enumerate(self.txt)
@@ -1398,6 +1400,7 @@ class Dataset_QAOE(Dataset_Downstream):
     """-> (img, txt, mask, answer) with answer < size_vocab (args['size_vocab'], else len of the json's "vocab"),
     or -1: an answer outside the vocabulary (no loss in training, wrong in evaluation)."""
     words = ('question',)
+    no_answer = ('not in the vocabulary', 'the index of its text in "vocab"')
 
     def __init__(self, args, split):
         super().__init__(args, split)

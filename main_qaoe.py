@@ -36,9 +36,6 @@ class QAOE(tasks.Downstream):
     def check_data(self):
         super().check_data()
         train = self.split('train')
-        if all(isinstance(it, dict) and it.get('answer') == -1 for it in train.txt):  # (it trained nothing to 'done')
-            raise dataset.DataError(f'{train.path_txt}["train"]: every answer is -1 (not in the vocabulary): nothing to '
-                                    f'learn from; an answer is the index of its text in "vocab"')
         if train.answers is None:
             agent.say(f'{train.path_txt} has no "vocab": training on the answer indices of size_vocab '
                       f'{self.args["size_vocab"]} classes; no vocab.json is written (predict.py then needs --vocab)')

@@ -108,6 +108,10 @@ class Downstream(Task):
         (under skip_bad such items are skipped and counted as they come)."""
         super().check_data()
         self.check_items(self.sets.values())
+        train = self.split('train')
+        if train.answer_range and all(isinstance(it, dict) and it.get('answer') == -1 for it in train.txt):
+            raise dataset.DataError(f'{train.path_txt}["train"]: every answer is -1 ({train.no_answer[0]}): nothing to '
+                                    f'learn from; an answer is {train.no_answer[1]}')  # (it trained nothing to 'done')
 
     def check_eval_data(self):
         """(a video missing from test stopped --eval after val was scored, and its args.json blocked the rerun)"""
@@ -148,10 +152,10 @@ class Downstream(Task):
     def eval_sets(self, unit):
         return {'vl': self.split('val'), 'ts': self.split('test')}
 
-    def step(self, model, batch, gen):
+    def step(self, model, batch, gen):  # (QA-MC; answer -1: no loss, and wrong, over all questions, as the original)
         img, txt, mask, ans = batch
-        loss, hits = ce_hits(model(img, txt, mask), ans, whole_batch=model.training)
-        return loss, {'tr': loss}, {'ac': hits}
+        loss, (hits, n) = ce_hits(model(img, txt, mask), ans, whole_batch=model.training)
+        return loss, {'tr': or_nan(loss, n)}, {'ac': (hits, ans.numel())}
 
     def new_log(self):
         return {'ls_tr': [], **{f'{m}_{t}': [] for m in self.metrics for t in ('vl', 'ts')}}

@@ -1144,10 +1144,10 @@ def test_bad_texts_and_answers(args, bad_copy):
         mc[0]
     with pytest.raises(KeyError, match=r'txt_toy-qamc.json\["val"\]\[1\]: no key "option_4"'):
         mc[1]
-    with pytest.raises(ValueError, match=r"answer 'left' not in 0..4 \(size_option 5\)$"):
+    with pytest.raises(ValueError, match=r"answer 'left' not in 0..4 \(size_option 5; -1: none of them\)$"):
         mc[2]
     mc.txt[2]['answer'] = mc.txt[2]['option_3']  # the answer's text where its index goes (a file written by hand)
-    with pytest.raises(ValueError, match=rf"answer '{mc.txt[2]['option_3']}' not in 0..4 \(size_option 5\) \(an answer is "
+    with pytest.raises(ValueError, match=rf"answer '{mc.txt[2]['option_3']}' not in 0..4 \(size_option 5; -1: none of them\) \(an answer is "
                                          rf"the index of its "
                                          rf'text: "{mc.txt[2]["option_3"]}" is 3\)$'):
         mc[2]

@@ -613,6 +613,33 @@ def test_qaoe_without_an_answer_to_learn(toy):
         main_qaoe.QAOE(args).check_data()
 
 
+def test_qamc_answer_minus_one_is_no_answer(toy):
+    """The original's loss ignored answer -1 (ignore_index) and its accuracy counted it wrong; such items were
+    refused here as 'not in 0..4'. Now no loss in training, wrong in evaluation; a train split of them alone is refused."""
+    args = agent.load_args(CONFIG, [f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}'])
+    task = main_qamc.QAMC(args)
+    mdl = task.build_model().eval()
+    train = task.split('train')
+    train.txt[1]['answer'] = -1
+    items = [train[i] for i in range(3)]
+    assert [it[3] for it in items] == [train.txt[0]['answer'], -1, train.txt[2]['answer']]
+    img, txt, mask, ans = dataset.collate_skip(items)[0]
+    out = mdl(img, txt, mask)
+    loss, logged, hits = task.step(mdl, [img, txt, mask, ans], torch.Generator())
+    keep = [0, 2]
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(out[keep], ans[keep]))
+    assert hits['ac'][0].item() == (out[keep].argmax(1) == ans[keep]).sum().item() and hits['ac'][1] == 3
+    loss, logged, hits = task.step(mdl.train(), [img[1:2], txt[1:2], mask[1:2], ans[1:2]], torch.Generator())
+    assert loss.item() == 0 and math.isnan(logged['tr'].item()) and hits['ac'][0].item() == 0 and hits['ac'][1] == 1
+    txt = json.load(open(f'{toy}/txt_toy-qamc.json'))
+    for q in txt['train']:
+        q['answer'] = -1
+    json.dump(txt, open(f'{toy}/txt_toy-qamc.json', 'w'))
+    with pytest.raises(dataset.DataError, match=rf'^{toy}/txt_toy-qamc.json\["train"\]: every answer is -1 \(none of the '
+                                                r'options\): nothing to learn from; an answer is the index of the right'):
+        main_qamc.QAMC(args).check_data()
+
+
 def test_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     calls = []
     fsync, replace = os.fsync, os.replace
@@ -1113,7 +1140,7 @@ def test_answers_checked_before_the_first_step(toy, tmp_path):
     json.dump(qs, open(f'{toy}/txt_toy-qamc.json', 'w'))
     msg = stops(qamc, toy, tmp_path / 'run')
     assert msg == (f'{toy}/txt_toy-qamc.json["test"][3] (video "{qs["test"][3]["video"]}"): answer 7 not in 0..4 '
-                   f'(size_option 5) (1 more of the split\'s answers out of range)')
+                   f'(size_option 5; -1: none of them) (1 more of the split\'s answers out of range)')
     assert not os.path.exists(tmp_path / 'run')
     oe = json.load(open(f'{toy}/txt_toy-qaoe.json'))
     oe['val'][0]['answer'] = -1
