@@ -361,7 +361,8 @@ class Trainer:
                                        weight_decay=args['decay'], fused=device.type in ('cuda', 'cpu'))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == 'fp16')
         self.log = task.new_log()
-        self.log.update(n_skipped=0, n_nonfinite=0, not_loaded=self.not_loaded)
+        # n_overflow: optimiser steps fp16's GradScaler skipped (inf/NaN gradients; it then halves its scale)
+        self.log.update(n_skipped=0, n_nonfinite=0, n_overflow=0, not_loaded=self.not_loaded)
         self.unit, self.step = 0, 0       # position: next unit, batches of it already done
         self.global_step = 0              # optimiser steps (windows) of the whole run: the curves' x axis
         self.steplog = None               # rank 0's StepLog, opened by fit
@@ -578,7 +579,11 @@ class Trainer:
             self.scaler.unscale_(self.optim)
             torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.args['max_grad_norm'])
         self.scaler.step(self.optim)
+        if not self.scaler.is_enabled():
+            return self.scaler.update()
+        scale = self.scaler.get_scale()
         self.scaler.update()
+        self.log['n_overflow'] += self.scaler.get_scale() < scale  # (every rank: their gradients are the same)
 
     @torch.no_grad()
     def evaluate(self, u, tag, ds):
@@ -663,6 +668,7 @@ class Trainer:
         if state['scaler']:
             self.scaler.load_state_dict(state['scaler'])
         self.unit, self.step, self.nonfinite_run, self.log = state['unit'], state['step'], state['nonfinite_run'], state['log']
+        self.log.setdefault('n_overflow', 0)  # (absent from resume files of earlier versions)
         self.global_step = state.get('global_step', 0)  # absent from resume files of earlier versions
         if state['world'] == self.world:
             mine = state['ranks'][self.rank]
@@ -718,7 +724,12 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():  # (signal handlers can only be set there)
             handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         try:
-            return self.fit_units()
+            done = self.fit_units()
+            if done and self.global_step and self.log['n_overflow'] >= self.global_step:  # (never 'done' unchanged)
+                raise SystemExit(f'stopping: fp16\'s GradScaler skipped every one of the {self.global_step} optimiser '
+                                 f'steps (inf/NaN gradients): the weights are those the run started from; try '
+                                 f'precision bf16/fp32, a lower lr or max_grad_norm')
+            return done
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -800,6 +811,7 @@ class Trainer:
             speed = f'{self.speed:.1f} samples/s' if self.speed is not None else 'trained before the resume'
             say(f'{unit["name"]}: loss {fmt(losses)} | ' + ' | '.join(f'{t} {fmt(a)}' for t, a in accs.items()) +
                 f' | {speed} | skipped {self.log["n_skipped"]} non-finite {self.log["n_nonfinite"]}'
+                + (f' fp16-overflow {self.log["n_overflow"]}' if self.scaler.is_enabled() else '') +
                 f' | waited for data {self.data_wait:.0%}')
             if self.data_wait > DATA_WAIT_WARN and not self.data_warned:
                 self.data_warned = True

@@ -72,7 +72,7 @@ def test_two_process_epoch(toy, ckpt_pretrain, tmp_path, task, script, launcher)
     with open(os.path.join(out, 'log.json')) as f:  # the original's keys alone, in its order
         assert list(json.load(f)) == ['ls_tr', 'ac_vl', 'ac_ts']
     with open(os.path.join(out, 'log_extra.json')) as f:  # what this project counts besides
-        assert list(json.load(f)) == ['ac_iv_vl', 'ac_iv_ts'] * (task == 'qaoe') + ['n_skipped', 'n_nonfinite', 'not_loaded']
+        assert list(json.load(f)) == ['ac_iv_vl', 'ac_iv_ts'] * (task == 'qaoe') + ['n_skipped', 'n_nonfinite', 'n_overflow', 'not_loaded']
     log = agent.read_run_log(out)
     assert len(log['ls_tr']) == len(log['ac_vl']) == len(log['ac_ts']) == 1
     assert all(0 <= log[k][0] <= 1 for k in ('ac_vl', 'ac_ts'))

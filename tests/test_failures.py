@@ -353,6 +353,20 @@ def test_a_unit_of_only_non_finite_steps_names_the_loss(toy, tmp_path, monkeypat
                                                   'non-finite; try a lower lr, max_grad_norm or precision bf16/fp32')
 
 
+def test_fp16_steps_the_scaler_skipped_are_counted(toy, tmp_path, monkeypatch):
+    """fp16's GradScaler skips a step with inf/NaN gradients (and halves its scale) without a word: a run of which
+    it skipped every step said 'done' with the weights it started from. Now counted (n_overflow), and such a run stops."""
+    out = qamc(toy, tmp_path / 'ok', 'precision=fp16', 'stop_after_steps=3')  # (CPU autocast takes fp16 too)
+    log = agent.read_run_log(out)
+    assert log['n_overflow'] == 0
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, 'GradScaler', lambda *a, **k: scaler(*a, **k, init_scale=2.0 ** 127))
+    assert stops(qamc, toy, tmp_path / 'run', 'precision=fp16') == (
+        "stopping: fp16's GradScaler skipped every one of the 4 optimiser steps (inf/NaN gradients): the weights are "
+        "those the run started from; try precision bf16/fp32, a lower lr or max_grad_norm")
+    assert agent.read_run_log(tmp_path / 'run')['n_overflow'] == 4
+
+
 def test_resume_refuses_a_position_that_moved(toy, tmp_path):
     """resume.pt's position is a unit index and a batch count. A training part removed (or datasets reordered) made the
     resumed pretraining skip a part and say 'done'; a train split edited inside an epoch resumed at its batch 2 of

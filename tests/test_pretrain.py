@@ -225,7 +225,7 @@ def test_torchrun_two_processes(toy, tmp_path):
         assert [(d, list(v)) for d, v in json.load(f).items()] == [
             (d, ['ls_vtm', 'ls_mtm', 'ls_mvm', 'ac_vtm', 'ac_mtm', 'ac_mvm']) for d in ('toyvid', 'toyimg')]
     with open(os.path.join(out, 'log_extra.json')) as f:
-        assert list(json.load(f)) == ['n_skipped', 'n_nonfinite', 'not_loaded']
+        assert list(json.load(f)) == ['n_skipped', 'n_nonfinite', 'n_overflow', 'not_loaded']
     log = agent.read_run_log(out)
     for d in ('toyvid', 'toyimg'):
         assert all(len(v) == 2 for v in log[d].values())
