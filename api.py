@@ -256,7 +256,7 @@ class Violet:
             with self.autocast():
                 out[idx] = self.model.score(feat_img[v], mask_img[v], feat_txt[t], mask_txt[t]).float()
         if self.device.type == 'cuda':
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         self.pairs_per_s = n_v * n_t / max(time.time() - t0, 1e-9)
         return out.view(n_v, n_t).cpu().numpy()
 
@@ -288,7 +288,8 @@ class Violet:
         feat_img, mask_img = self.embed_video(video)
         feat_txt, mask_txt = self.embed_text([question])
         with self.autocast():
-            logits = self.model.answer_logits(feat_img[None], mask_img[None], feat_txt, mask_txt)[0].float()
+            cls = self.model.fused_cls(feat_img[None], mask_img[None], feat_txt, mask_txt)
+        logits = self.model.fc(cls.float())[0]  # the head in fp32, as score()'s: bf16 logits would tie answers
         p = torch.softmax(logits.double(), 0)
         best = p.topk(min(top, len(p)))
         tops = [dict(answer=self.vocab[i], index=int(i), prob=float(q)) for q, i in zip(best.values, best.indices.tolist())]

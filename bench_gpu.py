@@ -162,6 +162,7 @@ class Suite:
         if self.opt.small:
             res['skipped'] = '--small: the golden outputs are of the full-size model'
             return
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32
         models, g = self.golden_models()
         fp32 = self.outputs(models, g, 'fp32')
@@ -175,7 +176,8 @@ class Suite:
         res['fp32_vs_golden'] = dict(max_abs_err=err, argmax_equal=argmax_ok,
                                      ok=argmax_ok and all(err[k] < tol[k] for k in err))
         self.log(f"parity fp32 vs golden: ok={res['fp32_vs_golden']['ok']} max err {max(err.values()):.2e}")
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # as they were (torch's defaults: matmul off, cuDNN on): the later parts' fp32 is what eval_retrieval's fp32 is
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         for prec in ('bf16', 'fp16'):
             half = self.outputs(models, g, prec)
             dev = {k: (half[k] - fp32[k]).abs().max().item() for k in ('cls', 'mtm', 'mvm', 'vtm', 'qamc', 'qaoe',
@@ -238,13 +240,17 @@ class Suite:
                 if self.left() < 20 + self.opt.reserve:
                     break
                 b = batch * 2 if name.endswith('grad_ckpt') and failed else batch  # checkpointing fits more
-                try:
-                    out[name] = self.train_once(task, b, **over)
-                except torch.OutOfMemoryError:
-                    out[name] = None
+                # (fp16 may need more memory than the bf16 search found room for: then half the batch)
+                for size in dict.fromkeys(x for x in (b, batch, batch // 2) if x >= 1):
+                    try:
+                        out[name] = self.train_once(task, size, **over)
+                        break
+                    except torch.OutOfMemoryError:
+                        out[name] = None
+                        self.free()
                 if out[name] is None:
-                    self.free()
-                    out[name] = self.train_once(task, batch, **over)
+                    self.log(f'train {task} {name}: out of memory down to batch {max(batch // 2, 1)}')
+                    continue
                 self.log(f'train {task} {name} batch {out[name]["batch"]}: {fmt_train(out[name])}')
             self.save()
         return

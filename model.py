@@ -440,7 +440,10 @@ class VIOLET_Base(nn.Module):
         takes a fraction of the whole model's time. In place: the state dict keeps its keys."""
         cfg = torch._dynamo.config
         name = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'
-        setattr(cfg, name, max(getattr(cfg, name), 64))  # 4 stages x (shifted or not) x input shapes
+        # a block's graphs: 7 per (batch, frames, grad mode) at 224 px; pretraining meets about 16 of these (the full
+        # and last batch of training, of attended masking's no-grad pass and of evaluation, for videos and images):
+        # past the limit dynamo runs the rest uncompiled (at 64, most of the second dataset's)
+        setattr(cfg, name, max(getattr(cfg, name), 256))
         cls = SwinTransformerBlock3D
         branches = (torch.compile(cls.attend, dynamic=False), torch.compile(cls.feed_forward, dynamic=False))
         for layer in self.enc_img.swin.layers:

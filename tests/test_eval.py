@@ -513,6 +513,28 @@ def test_checkpoint_that_does_not_fit_is_refused(toy, tmp_path):
     assert not os.path.exists(tmp_path / 'out')
 
 
+def test_bench_gpu_train_part_survives_an_fp16_out_of_memory(tmp_path, monkeypatch):
+    """fp16 may need more memory than the bf16 search found room for: its row was retried at the same batch, and a
+    second out-of-memory error lost the part's remaining tasks. Now half the batch; None when that fails too."""
+    import argparse
+    import bench_gpu
+    opt = argparse.Namespace(out=str(tmp_path), device='cpu', budget=100, peak_tflops=0, small=True, bert='unused',
+                             tasks=['qamc', 'qaoe'], reserve=0, batch0=2)
+    suite = bench_gpu.Suite(opt)
+    monkeypatch.setattr(suite, 'largest_batch', lambda task: ((8, {}), 16))
+    fp16_fits = {'qamc': 4, 'qaoe': 2}
+
+    def train_once(task, b, precision, grad_ckpt=False):
+        if precision == 'fp16' and b > fp16_fits[task]:
+            raise torch.OutOfMemoryError('CUDA out of memory')
+        return dict(batch=b, samples_per_s=1.0, peak_mem_mb=1.0)
+    monkeypatch.setattr(suite, 'train_once', train_once)
+    res = {}
+    suite.part_train(res)
+    assert res['qamc']['fp16']['batch'] == 4 and res['qaoe']['fp16'] is None
+    assert res['qaoe']['bf16']['batch'] == 8 and res['qaoe']['bf16_grad_ckpt']['batch'] == 16
+
+
 def test_bench_gpu_suite_small_on_cpu(tmp_path):
     """The one-shot device check runs end to end on the toy model (how it is tested before a GPU lease): every
     part writes its figures into bench_gpu.json, in order, within its time budget, and it leaves no temporary files."""

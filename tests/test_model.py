@@ -522,6 +522,25 @@ def test_compile_blocks_graphs_do_not_grow_with_depth():
     assert graphs[0] == graphs[1] > 0, graphs
 
 
+def test_compile_blocks_keeps_pretraining_shapes_compiled(monkeypatch):
+    """Pretraining meets a block's graphs for each (batch, frames, grad mode): full and last batches, attended
+    masking's no-grad pass, videos and images. 12 such here (6 graphs each) passed the recompile limit of 64 that
+    compile_blocks set, and dynamo ran the rest uncompiled. (Traced with the eager backend: the count, not the code.)"""
+    import functools
+    monkeypatch.setattr(model.torch, 'compile', functools.partial(torch.compile, backend='eager'))
+    torch._dynamo.reset()
+    m = model.VIOLET_Pretrain(SMALL).train()
+    m.compile_blocks()
+    entries = lambda: len(torch._dynamo.eval_frame._debug_get_cache_entry_list(model.SwinTransformerBlock3D.attend.__code__))
+    shapes = [(B, T, grad) for B in (4, 3, 2) for T in (4, 1) for grad in (True, False)]
+    for i, (B, T, grad) in enumerate(shapes):
+        with torch.set_grad_enabled(grad):
+            m.enc_img(small_batch(B=B, T=T)[0])
+        per_shape = per_shape if i else entries()
+    assert entries() == per_shape * len(shapes) > 64, (entries(), per_shape)
+    torch._dynamo.reset()
+
+
 def test_compile_blocks_one_graph_for_every_text_length():
     """Pair scoring drops the text columns that are padding in every pair, so the CT's length varies with the
     batch's longest caption: compiled, it must not compile a graph per length (25 lengths, each a few seconds for

@@ -513,6 +513,12 @@ def test_bf16_on_request(clips, ckpts):
     s32 = api.load(ckpts['retrieval'], device='cpu').score(vids, ['a red bar'])
     s16 = api.load(ckpts['retrieval'], device='cpu', precision='bf16').score(vids, ['a red bar'])
     assert np.abs(s16 - s32).max() < 0.05 * max(np.abs(s32).max(), 1)
+    # QA-OE's head too stays in fp32 (as README says of every head): its bf16 logits (3 digits) tied answers
+    m = api.load(ckpts['qaoe'], device='cpu', precision='bf16')
+    seen = []
+    m.model.fc.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    m.answer(vids[0], 'what colour is it?')
+    assert seen == [(torch.float32, torch.float32)]
 
 
 def test_upright_reaches_the_video_reader(clips, ckpts, capsys, monkeypatch):
