@@ -93,13 +93,18 @@ def data_errors_in_one_line(fn):
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except (dataset.DataError, FileNotFoundError) as e:
-            raise SystemExit(dataset.error_message(e)) from e
-        except dataset.WriteError as e:
-            raise SystemExit(str(e)) from e
-        except KeyboardInterrupt:
-            raise SystemExit('interrupted (Ctrl-C)') from None
+            try:
+                return fn(*args, **kwargs)
+            except (dataset.DataError, FileNotFoundError) as e:
+                raise SystemExit(dataset.error_message(e)) from e
+            except dataset.WriteError as e:
+                raise SystemExit(str(e)) from e
+            except KeyboardInterrupt:
+                raise SystemExit('interrupted (Ctrl-C)') from None
+        except SystemExit:
+            if dist.is_initialized():  # (a gloo group left to the interpreter's exit could abort it: status -6)
+                dist.destroy_process_group()
+            raise
     return wrapped
 
 
@@ -201,6 +206,10 @@ def init_dist(local_rank=None):
     else:
         device = torch.device('cpu')
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
+        missing = [k for k in ('RANK', 'MASTER_ADDR', 'MASTER_PORT') if k not in os.environ]
+        if missing:  # (torch's env:// rendezvous: a 26-line traceback)
+            raise SystemExit(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} not: launch with "
+                             f"torchrun (one process per GPU or CPU share), or unset WORLD_SIZE to run one process")
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return get_rank(), get_world(), device
 
@@ -592,16 +601,21 @@ class Trainer:
         loader = self.loader(ds, mine, self.args['seed'], u, -1, self.rank)
         self.raw.eval()
         metrics = self.task.metrics
-        sums, n_skipped, n_samples, failed = [0.0] * (2 * len(metrics)), 0, 0, None
+        sums, n_skipped, n_samples, failed, stopped = [0.0] * (2 * len(metrics)), 0, 0, None, 0
         where = f'the evaluation of {self.task.units()[u]["name"]} ({tag})'
         batches = tqdm(timed(loader, [0.0]), total=len(loader), disable=not is_main(), ascii=True, desc=f'eval {tag}')
         for i, item in enumerate(batches):
             failed = item if isinstance(item, Exception) else None
             # a stop signal, or a batch a rank could not load, stops every rank at this batch (none is left waiting
-            # in a collective); past the batches every rank has, at the sum below
+            # in a collective); past the batches every rank has, this rank leaves the loop and the ranks agree below
             flags = [self.signalled, self.rank + 1 if failed is not None else 0]
-            signalled, first_failed = map(int, all_reduce(flags, dist.ReduceOp.MAX) if i < n_common and self.world > 1
-                                          else flags)
+            if self.world > 1 and i >= n_common:
+                if any(flags):
+                    stopped = flags[0]
+                    break
+            elif self.world > 1:
+                flags = all_reduce(flags, dist.ReduceOp.MAX)
+            signalled, first_failed = map(int, flags)
             if first_failed:
                 batches.close()
                 self.raise_failed(failed, first_failed - 1, where)
@@ -619,9 +633,13 @@ class Trainer:
             for j, k in enumerate(metrics):
                 sums[2*j] += float(hits[k][0])
                 sums[2*j+1] += float(hits[k][1])
-        flags = all_reduce([self.rank + 1 if failed is not None else 0], dist.ReduceOp.MAX if self.world > 1 else None)
+        flags = all_reduce([self.rank + 1 if failed is not None else 0, stopped],
+                           dist.ReduceOp.MAX if self.world > 1 else None)
+        batches.close()
         if flags[0]:  # (a rank's batch past those every rank has)
             self.raise_failed(failed, int(flags[0]) - 1, where)
+        if flags[1]:
+            raise SystemExit(self.stopped_by(int(flags[1]), where))
         tot = all_sum(sums + [n_skipped, n_samples])
         n_skipped, n_samples = int(tot[-2]), int(tot[-1])
         if n_samples == 0:
@@ -659,7 +677,7 @@ class Trainer:
                             unit=self.unit, step=self.step, nonfinite_run=at['nonfinite_run'],
                             units=[u['name'] for u in units], unit_size=size,
                             log={**self.log, 'n_nonfinite': at['n_nonfinite']},
-                            global_step=self.global_step,
+                            global_step=self.global_step, saved_as=secrets.token_hex(8),  # (same_resume_state)
                             ranks=ranks, world=self.world, args=self.args), os.path.join(self.out, 'resume.pt'))
 
     def load_state(self, state):
@@ -1038,12 +1056,56 @@ def evaluate_only(task, trainer, out):
 def main(task_cls, default_config, argv=None):
     """The whole run of one script: config, process group, model, data, training, files."""
     cli = parse_cli(default_config, argv)
+    # the process group first: a check below that fails on one node alone (a file its disk lacks) stops
+    # every rank with its message, rather than leaving the others waiting for it in a collective
+    rank, world, device = init_dist(cli.local_rank)
+    state, args = agreed(prepare, cli, task_cls)
+    if state is not None:
+        agreed(same_resume_state, state)
+    if device.type == 'cpu':  # a CPU kernel that accumulates over repeated indices may do so in a racy order:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # exact resume needs the deterministic ones
+    task = agreed(task_cls, args)
+    agreed(task.check_eval_data if cli.eval else task.check_data)  # every file and split it reads, before the first step
+    out = args['path_output'] or default_output(task.name + ('_eval' if cli.eval else ''))
+    made = not os.path.exists(out)
+    lock, out = take_on_main(lambda: take_folder(out, bool(cli.resume), cli.overwrite, task.run_files()), world, out)
+    args['path_output'] = out
+    failed = True
+    try:
+        out = run(cli, task, state, device, out)
+        failed = False
+        return out
+    except KeyboardInterrupt:  # (a second Ctrl-C, or one outside training): one line, not a traceback
+        saved = not cli.eval and os.path.isfile(os.path.join(out, 'resume.pt'))
+        raise SystemExit('interrupted (Ctrl-C): ' + (f'the steps since its last resume.pt are lost; --resume {out} '
+                                                     f'goes on from there' if saved else 'nothing saved to go on from'))
+    except dataset.WriteError as e:  # a full disk: what is on it is whole (write_atomic); say how to go on
+        if not os.path.isdir(out):
+            raise SystemExit(f'{e}: the run\'s folder {out} is gone (removed while the run wrote to it?), and with it '
+                             f'its checkpoints and resume.pt: start it again') from e
+        resumable = not cli.eval and os.path.isfile(os.path.join(out, 'resume.pt'))
+        raise SystemExit(f'{e}; the files written before are whole: make room and ' +
+                         (f'continue with --resume {out} (from its last resume.pt)' if resumable else
+                          'start it again (--overwrite replaces the files of this run)')) from e
+    finally:
+        if lock:
+            lock.close()  # releases the folder (a killed process releases it too)
+            # a run that failed before its first file, or an --eval that failed (its args.json would block the rerun),
+            # leaves no folder it made
+            if made and os.path.isdir(out) and (os.listdir(out) == ['.lock'] or cli.eval and failed):
+                shutil.rmtree(out)
+
+
+def prepare(cli, task_cls):
+    """The run's args (and resume state, else None) from the command line: --resume's checks, the config's.
+    -> (state, args)."""
     state = None
     if cli.resume:
         path = os.path.join(cli.resume, 'resume.pt') if os.path.isdir(cli.resume) else cli.resume
         if not os.path.isfile(path):
             began = os.path.isfile(os.path.join(os.path.dirname(path), 'args.json'))
             raise SystemExit(f'resume: no resume state at {path}' + (
+                ' (with several nodes the run folder must be on a disk they all see)' if get_world() > 1 else '') + (
                 ' (the run stopped before its first one: save_minutes / save_every, or the end of its first unit): '
                 'start it again with its command line and --overwrite' if began else ''))
         try:
@@ -1085,9 +1147,9 @@ def main(task_cls, default_config, argv=None):
         args = load_args(cli.config, cli.set)
         given = set(config.read_file(cli.config) if cli.config else ()) | {kv.partition('=')[0] for kv in cli.set}
         unread = sorted(k for k in given if task_cls.type not in KEY_TASKS.get(k, (task_cls.type,)))
-        if unread and os.environ.get('RANK', '0') == '0':  # (before the process group: rank 0 of the launcher)
-            print(f"note: {task_cls.type} does not read {', '.join(unread)} (keys of " +
-                  ', '.join(sorted({t for k in unread for t in KEY_TASKS[k]})) + ')', flush=True)
+        if unread:
+            say(f"note: {task_cls.type} does not read {', '.join(unread)} (keys of " +
+                ', '.join(sorted({t for k in unread for t in KEY_TASKS[k]})) + ')')
     if cli.eval and (cli.resume or not args['path_ckpt']):
         raise SystemExit('--eval evaluates the weights of a checkpoint: --set path_ckpt=FILE (not --resume)')
     if not cli.eval and args['lr'] == 0:  # (it trained to 'done' with the weights it started from)
@@ -1096,40 +1158,7 @@ def main(task_cls, default_config, argv=None):
     if args['type'] not in ('', task_cls.type):
         raise config_error(f"key 'type' is '{args['type']}', but this script trains '{task_cls.type}'")
     args['type'] = task_cls.type
-
-    rank, world, device = init_dist(cli.local_rank)
-    if device.type == 'cpu':  # a CPU kernel that accumulates over repeated indices may do so in a racy order:
-        torch.use_deterministic_algorithms(True, warn_only=True)  # exact resume needs the deterministic ones
-    task = task_cls(args)
-    task.check_eval_data() if cli.eval else task.check_data()  # every file and split it reads, before the first step
-    out = args['path_output'] or default_output(task.name + ('_eval' if cli.eval else ''))
-    made = not os.path.exists(out)
-    lock, out = take_on_main(lambda: take_folder(out, bool(cli.resume), cli.overwrite, task.run_files()), world, out)
-    args['path_output'] = out
-    failed = True
-    try:
-        out = run(cli, task, state, device, out)
-        failed = False
-        return out
-    except KeyboardInterrupt:  # (a second Ctrl-C, or one outside training): one line, not a traceback
-        saved = not cli.eval and os.path.isfile(os.path.join(out, 'resume.pt'))
-        raise SystemExit('interrupted (Ctrl-C): ' + (f'the steps since its last resume.pt are lost; --resume {out} '
-                                                     f'goes on from there' if saved else 'nothing saved to go on from'))
-    except dataset.WriteError as e:  # a full disk: what is on it is whole (write_atomic); say how to go on
-        if not os.path.isdir(out):
-            raise SystemExit(f'{e}: the run\'s folder {out} is gone (removed while the run wrote to it?), and with it '
-                             f'its checkpoints and resume.pt: start it again') from e
-        resumable = not cli.eval and os.path.isfile(os.path.join(out, 'resume.pt'))
-        raise SystemExit(f'{e}; the files written before are whole: make room and ' +
-                         (f'continue with --resume {out} (from its last resume.pt)' if resumable else
-                          'start it again (--overwrite replaces the files of this run)')) from e
-    finally:
-        if lock:
-            lock.close()  # releases the folder (a killed process releases it too)
-            # a run that failed before its first file, or an --eval that failed (its args.json would block the rerun),
-            # leaves no folder it made
-            if made and os.path.isdir(out) and (os.listdir(out) == ['.lock'] or cli.eval and failed):
-                shutil.rmtree(out)
+    return state, args
 
 
 def resume_problem(state):
@@ -1144,6 +1173,37 @@ def resume_problem(state):
     if not {'n_nonfinite', 'n_skipped'} <= set(state['log']) or len(state['ranks']) != state['world']:
         return 'its log or its ranks\' states are incomplete'
     return ''
+
+
+def agreed(fn, *a):
+    """fn(*a) on every rank, and the ranks' verdicts agreed: when it stops one (SystemExit, bad data, a missing
+    file), every rank stops with that message (the first such rank's, naming it and its host when it is not rank 0),
+    so none is left waiting in a collective for a rank that left (for torch's 30 minutes). -> fn's result."""
+    try:
+        result, error = fn(*a), None
+    except (SystemExit, dataset.DataError, FileNotFoundError) as e:
+        if get_world() == 1:
+            raise
+        result, error = None, str(e) if isinstance(e, SystemExit) else dataset.error_message(e)
+    if get_world() > 1:
+        verdicts = gather_objects((socket.gethostname(), error))
+        first = next((r for r, (_, e) in enumerate(verdicts) if e is not None), None)
+        if first is not None:
+            host, error = verdicts[first]
+            leave_group()  # every rank is here: the group ends cleanly (gloo's threads at exit could abort it)
+            raise SystemExit(error if first == 0 else f'rank {first} (on {host}): {error}')
+    return result
+
+
+def same_resume_state(state):
+    """Every rank resumes from the same resume.pt: a node that reads its own copy (the run folder on a disk of each
+    node, not one they share) would go on from another position, or hang. Collective."""
+    mine = (state.get('saved_as'), state['unit'], state['step'], state.get('global_step'))
+    first = gather_objects(mine)[0]
+    if mine != first:
+        raise SystemExit(f"resume: this rank read another resume.pt than rank 0 (unit {mine[1]} step {mine[2]}, rank "
+                         f"0's unit {first[1]} step {first[2]}): with several nodes the run folder must be one they "
+                         f"all see (a shared disk), not a copy on each")
 
 
 def take_on_main(take, world, out):

@@ -218,6 +218,43 @@ def report(split, res):
             f"{res['pairs_per_s']:.0f} pairs/s)\n{split} v2t: {line(res['v2t'])}")
 
 
+def named_weights(opt):
+    """The config's args with the weights to score: a training run's args.json (its path_ckpt is where the run
+    began) or a path_ckpt of "" needs --ckpt."""
+    args = agent.load_args(opt.config, opt.set)
+    named = opt.ckpt is not None or any(kv.partition('=')[0] == 'path_ckpt' for kv in opt.set)
+    if not named:
+        newest = violet.newest_ckpt(os.path.dirname(os.path.abspath(opt.config)))
+        if os.path.basename(opt.config) == 'args.json' and newest:  # (it scored the weights the run started from)
+            began = json.dumps(args['path_ckpt'])
+            raise SystemExit(f"eval_retrieval: {opt.config} is a training run's args.json: its path_ckpt ({began}) is "
+                             f"what the run started from; name the weights to score: --ckpt CKPT (the run's newest: "
+                             f"{newest})")
+        if not args['path_ckpt']:
+            raise SystemExit(f'eval_retrieval: no checkpoint (path_ckpt is "" in {opt.config}): give --ckpt CKPT; '
+                             f'--ckpt "" scores a randomly initialised model (a chance-level baseline)')
+    elif opt.ckpt is not None:
+        args['path_ckpt'] = opt.ckpt  # the model's VT may come from it (model.load_vt)
+    return args
+
+
+def read_splits(args, splits):
+    """Every split's items first: an unknown video or an empty caption of test stopped the run after val was scored."""
+    sets = {split: dataset.Dataset_Retrieval(args, split) for split in splits}
+    for ds in sets.values():
+        ds.check_items()
+    return sets
+
+
+def load_model(args, zero_shot):
+    """-> (model, (keys not loaded, unexpected keys)): every model key from path_ckpt, or a one-line error."""
+    try:
+        model = (violet.VIOLET_Pretrain if zero_shot else violet.VIOLET_Retrieval)(args)
+        return model, model.load_ckpt(args['path_ckpt'], 'all')
+    except violet.CheckpointError as e:
+        raise SystemExit(f'eval_retrieval: {e}') from e
+
+
 @agent.data_errors_in_one_line
 def main():
     parser = argparse.ArgumentParser(description='text-to-video retrieval evaluation (R@1/5/10, median/mean rank)')
@@ -234,33 +271,13 @@ def main():
     parser.add_argument('--local_rank', '--local-rank', type=int, default=None)  # torchrun's LOCAL_RANK env wins
     opt = parser.parse_args()
 
-    args = agent.load_args(opt.config, opt.set)
-    named = opt.ckpt is not None or any(kv.partition('=')[0] == 'path_ckpt' for kv in opt.set)
-    if not named:
-        newest = violet.newest_ckpt(os.path.dirname(os.path.abspath(opt.config)))
-        if os.path.basename(opt.config) == 'args.json' and newest:  # (it scored the weights the run started from)
-            began = json.dumps(args['path_ckpt'])
-            raise SystemExit(f"eval_retrieval: {opt.config} is a training run's args.json: its path_ckpt ({began}) is "
-                             f"what the run started from; name the weights to score: --ckpt CKPT (the run's newest: "
-                             f"{newest})")
-        if not args['path_ckpt']:
-            raise SystemExit(f'eval_retrieval: no checkpoint (path_ckpt is "" in {opt.config}): give --ckpt CKPT; '
-                             f'--ckpt "" scores a randomly initialised model (a chance-level baseline)')
-    elif opt.ckpt is not None:
-        args['path_ckpt'] = opt.ckpt  # the model's VT may come from it (model.load_vt)
+    # the process group first: a check that fails on one node alone stops every rank (agent.agreed)
     rank, world, device = agent.init_dist(opt.local_rank)
+    args = agent.agreed(named_weights, opt)
     agent.seed_all(args['seed'])  # same random init on every rank when no checkpoint is given
-    # every split's items first: an unknown video or an empty caption of test stopped the run after val was scored
-    sets = {split: dataset.Dataset_Retrieval(args, split) for split in opt.splits}
-    for ds in sets.values():
-        ds.check_items()
-
+    sets = agent.agreed(read_splits, args, opt.splits)
     path_ckpt = args['path_ckpt']
-    try:
-        model = (violet.VIOLET_Pretrain if opt.zero_shot else violet.VIOLET_Retrieval)(args)
-        not_loaded, unexpected = model.load_ckpt(path_ckpt, 'all')  # every model key, or an error
-    except violet.CheckpointError as e:
-        raise SystemExit(f'eval_retrieval: {e}') from e
+    model, (not_loaded, unexpected) = agent.agreed(load_model, args, opt.zero_shot)
     if rank == 0:
         print(f'checkpoint {path_ckpt or "(none: random init)"}: {len(not_loaded)} model keys not loaded, '
               f'{len(unexpected)} unexpected keys')

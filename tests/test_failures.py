@@ -1,5 +1,6 @@
 """Nothing silently wrong, nothing lost: skip caps, output folders, resume guards, config lists, data checked
 before the first step, atomic writes. Runs are in-process on a 16-video toy set (a few seconds each)."""
+import base64
 import fcntl
 import json
 import math
@@ -8,6 +9,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1222,3 +1224,64 @@ def test_srun_without_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv('SLURM_LOCALID', '1')
     with pytest.raises(SystemExit, match=r'^Slurm task 3, started without torchrun, sees 8 GPUs'):
         agent.init_dist()
+
+
+def test_world_size_without_a_launcher_is_one_line(monkeypatch):
+    """WORLD_SIZE left set without torchrun: torch's env:// rendezvous gave a 26-line traceback."""
+    for k in ('RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit, match=r'^WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT not: launch with '
+                                         r'torchrun .*, or unset WORLD_SIZE to run one process$'):
+        agent.init_dist()
+
+
+def by_hand(argvs, timeout=240):
+    """One process group of len(argvs) processes started by hand, each with its own command line (as on separate
+    nodes, whose disks may differ). -> [(returncode, stderr)] by rank; a hang fails the test, not the suite."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, WORLD_SIZE=str(len(argvs)), LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
+               OMP_NUM_THREADS='1')
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=REPO, env=dict(env, RANK=str(r)), text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r, argv in enumerate(argvs)]
+    try:
+        return [(p.wait(timeout=timeout), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.stderr.close()
+
+
+def test_nodes_that_see_different_files_stop_together(toy, tmp_path):
+    """With several nodes each rank reads the run's files from its own disk. A node without the run folder's
+    resume.pt stopped alone, and node 0 waited for it, silent, for torch's 30 minutes; a node with a stale copy
+    resumed from another position. A batch one rank could not decode past the batches every rank has (a split that
+    does not divide among the ranks) gave the other ranks gloo tracebacks. Each now stops every rank with one message."""
+    run = qamc(toy, tmp_path / 'run', 'stop_after_steps=1')  # resume.pt at step 1
+    sets = ['--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}']
+    results = by_hand([['main_qamc.py', '--resume', str(run)], ['main_qamc.py', '--resume', str(tmp_path / 'none')]])
+    said = (f'rank 1 (on {socket.gethostname()}): resume: no resume state at {tmp_path}/none (with several nodes the '
+            f'run folder must be on a disk they all see)')
+    assert [(rc, err.strip().splitlines()[-1]) for rc, err in results] == [(1, said)] * 2, results
+    copy = shutil.copytree(run, tmp_path / 'copy')
+    state = torch.load(f'{copy}/resume.pt', weights_only=False)
+    state['saved_as'] = 'another save'
+    torch.save(state, f'{copy}/resume.pt')
+    results = by_hand([['main_qamc.py', '--resume', str(run)], ['main_qamc.py', '--resume', str(copy)]])
+    said = (f"rank 1 (on {socket.gethostname()}): resume: this rank read another resume.pt than rank 0 (unit 0 step 1, "
+            f"rank 0's unit 0 step 1): with several nodes the run folder must be one they all see (a shared disk), "
+            f"not a copy on each")
+    assert [(rc, err.strip().splitlines()[-1]) for rc, err in results] == [(1, said)] * 2, results
+    # val: 8 items in batches of 3 -> rank 0 has batches 0 and 2, rank 1 batch 1: item 6 is past the common batch
+    frames = pickle.load(open(f'{toy}/img_toy.pkl', 'rb'))
+    vid = json.load(open(f'{toy}/txt_toy-qamc.json'))['val'][6]['video']
+    frames[vid][1] = base64.b64encode(b'\xff\xd8\xff not a JPEG').decode()
+    pickle.dump(frames, open(f'{toy}/img_toy.pkl', 'wb'))
+    evaluate = ['main_qamc.py', CONFIG, '--eval', *sets, 'size_batch=3', f'path_ckpt={run}/ckpt_violet_toy-qamc_0.pt']
+    results = by_hand([evaluate + [f'path_output={tmp_path}/ev{r}'] for r in range(2)])
+    last = [err.strip().splitlines()[-1] for _, err in results]
+    assert [rc for rc, _ in results] == [1, 1] and 'Traceback' not in results[1][1], results
+    assert last[0].startswith(f'{toy}/img_toy.pkl: video "{vid}" frame 1: cannot decode image'), last
+    assert last[1] == 'stopped at the evaluation of epoch 1 (val): rank 0 could not load its batch (its message says why)'
