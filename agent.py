@@ -693,12 +693,25 @@ class Trainer:
             set_rng_state(mine['rng'])
             self.local = {**self.fresh_local(), **{k: mine[k] for k in ('sums', 'n_samples', 'n_skipped') if k in mine}}
             self.local['counts'] = mine.get('counts', {k: mine.get('n', 0) for k in self.local['sums']})  # (earlier files)
-        elif state['step'] == 0:  # at a unit boundary another process count is fine, only not bit-exact
+        elif state['step'] == 0 or self.trained_through(state):  # another process count: fine, only not bit-exact
             say(f'resuming a {state["world"]}-process run with {self.world}: RNG states reseeded')
             seed_all(self.args['seed'] * 1000 + self.rank + 7919 * self.unit)
+            if state['step']:  # stopped in the unit's evaluation: its training is done, its ranks' sums go to rank 0
+                self.step = batches_per_rank(state['unit_size'], self.world, self.args['size_batch'])
+                for mine in state['ranks'] if self.rank == 0 else ():
+                    for part in ('sums', 'counts'):
+                        for k, v in mine.get(part, {}).items():
+                            self.local[part][k] = self.local[part].get(k, 0) + v
+                    self.local['n_samples'] += mine.get('n_samples', 0)
+                    self.local['n_skipped'] += mine.get('n_skipped', 0)
         else:
             raise SystemExit(f'resume: the run stopped inside a unit with {state["world"]} processes; resume it with '
                              f'the same number (this has {self.world}), or from a unit boundary')
+
+    def trained_through(self, state):
+        """A resume.pt saved after its unit's last batch (a stop in the evaluation), with that unit's sample count."""
+        size = state.get('unit_size')
+        return size is not None and state['step'] >= batches_per_rank(size, state['world'], self.args['size_batch'])
 
     def check_position(self, state):
         """A resume.pt's position is a unit index and a batch count: the units before it (and the one it is inside)
@@ -879,6 +892,11 @@ def usable_cpus():
 
 
 MAX_AUTO_WORKERS = 8  # on one H100 with 16 cores, 8 workers keep up with every full-size bf16 step (README, Benchmark)
+
+
+def batches_per_rank(n, world, size_batch):
+    """A training unit's batches on each rank: its DistributedSampler pads n samples to a multiple of world."""
+    return math.ceil(math.ceil(n / world) / size_batch)
 
 
 def eval_indices(n, size_batch, rank, world, blocks):

@@ -403,6 +403,31 @@ def test_resume_refuses_a_position_that_moved(toy, tmp_path):
         'there would skip or repeat samples; restore its data to resume')
 
 
+def test_resume_from_an_evaluation_with_another_process_count(toy, tmp_path, monkeypatch):
+    """A run stopped in a unit's evaluation (its training done, resume.pt at the unit's last batch) was refused at
+    another process count as 'stopped inside a unit'. It resumes now: the ranks' sums of the unit go to rank 0, and
+    the log is the unbroken run's. (A 2-process resume.pt stood in for: its sums split over two ranks.)"""
+    ref = agent.read_run_log(qamc(toy, tmp_path / 'ref'))
+    evaluate = agent.Trainer.evaluate
+    monkeypatch.setattr(agent.Trainer, 'evaluate', lambda *a: (_ for _ in ()).throw(SystemExit('stopped')))
+    out = tmp_path / 'run'
+    assert stops(qamc, toy, out) == 'stopped'
+    monkeypatch.setattr(agent.Trainer, 'evaluate', evaluate)
+    state = torch.load(out / 'resume.pt', weights_only=False)
+    assert (state['step'], state['unit_size'], state['world']) == (4, 16, 1)
+    ranks = state['ranks']
+    ranks.append(dict(ranks[0], sums={}, counts={}, n_samples=0, n_skipped=0))
+    state['world'] = 2  # 8 samples a rank, 2 batches: step 4 is past them
+    torch.save(state, out / 'resume.pt')
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
+    log = agent.read_run_log(out)
+    assert log['ls_tr'] == ref['ls_tr'] and log['ac_vl'] == ref['ac_vl'] and log['ac_ts'] == ref['ac_ts']
+    state['step'] = 1  # inside the unit: still refused
+    torch.save(state, out / 'resume.pt')
+    assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(out)]).startswith(
+        'resume: the run stopped inside a unit with 2 processes; resume it with the same number (this has 1)')
+
+
 def test_learning_rate_zero_is_refused(toy, tmp_path):
     """lr 0 trained to 'done' with the weights it started from (the checkpoints of epoch 0 and the last equal)."""
     assert stops(qamc, toy, tmp_path / 'run', 'lr=0') == (
