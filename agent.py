@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -82,6 +83,9 @@ def schema():
     return {**violet.DEFAULTS, **dataset.DEFAULTS, **DEFAULTS}
 
 
+TORCH_VERSION = tuple(int(x) for x in re.findall(r'\d+', torch.__version__)[:2])
+
+
 def config_error(msg):
     return SystemExit(f'config error: {msg}')
 
@@ -102,7 +106,9 @@ def data_errors_in_one_line(fn):
             except KeyboardInterrupt:
                 raise SystemExit('interrupted (Ctrl-C)') from None
         except SystemExit:
-            if dist.is_initialized():  # (a gloo group left to the interpreter's exit could abort it: status -6)
+            # a gloo group left to the interpreter's exit could abort it (status -6). Not before torch 2.8: freeing
+            # a group right after a collective could hang for good there (leave_group)
+            if dist.is_initialized() and TORCH_VERSION >= (2, 8):
                 dist.destroy_process_group()
             raise
     return wrapped
@@ -339,22 +345,9 @@ class Trainer:
         if self.precision == 'auto':
             self.precision = 'fp16' if device.type == 'cuda' else 'fp32'
 
-        seed_all(args['seed'])  # the same initial weights on every rank
-        self.raw = task.build_model().to(device)
-        if state is None:
-            need = need or ('any' if args['init_partial'] else 'encoders')
-            self.not_loaded, self.unused = self.raw.load_ckpt(args['path_ckpt'], need)
-        else:
-            own, saved = self.raw.state_dict(), state['model']
-            misfit = {k: 'missing' if k not in saved else violet.misfit_tensor(saved[k], v) for k, v in own.items()}
-            misfit = {k: why for k, why in misfit.items() if why}
-            misfit.update({k: 'not a key of the model' for k in saved if k not in own})
-            if misfit:  # (load_state_dict's RuntimeError traceback, or NaN weights loaded)
-                raise violet.CheckpointError(f"resume: resume.pt's weights do not fit the model at {len(misfit)} key(s), "
-                                             f"e.g. {'; '.join(f'{k}: {why}' for k, why in list(misfit.items())[:3])}: "
-                                             f'a damaged file?')
-            self.raw.load_state_dict(saved)
-            self.not_loaded, self.unused = state['log'].get('not_loaded', []), []
+        need = need or (('any' if args['init_partial'] else 'encoders') if state is None else None)
+        # (agreed: a checkpoint one node's disk lacks stops every rank, not that rank alone before DDP's collective)
+        self.raw, self.not_loaded, self.unused = agreed(self.initial_model, state, need)
         if args['compile']:
             self.raw.compile_blocks()
         self.model = self.raw
@@ -391,6 +384,24 @@ class Trainer:
         else:
             self.load_state(state)
 
+    def initial_model(self, state, need):
+        """The task's model on the device with its first weights: path_ckpt's (what `need` says it must fill), or
+        resume.pt's. -> (model, keys not loaded, keys of the file not used)."""
+        seed_all(self.args['seed'])  # the same initial weights on every rank
+        raw = self.task.build_model().to(self.device)
+        if state is None:
+            return (raw, *raw.load_ckpt(self.args['path_ckpt'], need))
+        own, saved = raw.state_dict(), state['model']
+        misfit = {k: 'missing' if k not in saved else violet.misfit_tensor(saved[k], v) for k, v in own.items()}
+        misfit = {k: why for k, why in misfit.items() if why}
+        misfit.update({k: 'not a key of the model' for k in saved if k not in own})
+        if misfit:  # (load_state_dict's RuntimeError traceback, or NaN weights loaded)
+            raise violet.CheckpointError(f"resume: resume.pt's weights do not fit the model at {len(misfit)} key(s), "
+                                         f"e.g. {'; '.join(f'{k}: {why}' for k, why in list(misfit.items())[:3])}: "
+                                         f'a damaged file?')
+        raw.load_state_dict(saved)
+        return raw, state['log'].get('not_loaded', []), []
+
     def fresh_local(self):
         return dict(sums={}, counts={}, n_samples=0, n_skipped=0)  # counts: steps with each loss; n_samples: trained on
 
@@ -419,7 +430,7 @@ class Trainer:
                                                       seed=args['seed'])
         sampler.set_epoch(unit['epoch'])
         indices = list(sampler)
-        n_batch = math.ceil(len(indices) / B)
+        n_batch = batches_per_rank(len(ds), self.world, B)
         if self.step >= n_batch:  # resumed from the unit's end, before its evaluation
             losses = self.unit_losses(unit['name'], len(ds), 0, 0.0)
             self.speed = None
@@ -1199,18 +1210,32 @@ def agreed(fn, *a):
     so none is left waiting in a collective for a rank that left (for torch's 30 minutes). -> fn's result."""
     try:
         result, error = fn(*a), None
-    except (SystemExit, dataset.DataError, FileNotFoundError) as e:
+    except BaseException as e:  # (any: a rank that left without its verdict would leave the others waiting)
         if get_world() == 1:
             raise
-        result, error = None, str(e) if isinstance(e, SystemExit) else dataset.error_message(e)
+        result, error = e, error_line(e)
     if get_world() > 1:
         verdicts = gather_objects((socket.gethostname(), error))
         first = next((r for r, (_, e) in enumerate(verdicts) if e is not None), None)
         if first is not None:
             host, error = verdicts[first]
             leave_group()  # every rank is here: the group ends cleanly (gloo's threads at exit could abort it)
+            if isinstance(result, BaseException):
+                raise result  # a failing rank: its own error
             raise SystemExit(error if first == 0 else f'rank {first} (on {host}): {error}')
     return result
+
+
+def error_line(e):
+    """The one line a script stops with for e."""
+    if isinstance(e, SystemExit):
+        return str(e)
+    if isinstance(e, (dataset.DataError, FileNotFoundError)):
+        return dataset.error_message(e)
+    if isinstance(e, violet.CheckpointError):
+        return str(e) if str(e).startswith(('path_vt: ', 'resume: ')) else f'path_ckpt: {e}'
+    return f'{type(e).__name__}: {e}'
+
 
 
 def same_resume_state(state):
@@ -1322,7 +1347,7 @@ def run(cli, task, state, device, out):
     try:
         trainer = Trainer(task, device, state, need='all' if cli.eval else None)
     except violet.CheckpointError as e:
-        raise SystemExit(str(e) if str(e).startswith(('path_vt: ', 'resume: ')) else f'path_ckpt: {e}') from e
+        raise SystemExit(error_line(e)) from e
     if is_main():
         save_json(args, os.path.join(out, 'args.json'))  # after the task filled in what it derives (size_vocab)
         for name, obj in task.run_files().items():

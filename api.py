@@ -46,12 +46,14 @@ def whole(x, what, least, hint=''):
     return int(x)
 
 
-def words(texts, what):
-    """Every text must hold a word: an empty one would be scored as [CLS] [SEP] alone (dataset.py makes it a bad
-    sample in training for the same reason). -> the texts as a list; ValueError naming the first empty one."""
+def words(texts, what, tokzr=None):
+    """Every text must hold a word (dataset.has_words; without the model's tokenizer, as predict.py checks its
+    arguments before loading it, a character other than white space): an empty one would be scored as [CLS] [SEP]
+    alone (dataset.py makes it a bad sample in training for the same reason). -> the texts as a list; ValueError
+    naming the first."""
     texts = as_list(texts, f'{what}s', 'of str')
     for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
+        if not isinstance(t, str) or not (dataset.has_words(tokzr, t) if tokzr else t.strip()):
             raise ValueError(f'{what} {i} is {t!r}: it needs words (an empty one would be scored as [CLS] [SEP] alone)')
     return [str(t) for t in texts]  # (numpy's str_ as str: JSON output)
 
@@ -238,7 +240,7 @@ class Violet:
         per video; the pairs then cost one cross-encoder pass each, in batches (self.pairs_per_s: their speed)."""
         if self.type == 'qaoe':
             raise ValueError('a QA-OE model has no pair score: use answer()')
-        texts = words(texts, 'text')
+        texts = words(texts, 'text', self.tokzr)
         videos = as_list(videos, 'videos', '(of paths, arrays or frame lists)')
         size_pair = whole(size_pair, 'size_pair', 0, ' (0: 512 on CUDA, 64 on CPU)')  # (a negative one returned uninitialised memory)
         if not len(videos) or not len(texts):
@@ -271,7 +273,7 @@ class Violet:
         if options is not None:
             if self.type == 'qaoe':
                 raise ValueError('a QA-OE model answers from its vocabulary: call answer() without options')
-            options = words(options, 'option')  # the question may be empty (caption-choice sets have none), an option not
+            options = words(options, 'option', self.tokzr)  # the question may be empty (caption-choice sets have none), an option not
             if not options:
                 raise ValueError('options is empty: give the candidate answers')
             s = self.score([video], [f'{question} {o}' for o in options])[0]
@@ -282,14 +284,13 @@ class Violet:
         if self.type != 'qaoe':
             raise ValueError(f'a {self.type} model chooses among options: give options')
         if self.vocab is None:
-            raise ValueError('no answer vocabulary: load(..., vocab=txt_<task>.json) (the official checkpoints '
-                             'have none stored)')
-        words([question], 'question')
+            raise ValueError('no answer vocabulary: load(..., vocab=...): the answer texts by class index (a JSON '
+                             'list, or a txt_<task>.json with "vocab"; the official checkpoints have none stored)')
+        words([question], 'question', self.tokzr)
         feat_img, mask_img = self.embed_video(video)
         feat_txt, mask_txt = self.embed_text([question])
         with self.autocast():
-            cls = self.model.fused_cls(feat_img[None], mask_img[None], feat_txt, mask_txt)
-        logits = self.model.fc(cls.float())[0]  # the head in fp32, as score()'s: bf16 logits would tie answers
+            logits = self.model.answer_logits(feat_img[None], mask_img[None], feat_txt, mask_txt, fp32_head=True)[0]
         p = torch.softmax(logits.double(), 0)
         best = p.topk(min(top, len(p)))
         tops = [dict(answer=self.vocab[i], index=int(i), prob=float(q)) for q, i in zip(best.values, best.indices.tolist())]

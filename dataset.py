@@ -600,6 +600,12 @@ def tokenize(tokzr, s, size_txt):
 _TOKENIZERS = {}
 
 
+def has_words(tokzr, s):
+    """Whether s tokenises to a word piece: an empty text (white space, zero-width or control characters, lone
+    accents) gives [CLS] [SEP] alone. (Tokenised only when no letter or digit settles it.)"""
+    return any(c.isalnum() for c in s) or bool(tokzr.tokenize(s))
+
+
 def get_tokenizer(backbone, vocab=''):
     """The BERT tokenizer of `vocab` (a vocab.txt file or a tokenizer directory) or, when it is '', of `backbone`
     (a transformers id or directory). It must fit the model: the vocabulary size of backbone's BERT config and
@@ -1010,9 +1016,7 @@ class Dataset_Base(torch.utils.data.Dataset):
         return tokenize(self.tokzr, s, self.size_txt)
 
     def has_words(self, s):
-        """Whether s tokenises to a word piece: an empty text (white space, zero-width or control characters, lone
-        accents) gives [CLS] [SEP] alone. (Tokenised only when no letter or digit settles it.)"""
-        return any(c.isalnum() for c in s) or bool(self.tokzr.tokenize(s))
+        return has_words(self.tokzr, s)
 
     def open_frames(self, dataset):
         """The frames of img_<dataset> in its layout (find_layout; TSV rows are read on demand)."""
@@ -1400,7 +1404,7 @@ class Dataset_QAOE(Dataset_Downstream):
     """-> (img, txt, mask, answer) with answer < size_vocab (args['size_vocab'], else len of the json's "vocab"),
     or -1: an answer outside the vocabulary (no loss in training, wrong in evaluation)."""
     words = ('question',)
-    no_answer = ('not in the vocabulary', 'the index of its text in "vocab"')
+    no_answer = ('not in the vocabulary', 'its class index (of its text in "vocab")')
 
     def __init__(self, args, split):
         super().__init__(args, split)

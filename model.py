@@ -765,9 +765,14 @@ class VIOLET_QAOE(VIOLET_Base):
     def forward(self, img, txt, mask):
         return self.answer_logits(*self.go_feat(img, txt, mask))
 
-    def answer_logits(self, feat_img, mask_img, feat_txt, mask_txt):
-        """[B, size_vocab] answer logits from the fused CLS of already computed features."""
-        return self.fc(self.fused_cls(feat_img, mask_img, feat_txt, mask_txt))
+    def answer_logits(self, feat_img, mask_img, feat_txt, mask_txt, fp32_head=False):
+        """[B, size_vocab] answer logits from the fused CLS of already computed features. fp32_head (prediction): the
+        head outside autocast, as score()'s (bf16 logits tie answers); training keeps the original's autocast head."""
+        out = self.fused_cls(feat_img, mask_img, feat_txt, mask_txt)
+        if not fp32_head:
+            return self.fc(out)
+        with torch.autocast(out.device.type, enabled=False):
+            return self.fc(out.float())
 
 
 class VIOLET_Retrieval(VIOLET_Base):

@@ -415,13 +415,17 @@ def test_resume_from_an_evaluation_with_another_process_count(toy, tmp_path, mon
     monkeypatch.setattr(agent.Trainer, 'evaluate', evaluate)
     state = torch.load(out / 'resume.pt', weights_only=False)
     assert (state['step'], state['unit_size'], state['world']) == (4, 16, 1)
-    ranks = state['ranks']
-    ranks.append(dict(ranks[0], sums={}, counts={}, n_samples=0, n_skipped=0))
+    one = state['ranks'][0]  # its sums split over two ranks (one loss and one sample the second's)
+    state['ranks'] = [dict(one, sums={k: v - 1.0 for k, v in one['sums'].items()},
+                           counts={k: n - 1 for k, n in one['counts'].items()}, n_samples=one['n_samples'] - 4),
+                      dict(one, sums={k: 1.0 for k in one['sums']}, counts={k: 1 for k in one['counts']}, n_samples=4)]
     state['world'] = 2  # 8 samples a rank, 2 batches: step 4 is past them
     torch.save(state, out / 'resume.pt')
     agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
     log = agent.read_run_log(out)
-    assert log['ls_tr'] == ref['ls_tr'] and log['ac_vl'] == ref['ac_vl'] and log['ac_ts'] == ref['ac_ts']
+    assert log['ls_tr'] == pytest.approx(ref['ls_tr'], rel=1e-12) and log['ls_tr'] != [
+        (one['sums']['tr'] - 1) / (one['counts']['tr'] - 1)]  # (rank 0's share alone would differ)
+    assert log['ac_vl'] == ref['ac_vl'] and log['ac_ts'] == ref['ac_ts']
     state['step'] = 1  # inside the unit: still refused
     torch.save(state, out / 'resume.pt')
     assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(out)]).startswith(
@@ -626,7 +630,7 @@ def test_qaoe_texts_without_vocab_train_on_indices(toy, tmp_path, capsys):
     oe = agent.main(main_qaoe.QAOE, config, [config, '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}',
                                              f'path_output={tmp_path / "run"}', 'size_epoch=1', 'size_batch=4',
                                              'size_vocab=12', 'stop_after_steps=2'])
-    assert 'no vocab.json is written (predict.py then needs --vocab)' in capsys.readouterr().out
+    assert 'no vocab.json is written (predict.py then needs --vocab, a JSON list of the answer' in capsys.readouterr().out
     assert 'ckpt_violet_toy-qaoe_0.pt' in os.listdir(oe) and 'vocab.json' not in os.listdir(oe)
     assert json.load(open(f'{oe}/args.json'))['size_vocab'] == 12
     args = agent.load_args(f'{REPO}/_data/toy/args_toy-qaoe.json', [f'txt_backbone={REPO}/_data/bert-tiny',
@@ -645,13 +649,17 @@ def test_qaoe_without_an_answer_to_learn(toy):
     batch = dataset.collate_skip([task.split('train')[0]])[0][:3] + [torch.tensor([-1])]
     loss, logged, hits = task.step(mdl.train(), batch, torch.Generator())
     assert loss.item() == 0 and math.isnan(logged['tr'].item()) and hits['ac_iv'][1].item() == 0
-    txt = json.load(open(f'{toy}/txt_toy-qaoe.json'))
-    for q in txt['train']:
-        q['answer'] = -1
-    json.dump(txt, open(f'{toy}/txt_toy-qaoe.json', 'w'))
+    every_answer_minus_one(f'{toy}/txt_toy-qaoe.json')
     with pytest.raises(dataset.DataError, match=rf'^{toy}/txt_toy-qaoe.json\["train"\]: every answer is -1 \(not in the '
                                                 r'vocabulary\): nothing to learn from'):
         main_qaoe.QAOE(args).check_data()
+
+
+def every_answer_minus_one(path):
+    txt = json.load(open(path))
+    for q in txt['train']:
+        q['answer'] = -1
+    json.dump(txt, open(path, 'w'))
 
 
 def test_qamc_answer_minus_one_is_no_answer(toy):
@@ -672,10 +680,7 @@ def test_qamc_answer_minus_one_is_no_answer(toy):
     assert hits['ac'][0].item() == (out[keep].argmax(1) == ans[keep]).sum().item() and hits['ac'][1] == 3
     loss, logged, hits = task.step(mdl.train(), [img[1:2], txt[1:2], mask[1:2], ans[1:2]], torch.Generator())
     assert loss.item() == 0 and math.isnan(logged['tr'].item()) and hits['ac'][0].item() == 0 and hits['ac'][1] == 1
-    txt = json.load(open(f'{toy}/txt_toy-qamc.json'))
-    for q in txt['train']:
-        q['answer'] = -1
-    json.dump(txt, open(f'{toy}/txt_toy-qamc.json', 'w'))
+    every_answer_minus_one(f'{toy}/txt_toy-qamc.json')
     with pytest.raises(dataset.DataError, match=rf'^{toy}/txt_toy-qamc.json\["train"\]: every answer is -1 \(none of the '
                                                 r'options\): nothing to learn from; an answer is the index of the right'):
         main_qamc.QAMC(args).check_data()
@@ -1003,7 +1008,9 @@ def test_bad_sample_in_an_evaluation_on_one_rank_stops_all(toy, tmp_path):
     frames = pickle.load(open(f'{toy}/img_toy.pkl', 'rb'))
     frames[vid][1] = 'bm90IGEgSlBFRw=='  # base64 of 'not a JPEG'
     pickle.dump(frames, open(f'{toy}/img_toy.pkl', 'wb'))
-    said = f'{toy}/img_toy.pkl: video "{vid}" frame 1: cannot decode image (cannot identify image file)\n'
+    # (without its line feed: Python writes a SystemExit's message and its line feed apart, and the other rank's
+    # message may come between)
+    said = f'{toy}/img_toy.pkl: video "{vid}" frame 1: cannot decode image (cannot identify image file)'
     proc = torchrun_qamc(toy, tmp_path / 'ddp', 'size_batch=2')
     assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-3000:]
     assert 'stopped at the evaluation of epoch 1 (vl): rank 1 could not load its batch (its message says why)' in proc.stderr
@@ -1287,18 +1294,29 @@ def test_nodes_that_see_different_files_stop_together(toy, tmp_path):
     run = qamc(toy, tmp_path / 'run', 'stop_after_steps=1')  # resume.pt at step 1
     sets = ['--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}']
     results = by_hand([['main_qamc.py', '--resume', str(run)], ['main_qamc.py', '--resume', str(tmp_path / 'none')]])
-    said = (f'rank 1 (on {socket.gethostname()}): resume: no resume state at {tmp_path}/none (with several nodes the '
-            f'run folder must be on a disk they all see)')
-    assert [(rc, err.strip().splitlines()[-1]) for rc, err in results] == [(1, said)] * 2, results
+    said = f'resume: no resume state at {tmp_path}/none (with several nodes the run folder must be on a disk they all see)'
+    rank1 = f'rank 1 (on {socket.gethostname()}): '  # (the others name the rank; it says its own message)
+    assert [(rc, err.strip().splitlines()[-1]) for rc, err in results] == [(1, rank1 + said), (1, said)], results
     copy = shutil.copytree(run, tmp_path / 'copy')
     state = torch.load(f'{copy}/resume.pt', weights_only=False)
     state['saved_as'] = 'another save'
     torch.save(state, f'{copy}/resume.pt')
     results = by_hand([['main_qamc.py', '--resume', str(run)], ['main_qamc.py', '--resume', str(copy)]])
-    said = (f"rank 1 (on {socket.gethostname()}): resume: this rank read another resume.pt than rank 0 (unit 0 step 1, "
-            f"rank 0's unit 0 step 1): with several nodes the run folder must be one they all see (a shared disk), "
-            f"not a copy on each")
-    assert [(rc, err.strip().splitlines()[-1]) for rc, err in results] == [(1, said)] * 2, results
+    said = ("resume: this rank read another resume.pt than rank 0 (unit 0 step 1, rank 0's unit 0 step 1): with several "
+            "nodes the run folder must be one they all see (a shared disk), not a copy on each")
+    assert [(rc, err.strip().splitlines()[-1]) for rc, err in results] == [(1, rank1 + said), (1, said)], results
+    # the first weights: a checkpoint one node lacks stopped that rank alone, the other in DDP's first collective
+    results = by_hand([['main_qamc.py', CONFIG, *sets, f'path_output={tmp_path}/w{r}', f'path_ckpt={ckpt}']
+                       for r, ckpt in enumerate([f'{run}/ckpt_violet_toy-qamc_0.pt', f'{tmp_path}/none.pt'])])
+    said = f'checkpoint not found: {tmp_path}/none.pt'
+    assert [rc for rc, _ in results] == [1, 1] and results[1][1].strip().splitlines()[-1].startswith(said), results
+    assert results[0][1].strip().splitlines()[-1].startswith(rank1 + said), results
+    # any error (not only the expected kinds) of one rank stops the others with its line
+    code = ('import agent; agent.init_dist(); agent.agreed(lambda: agent.get_rank() and open("/") and 0); '
+            'print("not here")')
+    results = by_hand([['-c', code]] * 2)
+    said = rank1 + "IsADirectoryError: [Errno 21] Is a directory: '/'"
+    assert results[0] == (1, said + '\n') and 'IsADirectoryError' in results[1][1] and results[1][0] == 1, results
     # val: 8 items in batches of 3 -> rank 0 has batches 0 and 2, rank 1 batch 1: item 6 is past the common batch
     frames = pickle.load(open(f'{toy}/img_toy.pkl', 'rb'))
     vid = json.load(open(f'{toy}/txt_toy-qamc.json'))['val'][6]['video']

@@ -441,6 +441,8 @@ def test_api_refuses_blank_texts_and_too_many_frames(ckpts, clips):
     assert api.load(ckpts['qamc']).answer(path, '', options=['a blue bar', 'a red bar'])['answer']  # no question: allowed
     with pytest.raises(ValueError, match=r"^question 0 is '': it needs words"):
         api.load(ckpts['qaoe']).answer(path, '')
+    with pytest.raises(ValueError, match=r"^text 0 is '\\u200b\\xad': it needs words"):  # (str.strip kept them: training's rule)
+        api.load(ckpts['retrieval']).score([path], ['\u200b\xad'])
 
 
 def test_api_arguments_that_were_misread(ckpts, clips, tmp_path, capsys):
