@@ -599,11 +599,10 @@ class Trainer:
             self.scaler.unscale_(self.optim)
             torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.args['max_grad_norm'])
         self.scaler.step(self.optim)
-        if not self.scaler.is_enabled():
-            return self.scaler.update()
-        scale = self.scaler.get_scale()
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None  # (fp16)
         self.scaler.update()
-        self.log['n_overflow'] += self.scaler.get_scale() < scale  # (every rank: their gradients are the same)
+        if scale is not None and self.scaler.get_scale() < scale:  # (every rank: their gradients are the same)
+            self.log['n_overflow'] += 1
 
     @torch.no_grad()
     def evaluate(self, u, tag, ds):
@@ -1094,7 +1093,7 @@ def main(task_cls, default_config, argv=None):
     if device.type == 'cpu':  # a CPU kernel that accumulates over repeated indices may do so in a racy order:
         torch.use_deterministic_algorithms(True, warn_only=True)  # exact resume needs the deterministic ones
     task = agreed(task_cls, args)
-    agreed(task.check_eval_data if cli.eval else task.check_data)  # every file and split it reads, before the first step
+    agreed(task.check_eval_data if cli.eval else task.check_data)  # every file and split it reads, before a step
     out = args['path_output'] or default_output(task.name + ('_eval' if cli.eval else ''))
     made = not os.path.exists(out)
     lock, out = take_on_main(lambda: take_folder(out, bool(cli.resume), cli.overwrite, task.run_files()), world, out)

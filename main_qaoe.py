@@ -38,8 +38,8 @@ class QAOE(tasks.Downstream):
         train = self.split('train')
         if train.answers is None:
             agent.say(f'{train.path_txt} has no "vocab": training on the answer indices of size_vocab '
-                      f'{self.args["size_vocab"]} classes; no vocab.json is written (predict.py then needs --vocab, a JSON list '
-                      f'of the answer texts by class index)')
+                      f'{self.args["size_vocab"]} classes; no vocab.json is written (predict.py then needs --vocab, '
+                      f'a JSON list of the answer texts by class index)')
         elif self.args['size_vocab'] > len(train.answers):  # the classes past it would have no answer text
             raise agent.config_error(
                 f"key 'size_vocab' is {self.args['size_vocab']}, but {train.path_txt} names {len(train.answers)} "

@@ -487,11 +487,13 @@ class VIOLET_Base(nn.Module):
         return self.go_cross(feat_img, mask_img, feat_txt[:, :n], mask_txt[:, :n], only=L_img)[0][:, 0]
 
     def score(self, feat_img, mask_img, feat_txt, mask_txt):
-        """Raw fc score of N aligned (video, text) pairs on the fused CLS (the text's [CLS]). The head runs in
-        fp32 even under autocast: half-precision scores (3 significant digits) turn rankings into ties."""
-        out = self.fused_cls(feat_img, mask_img, feat_txt, mask_txt)
-        with torch.autocast(out.device.type, enabled=False):
-            return self.fc(out.float()).squeeze(-1)
+        """Raw fc score of N aligned (video, text) pairs on the fused CLS (the text's [CLS]), the head in fp32."""
+        return self.head_fp32(self.fused_cls(feat_img, mask_img, feat_txt, mask_txt)).squeeze(-1)
+
+    def head_fp32(self, cls):
+        """fc in fp32 even under autocast: half-precision scores (3 significant digits) turn rankings into ties."""
+        with torch.autocast(cls.device.type, enabled=False):
+            return self.fc(cls.float())
 
     def tied_keys(self):
         """{key: another key of the same tensor} (fc_mtm's bias and decoder bias are one parameter)."""
@@ -767,12 +769,9 @@ class VIOLET_QAOE(VIOLET_Base):
 
     def answer_logits(self, feat_img, mask_img, feat_txt, mask_txt, fp32_head=False):
         """[B, size_vocab] answer logits from the fused CLS of already computed features. fp32_head (prediction): the
-        head outside autocast, as score()'s (bf16 logits tie answers); training keeps the original's autocast head."""
+        head in fp32, as score()'s; training keeps the original's head under autocast."""
         out = self.fused_cls(feat_img, mask_img, feat_txt, mask_txt)
-        if not fp32_head:
-            return self.fc(out)
-        with torch.autocast(out.device.type, enabled=False):
-            return self.fc(out.float())
+        return self.head_fp32(out) if fp32_head else self.fc(out)
 
 
 class VIOLET_Retrieval(VIOLET_Base):
