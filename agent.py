@@ -99,10 +99,8 @@ def data_errors_in_one_line(fn):
         try:
             try:
                 return fn(*args, **kwargs)
-            except (dataset.DataError, FileNotFoundError) as e:
-                raise SystemExit(dataset.error_message(e)) from e
-            except dataset.WriteError as e:
-                raise SystemExit(str(e)) from e
+            except (dataset.DataError, FileNotFoundError, dataset.WriteError) as e:
+                raise SystemExit(error_line(e)) from e
             except KeyboardInterrupt:
                 raise SystemExit('interrupted (Ctrl-C)') from None
         except SystemExit:
@@ -1231,6 +1229,8 @@ def error_line(e):
         return str(e)
     if isinstance(e, (dataset.DataError, FileNotFoundError)):
         return dataset.error_message(e)
+    if isinstance(e, dataset.WriteError):
+        return str(e)
     if isinstance(e, violet.CheckpointError):
         return str(e) if str(e).startswith(('path_vt: ', 'resume: ')) else f'path_ckpt: {e}'
     return f'{type(e).__name__}: {e}'
@@ -1249,21 +1249,13 @@ def same_resume_state(state):
 
 
 def take_on_main(take, world, out):
-    """take() on rank 0 alone (it creates and locks the output folder `out`); its refusal (SystemExit) is raised on
-    every rank, so none waits in a collective the others never reach. -> (take()'s result on rank 0, else None;
-    rank 0's `out`, whose default name is random)."""
-    result, error = None, None
-    if is_main():
-        try:
-            result = take()
-        except SystemExit as e:
-            error = str(e)
+    """take() on rank 0 alone (it creates and locks the output folder `out`), its verdict agreed: a refusal stops
+    every rank. -> (take()'s result on rank 0, else None; rank 0's `out`, whose default name is random)."""
+    result = agreed(lambda: take() if is_main() else None)
     if world > 1:
-        box = [out, error]
-        dist.broadcast_object_list(box)  # rank 0's folder name and verdict
-        out, error = box
-    if error:
-        raise SystemExit(error)
+        box = [out]
+        dist.broadcast_object_list(box)  # rank 0's folder name
+        out = box[0]
     return result, out
 
 
