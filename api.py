@@ -94,11 +94,13 @@ def find_config(ckpt, config=None):
 def read_vocab(src):
     """Answer texts by class index from a list, a vocab.json (a list) or a txt_<task>.json (its "vocab")."""
     if isinstance(src, (list, tuple)):
-        return [str(a) for a in src]
+        return [None if a is None else str(a) for a in src]
     obj = dataset.load_json(src)
     if isinstance(obj, dict):  # a txt_<task>.json: its "vocab", or VIOLETv2's "ans2label", as Dataset_QAOE reads them
         obj = dataset.json_key(obj, 'ans2label' if 'ans2label' in obj and 'vocab' not in obj else 'vocab', src)
-    return dataset.answer_texts(obj, src)
+        return dataset.answer_texts(obj, src)
+    # a vocab.json: null for a class without an answer text (a size_vocab past the training json's "vocab")
+    return dataset.answer_texts(obj, src, blank=True)
 
 
 def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=0, cache=None, sets=(), upright=False):
@@ -126,7 +128,7 @@ def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=
             args['size_vocab'] = len(vocab)
         if vocab is not None and len(vocab) < args['size_vocab']:
             raise ValueError(f'{ckpt}: the answer vocabulary has {len(vocab)} entries, the model '
-                             f'{args["size_vocab"]} classes')
+                             f'{args["size_vocab"]} classes (a class without an answer text: null in a JSON list)')
     device = pick_device(device)
     mdl = violet.MODELS[type_](args)
     mdl.load_ckpt(ckpt, need='all')

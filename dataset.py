@@ -57,7 +57,7 @@ class DataConfig:
     size_frame: int = config.key(0, 'downstream frames per video; 0: the count most of a sample of 32 videos have (5 in the released sets; the others are named; the run records it in its `args.json`); must be set for the `v2` layout (VIOLETv2 uses 5); at most 6 (`emb_len`)', choices=range(MAX_FRAMES + 1))
     frame_layout: str = config.key('auto', 'downstream frame files (`dataset.find_layout`): `pkl` (`img_<dataset>.pkl`), `v2` (VIOLETv2: `img_<dataset>.tsv` + `img_<dataset>.id2lineidx.pkl`, `size_frame` of the stored frames sampled per video), `tsv` (`img_<dataset>.tsv` + `.lineidx`); `auto`: the first of these whose files are present', choices=FRAME_LAYOUTS)
     size_option: int = config.key(5, 'QA-MC options per question', least=1)
-    size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`); a training run refuses more classes than `vocab` names; a json without `vocab` (answer indices alone, as the original read them) needs it set and writes no `vocab.json`', least=0)
+    size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`); more classes than `vocab` names are never a target (as in the original; `vocab.json` lists them as null); a json without `vocab` (answer indices alone, as the original read them) needs it set and writes no `vocab.json`', least=0)
     txt_vocab: str = config.key('', 'the tokenizer\'s vocabulary: a `vocab.txt` file or a tokenizer directory; `""`: the tokenizer of `txt_backbone`. Either must fit the BERT config (same `vocab_size`, `[CLS]`/`[SEP]`/`[PAD]`/`[MASK]` at 101/102/0/103, as bert-base-uncased), else the run stops naming what is missing; a directory without `vocab.txt` or `tokenizer.json` is an error, never a stand-in tokenizer')
     skip_bad: bool = config.key(False, 'skip and count bad samples instead of stopping')
     fast_decode: bool = config.key(False, 'decode JPEG frames at least 4x `size_img` at 1/2, 1/4 or 1/8 scale (libjpeg\'s DCT scaling): decoding 1.2x (1280x720) to 1.5x (1920x1080) faster, but their values move from the original\'s (0.1-0.6/255 on average, up to 9/255 at single pixels of photo-like frames; see Benchmark). Off: every pixel is decoded, within 1/255 of the original\'s PIL path (equal to it for frames that are enlarged)')
@@ -1382,9 +1382,9 @@ class Dataset_QAMC(Dataset_Downstream):
         return img, np.stack(txt), np.stack(mask), answer
 
 
-def answer_texts(vocab, where):
+def answer_texts(vocab, where, blank=False):
     """A "vocab" entry of a txt_*.json -> the answer texts by class index. A list is that already; a dict maps
-    answer -> index."""
+    answer -> index. blank: a list may hold null (None) for a class without a text (a run's vocab.json)."""
     if isinstance(vocab, dict):
         texts = [None] * len(vocab)
         for a, i in vocab.items():
@@ -1394,10 +1394,11 @@ def answer_texts(vocab, where):
         return texts
     if not isinstance(vocab, list):
         raise DataError(f'{where}: "vocab" must be a list of answers (or answer -> index), got {type(vocab).__name__}')
-    odd = next((i for i, a in enumerate(vocab) if not isinstance(a, (str, int, float)) or isinstance(a, bool)), None)
+    odd = next((i for i, a in enumerate(vocab) if not (isinstance(a, (str, int, float)) or blank and a is None)
+                or isinstance(a, bool)), None)
     if odd is not None:  # (a list or null became the answer text "['red', 'RED']" or "None")
         raise DataError(f'{where}: "vocab"[{odd}] is {vocab[odd]!r:.40}, not an answer text')
-    return [str(a) for a in vocab]
+    return [None if a is None else str(a) for a in vocab]
 
 
 class Dataset_QAOE(Dataset_Downstream):

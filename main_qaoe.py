@@ -31,7 +31,10 @@ class QAOE(tasks.Downstream):
 
     def run_files(self):
         answers = self.split('train').answers
-        return {} if answers is None else {'vocab.json': answers[:self.args['size_vocab']]}
+        if answers is None:
+            return {}
+        # classes past the answer list (a size_vocab over it, as the original allowed) are never a target: null
+        return {'vocab.json': answers[:self.args['size_vocab']] + [None] * (self.args['size_vocab'] - len(answers))}
 
     def check_data(self):
         super().check_data()
@@ -40,11 +43,10 @@ class QAOE(tasks.Downstream):
             agent.say(f'{train.path_txt} has no "vocab": training on the answer indices of size_vocab '
                       f'{self.args["size_vocab"]} classes; no vocab.json is written (predict.py then needs --vocab, '
                       f'a JSON list of the answer texts by class index)')
-        elif self.args['size_vocab'] > len(train.answers):  # the classes past it would have no answer text
-            raise agent.config_error(
-                f"key 'size_vocab' is {self.args['size_vocab']}, but {train.path_txt} names {len(train.answers)} "
-                f"answers in its \"vocab\": vocab.json and predict.py need a text for every class (size_vocab 0: "
-                f"the vocabulary's length)")
+        elif self.args['size_vocab'] > len(train.answers):
+            agent.say(f"size_vocab {self.args['size_vocab']}: {train.path_txt} names {len(train.answers)} answers in its "
+                      f'"vocab", so classes {len(train.answers)}..{self.args["size_vocab"] - 1} are never a target (as '
+                      f'in the original); vocab.json lists them as null')
 
     def build_model(self):
         if self.args['size_vocab'] == 0:  # 0: the train split counts the json's "vocab"; args.json records it

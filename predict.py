@@ -235,7 +235,9 @@ def table(mode, results, top):
     else:
         for r in results:
             lines.append(f'{name(r["video"])}: {r["question"]}')
-            lines += [f'    {a["prob"]:6.3f}  {a["answer"]}' for a in r['top']]
+            for a in r['top']:  # (a class past the training json's "vocab" has no text: null in vocab.json)
+                lines.append(f'    {a["prob"]:6.3f}  ' + (a['answer'] if a['answer'] is not None else
+                                                         f'(class {a["index"]}: no answer text)'))
     return '\n'.join(lines)
 
 

@@ -39,7 +39,8 @@ def convert(ckpt, out=None, config=None, vocab=None):
         vocab = beside if os.path.isfile(beside) else None
     vocab = api.read_vocab(vocab) if vocab is not None else None  # (before writing: a bad one left a .safetensors alone)
     if vocab is not None and len(vocab) < args['size_vocab']:
-        raise ValueError(f'the answer vocabulary has {len(vocab)} entries, the model {args["size_vocab"]} classes')
+        raise ValueError(f'the answer vocabulary has {len(vocab)} entries, the model {args["size_vocab"]} classes '
+                         f'(a class without an answer text: null in a JSON list)')
     sd = violet.read_ckpt(ckpt)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     agent.save_safetensors(sd, out)
