@@ -136,6 +136,9 @@ def parse_value(s):
         return s
 
 
+PATH_KEYS = ('path_data', 'path_output', 'path_ckpt', 'path_vt', 'txt_backbone', 'txt_vocab')
+
+
 def load_args(path='', sets=(), base=None):
     """All defaults, then the config file at `path` (or `base`, a saved run's args), then --set KEY=VALUE
     overrides; every key validated. -> args dict."""
@@ -154,6 +157,9 @@ def load_args(path='', sets=(), base=None):
         check_keys({k: parse_value(v)}, '--set')
         given[k] = parse_value(v)
     args.update(violet.with_preset(given))  # a model_preset fills the model keys the file and --set leave out
+    for k in PATH_KEYS:  # '~/data' is the home's (it was looked up, or written, as a folder named '~')
+        if isinstance(args.get(k), str) and args[k].startswith('~'):
+            args[k] = os.path.expanduser(args[k])
     wrong = violet.config_problem(args)
     if wrong:
         raise config_error(wrong)

@@ -162,14 +162,23 @@ def read_file(path):
     return obj
 
 
-def pretrained(load, name, key):
-    """load(name), a transformers from_pretrained; a model id that is neither a local directory nor in the Hugging
-    Face cache (offline, or a typo) is a FileNotFoundError naming the key, not transformers' note on the network."""
+def pretrained(load, name, key, whole=lambda obj: True):
+    """load(name), a transformers from_pretrained. A model id is read from the Hugging Face cache when it is there
+    (and whole(obj)), the network asked only when not: without network, transformers otherwise retried it for
+    minutes on every run although the model was cached, unless HF_HUB_OFFLINE was set. One that is neither a local
+    directory nor in the cache (offline, or a typo) is a FileNotFoundError naming the key, not transformers' note
+    on the network."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return load(os.path.expanduser(name))
+    try:
+        obj = load(name, local_files_only=True)
+        if whole(obj):
+            return obj
+    except OSError:
+        pass
     try:
         return load(name)
     except OSError as e:
-        if os.path.isdir(os.path.expanduser(name)):
-            raise
         raise FileNotFoundError(f'{key}: {name!r} is not a local directory and not in the Hugging Face cache (fetch it '
                                 f'once where there is network, or name a directory holding its config.json): '
                                 f'{str(e).splitlines()[0]}') from e
@@ -181,4 +190,4 @@ def local_dir(value, key):
     if value.startswith(('/', './', '../', '~')) and not os.path.isdir(os.path.expanduser(value)):
         where = '' if os.path.isabs(os.path.expanduser(value)) else f' (relative to the current directory, {os.getcwd()})'
         raise FileNotFoundError(f'{key}: no directory {value}{where}')
-    return value
+    return os.path.expanduser(value)

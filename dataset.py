@@ -60,7 +60,7 @@ class DataConfig:
     size_vocab: int = config.key(0, 'QA-OE answer classes; 0: the length of the json\'s `vocab` (the run records the count in its `args.json`); more classes than `vocab` names are never a target (as in the original; `vocab.json` lists them as null); a json without `vocab` (answer indices alone, as the original read them) needs it set and writes no `vocab.json`', least=0)
     txt_vocab: str = config.key('', 'the tokenizer\'s vocabulary: a `vocab.txt` file or a tokenizer directory; `""`: the tokenizer of `txt_backbone`. Either must fit the BERT config (same `vocab_size`, `[CLS]`/`[SEP]`/`[PAD]`/`[MASK]` at 101/102/0/103, as bert-base-uncased), else the run stops naming what is missing; a directory without `vocab.txt` or `tokenizer.json` is an error, never a stand-in tokenizer')
     skip_bad: bool = config.key(False, 'skip and count bad samples instead of stopping')
-    fast_decode: bool = config.key(False, 'decode JPEG frames at least 4x `size_img` at 1/2, 1/4 or 1/8 scale (libjpeg\'s DCT scaling): decoding 1.2x (1280x720) to 1.5x (1920x1080) faster, but their values move from the original\'s (0.1-0.6/255 on average, up to 9/255 at single pixels of photo-like frames; see Benchmark). Off: every pixel is decoded, within 1/255 of the original\'s PIL path (equal to it for frames that are enlarged)')
+    fast_decode: bool = config.key(False, 'decode JPEG frames at least 4x `size_img` at 1/2, 1/4 or 1/8 scale (libjpeg\'s DCT scaling): decoding 1.2x (1280x720) to 1.5x (1920x1080) faster, but their values move from the original\'s (0.1-0.6/255 on average, up to 9/255 at single pixels of photo-like frames; see Benchmark). Off: every pixel is decoded, within 1/255 of the original\'s PIL path (equal to it for frames enlarged or shrunk by under 1.4x)')
     num_workers: int = config.key(-1, 'DataLoader workers per process; `-1`: one per CPU of the process\'s share of the node (usable CPUs / LOCAL_WORLD_SIZE) but one, at most 8 (on one H100 with 16 cores, 8 keep up with every full-size bf16 step, 4 with all but QA-OE; see Benchmark); `0`: load in the main process. Each unit\'s line says what share of its time rank 0 waited for batches; the first over 10 % says to raise this', least=-1)
 
 
@@ -480,7 +480,8 @@ def frame_b64(rgb):
 
 def b64_to_img(b64, size, reduce=False):
     """base64 image -> float [3, size, size] in [0, 1] (pad_resize of the decoded RGB). JPEGs take the fast
-    tensor path (within 1/255 of the original's PIL path at every value, tested), anything else goes through PIL.
+    tensor path (within 1/255 of the original's PIL path but at rare single values, tested; see pad_resize), anything
+    else goes through PIL.
     With reduce (the fast_decode key), a JPEG at least 4x the target size is decoded at 1/2, 1/4 or 1/8 scale by
     libjpeg itself (straight from the DCT, still at least twice `size` on its long side, so the antialiased resize
     still filters): the padding and the resize then work on a small image (1.2-1.5x faster on HD frames), but values
@@ -538,15 +539,21 @@ def jpeg_side(raw):
     return 0
 
 
+PIL_BELOW = 1.4  # sweeps of padded sides from size to 4 size (random noise, size 64-448): 2/255 at 40 sizes under
+# 1.4x (up to 21 values a frame), at 2 sizes past it (1 value in 3 frames; README, Benchmark)
+
+
 def pad_resize(img, size):
     """RGB uint8 [3, H, W] -> float [3, size, size] in [0, 1], as the reference: zero-pad the short side by
     (long-short)//2 on both ends (TV.transforms.Pad, so an odd difference stays 1 px non-square), bilinear
     resize to size x size (PIL-like, antialiased), ToTensor. Every frame of training, evaluation and
     prediction goes through it (the model normalises with the ImageNet mean and std itself). A frame that is
-    enlarged (its padded short side under `size`) is resized by PIL itself, the original's arithmetic to the bit:
-    torch's uint8 kernel keeps fewer bits of its weights, which when enlarging moves values by up to 2/255."""
+    enlarged or shrunk by less than 1.4x (its padded short side under 1.4 `size`) is resized by PIL itself, the
+    original's arithmetic to the bit: torch's uint8 kernel keeps fewer bits of its weights, which when enlarging
+    moves values by up to 2/255, and at some ratios under 1.4 single values by 2/255 (e.g. 280 -> 224); past 1.4x
+    that is rare (PIL_BELOW)."""
     h, w = img.shape[1:]
-    if max(h, w) - abs(w - h) % 2 < size:  # (the padded short side: the long one, 1 less for an odd difference)
+    if max(h, w) - abs(w - h) % 2 < PIL_BELOW * size:  # (the padded short side: the long one, 1 less for an odd difference)
         return torch.from_numpy(pil_pad_resize(img.permute(1, 2, 0).numpy(), size)).permute(2, 0, 1).float() / 255
     if w > h:
         # the resize is separable, a horizontal pass then a vertical one (as PIL's): rows of padding are zero
@@ -619,11 +626,15 @@ def get_tokenizer(backbone, vocab=''):
         if os.path.isdir(src) and not any(os.path.isfile(os.path.join(src, f)) for f in ('vocab.txt', 'tokenizer.json')):
             raise DataError(f'{src} has no tokenizer vocabulary (vocab.txt or tokenizer.json): put the model\'s '
                             f'vocab.txt there, or name it with the config key txt_vocab (a vocab.txt or tokenizer dir)')
+        n_vocab = bert_config(backbone).vocab_size  # first: a model id found nowhere is named as such
         if os.path.isfile(src):
             tok = transformers.BertTokenizer(vocab=src)
-        else:
-            tok = transformers.BertTokenizer.from_pretrained(src)
-        n_vocab = bert_config(backbone).vocab_size
+        else:  # (a cache holding the config but not vocab.txt gives a tokenizer of the 5 special tokens alone)
+            tok = config.pretrained(transformers.BertTokenizer.from_pretrained, src, 'txt_backbone', lambda t: len(t) > 5)
+            if len(tok) <= 5 and not os.path.isdir(src):
+                raise FileNotFoundError(f'txt_backbone: the Hugging Face cache of {src!r} holds no tokenizer vocabulary '
+                                        f'(vocab.txt), and it could not be fetched: fetch it once where there is '
+                                        f'network, or name a vocab.txt with the config key txt_vocab')
         wrong = [f'{t} is id {tok.convert_tokens_to_ids(t)}, expected {i}' for t, i in SPECIAL_IDS.items()
                  if tok.convert_tokens_to_ids(t) != i]
         if len(tok) != n_vocab:
@@ -638,7 +649,8 @@ def get_tokenizer(backbone, vocab=''):
 def bert_config(backbone):
     """The transformers BertConfig of txt_backbone (read once per process)."""
     import transformers
-    return config.pretrained(transformers.BertConfig.from_pretrained, backbone, 'txt_backbone')
+    return config.pretrained(transformers.BertConfig.from_pretrained, config.local_dir(backbone, 'txt_backbone'),
+                             'txt_backbone')
 
 
 def check_size_txt(args):

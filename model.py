@@ -397,7 +397,7 @@ def load_vt(swin, path, path_ckpt=''):
 def load_bert(name):
     """(BertForMaskedLM, whether its weights are pretrained). A local dir without weights builds its config."""
     weights = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json', 'pytorch_model.bin.index.json')
-    config.local_dir(name, 'txt_backbone')
+    name = config.local_dir(name, 'txt_backbone')
     if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, f)) for f in weights):
         say(f'BERT: {name} has no weights; building its config with random weights')
         return transformers.BertForMaskedLM(transformers.BertConfig.from_pretrained(name))
