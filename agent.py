@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import errno
 import fcntl
 import functools
 import inspect
@@ -697,6 +698,13 @@ class Trainer:
     def load_state(self, state):
         self.check_position(state)
         self.optim.load_state_dict(state['optim'])
+        # the saved param groups hold the run's lr and decay: a `--set lr=` on resume changed args.json alone
+        was = {'lr': self.optim.param_groups[0]['lr'], 'decay': self.optim.param_groups[0]['weight_decay']}
+        for g in self.optim.param_groups:
+            g['lr'], g['weight_decay'] = self.args['lr'], self.args['decay']
+        changed = [f'{k} {a} -> {self.args[k]}' for k, a in was.items() if a != self.args[k]]
+        if changed:
+            say(f'resume: {", ".join(changed)} from here on')
         if state['scaler']:
             self.scaler.load_state_dict(state['scaler'])
         self.unit, self.step, self.nonfinite_run, self.log = state['unit'], state['step'], state['nonfinite_run'], state['log']
@@ -1309,6 +1317,16 @@ def take_folder(out, resume, overwrite, own_files=()):
         for f in old:
             (shutil.rmtree if os.path.isdir(os.path.join(out, f)) else os.remove)(os.path.join(out, f))
         print(f'--overwrite: removed {len(old)} file(s) of the previous run in {out}', flush=True)
+    for name, obj in dict(own_files).items() if resume else ():  # (QA-OE's vocab.json: the classes' meaning)
+        path = os.path.join(out, name)
+        was = dataset.load_json(path) if os.path.isfile(path) else obj
+        if was != obj:
+            lock.close()
+            i = next((i for i, (a, b) in enumerate(zip(was, obj)) if a != b), None) if isinstance(obj, list) else None
+            what = (f'entry {i} was {was[i]!r}, is now {obj[i]!r}' if i is not None else
+                    f'{len(was)} entries, now {len(obj)}' if isinstance(obj, list) and isinstance(was, list) else 'changed')
+            raise SystemExit(f"resume: {path} differs from what the run's data gives now ({what}): the weights were "
+                             f"trained with it; resume with the run's data files (path_data)")
     dataset.remove_stale_tmp(out)
     return lock
 
@@ -1316,6 +1334,7 @@ def take_folder(out, resume, overwrite, own_files=()):
 def lock_folder(out, what='path_output'):
     """Create the folder and lock it for this process (flock on out/.lock, held until the process ends or the
     returned file is closed); a folder locked by another process is refused, naming it."""
+    made = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, '.lock'), 'a+', encoding='utf-8')
@@ -1329,10 +1348,21 @@ def lock_folder(out, what='path_output'):
         lock.close()
         raise SystemExit(f'{out} is in use by another run ({holder or "its lock is held"}); wait for it to end or '
                          f'choose another {what}') from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-    lock.flush()
+    except OSError as e:  # a file system without locks (Lustre mounted noflock, NFS without lockd): go on, said
+        if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        say(f'{what}: {out} cannot be locked ({e.strerror}): nothing stops another run from writing in it too')
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+        lock.flush()
+    except OSError as e:  # a full disk: no folder holding a .lock alone is left behind
+        with contextlib.suppress(OSError):  # (close flushes again, and closes the file even when that fails)
+            lock.close()
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise SystemExit(f'{what}: cannot write in {out}: {e.strerror or e}') from None
     return lock
 
 
@@ -1345,10 +1375,13 @@ def run(cli, task, state, device, out):
         trainer = Trainer(task, device, state, need='all' if cli.eval else None)
     except violet.CheckpointError as e:
         raise SystemExit(error_line(e)) from e
+    # a resumed run that had finished keeps its files: its --set changes would describe training never done
+    finished = state is not None and not cli.eval and trainer.unit >= len(task.units())
     if is_main():
-        save_json(args, os.path.join(out, 'args.json'))  # after the task filled in what it derives (size_vocab)
-        for name, obj in task.run_files().items():
-            save_json(obj, os.path.join(out, name))
+        if not finished:
+            save_json(args, os.path.join(out, 'args.json'))  # after the task filled in what it derives (size_vocab)
+            for name, obj in task.run_files().items():
+                save_json(obj, os.path.join(out, name))
         if cli.eval:
             print(f'evaluation only, precision {trainer.precision}, weights {args["path_ckpt"]}', flush=True)
         elif state is None:

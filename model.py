@@ -614,7 +614,7 @@ def read_checkpoint(path, safe_globals=()):
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpoint(f'{path}: holds objects other than tensors and plain containers, which are not read '
                                f'(reading them could run code): {weights_only_refusal(e)}') from e
-    except (RuntimeError, EOFError, KeyError, ValueError) as e:
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:  # (OSError: a zip cut in its first 64 KB)
         raise CheckpointError(f'{path}: truncated or corrupt PyTorch checkpoint (was its writing interrupted?): '
                               f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e
 

@@ -158,6 +158,9 @@ def main(argv=None):
     if (opt.mode == 'qaoe') != (m.type == 'qaoe'):
         raise SystemExit(f'predict: {opt.ckpt} is a {m.type} model; mode {opt.mode} needs '
                          + ('a qaoe one' if opt.mode == 'qaoe' else 'a pretrain, retrieval or qamc one'))
+    if opt.mode == 'qaoe' and m.vocab is None:  # (it was a traceback from api, after every video was decoded)
+        raise SystemExit(f'predict: {opt.ckpt} has no answer vocabulary (no vocab.json beside it, none stored): '
+                         f'give --vocab txt_<task>.json (its "vocab") or a JSON list of the answers by class index')
     if opt.mode == 'pretrain' and m.type != 'pretrain':  # (its scores would have been called the VTM head's)
         raise SystemExit(f'predict: {opt.ckpt} is a {m.type} model; mode pretrain scores with a pretraining '
                          f'checkpoint\'s VTM head: use mode {"retrieval" if m.type == "retrieval" else "qamc"}')

@@ -1,6 +1,7 @@
 """Nothing silently wrong, nothing lost: skip caps, output folders, resume guards, config lists, data checked
 before the first step, atomic writes. Runs are in-process on a 16-video toy set (a few seconds each)."""
 import base64
+import errno
 import fcntl
 import json
 import math
@@ -191,8 +192,10 @@ def test_output_folder_is_one_runs(toy, tmp_path, capsys):
     assert 'ckpt_violet_toy-qamc_1.pt' in os.listdir(out)
     # resuming the finished run trains nothing and says so (it used to print 'done')
     capsys.readouterr()
-    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
+    before = (out / 'args.json').read_text()
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', 'lr=0.9', 'seed=5'])
     said = capsys.readouterr().out
+    assert (out / 'args.json').read_text() == before  # (it recorded the lr and seed of no training)
     assert said.strip().endswith(f'nothing to do: {out} has finished all 1 units (the last: epoch 1); --set '
                                  f'size_epoch=N with a larger N trains on') and 'done' not in said, said
     # --overwrite: the old run's files go, the new run's come
@@ -314,6 +317,29 @@ def test_refused_write_keeps_the_old_file_and_names_the_new(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(list(writers) + ['a.lineidx'])
 
 
+def test_output_folder_on_a_full_disk_or_without_locks(tmp_path, monkeypatch, capsys):
+    """Taking the output folder: a full disk when its .lock is written was a traceback (the documented one line
+    elsewhere), and left a folder holding the .lock alone; a file system without flock (Lustre mounted noflock,
+    NFS without lockd) stopped every run with 'OSError: [Errno 38] Function not implemented'."""
+    out = tmp_path / 'run'
+    with file_size_limit(0):
+        assert stops(agent.lock_folder, str(out)) == f'path_output: cannot write in {out}: File too large'
+    assert not out.exists()
+    (tmp_path / 'kept').mkdir()
+    with file_size_limit(0):  # a folder that was there stays
+        assert stops(agent.lock_folder, str(tmp_path / 'kept'), '--out').startswith('--out: cannot write in ')
+    assert (tmp_path / 'kept').is_dir()
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, 'flock', no_locks)
+    lock = agent.lock_folder(str(out))
+    assert capsys.readouterr().out == (f'path_output: {out} cannot be locked (No locks available): nothing stops '
+                                       f'another run from writing in it too\n')
+    assert (out / '.lock').read_text().startswith(f'pid {os.getpid()} on ')
+    lock.close()
+
+
 def test_full_disk_stops_the_run_and_resume_goes_on(toy, tmp_path):
     """A long run whose disk fills up: the checkpoint that does not fit stops the run with one line naming it; every
     file written before is whole, nothing half-written is left, and once there is room --resume goes on from the
@@ -402,6 +428,19 @@ def test_resume_refuses_a_position_that_moved(toy, tmp_path):
     assert stops(agent.main, main_qamc.QAMC, CONFIG, ['--resume', str(out)]) == (
         'resume: epoch 1 had 16 training samples when resume.pt was saved inside it (step 2), it has 9 now: going on '
         'there would skip or repeat samples; restore its data to resume')
+
+
+def test_resume_with_another_lr_uses_it(toy, tmp_path, capsys):
+    """`--resume --set lr=... decay=...` was recorded in args.json, but the optimiser's saved param groups brought
+    the old values back: training went on with them, and the logs named an lr never used."""
+    out = tmp_path / 'qamc'
+    qamc(toy, out, 'stop_after_steps=2', 'lr=1e-4')
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', 'lr=5e-4', 'decay=0.2'])
+    assert 'resume: lr 0.0001 -> 0.0005, decay 0.001 -> 0.2 from here on' in capsys.readouterr().out
+    lrs = [(r['step'], r['lr']) for r in map(json.loads, open(out / 'steps.jsonl')) if 'lr' in r]
+    assert lrs == [(1, 1e-4), (2, 1e-4), (3, 5e-4), (4, 5e-4)]
+    groups = torch.load(out / 'resume.pt', weights_only=True)['optim']['param_groups']
+    assert {(g['lr'], g['weight_decay']) for g in groups} == {(5e-4, 0.2)}
 
 
 def test_resume_from_an_evaluation_with_another_process_count(toy, tmp_path, monkeypatch):
@@ -632,6 +671,29 @@ def test_qaoe_size_vocab_past_the_vocabulary(toy, tmp_path, capsys):
     top = [dict(answer=None, index=9, prob=0.5), dict(answer='red', index=0, prob=0.25)]
     assert predict.table('qaoe', [dict(video='v.mp4', question='what', top=top)], 5).splitlines()[1:] == [
         '     0.500  (class 9: no answer text)', '     0.250  red']
+
+
+def test_qaoe_resume_with_another_vocabulary_is_refused(toy, tmp_path):
+    """A resumed QA-OE run rewrote vocab.json from the annotation file as it is now: one regenerated with its
+    answers in another order went on training with the classes meaning other words, and the earlier checkpoints
+    beside the new vocab.json answered with the wrong ones."""
+    config = f'{REPO}/_data/toy/args_toy-qaoe.json'
+    out = tmp_path / 'run'
+    argv = [config, '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}', f'path_output={out}',
+            'size_epoch=1', 'size_batch=4']
+    agent.main(main_qaoe.QAOE, config, argv + ['stop_after_steps=2'])
+    vocab = json.load(open(out / 'vocab.json'))
+    txt = json.load(open(f'{toy}/txt_toy-qaoe.json'))
+    order = [1, 0] + list(range(2, len(txt['vocab'])))  # the first two answers swapped, the items remapped
+    txt['vocab'] = [txt['vocab'][i] for i in order]
+    for split in ('train', 'val', 'test'):
+        for q in txt[split]:
+            q['answer'] = order.index(q['answer']) if q['answer'] >= 0 else -1
+    json.dump(txt, open(f'{toy}/txt_toy-qaoe.json', 'w'))
+    assert stops(agent.main, main_qaoe.QAOE, config, ['--resume', str(out)]) == (
+        f"resume: {out}/vocab.json differs from what the run's data gives now (entry 0 was {vocab[0]!r}, is now "
+        f"{vocab[1]!r}): the weights were trained with it; resume with the run's data files (path_data)")
+    assert json.load(open(out / 'vocab.json')) == vocab
 
 
 def test_qaoe_texts_without_vocab_train_on_indices(toy, tmp_path, capsys):

@@ -405,6 +405,10 @@ def test_unreadable_checkpoints_are_named(tmp_path):
         with pytest.raises(model.CheckpointError) as e:
             m.load_ckpt(str(tmp_path / name), 'any')
         assert str(e.value).startswith(f'{tmp_path / name}: {msg}'), str(e.value)
+    for cut in (3000, 5000, 20000, 60000):  # (cut in its first 64 KB: torch's zip reader raised a bare OSError)
+        (tmp_path / 'cut.pt').write_bytes(raw[:cut])
+        with pytest.raises(model.CheckpointError, match=r'cut.pt: truncated or corrupt PyTorch checkpoint \(was its '):
+            m.load_ckpt(str(tmp_path / 'cut.pt'), 'any')
     with pytest.raises(model.CheckpointError, match=r'^path_vt: .*cut.pt: truncated'):
         model.VIOLET_Retrieval({**SMALL, 'path_vt': str(tmp_path / 'cut.pt')})  # the Video Swin weights too
 

@@ -289,6 +289,12 @@ def test_qaoe_mode_answers_in_words(clips, ckpts, capsys, tmp_path):
     with pytest.raises(SystemExit, match=r"needs its answer vocabulary .*give the task's txt_<task>.json \(--vocab\)"):
         predict.main(['qaoe', '--ckpt', str(bare / 'ckpt.pt'), '--config', str(tmp_path / 'cfg.json'),
                       '--video', video, '--question', 'what color is the bar?'])
+    json.dump(cfg, open(tmp_path / 'cfg_n.json', 'w'))  # size_vocab known: the model loads, its words are missing
+    assert cfg['size_vocab'] == len(VOCAB)  # (a traceback from api, after the videos were decoded)
+    with pytest.raises(SystemExit, match=r'^predict: \S+ckpt.pt has no answer vocabulary \(no vocab.json beside it, '
+                                         r'none stored\): give --vocab txt_<task>.json'):
+        predict.main(['qaoe', '--ckpt', str(bare / 'ckpt.pt'), '--config', str(tmp_path / 'cfg_n.json'),
+                      '--video', video, '--question', 'what color is the bar?'])
     json.dump({'vocab': VOCAB, 'train': []}, open(tmp_path / 'txt_x.json', 'w'))
     res2, _ = run_predict(capsys, 'qaoe', '--ckpt', str(bare / 'ckpt.pt'), '--config', str(tmp_path / 'cfg.json'),
                           '--vocab', str(tmp_path / 'txt_x.json'), '--video', video, '--question', 'what color is the bar?',
