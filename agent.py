@@ -195,9 +195,12 @@ def init_dist(local_rank=None):
     """Join the process group when launched by torchrun / torch.distributed.launch (WORLD_SIZE > 1; multi-node
     through torchrun's rendezvous); a plain `python script.py` runs alone without one.
     NCCL on CUDA, gloo on CPU. -> (rank, world, device)."""
-    local_rank = int(os.environ.get('LOCAL_RANK', local_rank or 0))
+    local_rank = local_rank_of(local_rank)
     task = os.environ.get('SLURM_PROCID', '0')
     on_node = os.environ.get('SLURM_LOCALID', task)  # the task's index on its node
+    if 'WORLD_SIZE' not in os.environ and on_node.isdigit() and int(on_node) > 0 and not torch.cuda.is_available():
+        print(f'note: Slurm task {task} started without torchrun trains alone, as every task of the step does (one '
+              f'training over several processes: srun --ntasks-per-node=1 torchrun --nproc_per_node=N ...)', flush=True)
     if ('WORLD_SIZE' not in os.environ and on_node.isdigit() and int(on_node) > 0 and torch.cuda.is_available()
             and torch.cuda.device_count() > 1):
         # `srun -n 8 python main_X.py`: 8 copies, each training alone on the first of the GPUs they all see. (The
@@ -222,7 +225,34 @@ def init_dist(local_rank=None):
             raise SystemExit(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} not: launch with "
                              f"torchrun (one process per GPU or CPU share), or unset WORLD_SIZE to run one process")
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        share_node()
     return get_rank(), get_world(), device
+
+
+def local_rank_of(given):
+    """This process's index on its node (its GPU): torchrun's LOCAL_RANK, else the legacy launcher's --local_rank,
+    else, for processes started by hand with RANK / WORLD_SIZE (from Slurm's variables), SLURM_LOCALID; else 0.
+    (Without the last, every task of a node took the first GPU.)"""
+    if 'LOCAL_RANK' in os.environ:
+        return int(os.environ['LOCAL_RANK'])
+    if given is not None:
+        return given
+    slurm = os.environ.get('SLURM_LOCALID', '')
+    return int(slurm) if int(os.environ.get('WORLD_SIZE', '1')) > 1 and slurm.isdigit() else 0
+
+
+def share_node():
+    """What torchrun sets and a launch by hand (RANK / WORLD_SIZE from Slurm's variables) does not: the processes of
+    this node (LOCAL_WORLD_SIZE, for the DataLoader workers' share), and OMP_NUM_THREADS. Without it every process ran
+    as many threads as the node has CPUs: 2 processes on 2 cores trained 15x slower. Collective."""
+    host = socket.gethostname()
+    local = gather_objects(host).count(host)
+    os.environ.setdefault('LOCAL_WORLD_SIZE', str(local))
+    if 'OMP_NUM_THREADS' not in os.environ and local > 1:
+        threads = max(1, usable_cpus() // local)
+        torch.set_num_threads(threads)
+        say(f'{local} processes on a node and OMP_NUM_THREADS unset: {threads} thread(s) each (this node\'s CPUs '
+            f'shared; torchrun sets 1)')
 
 
 def leave_group():
@@ -854,7 +884,8 @@ class Trainer:
             accs = {tag: self.evaluate(self.unit, tag, ds) for tag, ds in self.task.eval_sets(unit).items()}
             self.task.record(self.log, unit, losses, accs)
             if self.steplog:
-                self.steplog.evaluation(self.global_step, unit['name'], accs)
+                self.steplog.evaluation(self.global_step, unit['name'],
+                                        {self.task.curve_tag(unit, t): a for t, a in accs.items()})
             self.save_unit(self.task.ckpt_name(unit))
             self.unit, self.step, self.local = self.unit + 1, 0, self.fresh_local()
             self.save_resume()

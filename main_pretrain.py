@@ -214,6 +214,9 @@ class Pretrain(tasks.Task):
     def log_keys(self):
         return tuple(self.args['datasets'])
 
+    def curve_tag(self, unit, tag):  # each dataset its own curves (one line jumped between their accuracies)
+        return f'{tag}/{unit["dataset"]}'
+
     def record(self, log, unit, losses, accs):
         for k in self.metrics:
             log[unit['dataset']][f'ls_{k}'].append(losses[k])

@@ -49,6 +49,7 @@ class Task:
       ckpt_name(unit) -> file name (unit None: the checkpoint written before training)
       evaluate_only(trainer) -> {split: metrics} (--eval: no training)
       run_files() -> {file name: JSON object} written into the run dir beside the checkpoints (QA-OE: vocab.json)
+      curve_tag(unit, tag) -> the evaluation's name in steps.jsonl and TensorBoard (pretraining: with the dataset)
     type: the config 'type' it trains; losses, metrics: the keys of step()'s losses and hits; name: of the output dir."""
     type = ''
     metrics = ()
@@ -81,6 +82,9 @@ class Task:
 
     def run_files(self):
         return {}
+
+    def curve_tag(self, unit, tag):
+        return tag
 
     def log_keys(self):
         return ('ls_tr', 'ac_vl', 'ac_ts')  # the original's fine-tuning log.json

@@ -58,8 +58,11 @@ def main():
         ax.tick_params(labelsize=7)
         if evals:
             acc = ax.twinx()
-            for k in [k for k in evals[-1]['eval'] if all(r['eval'].get(k) is not None for r in evals)]:
-                acc.plot([r['step'] for r in evals], [r['eval'][k] for r in evals], marker='o', ms=2.5, lw=0.8, label=k)
+            # every metric its line over the evaluations that have it (pretraining: vl/<dataset>/<metric>, each
+            # dataset evaluated after its own parts)
+            for k in dict.fromkeys(k for r in evals for k in r['eval']):
+                have = [r for r in evals if r['eval'].get(k) is not None]
+                acc.plot([r['step'] for r in have], [r['eval'][k] for r in have], marker='o', ms=2.5, lw=0.8, label=k)
             acc.set_ylabel('accuracy', fontsize=8)
             acc.tick_params(labelsize=7)
             acc.legend(fontsize=6, loc='center right')

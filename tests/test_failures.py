@@ -1362,6 +1362,48 @@ def by_hand(argvs, timeout=240):
             p.stderr.close()
 
 
+SHARE_NODE = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import agent
+rank, world, device = agent.init_dist()
+print('threads', torch.get_num_threads(), 'local', os.environ['LOCAL_WORLD_SIZE'], flush=True)
+agent.leave_group()
+"""
+
+
+def test_processes_started_by_hand_share_the_node(monkeypatch):
+    """RANK / WORLD_SIZE set by hand (from Slurm's variables, without torchrun): every process ran as many threads as
+    the node has CPUs (2 processes on 2 cores trained 15x slower) and took the whole node's DataLoader workers; on
+    GPUs every task of a node took the first (LOCAL_RANK unset: SLURM_LOCALID is its index on the node)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ('OMP_NUM_THREADS', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')}
+    env.update(WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    procs = [subprocess.Popen([sys.executable, '-c', SHARE_NODE, REPO], env=dict(env, RANK=str(r), SLURM_PROCID=str(r),
+                                                                                 SLURM_LOCALID=str(r)),
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    try:
+        out = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    threads = max(1, agent.usable_cpus() // 2)
+    assert out[0].splitlines()[-2:] == [
+        f'2 processes on a node and OMP_NUM_THREADS unset: {threads} thread(s) each (this node\'s CPUs shared; '
+        f'torchrun sets 1)', f'threads {threads} local 2'], out
+    assert out[1].splitlines()[-1] == f'threads {threads} local 2', out
+    for k in ('LOCAL_RANK', 'WORLD_SIZE', 'SLURM_LOCALID'):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv('SLURM_LOCALID', '3')
+    assert agent.local_rank_of(None) == 0  # one process alone: its GPU is the first it sees
+    monkeypatch.setenv('WORLD_SIZE', '8')
+    assert (agent.local_rank_of(None), agent.local_rank_of(2)) == (3, 2)  # (--local_rank: the legacy launcher's)
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    assert agent.local_rank_of(2) == 1
+
+
 def test_nodes_that_see_different_files_stop_together(toy, tmp_path):
     """With several nodes each rank reads the run's files from its own disk. A node without the run folder's
     resume.pt stopped alone, and node 0 waited for it, silent, for torch's 30 minutes; a node with a stale copy

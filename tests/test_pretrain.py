@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -232,6 +233,15 @@ def test_torchrun_two_processes(toy, tmp_path):
         assert all(0 <= a <= 1 for k, v in log[d].items() if k.startswith('ac') for a in v)
     assert log['n_skipped'] == 0 and log['n_nonfinite'] == 0
     assert json.load(open(os.path.join(out, 'args.json')))['path_output'] == out
+    # steps.jsonl's evaluations are each dataset's own curves, as log.json's lists (one key for both jumped between
+    # them), and plot_curves draws every one (it drew only the keys of every evaluation)
+    evals = [r for r in map(json.loads, open(os.path.join(out, 'steps.jsonl'))) if 'eval' in r]
+    for d in ('toyvid', 'toyimg'):
+        for k in ('vtm', 'mtm', 'mvm'):
+            assert [r['eval'][f'vl/{d}/{k}'] for r in evals if f'vl/{d}/{k}' in r['eval']] == pytest.approx(log[d][f'ac_{k}'])
+    r = run([sys.executable, '_tools/plot_curves.py', out, '--out', str(tmp_path / 'c.svg')])
+    drawn = re.findall(r'<!-- (vl/\S+) -->', (tmp_path / 'c.svg').read_text())
+    assert sorted(drawn) == sorted(f'vl/{d}/{k}' for d in ('toyvid', 'toyimg') for k in ('vtm', 'mtm', 'mvm')), drawn
 
 
 def test_resume_is_exact(toy, tmp_path):
