@@ -1103,10 +1103,16 @@ class Dataset_Base(torch.utils.data.Dataset):
             if len(b64s) < self.size_frame:
                 raise BadSample(f'{self.path_frames}: video "{vid}" has {len(b64s)} frames, '
                                 f'fewer than size_frame {self.size_frame}')
-            b64s = [b64s[i] for i in sample_stored(len(b64s), self.size_frame, train=self.split == 'train')]
+            b64s = [b64s[i] for i in sample_stored(len(b64s), self.size_frame, self.split == 'train', self.draws)]
         return self.decode_frames(b64s, vid, self.path_frames)
 
+    draw_seed = 0  # the training unit's (tasks.Downstream.train_set)
+    draws = random  # an item's random draws (VIOLETv2's frame sampling): its own generator in __getitem__
+
     def __getitem__(self, idx):
+        # seeded by the unit and the item, not drawn from the process's RNG: a DataLoader worker's state is not
+        # in resume.pt, so a resumed run drew other frames than an unbroken one from its stop on
+        self.draws = random.Random(f'{self.draw_seed} {idx}')
         try:
             return self.get_item(idx)
         except BadSample:

@@ -151,7 +151,9 @@ class Downstream(Task):
         return [dict(epoch=e, name=f'epoch {e}') for e in range(1, self.args['size_epoch'] + 1)]
 
     def train_set(self, unit):
-        return self.split('train')
+        ds = self.split('train')
+        ds.draw_seed = agent.seed_of(self.args['seed'], unit['epoch'])  # its items' draws (exact resume, any workers)
+        return ds
 
     def eval_sets(self, unit):
         return {'vl': self.split('val'), 'ts': self.split('test')}
