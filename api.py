@@ -147,6 +147,10 @@ def pick_device(name):
     if device.type == 'cuda' and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
         raise ValueError(f'device {name}: ' + (f'this machine has {torch.cuda.device_count()} CUDA GPU(s)'
                                                if torch.cuda.is_available() else 'no CUDA GPU here') + '; --device cpu runs on the CPU')
+    backend = getattr(torch, device.type, None)  # (mps, xpu, ...: a traceback at the model's .to() when absent)
+    if device.type not in ('cpu', 'cuda') and not (backend is not None and backend.is_available()):
+        raise ValueError(f'device {name}: no {device.type} device here (this torch or machine lacks it); --device cpu '
+                         f'runs on the CPU')
     return device
 
 

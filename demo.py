@@ -43,6 +43,11 @@ def main():
     ap.add_argument('--out', default='_snapshot/demo')
     ap.add_argument('--keep', action='store_true', help='reuse an existing toy corpus')
     opt = ap.parse_args()
+    opt.out = os.path.abspath(opt.out)
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))  # its tools and the toy corpus are the repo's (any cwd)
+    if os.path.isdir(opt.out) and os.listdir(opt.out) and not os.path.isdir(os.path.join(opt.out, 'pretrain')):
+        raise SystemExit(f'--out {opt.out} holds files that are not an earlier demo\'s: the demo replaces its folder, '
+                         f'so give a new or an earlier demo\'s one')
     shutil.rmtree(opt.out, ignore_errors=True)
     secs = {}
 

@@ -1446,3 +1446,15 @@ def test_nodes_that_see_different_files_stop_together(toy, tmp_path):
     assert [rc for rc, _ in results] == [1, 1] and 'Traceback' not in results[1][1], results
     assert last[0].startswith(f'{toy}/img_toy.pkl: video "{vid}" frame 1: cannot decode image'), last
     assert last[1] == 'stopped at the evaluation of epoch 1 (val): rank 0 could not load its batch (its message says why)'
+
+
+def test_demo_keeps_a_folder_that_is_not_its_own(tmp_path):
+    """demo.py replaces its --out folder: one holding other files (`--out .`, a home) is refused, untouched; from
+    another working directory it found neither its tools nor the toy corpus (a CalledProcessError traceback)."""
+    (tmp_path / 'mine.txt').write_text('keep me')
+    r = subprocess.run([sys.executable, f'{REPO}/demo.py', '--out', '.'], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (
+        1, f"--out {tmp_path} holds files that are not an earlier demo's: the demo replaces its folder, so give a new "
+           f"or an earlier demo's one"), r.stderr
+    assert (tmp_path / 'mine.txt').read_text() == 'keep me'

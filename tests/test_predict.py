@@ -408,6 +408,10 @@ def test_predict_arguments_named_before_the_work(ckpts, clips, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match=r'^predict: device cuda: no CUDA GPU here; --device cpu runs on the CPU$'):
             predict.main(base + ['--device', 'cuda'])
+    if not torch.backends.mps.is_available():  # (a 20-line traceback at the model's .to('mps'))
+        with pytest.raises(SystemExit, match=r'^predict: device mps: no mps device here \(this torch or machine lacks '
+                                             r'it\); --device cpu runs on the CPU$'):
+            predict.main(base + ['--device', 'mps'])
 
 
 def test_checkpoint_missing_is_named_before_its_config(tmp_path):
