@@ -1072,10 +1072,13 @@ class StepLog:
             self.add_scalars(scalars, rec['step'])
 
     def add_scalars(self, scalars, step):
-        for k, v in scalars.items():
-            if v is not None:
-                self.tb.add_scalar(k, v, step)
-        self.tb.flush()
+        try:
+            for k, v in scalars.items():
+                if v is not None:
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        except OSError as e:  # (tensorboard's writer thread raises a full disk's error again here: a traceback)
+            raise dataset.write_error(os.path.join(os.path.dirname(self.file.name), 'tb'), e.strerror or e) from e
 
     def train(self, step, unit, unit_step, window, lr):
         n = window['n']
@@ -1093,7 +1096,8 @@ class StepLog:
         with contextlib.suppress(OSError):  # a write that failed (full disk) was raised by write(), once
             self.file.close()
         if self.tb:
-            self.tb.close()
+            with contextlib.suppress(OSError):
+                self.tb.close()
 
 
 def fmt(d):
@@ -1167,6 +1171,9 @@ def main(task_cls, default_config, argv=None):
                 shutil.rmtree(out)
 
 
+DERIVED_KEYS = ('size_vocab', 'size_frame')  # 0: derived from the data, the count recorded in args.json
+
+
 def prepare(cli, task_cls):
     """The run's args (and resume state, else None) from the command line: --resume's checks, the config's.
     -> (state, args)."""
@@ -1192,13 +1199,17 @@ def prepare(cli, task_cls):
                              f'copy, or start the run again')
         # stop_after_steps belongs to the invocation that sets it: a resumed run goes on to the end unless --set asks again
         args = load_args(sets=cli.set, base={**state['args'], 'stop_after_steps': 0})
+        for k in DERIVED_KEYS:  # 0 (derived from the data) means what the run derived and recorded
+            if args.get(k) == 0 and state['args'].get(k):
+                args[k] = state['args'][k]
         if cli.config_given:  # the resumed run keeps its args.json (and --set): a config file is not applied
             try:
                 given = config.read_file(cli.config)
             except config.FileError as e:
                 raise config_error(str(e)) from None
             overridden = {kv.partition('=')[0] for kv in cli.set} | {'path_output', 'stop_after_steps'}
-            differ = [k for k, v in given.items() if k not in overridden and args.get(k, v) != v]
+            differ = [k for k, v in given.items() if k not in overridden and args.get(k, v) != v
+                      and not (k in DERIVED_KEYS and v == 0)]
             if differ:
                 raise SystemExit(f"resume: {cli.config} differs from the run's args in {', '.join(differ)}: a resumed "
                                  f"run keeps its args.json; change a key with --set KEY=VALUE, without the config file")

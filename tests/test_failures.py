@@ -1458,3 +1458,36 @@ def test_demo_keeps_a_folder_that_is_not_its_own(tmp_path):
         1, f"--out {tmp_path} holds files that are not an earlier demo's: the demo replaces its folder, so give a new "
            f"or an earlier demo's one"), r.stderr
     assert (tmp_path / 'mine.txt').read_text() == 'keep me'
+
+
+def test_tensorboard_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """log_tb on a full disk: tensorboard's writer raised the OSError again at flush, a traceback (steps.jsonl's
+    own failure was the one line of a full disk)."""
+    log = agent.StepLog(str(tmp_path), True)
+    log.evaluation(1, 'epoch 1', {'vl': {'ac': 0.5}})
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(log.tb, 'flush', full)
+    with pytest.raises(dataset.WriteError, match=rf'^could not write {tmp_path}/tb: No space left on device \(\S+ \S+ '
+                                                 r'free on its disk\)$'):
+        log.evaluation(2, 'epoch 2', {'vl': {'ac': 0.5}})
+    log.close()
+
+
+def test_resume_with_the_first_command_line_and_derived_counts(toy, tmp_path):
+    """A config whose size_vocab (or size_frame) is 0, derived from the data, is recorded with the count: the first
+    command line with --resume added (a requeue script's) was refused as differing in size_vocab, and --set
+    size_vocab=0 as a change of the model's shape."""
+    cfg = json.load(open(f'{REPO}/_data/toy/args_toy-qaoe.json'))
+    json.dump({**cfg, 'size_vocab': 0, 'size_frame': 0}, open(tmp_path / 'cfg.json', 'w'))
+    out = tmp_path / 'run'
+    argv = [str(tmp_path / 'cfg.json'), '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}',
+            f'path_output={out}', 'size_epoch=1', 'size_batch=4']
+    agent.main(main_qaoe.QAOE, str(tmp_path / 'cfg.json'), argv + ['stop_after_steps=2'])
+    saved = json.load(open(out / 'args.json'))
+    assert saved['size_vocab'] == 12 and saved['size_frame'] == 5
+    agent.main(main_qaoe.QAOE, str(tmp_path / 'cfg.json'), argv + ['stop_after_steps=1', '--resume', str(out)])
+    assert torch.load(out / 'resume.pt', weights_only=True)['step'] == 3
+    agent.main(main_qaoe.QAOE, str(tmp_path / 'cfg.json'), ['--resume', str(out), '--set', 'size_vocab=0'])
+    assert json.load(open(out / 'args.json'))['size_vocab'] == 12 and 'ckpt_violet_toy-qaoe_1.pt' in os.listdir(out)
