@@ -801,8 +801,12 @@ class Trainer:
         stopped early (resumable)."""
         self.out, self.steps_run = out or self.out, 0
         if is_main():
-            # (a position at a unit's end is before its evaluation: an evaluation logged there is done again)
-            self.steplog = StepLog(out, self.args['log_tb'], self.global_step, evaluated=self.step == 0)
+            # (a position at a unit's end is before its evaluation: an evaluation logged there is done again; one
+            # inside a unit before its first optimiser step, its windows skipped, is after the previous unit's)
+            units = self.task.units()
+            at_end = self.step > 0 and self.unit < len(units) and self.step >= batches_per_rank(
+                self.task.unit_size(units[self.unit]), self.world, self.args['size_batch'])
+            self.steplog = StepLog(out, self.args['log_tb'], self.global_step, evaluated=not at_end)
         handlers = {}
         if threading.current_thread() is threading.main_thread():  # (signal handlers can only be set there)
             handlers = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}

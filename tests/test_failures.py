@@ -1491,3 +1491,26 @@ def test_resume_with_the_first_command_line_and_derived_counts(toy, tmp_path):
     assert torch.load(out / 'resume.pt', weights_only=True)['step'] == 3
     agent.main(main_qaoe.QAOE, str(tmp_path / 'cfg.json'), ['--resume', str(out), '--set', 'size_vocab=0'])
     assert json.load(open(out / 'args.json'))['size_vocab'] == 12 and 'ckpt_violet_toy-qaoe_1.pt' in os.listdir(out)
+
+
+def test_resume_before_a_units_first_step_keeps_the_last_evaluation(toy, tmp_path, monkeypatch):
+    """A stop inside a unit before its first optimiser step (its first batch non-finite, skipped) is at the previous
+    unit's evaluation's global step: the resumed run took it for the unit's end and dropped that evaluation's
+    steps.jsonl line, which it never does again."""
+    calls, step = [0], main_qamc.QAMC.step
+
+    def nan_then_signal(task, model, batch, gen):
+        calls[0] += model.training
+        loss, losses, hits = step(task, model, batch, gen)
+        if calls[0] == 5 and model.training:  # epoch 2's first batch (4 a unit)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return loss * math.nan, {k: v * math.nan for k, v in losses.items()}, hits
+        return loss, losses, hits
+    monkeypatch.setattr(main_qamc.QAMC, 'step', nan_then_signal)
+    out = tmp_path / 'run'
+    assert stops(qamc, toy, out, 'size_epoch=2').startswith('stopped by SIGTERM at epoch 2 step 1')
+    monkeypatch.undo()
+    evals = lambda: [r['step'] for r in map(json.loads, open(out / 'steps.jsonl')) if 'eval' in r]
+    assert evals() == [4]
+    agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out)])
+    assert evals() == [4, 7]
