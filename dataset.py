@@ -703,7 +703,7 @@ class DataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise UnsafePickle(f'{self.path}: refused to unpickle {module}.{name}: a data file may hold only dicts, '
-                               f'lists, tuples, str, bytes, numbers and numpy arrays (reading anything else could run code)')
+                               f'lists, tuples, sets, str, bytes, numbers and numpy arrays (reading anything else could run code)')
         return super().find_class(module, name)
 
 

@@ -264,7 +264,7 @@ def main():
     parser.add_argument('--zero-shot', action='store_true', help='pretraining checkpoint scored with its VTM head: the zero-shot numbers')
     parser.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                         help='override config keys (VALUE parsed as JSON when possible)')
-    parser.add_argument('--splits', nargs='+', default=['val', 'test'])
+    parser.add_argument('--splits', nargs='+', default=['val', 'test'], help="the txt json's splits ranked (default val test)")
     parser.add_argument('--size_pair', type=config.int_at_least(0), default=0,
                         help='(video, text) pairs per fused batch (0: 512 on CUDA, 64 on CPU)')
     parser.add_argument('--out', default='', help="output dir (default: the config's path_output, else _snapshot/_eval_retrieval_<timestamp>_<random>)")

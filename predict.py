@@ -144,6 +144,9 @@ def main(argv=None):
             ap.error('--text is required' if opt.mode in ('retrieval', 'pretrain') else '--question is required')
         if opt.mode == 'qamc' and not opt.options:
             ap.error('qamc needs --options')
+        if opt.mode != 'qamc' and opt.options:  # (they were ignored in silence)
+            ap.error(f'--options are for qamc; {opt.mode} ' + ('answers from its vocabulary' if opt.mode == 'qaoe' else
+                                                                'scores --text'))
         try:
             api.words(texts, 'text' if opt.mode in ('retrieval', 'pretrain') else 'question')
             api.words(opt.options or [], 'option')

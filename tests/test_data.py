@@ -1686,7 +1686,7 @@ def test_pickles_that_would_run_code_are_refused(args, bad_copy, tmp_path):
         pickle.dump({**frames, 'x': evil}, f)
     with open(f'{bad_copy}/vq_toyvid.pkl', 'wb') as f:
         pickle.dump([evil], f, protocol=2)
-    refused = 'refused to unpickle posix.system: a data file may hold only dicts, lists, tuples, str, bytes, numbers and numpy arrays'
+    refused = 'refused to unpickle posix.system: a data file may hold only dicts, lists, tuples, sets, str, bytes, numbers and numpy arrays'
     with pytest.raises(pickle.UnpicklingError, match=f'^{bad_copy}/img_toy.pkl: {refused}'):
         dataset.Dataset_Retrieval(dict(args, path_data=bad_copy, dataset='toy', task='toy-retrieval'), 'val')
     with pytest.raises(pickle.UnpicklingError, match=f'^{bad_copy}/vq_toyvid.pkl: {refused}'):

@@ -383,7 +383,7 @@ def test_list_files_as_people_save_them(tmp_path):
         predict.read_rows(str(tmp_path / 'rows.json'))
 
 
-def test_predict_arguments_named_before_the_work(ckpts, clips, tmp_path):
+def test_predict_arguments_named_before_the_work(ckpts, clips, tmp_path, capsys):
     """Each was a traceback (some after every video was scored): --list rows of the wrong types, an upper-case .JSON
     read as CSV, an empty list ('no readable video'), --device foo or cuda without a GPU, --cache on a file, --out
     under a file or on a folder."""
@@ -408,6 +408,9 @@ def test_predict_arguments_named_before_the_work(ckpts, clips, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match=r'^predict: device cuda: no CUDA GPU here; --device cpu runs on the CPU$'):
             predict.main(base + ['--device', 'cuda'])
+    with pytest.raises(SystemExit):  # --options beside an open-ended question were ignored in silence
+        predict.main(base + ['--options', 'red', 'blue'])
+    assert capsys.readouterr().err.strip().endswith('error: --options are for qamc; qaoe answers from its vocabulary')
     if not torch.backends.mps.is_available():  # (a 20-line traceback at the model's .to('mps'))
         with pytest.raises(SystemExit, match=r'^predict: device mps: no mps device here \(this torch or machine lacks '
                                              r'it\); --device cpu runs on the CPU$'):
