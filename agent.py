@@ -140,6 +140,12 @@ def parse_value(s):
 PATH_KEYS = ('path_data', 'path_output', 'path_ckpt', 'path_vt', 'txt_backbone', 'txt_vocab')
 
 
+def with_home(args):
+    """'~/data' in a path key is the home's (it was looked up, or written, as a folder named '~')."""
+    return {k: os.path.expanduser(v) if k in PATH_KEYS and isinstance(v, str) and v.startswith('~') else v
+            for k, v in args.items()}
+
+
 def load_args(path='', sets=(), base=None):
     """All defaults, then the config file at `path` (or `base`, a saved run's args), then --set KEY=VALUE
     overrides; every key validated. -> args dict."""
@@ -158,9 +164,7 @@ def load_args(path='', sets=(), base=None):
         check_keys({k: parse_value(v)}, '--set')
         given[k] = parse_value(v)
     args.update(violet.with_preset(given))  # a model_preset fills the model keys the file and --set leave out
-    for k in PATH_KEYS:  # '~/data' is the home's (it was looked up, or written, as a folder named '~')
-        if isinstance(args.get(k), str) and args[k].startswith('~'):
-            args[k] = os.path.expanduser(args[k])
+    args = with_home(args)
     wrong = violet.config_problem(args)
     if wrong:
         raise config_error(wrong)
@@ -195,7 +199,7 @@ def init_dist(local_rank=None):
     """Join the process group when launched by torchrun / torch.distributed.launch (WORLD_SIZE > 1; multi-node
     through torchrun's rendezvous); a plain `python script.py` runs alone without one.
     NCCL on CUDA, gloo on CPU. -> (rank, world, device)."""
-    local_rank = local_rank_of(local_rank)
+    local_rank = local_rank_of(local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     task = os.environ.get('SLURM_PROCID', '0')
     on_node = os.environ.get('SLURM_LOCALID', task)  # the task's index on its node
     if 'WORLD_SIZE' not in os.environ and on_node.isdigit() and int(on_node) > 0 and not torch.cuda.is_available():
@@ -229,30 +233,33 @@ def init_dist(local_rank=None):
     return get_rank(), get_world(), device
 
 
-def local_rank_of(given):
+def local_rank_of(given, n_gpus=0):
     """This process's index on its node (its GPU): torchrun's LOCAL_RANK, else the legacy launcher's --local_rank,
-    else, for processes started by hand with RANK / WORLD_SIZE (from Slurm's variables), SLURM_LOCALID; else 0.
-    (Without the last, every task of a node took the first GPU.)"""
+    else, for processes started by hand with RANK / WORLD_SIZE (from Slurm's variables) that see several GPUs,
+    SLURM_LOCALID (without it every task of a node took the first); else 0 (a task given its own GPU sees it alone,
+    srun --gpus-per-task=1)."""
     if 'LOCAL_RANK' in os.environ:
         return int(os.environ['LOCAL_RANK'])
     if given is not None:
         return given
     slurm = os.environ.get('SLURM_LOCALID', '')
-    return int(slurm) if int(os.environ.get('WORLD_SIZE', '1')) > 1 and slurm.isdigit() else 0
+    by_hand = int(os.environ.get('WORLD_SIZE', '1')) > 1 and slurm.isdigit()
+    return int(slurm) if by_hand and int(slurm) < n_gpus else 0
 
 
 def share_node():
-    """What torchrun sets and a launch by hand (RANK / WORLD_SIZE from Slurm's variables) does not: the processes of
-    this node (LOCAL_WORLD_SIZE, for the DataLoader workers' share), and OMP_NUM_THREADS. Without it every process ran
-    as many threads as the node has CPUs: 2 processes on 2 cores trained 15x slower. Collective."""
-    host = socket.gethostname()
-    local = gather_objects(host).count(host)
+    """What torchrun sets and a launch by hand (RANK / WORLD_SIZE from Slurm's variables) does not: the processes
+    that share this one's CPUs (LOCAL_WORLD_SIZE, for the DataLoader workers' share), and OMP_NUM_THREADS. Without
+    it every process ran as many threads as the node has CPUs: 2 processes on 2 cores trained 15x slower. Processes
+    of the node bound to other CPUs (Slurm's --cpus-per-task) do not count. Collective."""
+    host, cpus = socket.gethostname(), set(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
+    local = sum(h == host and (cpus is None or c is None or bool(cpus & c)) for h, c in gather_objects((host, cpus)))
     os.environ.setdefault('LOCAL_WORLD_SIZE', str(local))
-    if 'OMP_NUM_THREADS' not in os.environ and local > 1:
-        threads = max(1, usable_cpus() // local)
+    threads = max(1, usable_cpus() // local)
+    if 'OMP_NUM_THREADS' not in os.environ and (local > 1 or threads < torch.get_num_threads()):
         torch.set_num_threads(threads)
-        say(f'{local} processes on a node and OMP_NUM_THREADS unset: {threads} thread(s) each (this node\'s CPUs '
-            f'shared; torchrun sets 1)')
+        say(f'{local} process(es) on {usable_cpus()} CPU(s) and OMP_NUM_THREADS unset: {threads} thread(s) each '
+            f'(torchrun sets 1)')
 
 
 def leave_group():
@@ -733,11 +740,11 @@ class Trainer:
         for g in self.optim.param_groups:
             g['lr'], g['weight_decay'] = self.args['lr'], self.args['decay']
         changed = [f'{k} {a} -> {self.args[k]}' for k, a in was.items() if a != self.args[k]]
-        if changed:
-            say(f'resume: {", ".join(changed)} from here on')
         if state['scaler']:
             self.scaler.load_state_dict(state['scaler'])
         self.unit, self.step, self.nonfinite_run, self.log = state['unit'], state['step'], state['nonfinite_run'], state['log']
+        if changed and self.unit < len(self.task.units()):  # (a finished run trains nothing: said by fit)
+            say(f'resume: {", ".join(changed)} from here on')
         self.log.setdefault('n_overflow', 0)  # (absent from resume files of earlier versions)
         self.global_step = state.get('global_step', 0)  # absent from resume files of earlier versions
         if state['world'] == self.world:
@@ -1208,7 +1215,7 @@ def prepare(cli, task_cls):
                 args[k] = state['args'][k]
         if cli.config_given:  # the resumed run keeps its args.json (and --set): a config file is not applied
             try:
-                given = config.read_file(cli.config)
+                given = with_home(config.read_file(cli.config))
             except config.FileError as e:
                 raise config_error(str(e)) from None
             overridden = {kv.partition('=')[0] for kv in cli.set} | {'path_output', 'stop_after_steps'}

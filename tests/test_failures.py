@@ -196,6 +196,7 @@ def test_output_folder_is_one_runs(toy, tmp_path, capsys):
     agent.main(main_qamc.QAMC, CONFIG, ['--resume', str(out), '--set', 'lr=0.9', 'seed=5'])
     said = capsys.readouterr().out
     assert (out / 'args.json').read_text() == before  # (it recorded the lr and seed of no training)
+    assert 'resume: lr' not in said  # (nor announced the lr it would not train with)
     assert said.strip().endswith(f'nothing to do: {out} has finished all 1 units (the last: epoch 1); --set '
                                  f'size_epoch=N with a larger N trains on') and 'done' not in said, said
     # --overwrite: the old run's files go, the new run's come
@@ -1365,6 +1366,8 @@ def by_hand(argvs, timeout=240):
 SHARE_NODE = """
 import os, sys, torch
 sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == 'bound':  # each process its own CPU, as Slurm's --cpus-per-task binds them
+    os.sched_setaffinity(0, {int(os.environ['RANK'])})
 import agent
 rank, world, device = agent.init_dist()
 print('threads', torch.get_num_threads(), 'local', os.environ['LOCAL_WORLD_SIZE'], flush=True)
@@ -1372,36 +1375,47 @@ agent.leave_group()
 """
 
 
-def test_processes_started_by_hand_share_the_node(monkeypatch):
-    """RANK / WORLD_SIZE set by hand (from Slurm's variables, without torchrun): every process ran as many threads as
-    the node has CPUs (2 processes on 2 cores trained 15x slower) and took the whole node's DataLoader workers; on
-    GPUs every task of a node took the first (LOCAL_RANK unset: SLURM_LOCALID is its index on the node)."""
+def by_hand_unset(how):
+    """Two processes started by hand as Slurm tasks of one node (RANK, WORLD_SIZE, SLURM_*; no LOCAL_RANK,
+    LOCAL_WORLD_SIZE or OMP_NUM_THREADS) -> their outputs."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ('OMP_NUM_THREADS', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')}
     env.update(WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    procs = [subprocess.Popen([sys.executable, '-c', SHARE_NODE, REPO], env=dict(env, RANK=str(r), SLURM_PROCID=str(r),
-                                                                                 SLURM_LOCALID=str(r)),
+    procs = [subprocess.Popen([sys.executable, '-c', SHARE_NODE, REPO, how],
+                              env=dict(env, RANK=str(r), SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
     try:
-        out = [p.communicate(timeout=120)[0] for p in procs]
+        return [p.communicate(timeout=120)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
+
+
+def test_processes_started_by_hand_share_the_node(monkeypatch):
+    """RANK / WORLD_SIZE set by hand (from Slurm's variables, without torchrun): every process ran as many threads as
+    the node has CPUs (2 processes on 2 cores trained 15x slower) and took the whole node's DataLoader workers; on
+    GPUs every task of a node took the first (LOCAL_RANK unset: SLURM_LOCALID is its index on the node). Processes
+    bound to CPUs of their own (Slurm's --cpus-per-task) keep them."""
+    out = by_hand_unset('free')
     threads = max(1, agent.usable_cpus() // 2)
     assert out[0].splitlines()[-2:] == [
-        f'2 processes on a node and OMP_NUM_THREADS unset: {threads} thread(s) each (this node\'s CPUs shared; '
-        f'torchrun sets 1)', f'threads {threads} local 2'], out
+        f'2 process(es) on {agent.usable_cpus()} CPU(s) and OMP_NUM_THREADS unset: {threads} thread(s) each '
+        f'(torchrun sets 1)',
+        f'threads {threads} local 2'], out
     assert out[1].splitlines()[-1] == f'threads {threads} local 2', out
+    if agent.usable_cpus() >= 2:
+        assert [o.splitlines()[-1] for o in by_hand_unset('bound')] == ['threads 1 local 1'] * 2
     for k in ('LOCAL_RANK', 'WORLD_SIZE', 'SLURM_LOCALID'):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv('SLURM_LOCALID', '3')
-    assert agent.local_rank_of(None) == 0  # one process alone: its GPU is the first it sees
+    assert agent.local_rank_of(None, n_gpus=8) == 0  # one process alone: its GPU is the first it sees
     monkeypatch.setenv('WORLD_SIZE', '8')
-    assert (agent.local_rank_of(None), agent.local_rank_of(2)) == (3, 2)  # (--local_rank: the legacy launcher's)
+    assert (agent.local_rank_of(None, 8), agent.local_rank_of(2, 8)) == (3, 2)  # (--local_rank: the legacy launcher's)
+    assert agent.local_rank_of(None, n_gpus=1) == 0  # srun --gpus-per-task=1: each task sees its own GPU alone
     monkeypatch.setenv('LOCAL_RANK', '1')
-    assert agent.local_rank_of(2) == 1
+    assert agent.local_rank_of(2, 8) == 1
 
 
 def test_nodes_that_see_different_files_stop_together(toy, tmp_path):
@@ -1475,15 +1489,17 @@ def test_tensorboard_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     log.close()
 
 
-def test_resume_with_the_first_command_line_and_derived_counts(toy, tmp_path):
-    """A config whose size_vocab (or size_frame) is 0, derived from the data, is recorded with the count: the first
-    command line with --resume added (a requeue script's) was refused as differing in size_vocab, and --set
-    size_vocab=0 as a change of the model's shape."""
+def test_resume_with_the_first_command_line_and_derived_counts(toy, tmp_path, monkeypatch):
+    """A config whose size_vocab (or size_frame) is 0, derived from the data, is recorded with the count, and one
+    whose path_data starts with '~' with the home: the first command line with --resume added (a requeue script's)
+    was refused as differing in them, and --set size_vocab=0 as a change of the model's shape."""
     cfg = json.load(open(f'{REPO}/_data/toy/args_toy-qaoe.json'))
-    json.dump({**cfg, 'size_vocab': 0, 'size_frame': 0}, open(tmp_path / 'cfg.json', 'w'))
+    monkeypatch.setenv('HOME', str(tmp_path))
+    assert toy == f'{tmp_path}/data'
+    json.dump({**cfg, 'size_vocab': 0, 'size_frame': 0, 'path_data': '~/data'}, open(tmp_path / 'cfg.json', 'w'))
     out = tmp_path / 'run'
-    argv = [str(tmp_path / 'cfg.json'), '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}',
-            f'path_output={out}', 'size_epoch=1', 'size_batch=4']
+    argv = [str(tmp_path / 'cfg.json'), '--set', f'txt_backbone={REPO}/_data/bert-tiny', f'path_output={out}',
+            'size_epoch=1', 'size_batch=4']
     agent.main(main_qaoe.QAOE, str(tmp_path / 'cfg.json'), argv + ['stop_after_steps=2'])
     saved = json.load(open(out / 'args.json'))
     assert saved['size_vocab'] == 12 and saved['size_frame'] == 5

@@ -142,11 +142,12 @@ def test_v2_layout_all_tasks_eval_and_train_sampling(v2_args):
                 assert img.shape == (5, 3, 32, 32)
                 assert [stored_index(f) for f in img] == EVAL_5[item['video']], (task, split, item['video'])
         ds = cls(dict(v2_args, task=task), 'train')
-        random.seed(0)
         starts = set()  # v_a, 12 frames: stride 3, start 0 (end 11, step 2.75), 1 (end 11, step 2.5), 2 (step 2.25)
-        for _ in range(12):
+        for epoch in range(12):  # (each epoch's draw: its seed and the item's index, whatever process draws it)
+            ds.draw_seed = epoch
             got = [stored_index(f) for f in ds[0][0]]  # v_a: 12 frames, stride 3
             assert got in ([0, 3, 6, 8, 11], [1, 4, 6, 8, 11], [2, 4, 6, 9, 11])
+            assert [stored_index(f) for f in ds[0][0]] == got
             starts.add(got[0])
         assert starts == {0, 1, 2}
 
