@@ -1003,10 +1003,11 @@ def test_a_second_ctrl_c_stops_at_once(toy, tmp_path, monkeypatch):
         return step(self, *a)
     monkeypatch.setattr(main_qamc.QAMC, 'step', pressed_twice)
     out = tmp_path / 'run'
+    before = signal.getsignal(signal.SIGINT)  # (Python's default_int_handler; SIG_IGN in a job started with '&')
     assert stops(qamc, toy, out, 'size_epoch=2', 'save_every=1') == (
         f'interrupted (Ctrl-C): the steps since its last resume.pt are lost; --resume {out} goes on from there')
     assert torch.load(out / 'resume.pt', weights_only=True)['step'] == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the run's handler is gone with it
 
 
 def test_stop_signal_to_one_rank_stops_all(toy, tmp_path):
