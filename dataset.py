@@ -923,6 +923,10 @@ class TSV:
     def __getstate__(self):
         return dict(path=self.path, _f=None, pid=None)
 
+    def __del__(self):  # (left to the garbage collector, a handle warned 'unclosed file' once per part)
+        if self._f is not None and self.pid == os.getpid():
+            self._f.close()
+
     @property
     def f(self):
         """This process's handle (a forked worker or DDP rank opens its own on first use)."""

@@ -1809,3 +1809,18 @@ def test_pretrain_part_gap_empty_part_and_vq_range(args, bad_copy, monkeypatch):
     with pytest.raises(ValueError, match=rf'vq_toyvid.pkl: video "{vid}" has VQ tokens outside 0..8191 \(min \d+, max 9000\)'):
         ds[0]
     assert dataset.Dataset_Pretrain(dict(a, skip_bad=True), 'toyvid', 'val')[0] is None
+
+
+def test_tsv_handle_is_closed_with_it(tmp_path):
+    """A TSV's file handle was left to the garbage collector: 'ResourceWarning: unclosed file' once per pretraining
+    part under `python -W default` (and pytest)."""
+    import gc
+    import warnings
+    (tmp_path / 'a.tsv').write_bytes(b'v0\tx\nv1\ty\n')
+    tsv = dataset.TSV(str(tmp_path / 'a.tsv'))
+    assert tsv.read(5) == ['v1', 'y']
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter('always', ResourceWarning)
+        del tsv
+        gc.collect()
+    assert not [w for w in said if issubclass(w.category, ResourceWarning)], [str(w.message) for w in said]
