@@ -12,6 +12,7 @@ A video is a file path (frames sampled by dataset.read_video, as _tools/extract_
 [T, H, W, 3] uint8 array or a list of PIL images (all T frames used). Frames go through dataset.pad_resize, the
 training pipeline; the model normalises them. Every model key must come from the checkpoint (need='all').
 """
+import collections
 import hashlib
 import numbers
 import os
@@ -27,6 +28,7 @@ import dataset
 from config import read_file
 import model as violet
 
+MEMO_VIDEOS = 1024  # videos whose features a Violet keeps in memory (about 0.8 MB each at full size, on its device)
 TEMPERATURE = {'qamc': 1.0, 'pretrain': violet.VTM_TEMPERATURE, 'retrieval': violet.VTM_TEMPERATURE}  # option probabilities: softmax(score / T), as trained
 
 
@@ -53,7 +55,9 @@ def words(texts, what, tokzr=None):
     naming the first."""
     texts = as_list(texts, f'{what}s', 'of str')
     for i, t in enumerate(texts):
-        if not isinstance(t, str) or not (dataset.has_words(tokzr, t) if tokzr else t.strip()):
+        if not isinstance(t, str):
+            raise ValueError(f'{what} {i} is {t!r}: a str, not {type(t).__name__}')
+        if not (dataset.has_words(tokzr, t) if tokzr else t.strip()):
             raise ValueError(f'{what} {i} is {t!r}: it needs words (an empty one would be scored as [CLS] [SEP] alone)')
     return [str(t) for t in texts]  # (numpy's str_ as str: JSON output)
 
@@ -111,8 +115,14 @@ def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=
     for per-video features. sets: KEY=VALUE config overrides. upright: turn rotated video files upright
     (dataset.read_video; as the extraction tool's --upright: off, as the original, frames as they are encoded). -> Violet."""
     ckpt, config, vocab, cache = map(fspath, (ckpt, config, vocab, cache))
+    if precision not in ('fp32', 'bf16'):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    n_frames = whole(n_frames, 'n_frames', 0, ' (0: the config\'s)')
     cfg, cfg_vocab, where = find_config(ckpt, config)
-    args = agent.load_args(where, sets, base=cfg)  # (a wrong key named with the file it is in)
+    try:  # (the scripts' config errors are SystemExit: a library raises ValueError, which `except Exception` takes)
+        args = agent.load_args(where, as_list(sets, 'sets', 'of KEY=VALUE str'), base=cfg)  # (a wrong key named with its file)
+    except SystemExit as e:
+        raise ValueError(str(e)) from None
     dataset.check_size_txt(args)
     args['path_ckpt'] = ckpt  # the VT weights come from it (model.load_vt), not from path_vt
     type_ = args['type'] or 'retrieval'
@@ -130,7 +140,8 @@ def load(ckpt, config=None, vocab=None, device=None, precision='fp32', n_frames=
             raise ValueError(f'{ckpt}: the answer vocabulary has {len(vocab)} entries, the model '
                              f'{args["size_vocab"]} classes (a class without an answer text: null in a JSON list)')
     device = pick_device(device)
-    mdl = violet.MODELS[type_](args)
+    with torch.random.fork_rng(devices=[]):  # (its random init, replaced by the checkpoint, drew from the caller's RNG)
+        mdl = violet.MODELS[type_](args)
     mdl.load_ckpt(ckpt, need='all')
     n_frames = n_frames or args['size_frame'] or (4 if type_ == 'pretrain' else 5)
     if not 1 <= n_frames <= violet.MAX_FRAMES:
@@ -165,7 +176,7 @@ class Violet:
         st = os.stat(ckpt)
         # a cached feature belongs to these weights and this input shape
         self.fingerprint = f'{os.path.abspath(ckpt)}|{st.st_size}|{st.st_mtime_ns}|{args["size_img"]}|{precision}'
-        self.memo = {}
+        self.memo = collections.OrderedDict()  # the last MEMO_VIDEOS videos' features (forget() empties it)
         self.pairs_per_s = None
         why = cache and dataset.make_folder(cache)
         if why:
@@ -196,20 +207,38 @@ class Violet:
         return torch.stack([dataset.pad_resize(torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1), size)
                             for f in rgb])
 
-    def cache_file(self, video):
-        st = os.stat(video)
-        key = f'{self.fingerprint}|{os.path.abspath(video)}|{st.st_size}|{st.st_mtime_ns}|{self.n_frames}' + '|upright' * self.upright
-        return os.path.join(self.cache, hashlib.sha256(key.encode()).hexdigest()[:32] + '.safetensors')
+    def video_key(self, video):
+        """A video file's identity: its absolute path, size and time of change (a file rewritten, or the same
+        relative name from another folder, is another video)."""
+        try:
+            st = os.stat(video)
+        except OSError:
+            self.frames(video)  # its BadVideo names what is wrong (missing, a broken link, ...)
+            raise
+        return f'{os.path.abspath(video)}|{st.st_size}|{st.st_mtime_ns}|{self.n_frames}' + '|upright' * self.upright
+
+    def cache_file(self, key):
+        return os.path.join(self.cache, hashlib.sha256(f'{self.fingerprint}|{key}'.encode()).hexdigest()[:32] + '.safetensors')
+
+    def forget(self):
+        """Empty the in-memory features (the cache folder keeps its files)."""
+        self.memo.clear()
 
     @torch.no_grad()
     def embed_video(self, video):
-        """-> (features [L, D] float32, mask [L]) of the video encoder; computed once per file (memory, and the
-        cache folder when given)."""
-        video = fspath(video)
-        key = video if isinstance(video, str) else None
+        """-> (features [L, D] float32, mask [L]) of the video encoder, copies; computed once per file (memory: the
+        last MEMO_VIDEOS files; and the cache folder when given)."""
+        feat, mask = self.video_features(fspath(video))
+        return feat.clone(), mask.clone()
+
+    @torch.no_grad()
+    def video_features(self, video):
+        """embed_video's (features, mask) themselves: the memo's own tensors."""
+        key = self.video_key(video) if isinstance(video, str) else None
         if key is not None and key in self.memo:
+            self.memo.move_to_end(key)
             return self.memo[key]
-        path = self.cache_file(video) if key is not None and self.cache else None
+        path = self.cache_file(key) if key is not None and self.cache else None
         out = self.cached(path) if path and os.path.isfile(path) else None
         if out is None:
             with self.autocast():
@@ -219,6 +248,8 @@ class Violet:
                 agent.save_safetensors({'feat': out[0], 'mask': out[1]}, path)
         if key is not None:
             self.memo[key] = out
+            while len(self.memo) > MEMO_VIDEOS:
+                self.memo.popitem(last=False)
         return out
 
     def cached(self, path):
@@ -226,8 +257,13 @@ class Violet:
         not one of ours): computed again and rewritten."""
         try:
             t = safetensors.torch.load_file(path, device=str(self.device))
-            return t['feat'], t['mask']
-        except (safetensors.SafetensorError, OSError, KeyError) as e:
+            feat, mask = t['feat'], t['mask']
+            L = self.n_frames * (1 + (self.args['size_img'] // 32) ** 2)
+            if feat.shape != (L, self.model.hidden_size) or mask.shape != (L,):
+                raise ValueError(f'features {list(feat.shape)} and mask {list(mask.shape)}, expected [{L}, '
+                                 f'{self.model.hidden_size}] and [{L}]')
+            return feat, mask
+        except (safetensors.SafetensorError, OSError, KeyError, ValueError) as e:
             print(f'cache: {path} unreadable ({type(e).__name__}: {e}); computed again', flush=True)
             return None
 
@@ -251,7 +287,7 @@ class Violet:
         size_pair = whole(size_pair, 'size_pair', 0, ' (0: 512 on CUDA, 64 on CPU)')  # (a negative one returned uninitialised memory)
         if not len(videos) or not len(texts):
             return np.zeros((len(videos), len(texts)), np.float32)
-        feats = [self.embed_video(v) for v in videos]
+        feats = [self.video_features(fspath(v)) for v in videos]
         feat_img, mask_img = torch.stack([f for f, _ in feats]), torch.stack([m for _, m in feats])
         feat_txt, mask_txt = self.embed_text(texts)
         n_v, n_t = len(videos), len(texts)
@@ -282,7 +318,13 @@ class Violet:
             options = words(options, 'option', self.tokzr)  # the question may be empty (caption-choice sets have none), an option not
             if not options:
                 raise ValueError('options is empty: give the candidate answers')
-            s = self.score([video], [f'{question} {o}' for o in options])[0]
+            texts = [f'{question} {o}' for o in options]
+            ids = [tuple(dataset.tokenize(self.tokzr, t, self.args['size_txt'])[0]) for t in texts]
+            same = next(((i, j) for j in range(len(ids)) for i in range(j) if ids[i] == ids[j]), None)
+            if same:  # (their scores tied but for float noise, and the answer looked like one)
+                raise ValueError(f'options {same[0]} and {same[1]} are the same text to the model once question + '
+                                 f'option is cut to size_txt {self.args["size_txt"]} tokens: shorten the question')
+            s = self.score([video], texts)[0]
             p = torch.softmax(torch.as_tensor(s, dtype=torch.float64) / TEMPERATURE[self.type], 0).numpy()
             i = int(np.argmax(s))
             return dict(answer=options[i], index=i, prob=float(p[i]),
@@ -293,7 +335,7 @@ class Violet:
             raise ValueError('no answer vocabulary: load(..., vocab=...): the answer texts by class index (a JSON '
                              'list, or a txt_<task>.json with "vocab"; the official checkpoints have none stored)')
         words([question], 'question', self.tokzr)
-        feat_img, mask_img = self.embed_video(video)
+        feat_img, mask_img = self.video_features(fspath(video))
         feat_txt, mask_txt = self.embed_text([question])
         with self.autocast():
             logits = self.model.answer_logits(feat_img[None], mask_img[None], feat_txt, mask_txt, fp32_head=True)[0]

@@ -546,3 +546,57 @@ def test_upright_reaches_the_video_reader(clips, ckpts, capsys, monkeypatch):
     for flags in ([], ['--upright']):
         run_predict(capsys, 'retrieval', '--ckpt', ckpts['retrieval'], '--video', path, '--text', 'a red bar', *flags)
     assert seen == [False, True]
+
+
+def test_api_as_a_library(clips, ckpts, tmp_path, monkeypatch, capsys):
+    """What a notebook met: a video file rewritten (or the same relative name from another folder) scored with the
+    first file's features, kept without bound; embed_video's tensors were the memo's own (changed in place, every
+    later score changed); config errors were SystemExit, past `except Exception`; load() drew from the caller's
+    RNG; a cached entry of the wrong shape failed deep in score(); with a cache, a missing file was a bare
+    FileNotFoundError; QA-MC options that the text length cut to one text gave a 1/3 'answer'."""
+    red, blue = (str(clips / '_lib' / f) for f in ('red.mp4', 'blue.mp4'))
+    mine = str(tmp_path / 'mine.mp4')
+    shutil.copy(red, mine)
+    m = api.load(ckpts['retrieval'], device='cpu')
+    first = m.score([mine], ['a red bar'])
+    shutil.copy(blue, mine)
+    os.utime(mine, ns=(1, 1))  # (another size or time of change: another video)
+    assert np.array_equal(m.score([mine], ['a red bar']), m.score([blue], ['a red bar']))
+    assert not np.array_equal(first, m.score([blue], ['a red bar']))
+    feat, _ = m.embed_video(blue)
+    feat.mul_(0)
+    assert np.array_equal(m.score([blue], ['a red bar']), api.load(ckpts['retrieval'], device='cpu').score([blue], ['a red bar']))
+    m.forget()
+    assert not m.memo
+    monkeypatch.setattr(api, 'MEMO_VIDEOS', 1)
+    m.score([red, blue], ['x'])
+    assert list(m.memo) == [m.video_key(blue)]
+    for sets, said in [(['size_imgg=64'], "config error: unknown key 'size_imgg'"), ('size_img=64', 'sets must be a list')]:
+        with pytest.raises(ValueError, match=said):
+            api.load(ckpts['retrieval'], device='cpu', sets=sets)
+    with pytest.raises(ValueError, match=r"^precision must be 'fp32' or 'bf16', got 'fp16'$"):
+        api.load(ckpts['retrieval'], precision='fp16')
+    with pytest.raises(ValueError, match=r'^n_frames must be an int >= 0'):
+        api.load(ckpts['retrieval'], n_frames=True)
+    torch.manual_seed(0)
+    want = torch.rand(1)
+    torch.manual_seed(0)
+    api.load(ckpts['retrieval'], device='cpu')
+    assert torch.equal(torch.rand(1), want)
+    with pytest.raises(ValueError, match=r"^option 1 is 2: a str, not int$"):
+        api.load(ckpts['qamc'], device='cpu').answer(red, 'what', options=['a', 2])
+    cached = api.load(ckpts['retrieval'], device='cpu', cache=str(tmp_path / 'c'))
+    with pytest.raises(dataset.BadVideo, match='nope.mp4'):
+        cached.score([str(tmp_path / 'nope.mp4')], ['x'])
+    entry = cached.cache_file(cached.video_key(red))
+    violet_feat = torch.zeros(3, 5)
+    import safetensors.torch
+    safetensors.torch.save_file({'feat': violet_feat, 'mask': torch.zeros(3)}, entry)
+    capsys.readouterr()
+    assert np.array_equal(cached.score([red], ['a red bar']), m.score([red], ['a red bar']))
+    assert 'unreadable (ValueError: features [3, 5] and mask [3], expected' in capsys.readouterr().out
+    qamc = api.load(ckpts['qamc'], device='cpu')
+    long = 'what does the video show in this clip ' * 10
+    with pytest.raises(ValueError, match=rf'^options 0 and 1 are the same text to the model once question \+ option is '
+                                         rf'cut to size_txt {qamc.args["size_txt"]} tokens: shorten the question$'):
+        qamc.answer(red, long, options=['a red bar moves right', 'a blue dot moves up'])
