@@ -171,9 +171,10 @@ def main(argv=None):
     # features once per video; unreadable ones named (and fatal when named on the command line)
     t0, skipped = time.time(), []
     videos = list(dict.fromkeys(j['video'] for j in jobs))
+    api.MEMO_VIDEOS = max(api.MEMO_VIDEOS, len(videos))  # every video's features kept for its jobs (decoded once)
     for v in tqdm(videos, desc='videos', unit='video', ascii=True, disable=len(videos) < 10):
         try:
-            m.embed_video(v)
+            m.video_features(v)
         except dataset.WriteError as e:  # the --cache folder's disk is full: nothing is lost but time, say so
             raise SystemExit(f'predict: {e}; make room, or run without --cache') from e
         except (dataset.BadVideo, OSError) as e:
