@@ -924,7 +924,7 @@ class TSV:
         return dict(path=self.path, _f=None, pid=None)
 
     def __del__(self):  # (left to the garbage collector, a handle warned 'unclosed file' once per part)
-        if self._f is not None and self.pid == os.getpid():
+        if getattr(self, '_f', None) is not None and self.pid == os.getpid():  # (none when __init__ found no file)
             self._f.close()
 
     @property
