@@ -811,8 +811,8 @@ class Trainer:
             # (a position at a unit's end is before its evaluation: an evaluation logged there is done again; one
             # inside a unit before its first optimiser step, its windows skipped, is after the previous unit's)
             units = self.task.units()
-            at_end = self.step > 0 and self.unit < len(units) and self.step >= batches_per_rank(
-                self.task.unit_size(units[self.unit]), self.world, self.args['size_batch'])
+            at_end = self.step > 0 and self.unit < len(units) and self.trained_through(
+                dict(step=self.step, world=self.world, unit_size=self.task.unit_size(units[self.unit])))
             self.steplog = StepLog(out, self.args['log_tb'], self.global_step, evaluated=not at_end)
         handlers = {}
         if threading.current_thread() is threading.main_thread():  # (signal handlers can only be set there)

@@ -167,8 +167,7 @@ def pick_device(name):
 
 class Violet:
     def __init__(self, mdl, args, type_, vocab, device, precision, n_frames, cache, ckpt, upright=False):
-        if precision not in ('fp32', 'bf16'):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        """Made by load(), which checks its arguments."""
         self.model, self.args, self.type, self.vocab = mdl, args, type_, vocab
         self.device, self.precision, self.n_frames, self.cache = device, precision, n_frames, cache
         self.upright = upright
