@@ -582,8 +582,8 @@ class Trainer:
                     self.scaler.scale(loss / self.args['grad_accum']).backward()
                     self.pending += 1
             out.update(loss=loss, losses=losses if trained else None, nonfinite=not trained, signalled=int(-signalled))
-        if not trained and last_of_window and self.world > 1:
-            self.pending = 0  # the window's DDP all-reduce never ran (its last backward was skipped): drop it
+        if not trained and last_of_window and self.world > 1 and self.pending:
+            self.average_gradients()  # the window's DDP all-reduce never ran (its last backward was skipped)
         out['stepped'] = last_of_window and self.pending > 0
         if out['stepped']:
             self.optimiser_step()
@@ -591,6 +591,20 @@ class Trainer:
             self.optim.zero_grad(set_to_none=True)
             self.pending = 0
         return out
+
+    def average_gradients(self):
+        """DDP's mean of the gradients over the ranks, by hand: for a grad_accum window whose last batch no rank
+        trained (DDP syncs at the last backward), so that its earlier batches step as in a single process. pending is
+        the same on every rank (present and finite are agreed); a parameter without a gradient on some rank (unused
+        there) takes zeros, one without any on every rank stays without."""
+        params = [p for p in self.raw.parameters() if p.requires_grad]
+        has = all_reduce([p.grad is not None for p in params], dist.ReduceOp.MAX)
+        for p, any_rank in zip(params, has):
+            if any_rank:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world)
 
     def count_nonfinite(self, where, i):
         self.log['n_nonfinite'] += 1

@@ -1191,6 +1191,53 @@ def test_skipped_batch_on_one_rank_under_torchrun(toy, tmp_path):
     assert agent.read_run_log(out)['n_skipped'] == 1
 
 
+NAN_LAST_OF_WINDOW = """import atexit, json, os, sys
+sys.path.insert(0, {repo!r})
+import agent, main_qamc, tasks
+real_step, real_optimiser_step, calls, sums = tasks.Downstream.step, agent.Trainer.optimiser_step, [0], []
+
+
+def step(self, model, batch, gen):  # every rank's 2nd training batch, the last of the 1st grad_accum window: NaN
+    loss, losses, accs = real_step(self, model, batch, gen)
+    if model.training:
+        calls[0] += 1
+        if calls[0] == 2:
+            loss = loss * float('nan')
+    return loss, losses, accs
+
+
+def optimiser_step(self):  # each optimiser step, the rank's weights after it
+    real_optimiser_step(self)
+    sums.append(sum(p.double().sum().item() for p in self.raw.parameters()))
+
+
+tasks.Downstream.step, agent.Trainer.optimiser_step = step, optimiser_step
+atexit.register(lambda: json.dump(sums, open(os.path.join({dump!r}, 'sums' + os.environ['RANK']), 'w')))
+agent.main(main_qamc.QAMC, {config!r})
+"""
+
+
+def test_untrained_last_batch_of_window_under_torchrun(toy, tmp_path):
+    """grad_accum 2 under torchrun: the loss of the window's last batch is non-finite on every rank. DDP syncs the
+    gradients at the window's last backward, which was skipped, so the window's first batch was dropped unstepped
+    (its samples counted as trained). Now its gradients are averaged by hand and the optimiser steps, as a single
+    process does: every window steps once, the ranks' weights the same after each step."""
+    (tmp_path / 'run.py').write_text(NAN_LAST_OF_WINDOW.format(repo=REPO, config=CONFIG, dump=str(tmp_path)))
+    out = tmp_path / 'ddp'
+    proc = subprocess.run(['torchrun', '--standalone', '--nproc_per_node=2', str(tmp_path / 'run.py'), '--set',
+                           f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}', f'path_output={out}',
+                           'size_epoch=1', 'size_batch=1', 'grad_accum=2', 'num_workers=0'],
+                          cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'non-finite loss at epoch 1 step 1: step skipped (1 in a row, 1 in all)' in proc.stdout, proc.stdout[-2000:]
+    n_train = len(json.load(open(f'{toy}/txt_toy-qamc.json'))['train'])
+    n_windows = -(-n_train // 4)  # 2 ranks x size_batch 1 x grad_accum 2
+    sums = [json.load(open(tmp_path / f'sums{rank}')) for rank in (0, 1)]
+    assert len(sums[0]) == n_windows and sums[0] == sums[1]
+    steps = [json.loads(ln) for ln in open(out / 'steps.jsonl') if 'eval' not in ln]
+    assert [rec['step'] for rec in steps] == list(range(1, n_windows + 1))
+
+
 def test_waiting_for_data_is_reported(toy, tmp_path, monkeypatch, capsys):
     """Each unit's line says what share of its time rank 0 waited for batches; over 10 % it says (once) to raise
     num_workers. Here every sample takes 50 ms to load (no workers): most of the time is waiting."""
