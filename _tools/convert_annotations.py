@@ -18,6 +18,23 @@ r"""Public annotation files -> txt_<task>.json as dataset.py reads it (README "R
         DIR: Train_<action|transition>_question.csv, Test_..._question.csv (Jang et al. 2017; tab separated
         despite the name, a header line, then gif_name, question, a1..a5, answer (0-4), vid_id, key).
         TGIF-QA has no validation split: val is the test split.
+    python _tools/convert_annotations.py tgif-frame --src DIR --out _data/txt_tgif-frame.json [--size_vocab 1540]
+        DIR: Train_frameqa_question.csv, Test_frameqa_question.csv (TGIF-QA's FrameQA, open-ended; tab separated, a
+        header line, then gif_name, question, answer, type, vid_id, key, description). QA-OE as msrvtt-qa; val is the
+        test split. (ClipBERT and VIOLETv2 keep 1,540 answers: --size_vocab 1540; the default is 1,000.)
+    python _tools/convert_annotations.py msrvtt-mc --src DIR --out _data/txt_msrvtt-mc.json
+        DIR: MSR_MC_test.csv (JSFusion's MSRVTT multiple choice; tab separated, a header line naming key, vid_key,
+        a1..a5, answer: the right caption's index 0-4; vid_key "msr<k>" is MSR-VTT's video<k>). Five captions to
+        choose from and no question ("question": ""). Test only: the json has "val" and "test" (the same 2,990
+        questions) and no "train"; VIOLET scores it with the MSRVTT retrieval model (main_qamc.py --eval with a
+        retrieval or pretraining checkpoint: the QA-MC head takes their 1-output head), training refuses it.
+    python _tools/convert_annotations.py lsmdc-mc --src DIR --out _data/txt_lsmdc-mc.json
+        DIR: LSMDC16_multiple_choice_train.csv, LSMDC16_multiple_choice_valid.csv,
+        LSMDC16_multiple_choice_test_randomized.csv (LSMDC 2016 Movie Multiple-Choice Test; tab separated, no header;
+        <CLIP_ID>, 4 time stamps, then train / valid: the correct sentence and 4 distractors, test: 5 sentences and
+        the answer's index 1-5). The video is the clip id (its file <movie>/<CLIP_ID>.avi: extract with --recursive
+        --ext avi); no question. In train and val the right option is the file's first (answer 0), as released:
+        a model that scores the five options alike gets val right by argmax's first pick; test is shuffled.
     python _tools/convert_annotations.py webvid2.5m --src DIR --out _data/txt_webvid2.5m.json
         DIR: results_2M_train.csv, results_2M_val.csv (m-bain/webvid); ids: videoid, captions: name.
     python _tools/convert_annotations.py cc3m --src DIR --out _data/txt_cc3m.json
@@ -38,7 +55,8 @@ from config import int_at_least  # noqa: E402
 from dataset import DataError, WriteError, read_text, write_json  # noqa: E402  (whole or not at all; a full disk named)
 
 # published split sizes: MSR-VTT (Xu et al. 2016) with JSFusion's 1k-A split (Yu et al. 2018),
-# MSRVTT-QA and MSVD-QA (Xu et al. 2017), TGIF-QA (Jang et al. 2017)
+# MSRVTT-QA and MSVD-QA (Xu et al. 2017), TGIF-QA (Jang et al. 2017), MSRVTT-MC (Yu et al. 2018),
+# LSMDC-MC (the LSMDC 2016 Movie Multiple-Choice Test's README: its Statistics)
 TRAIN_9K = '9,000 videos, 180,000 captions'  # msrvtt-retrieval --train 9k
 PUBLISHED = {
     'msrvtt-retrieval': {'train': '7,010 videos, 140,200 captions', 'val': '1,000 videos', 'test': '1,000 videos'},
@@ -46,6 +64,9 @@ PUBLISHED = {
     'msvd-qa': {'train': '30,933 questions', 'val': '6,415 questions', 'test': '13,157 questions'},
     'tgif-action': {'train': '20,475 questions', 'val': '2,274 questions', 'test': '2,274 questions'},
     'tgif-transition': {'train': '52,704 questions', 'val': '6,232 questions', 'test': '6,232 questions'},
+    'tgif-frame': {'train': '39,392 questions', 'val': '13,691 questions', 'test': '13,691 questions'},
+    'msrvtt-mc': {'val': '2,990 questions', 'test': '2,990 questions'},
+    'lsmdc-mc': {'train': '101,079 questions', 'val': '7,408 questions', 'test': '10,053 questions'},
     'webvid2.5m': {'train': 'about 2.5 million videos', 'val': '5,000 videos'},
     'cc3m': {'train': '3,318,333 images', 'val': '15,840 images'},
 }
@@ -156,6 +177,18 @@ def answer_vocab(answers, size):
     return [a for a, _ in collections.Counter(answers).most_common(size)]
 
 
+def qa_oe(splits, size_vocab):
+    """{split: [(video, question, answer text)]} -> the QA-OE json: "vocab" (the size_vocab most frequent training
+    answers, alphabetical) and per split {"video", "question", "answer": its class or -1, "answer_text"}."""
+    vocab = sorted(answer_vocab([a for _, _, a in splits['train']], size_vocab))
+    index = {a: i for i, a in enumerate(vocab)}
+    out = {'vocab': vocab}
+    for split, items in splits.items():
+        out[split] = [{'video': video, 'question': question, 'answer': index.get(answer, -1), 'answer_text': answer}
+                      for video, question, answer in items]
+    return out
+
+
 def xu_qa(src, size_vocab, video_name):
     """MSRVTT-QA / MSVD-QA: {split}_qa.json = [{"answer", "id", "question", "video_id", ...}]."""
     splits = {}
@@ -165,21 +198,19 @@ def xu_qa(src, size_vocab, video_name):
         if not isinstance(items, list):
             raise BadAnnotation(f'{path}: expected a list of questions, got {type(items).__name__}')
         splits[split] = [(f'{path}[{i}]', it) for i, it in enumerate(items)]
-    vocab = sorted(answer_vocab([str(field(it, 'answer', w)) for w, it in splits['train']], size_vocab))
-    index = {a: i for i, a in enumerate(vocab)}
-    out = {'vocab': vocab}
+    for w, it in splits['train']:  # (every training answer first: they make the vocabulary)
+        field(it, 'answer', w)
     for split, items in splits.items():
-        out[split] = []
+        rows = []
         for where, it in items:
             answer = str(field(it, 'answer', where))
             question, video_id = field(it, 'question', where), field(it, 'video_id', where)
             if not isinstance(question, str) or isinstance(video_id, bool) or not isinstance(video_id, (int, str)):
                 raise BadAnnotation(f'{where}: "question" must be a str and "video_id" an int or str, got '
                                     f'{question!r:.40} and {video_id!r:.40}')
-            out[split].append({'video': video_name(video_id, where),
-                               'question': question,
-                               'answer': index.get(answer, -1), 'answer_text': answer})
-    return out
+            rows.append((video_name(video_id, where), question, answer))
+        splits[split] = rows
+    return qa_oe(splits, size_vocab)
 
 
 def msrvtt_qa(src, size_vocab):
@@ -204,28 +235,119 @@ def msvd_qa(src, size_vocab):
 
 
 TGIF_COLUMNS = ['gif_name', 'question', 'a1', 'a2', 'a3', 'a4', 'a5', 'answer', 'vid_id', 'key']
+TGIF_FRAME_COLUMNS = ['gif_name', 'question', 'answer', 'type', 'vid_id', 'key', 'description']
+
+
+def tgif_rows(path, columns, n_checked):
+    """A TGIF-QA question file (tab separated despite its .csv, a header line) -> [(line, fields)]; the header's first
+    n_checked names must be columns' (so another question type's file is refused), every row has n_checked fields."""
+    lines = lines_of(path)
+    if not lines or lines[0].split('\t')[:n_checked] != columns[:n_checked]:
+        raise BadAnnotation(f'{path} line 1: expected the header {columns} (tab separated)')
+    rows = []
+    for n, text in enumerate(lines[1:], 2):
+        if not text.strip():
+            continue
+        row = text.split('\t')
+        if len(row) < n_checked:
+            raise BadAnnotation(f'{path} line {n}: {len(row)} tab-separated fields, expected {len(columns)}')
+        rows.append((n, row))
+    return rows
 
 
 def tgif_mc(src, kind):
     out = {}
     for split, name in [('train', 'Train'), ('test', 'Test')]:
         path = os.path.join(src, f'{name}_{kind}_question.csv')
-        lines = lines_of(path)
-        if not lines or lines[0].split('\t')[:8] != TGIF_COLUMNS[:8]:
-            raise BadAnnotation(f'{path} line 1: expected the header {TGIF_COLUMNS} (tab separated)')
         out[split] = []
-        for n, text in enumerate(lines[1:], 2):
-            if not text.strip():
-                continue
-            row = text.split('\t')
-            if len(row) < 8:
-                raise BadAnnotation(f'{path} line {n}: {len(row)} tab-separated fields, expected {len(TGIF_COLUMNS)}')
+        for n, row in tgif_rows(path, TGIF_COLUMNS, 8):
             if row[7] not in '01234' or len(row[7]) != 1:
                 raise BadAnnotation(f'{path} line {n}: answer {row[7]!r} is not an option index 0-4')
             out[split].append(dict({'video': row[0], 'question': row[1], 'answer': int(row[7])},
                                    **{f'option_{i}': row[2 + i] for i in range(5)}))
     out['val'] = out['test']
     return {s: out[s] for s in ['train', 'val', 'test']}
+
+
+def tgif_frame(src, size_vocab):
+    """TGIF-QA FrameQA (open-ended): Train_frameqa_question.csv / Test_frameqa_question.csv, header gif_name, question,
+    answer (a word), type (0-3: object, number, color, location), vid_id, key, description; val is the test split."""
+    splits = {}
+    for split, name in [('train', 'Train'), ('test', 'Test')]:
+        path = os.path.join(src, f'{name}_frameqa_question.csv')
+        splits[split] = []
+        for n, row in tgif_rows(path, TGIF_FRAME_COLUMNS, 4):
+            if not row[2].strip():
+                raise BadAnnotation(f'{path} line {n}: the answer is empty')
+            splits[split].append((row[0], row[1], row[2]))
+    return qa_oe({'train': splits['train'], 'val': splits['test'], 'test': splits['test']}, size_vocab)
+
+
+MSRVTT_MC_COLUMNS = ['vid_key', 'a1', 'a2', 'a3', 'a4', 'a5', 'answer']
+
+
+def msrvtt_mc(src):
+    """JSFusion's MSR_MC_test.csv (tab separated despite its .csv, a header line: key, vid_key, a1..a5, answer (0-4),
+    vid_key "msr<k>" for MSR-VTT's video<k>; a video_id column, when there, must agree) -> the 2,990 caption-choice
+    questions, their "question" empty. MSRVTT-MC has no training split: val and test are this one set."""
+    path = os.path.join(src, 'MSR_MC_test.csv')
+    lines = lines_of(path)
+    header = lines[0].split('\t') if lines else []
+    missing = next((c for c in MSRVTT_MC_COLUMNS if c not in header), None)
+    if missing:
+        raise BadAnnotation(f'{path} line 1: no "{missing}" column (tab separated; has {header})')
+    col = {c: header.index(c) for c in header}
+    items = []
+    for n, text in enumerate(lines[1:], 2):
+        if not text.strip():
+            continue
+        row = text.split('\t')
+        if len(row) != len(header):
+            raise BadAnnotation(f'{path} line {n}: {len(row)} tab-separated fields, the header has {len(header)}')
+        answer, vid_key = row[col['answer']].strip(), row[col['vid_key']].strip()
+        if answer not in '01234' or len(answer) != 1:
+            raise BadAnnotation(f'{path} line {n}: answer {answer!r} is not an option index 0-4')
+        if not (vid_key.startswith('msr') and vid_key[3:].isdigit() and vid_key[3:].isascii()):
+            raise BadAnnotation(f'{path} line {n}: vid_key {vid_key!r} is not "msr<k>" (MSR-VTT\'s video<k>)')
+        video = 'video' + vid_key[3:]
+        if 'video_id' in col and row[col['video_id']].strip() != video:
+            raise BadAnnotation(f'{path} line {n}: video_id {row[col["video_id"]].strip()!r} is not vid_key '
+                                f'{vid_key!r}\'s video {video!r}')
+        items.append(dict({'video': video, 'question': '', 'answer': int(answer)},
+                          **{f'option_{i}': row[col[f'a{i + 1}']] for i in range(5)}))
+    return {'val': items, 'test': items}
+
+
+LSMDC_MC_FILES = [('train', 'LSMDC16_multiple_choice_train.csv'), ('val', 'LSMDC16_multiple_choice_valid.csv'),
+                  ('test', 'LSMDC16_multiple_choice_test_randomized.csv')]
+
+
+def lsmdc_mc(src):
+    """LSMDC 2016 Movie Multiple-Choice Test (tab separated, no header): train and valid rows <CLIP_ID>, 4 time stamps,
+    the correct sentence, 4 distractors (answer 0: the file's order is kept); the public test's rows <CLIP_ID>, 4 time
+    stamps, 5 sentences, the answer's index 1-5 (-> 0-4). The video is the clip id (the clip's file name)."""
+    out = {}
+    for split, name in LSMDC_MC_FILES:
+        path = os.path.join(src, name)
+        test = split == 'test'
+        expected = 11 if test else 10
+        out[split] = []
+        for n, text in enumerate(lines_of(path), 1):
+            if not text.strip():
+                continue
+            row = text.split('\t')
+            if len(row) != expected:
+                raise BadAnnotation(f'{path} line {n}: {len(row)} tab-separated fields, expected {expected} (<CLIP_ID>, '
+                                    f'4 time stamps, ' + ('5 sentences, the answer 1-5)' if test else
+                                                          'the correct sentence, 4 distractors)'))
+            if not row[0].strip():
+                raise BadAnnotation(f'{path} line {n}: the clip id is empty')
+            answer = row[10].strip() if test else '1'
+            if answer not in '12345' or len(answer) != 1:
+                raise BadAnnotation(f'{path} line {n}: answer {answer!r} is not an option index 1-5')
+            out[split].append(dict({'video': row[0].strip(), 'question': '', 'answer': int(answer) - 1},
+                                   **{f'option_{i}': row[5 + i] for i in range(5)}))
+    return out
 
 
 def webvid(src):
@@ -258,7 +380,7 @@ def cc3m(src):
 
 
 def sizes_questions(out):
-    return {s: f'{len(out[s]):,} questions' for s in ['train', 'val', 'test']}
+    return {s: f'{len(out[s]):,} questions' for s in ['train', 'val', 'test'] if s in out}
 
 
 def convert(task, src, size_vocab=1000, train='7k'):
@@ -266,8 +388,8 @@ def convert(task, src, size_vocab=1000, train='7k'):
     if task == 'msrvtt-retrieval':
         out = msrvtt_retrieval(src, train)
         return out, sizes_retrieval(out)
-    if task in ('msrvtt-qa', 'msvd-qa'):
-        out = (msrvtt_qa if task == 'msrvtt-qa' else msvd_qa)(src, size_vocab)
+    if task in ('msrvtt-qa', 'msvd-qa', 'tgif-frame'):
+        out = {'msrvtt-qa': msrvtt_qa, 'msvd-qa': msvd_qa, 'tgif-frame': tgif_frame}[task](src, size_vocab)
         sizes = sizes_questions(out)
         for s in ['train', 'val', 'test']:
             sizes[s] += f' ({sum(it["answer"] >= 0 for it in out[s]):,} answers in the vocabulary of {len(out["vocab"])})'
@@ -275,7 +397,8 @@ def convert(task, src, size_vocab=1000, train='7k'):
     if task in ('webvid2.5m', 'cc3m'):  # pretraining: {split: {id: [caption]}}
         out = webvid(src) if task == 'webvid2.5m' else cc3m(src)
         return out, {s: f'{len(out[s]):,} {"videos" if task == "webvid2.5m" else "images"}' for s in out}
-    out = tgif_mc(src, task.split('-')[1])
+    out = msrvtt_mc(src) if task == 'msrvtt-mc' else lsmdc_mc(src) if task == 'lsmdc-mc' else \
+        tgif_mc(src, task.split('-')[1])
     return out, sizes_questions(out)
 
 

@@ -453,6 +453,171 @@ def test_convert_tgif_action_and_transition(tmp_path, capsys, monkeypatch):
     assert conv.convert('tgif-action', str(tmp_path))[0]['test'][0]['question'] == 'What does the dog do\u0085\u2028 4 times ?'
 
 
+def round_trip(d, out, task, dataset_name, cls, **args):
+    """Write the converted json as txt_<task>.json beside a frames file of its videos (5 grey frames each) and read
+    every split back through the project's dataset class -> {split: the dataset}."""
+    videos = {it['video'] for split in ['train', 'val', 'test'] for it in out.get(split, [])}
+    with open(os.path.join(d, f'img_{dataset_name}.pkl'), 'wb') as f:
+        pickle.dump({v: [grey_jpeg(12 * j) for j in range(5)] for v in sorted(videos)}, f)
+    write_json(os.path.join(d, f'txt_{task}.json'), out)
+    sets = {}
+    for split in [s for s in ['train', 'val', 'test'] if s in out]:
+        ds = cls(dict(path_data=d, dataset=dataset_name, task=task, txt_backbone=TOK, size_img=32, size_txt=16,
+                      size_frame=5, size_option=5, **args), split)
+        ds.check_items()
+        assert [ds[i][-1] for i in range(len(ds))] == [it['answer'] for it in out[split]]
+        sets[split] = ds
+    return sets
+
+
+FRAMEQA_HEADER = 'gif_name\tquestion\tanswer\ttype\tvid_id\tkey\tdescription\n'
+
+
+def test_convert_tgif_frame(tmp_path, capsys, monkeypatch):
+    """TGIF-QA FrameQA (open-ended) -> QA-OE as MSRVTT-QA's: the vocabulary rule, -1 outside it, val = test."""
+    train = ['tumblr_a1\twhat is the color of the shirt ?\twhite\t2\tFRAMEQA1\t10\ta man in a white shirt nods .',
+             'tumblr_b2\thow many dogs are running ?\ttwo\t1\tFRAMEQA2\t11\ttwo dogs are running .',
+             'tumblr_c3\twhat is the color of the car ?\twhite\t2\tFRAMEQA3\t12\ta white car turns .',
+             'tumblr_d4\twhat is the cat eating ?\tfish\t0\tFRAMEQA4\t13\ta cat is eating a fish .',
+             'tumblr_e5\twhere is the man dancing . ?\troom\t3\tFRAMEQA5\t14\ta man is dancing in a room .',
+             'tumblr_b2\thow many men are singing ?\ttwo\t1\tFRAMEQA6\t11\ttwo men are singing .']
+    test = ['tumblr_x9\twhat is the color of the hat ?\tblack\t2\tFRAMEQA7\t20\ta man in a black hat waves .',
+            'tumblr_a1\thow many women are walking ?\ttwo\t1\tFRAMEQA8\t10\ttwo women are walking .']
+    (tmp_path / 'Train_frameqa_question.csv').write_text(FRAMEQA_HEADER + '\n'.join(train) + '\n')
+    (tmp_path / 'Test_frameqa_question.csv').write_text(FRAMEQA_HEADER + '\n'.join(test) + '\n')
+    out, sizes = conv.convert('tgif-frame', str(tmp_path), size_vocab=3)
+    # 'two' and 'white' twice, then 'fish' first seen of the ones seen once; alphabetical
+    assert out['vocab'] == ['fish', 'two', 'white']
+    assert out['train'][0] == {'video': 'tumblr_a1', 'question': 'what is the color of the shirt ?', 'answer': 2,
+                               'answer_text': 'white'}
+    assert [it['answer'] for it in out['train']] == [2, 1, 2, 0, -1, 1]
+    assert out['val'] == out['test'] == [
+        {'video': 'tumblr_x9', 'question': 'what is the color of the hat ?', 'answer': -1, 'answer_text': 'black'},
+        {'video': 'tumblr_a1', 'question': 'how many women are walking ?', 'answer': 1, 'answer_text': 'two'}]
+    assert sizes['test'] == '2 questions (1 answers in the vocabulary of 3)'
+    code, printed = cli(conv.main, ['tgif-frame', f'--src={tmp_path}', f'--out={tmp_path}/o/txt.json', '--size_vocab=3'],
+                        capsys, monkeypatch)
+    assert code == 0 and '  train: 6 questions (5 answers in the vocabulary of 3) (published: 39,392 questions)' in printed
+    assert '  val: 2 questions (1 answers in the vocabulary of 3) (published: 13,691 questions)' in printed
+    sets = round_trip(str(tmp_path), out, 'tgif-frame', 'tgif', dataset.Dataset_QAOE)
+    assert sets['train'].answers == ['fish', 'two', 'white'] and sets['train'].size_vocab == 3
+    # another question type's file (Count: gif_name, question, answer, vid_id, key) and a row cut short are named
+    (tmp_path / 'Test_frameqa_question.csv').write_text('gif_name\tquestion\tanswer\tvid_id\tkey\n'
+                                                        'tumblr_x9\thow many times does he nod ?\t3\tCOUNT1\t20\n')
+    with pytest.raises(conv.BadAnnotation, match=re.escape(f"{tmp_path}/Test_frameqa_question.csv line 1: expected the "
+                                                           f"header {conv.TGIF_FRAME_COLUMNS} (tab separated)")):
+        conv.convert('tgif-frame', str(tmp_path))
+    (tmp_path / 'Test_frameqa_question.csv').write_text(FRAMEQA_HEADER + test[0] + '\ntumblr_y\twhat is it ?\n')
+    with pytest.raises(conv.BadAnnotation, match=r'Test_frameqa_question.csv line 3: 2 tab-separated fields, expected 7'):
+        conv.convert('tgif-frame', str(tmp_path))
+    (tmp_path / 'Test_frameqa_question.csv').write_text(FRAMEQA_HEADER + test[0].replace('\tblack\t', '\t \t') + '\n')
+    with pytest.raises(conv.BadAnnotation, match=r'Test_frameqa_question.csv line 2: the answer is empty'):
+        conv.convert('tgif-frame', str(tmp_path))
+    os.remove(tmp_path / 'Train_frameqa_question.csv')
+    code, _ = cli(conv.main, ['tgif-frame', f'--src={tmp_path}', f'--out={tmp_path}/t.json'], capsys, monkeypatch)
+    assert code == f'missing annotation file: {tmp_path}/Train_frameqa_question.csv'
+
+
+MSR_MC_HEADER = 'key\tvid_key\tvideo_id\ta1\ta2\ta3\ta4\ta5\tanswer\n'
+
+
+def test_convert_msrvtt_mc(tmp_path, capsys, monkeypatch):
+    """JSFusion's MSR_MC_test.csv -> caption-choice QA-MC items (empty question), val = test, no train: --eval scores
+    it (a retrieval or pretraining checkpoint), training is refused for want of a "train" split."""
+    rows = ['mc0\tmsr7010\tvideo7010\ta man is singing\ta dog runs\ta car drives\ta girl dances\ta cat sleeps\t0',
+            'mc1\tmsr7012\tvideo7012\ta boy swims\tpeople cook food\ta plane lands\ta man talks\ta baby laughs\t3',
+            'mc2\tmsr7011\tvideo7011\tcartoon, with music\ta race\ta song\ta game\ta show\t4']
+    (tmp_path / 'MSR_MC_test.csv').write_text(MSR_MC_HEADER + '\n'.join(rows) + '\n')
+    out, sizes = conv.convert('msrvtt-mc', str(tmp_path))
+    assert set(out) == {'val', 'test'} and out['val'] == out['test']
+    assert out['test'][1] == {'video': 'video7012', 'question': '', 'answer': 3, 'option_0': 'a boy swims',
+                              'option_1': 'people cook food', 'option_2': 'a plane lands', 'option_3': 'a man talks',
+                              'option_4': 'a baby laughs'}
+    assert [(it['video'], it['answer'], it['option_0']) for it in out['test']] == [
+        ('video7010', 0, 'a man is singing'), ('video7012', 3, 'a boy swims'), ('video7011', 4, 'cartoon, with music')]
+    assert sizes == {'val': '3 questions', 'test': '3 questions'}
+    code, printed = cli(conv.main, ['msrvtt-mc', f'--src={tmp_path}', f'--out={tmp_path}/o/txt_msrvtt-mc.json'], capsys,
+                        monkeypatch)
+    assert code == 0 and '  test: 3 questions (published: 2,990 questions)' in printed and '  train:' not in printed
+    round_trip(str(tmp_path), out, 'msrvtt-mc', 'msrvtt', dataset.Dataset_QAMC)
+    said = capsys.readouterr()
+    assert '3 of 3 items have an empty "question"' in said.out + said.err
+    with pytest.raises(dataset.DataError, match=r'txt_msrvtt-mc.json: no key "train"'):
+        dataset.Dataset_QAMC(dict(path_data=str(tmp_path), dataset='msrvtt', task='msrvtt-mc', txt_backbone=TOK,
+                                  size_img=32, size_txt=16, size_frame=5, size_option=5), 'train')
+    # without the video_id column the video is vid_key's; a video_id that disagrees, a vid_key that is not msr<k>,
+    # an answer out of 0-4 (1-5 would be a shifted key) and a missing column are named
+    (tmp_path / 'MSR_MC_test.csv').write_text(MSR_MC_HEADER.replace('video_id\t', '') +
+                                              ''.join(r.replace(f'\tvideo{k}', '') + '\n'
+                                                      for r, k in zip(rows, (7010, 7012, 7011))))
+    assert conv.convert('msrvtt-mc', str(tmp_path)) == (out, sizes)
+    for row, said in ((rows[1].replace('\tvideo7012\t', '\tvideo12\t'), "video_id 'video12' is not vid_key 'msr7012'"
+                                                                         "'s video 'video7012'"),
+                      (rows[1].replace('msr7012', '7012'), "vid_key '7012' is not \"msr<k>\""),
+                      (rows[1][:-1] + '5', "answer '5' is not an option index 0-4"),
+                      (rows[1].replace('\ta baby laughs', ''), '8 tab-separated fields, the header has 9')):
+        (tmp_path / 'MSR_MC_test.csv').write_text(MSR_MC_HEADER + rows[0] + '\n' + row + '\n')
+        with pytest.raises(conv.BadAnnotation, match=re.escape(f'{tmp_path}/MSR_MC_test.csv line 3: {said}')):
+            conv.convert('msrvtt-mc', str(tmp_path))
+    (tmp_path / 'MSR_MC_test.csv').write_text(MSR_MC_HEADER.replace('answer', 'label') + rows[0] + '\n')
+    with pytest.raises(conv.BadAnnotation, match=r'MSR_MC_test.csv line 1: no "answer" column \(tab separated; has'):
+        conv.convert('msrvtt-mc', str(tmp_path))
+
+
+def test_convert_lsmdc_mc(tmp_path, capsys, monkeypatch):
+    """The LSMDC 2016 Movie Multiple-Choice files (no header): train / valid with the correct sentence first (answer 0),
+    the randomized public test with its answer's index 1-5 (-> 0-4); the video is the clip id."""
+    times = '01.02.27.034\t01.02.29.100\t01.02.27.000\t01.02.29.134'
+    files = {'LSMDC16_multiple_choice_train.csv': [
+                 f'0001_American_Beauty_00.00.51.926-00.00.54.206\t{times}\tSomeone opens the door.\tSomeone eats.\t'
+                 f'Someone swims.\tSomeone drives off.\tSomeone sings.',
+                 f'0001_American_Beauty_00.01.00.000-00.01.02.000\t{times}\tHe smiles.\tShe runs.\tThey fight.\t'
+                 f'He sleeps.\tShe waves.'],
+             'LSMDC16_multiple_choice_valid.csv': [
+                 f'1001_Flight_00.00.10.000-00.00.12.000\t{times}\tThe plane lands.\tA dog barks.\tSomeone reads.\t'
+                 f'He cries.\tShe laughs.'],
+             'LSMDC16_multiple_choice_test_randomized.csv': [
+                 f'3001_21_JUMP_STREET_00.03.07.077-00.03.07.559\t{times}\tHe jumps.\tShe sits.\tThey run.\tHe falls.\t'
+                 f'Someone nods.\t4 ',
+                 f'3001_21_JUMP_STREET_00.04.00.000-00.04.02.000\t{times}\tA car stops.\tHe eats.\tShe reads.\t'
+                 f'They dance.\tSomeone sings.\t1']}
+    for name, lines in files.items():
+        (tmp_path / name).write_text('\n'.join(lines) + '\n')
+    out, sizes = conv.convert('lsmdc-mc', str(tmp_path))
+    assert out['train'][0] == {'video': '0001_American_Beauty_00.00.51.926-00.00.54.206', 'question': '', 'answer': 0,
+                               'option_0': 'Someone opens the door.', 'option_1': 'Someone eats.',
+                               'option_2': 'Someone swims.', 'option_3': 'Someone drives off.',
+                               'option_4': 'Someone sings.'}
+    assert [it['answer'] for it in out['train'] + out['val']] == [0, 0, 0]
+    assert [(it['answer'], it['option_0'], it['option_4']) for it in out['test']] == [
+        (3, 'He jumps.', 'Someone nods.'), (0, 'A car stops.', 'Someone sings.')]
+    assert out['val'][0]['video'] == '1001_Flight_00.00.10.000-00.00.12.000'
+    assert sizes == {'train': '2 questions', 'val': '1 questions', 'test': '2 questions'}
+    code, printed = cli(conv.main, ['lsmdc-mc', f'--src={tmp_path}', f'--out={tmp_path}/o/txt_lsmdc-mc.json'], capsys,
+                        monkeypatch)
+    assert code == 0 and '  train: 2 questions (published: 101,079 questions)' in printed
+    assert '  test: 2 questions (published: 10,053 questions)' in printed
+    round_trip(str(tmp_path), out, 'lsmdc-mc', 'lsmdc', dataset.Dataset_QAMC)
+    # a train row with a test row's answer column, a test row without it, an answer out of 1-5 (0: a 0-based key)
+    test = tmp_path / 'LSMDC16_multiple_choice_test_randomized.csv'
+    (tmp_path / 'LSMDC16_multiple_choice_train.csv').write_text(files['LSMDC16_multiple_choice_test_randomized.csv'][0])
+    with pytest.raises(conv.BadAnnotation, match=re.escape(
+            f'{tmp_path}/LSMDC16_multiple_choice_train.csv line 1: 11 tab-separated fields, expected 10 (<CLIP_ID>, 4 '
+            f'time stamps, the correct sentence, 4 distractors)')):
+        conv.convert('lsmdc-mc', str(tmp_path))
+    (tmp_path / 'LSMDC16_multiple_choice_train.csv').write_text('\n'.join(files['LSMDC16_multiple_choice_train.csv']))
+    for row, said in ((files['LSMDC16_multiple_choice_valid.csv'][0], '10 tab-separated fields, expected 11 (<CLIP_ID>, '
+                                                                     '4 time stamps, 5 sentences, the answer 1-5)'),
+                      (files['LSMDC16_multiple_choice_test_randomized.csv'][1][:-1] + '0',
+                       "answer '0' is not an option index 1-5")):
+        test.write_text(files['LSMDC16_multiple_choice_test_randomized.csv'][0] + '\n' + row + '\n')
+        with pytest.raises(conv.BadAnnotation, match=re.escape(f'{test} line 2: {said}')):
+            conv.convert('lsmdc-mc', str(tmp_path))
+    os.remove(tmp_path / 'LSMDC16_multiple_choice_valid.csv')
+    code, _ = cli(conv.main, ['lsmdc-mc', f'--src={tmp_path}', f'--out={tmp_path}/x.json'], capsys, monkeypatch)
+    assert code == f'missing annotation file: {tmp_path}/LSMDC16_multiple_choice_valid.csv'
+
+
 def test_convert_webvid_and_cc3m_pretraining_texts(tmp_path, capsys, monkeypatch):
     """WebVid's and Conceptual Captions' files as they are downloaded -> txt_<dataset>.json as the original's (video
     id -> [caption]): there was no route from them (an 'invalid choice' of task)."""
