@@ -33,8 +33,9 @@ r"""Public annotation files -> txt_<task>.json as dataset.py reads it (README "R
         LSMDC16_multiple_choice_test_randomized.csv (LSMDC 2016 Movie Multiple-Choice Test; tab separated, no header;
         <CLIP_ID>, 4 time stamps, then train / valid: the correct sentence and 4 distractors, test: 5 sentences and
         the answer's index 1-5). The video is the clip id (its file <movie>/<CLIP_ID>.avi: extract with --recursive
-        --ext avi); no question. In train and val the right option is the file's first (answer 0), as released:
-        a model that scores the five options alike gets val right by argmax's first pick; test is shuffled.
+        --ext avi); no question. Train and valid list the right sentence first: here it goes to a place drawn from the
+        clip id (the same every run), so that a model scoring options alike (argmax takes the first) is not right
+        by it; the test file is already shuffled and kept as it is.
     python _tools/convert_annotations.py webvid2.5m --src DIR --out _data/txt_webvid2.5m.json
         DIR: results_2M_train.csv, results_2M_val.csv (m-bain/webvid); ids: videoid, captions: name.
     python _tools/convert_annotations.py cc3m --src DIR --out _data/txt_cc3m.json
@@ -48,7 +49,7 @@ official QA-OE checkpoints' classes are in that order. An answer outside it is "
 Every converter prints its split sizes next to the published ones. A missing file, a malformed line or an
 unknown video stops it with a message naming the file and the line.
 """
-import argparse, collections, csv, io, json, os, sys
+import argparse, collections, csv, io, json, os, random, sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import int_at_least  # noqa: E402
@@ -324,7 +325,7 @@ LSMDC_MC_FILES = [('train', 'LSMDC16_multiple_choice_train.csv'), ('val', 'LSMDC
 
 def lsmdc_mc(src):
     """LSMDC 2016 Movie Multiple-Choice Test (tab separated, no header): train and valid rows <CLIP_ID>, 4 time stamps,
-    the correct sentence, 4 distractors (answer 0: the file's order is kept); the public test's rows <CLIP_ID>, 4 time
+    the correct sentence, 4 distractors (shuffled by a generator seeded with the clip id); the public test's rows <CLIP_ID>, 4 time
     stamps, 5 sentences, the answer's index 1-5 (-> 0-4). The video is the clip id (the clip's file name)."""
     out = {}
     for split, name in LSMDC_MC_FILES:
@@ -342,11 +343,17 @@ def lsmdc_mc(src):
                                                           'the correct sentence, 4 distractors)'))
             if not row[0].strip():
                 raise BadAnnotation(f'{path} line {n}: the clip id is empty')
-            answer = row[10].strip() if test else '1'
-            if answer not in '12345' or len(answer) != 1:
-                raise BadAnnotation(f'{path} line {n}: answer {answer!r} is not an option index 1-5')
-            out[split].append(dict({'video': row[0].strip(), 'question': '', 'answer': int(answer) - 1},
-                                   **{f'option_{i}': row[5 + i] for i in range(5)}))
+            options = row[5:10]
+            if test:
+                answer = row[10].strip()
+                if answer not in '12345' or len(answer) != 1:
+                    raise BadAnnotation(f'{path} line {n}: answer {answer!r} is not an option index 1-5')
+                answer = int(answer) - 1
+            else:  # the right sentence first: in a place drawn from the clip id (the same every conversion)
+                options = random.Random(row[0].strip()).sample(options, 5)
+                answer = options.index(row[5])
+            out[split].append(dict({'video': row[0].strip(), 'question': '', 'answer': answer},
+                                   **{f'option_{i}': options[i] for i in range(5)}))
     return out
 
 

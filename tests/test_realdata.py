@@ -565,8 +565,9 @@ def test_convert_msrvtt_mc(tmp_path, capsys, monkeypatch):
 
 
 def test_convert_lsmdc_mc(tmp_path, capsys, monkeypatch):
-    """The LSMDC 2016 Movie Multiple-Choice files (no header): train / valid with the correct sentence first (answer 0),
-    the randomized public test with its answer's index 1-5 (-> 0-4); the video is the clip id."""
+    """The LSMDC 2016 Movie Multiple-Choice files (no header): train / valid with the correct sentence first (moved to a
+    place drawn from the clip id), the randomized public test with its answer's index 1-5 (-> 0-4); the video is the
+    clip id."""
     times = '01.02.27.034\t01.02.29.100\t01.02.27.000\t01.02.29.134'
     files = {'LSMDC16_multiple_choice_train.csv': [
                  f'0001_American_Beauty_00.00.51.926-00.00.54.206\t{times}\tSomeone opens the door.\tSomeone eats.\t'
@@ -584,11 +585,14 @@ def test_convert_lsmdc_mc(tmp_path, capsys, monkeypatch):
     for name, lines in files.items():
         (tmp_path / name).write_text('\n'.join(lines) + '\n')
     out, sizes = conv.convert('lsmdc-mc', str(tmp_path))
-    assert out['train'][0] == {'video': '0001_American_Beauty_00.00.51.926-00.00.54.206', 'question': '', 'answer': 0,
-                               'option_0': 'Someone opens the door.', 'option_1': 'Someone eats.',
-                               'option_2': 'Someone swims.', 'option_3': 'Someone drives off.',
-                               'option_4': 'Someone sings.'}
-    assert [it['answer'] for it in out['train'] + out['val']] == [0, 0, 0]
+    # train / valid: the right (first) sentence moved to a place drawn from the clip id, the same every conversion
+    for it, line in zip(out['train'] + out['val'], files['LSMDC16_multiple_choice_train.csv'] +
+                        files['LSMDC16_multiple_choice_valid.csv']):
+        row = line.split('\t')
+        assert it['video'] == row[0] and it['question'] == '' and it[f'option_{it["answer"]}'] == row[5]
+        assert sorted(it[f'option_{i}'] for i in range(5)) == sorted(row[5:10])
+    assert [it['answer'] for it in out['train'] + out['val']] != [0, 0, 0]
+    assert conv.convert('lsmdc-mc', str(tmp_path))[0] == out
     assert [(it['answer'], it['option_0'], it['option_4']) for it in out['test']] == [
         (3, 'He jumps.', 'Someone nods.'), (0, 'A car stops.', 'Someone sings.')]
     assert out['val'][0]['video'] == '1001_Flight_00.00.10.000-00.00.12.000'
