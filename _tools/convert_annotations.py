@@ -8,6 +8,16 @@ r"""Public annotation files -> txt_<task>.json as dataset.py reads it (README "R
         train: every caption of the training videos: 7k (the default, the original's: ClipBERT's protocol, the
         7,010 videos MSR-VTT puts in train and validate; MSRVTT_train.7k.csv when present) or 9k (CLIP4Clip's:
         MSRVTT_train.9k.csv); val and test: the 1,000 JSFusion (video, sentence) pairs.
+    python _tools/convert_annotations.py lsmdc-retrieval --src DIR --out _data/txt_lsmdc-retrieval.json
+        DIR: LSMDC16_annos_training.csv, LSMDC16_annos_val.csv, LSMDC16_challenge_1000_publictect.csv (LSMDC 2016;
+        tab separated, no header: <CLIP_ID>, 4 time stamps, <SENTENCE>). One item per line (video: the clip id, the
+        file name of <movie>/<CLIP_ID>.avi: extract with --recursive --ext avi); train, val and test as CLIP4Clip
+        takes them (test: the 1,000-clip public test).
+    python _tools/convert_annotations.py didemo-retrieval --src DIR --out _data/txt_didemo-retrieval.json
+        DIR: train_data.json, val_data.json, test_data.json (LisaAnne/LocalizingMoments, one entry per moment).
+        Paragraph-to-video retrieval (ClipBERT's): one item per video, its descriptions in file order joined by a
+        space (repeats kept); video: the "video" field as it is, extension included (the AWS download script saves
+        <video>.mp4, which extraction with --ext mp4 names <video>). The paragraph is cut at size_txt tokens.
     python _tools/convert_annotations.py msrvtt-qa --src DIR --out _data/txt_msrvtt-qa.json [--size_vocab 1000]
         DIR: train_qa.json, val_qa.json, test_qa.json (Xu et al. 2017); video_id k -> "video<k>".
     python _tools/convert_annotations.py msvd-qa --src DIR --out _data/txt_msvd-qa.json [--size_vocab 1000]
@@ -57,10 +67,15 @@ from dataset import DataError, WriteError, read_text, write_json  # noqa: E402  
 
 # published split sizes: MSR-VTT (Xu et al. 2016) with JSFusion's 1k-A split (Yu et al. 2018),
 # MSRVTT-QA and MSVD-QA (Xu et al. 2017), TGIF-QA (Jang et al. 2017), MSRVTT-MC (Yu et al. 2018),
-# LSMDC-MC (the LSMDC 2016 Movie Multiple-Choice Test's README: its Statistics)
+# LSMDC-MC (the LSMDC 2016 Movie Multiple-Choice Test's README: its Statistics), LSMDC retrieval (the clips of
+# LSMDC16_annos_training / _val and the 1,000-clip public test: the counts the retrieval papers (CLIP4Clip, Luo et
+# al. 2021) cite, not checked against the files here), DiDeMo (Hendricks et al. 2017's videos per split, as
+# collaborative-experts' README gives them; its own lists hold 8,392 / 1,065 / 1,004)
 TRAIN_9K = '9,000 videos, 180,000 captions'  # msrvtt-retrieval --train 9k
 PUBLISHED = {
     'msrvtt-retrieval': {'train': '7,010 videos, 140,200 captions', 'val': '1,000 videos', 'test': '1,000 videos'},
+    'lsmdc-retrieval': {'train': '101,079 videos', 'val': '7,408 videos', 'test': '1,000 videos'},
+    'didemo-retrieval': {'train': '8,395 videos', 'val': '1,065 videos', 'test': '1,004 videos'},
     'msrvtt-qa': {'train': '158,581 questions', 'val': '12,278 questions', 'test': '72,821 questions'},
     'msvd-qa': {'train': '30,933 questions', 'val': '6,415 questions', 'test': '13,157 questions'},
     'tgif-action': {'train': '20,475 questions', 'val': '2,274 questions', 'test': '2,274 questions'},
@@ -166,6 +181,60 @@ def msrvtt_retrieval(src, train='7k'):
     if unknown:
         raise BadAnnotation(f'{path} line {unknown[0]}: video "{unknown[1]}" is not an MSR-VTT video of {read}')
     out['val'] = out['test'] = [{'video': r['video_id'], 'caption': r['sentence']} for _, r in rows]
+    return out
+
+
+LSMDC_RETRIEVAL_FILES = [('train', 'LSMDC16_annos_training.csv'), ('val', 'LSMDC16_annos_val.csv'),
+                         ('test', 'LSMDC16_challenge_1000_publictect.csv')]
+
+
+def lsmdc_retrieval(src):
+    """LSMDC 2016 (tab separated, no header; <CLIP_ID>, <START_ALIGNED>, <END_ALIGNED>, <START_EXTRACTED>,
+    <END_EXTRACTED>, <SENTENCE>) -> one {"video": clip id, "caption": sentence} per line, in file order. A clip id
+    may come with more than one sentence (each its own item, as the lines of MSR-VTT's captions); the sentence is
+    the line's rest after the fifth tab, quotes and all (split at tabs alone: no CSV quoting)."""
+    out = {}
+    for split, name in LSMDC_RETRIEVAL_FILES:
+        path = os.path.join(src, name)
+        out[split] = []
+        for n, text in enumerate(lines_of(path), 1):
+            if not text.strip():
+                continue
+            row = text.split('\t')
+            if len(row) != 6:
+                raise BadAnnotation(f'{path} line {n}: {len(row)} tab-separated fields, expected 6 (<CLIP_ID>, 4 time '
+                                    f'stamps, <SENTENCE>)')
+            if not row[0].strip():
+                raise BadAnnotation(f'{path} line {n}: the clip id is empty')
+            if not row[5].strip():
+                raise BadAnnotation(f'{path} line {n}: the sentence is empty')
+            out[split].append({'video': row[0].strip(), 'caption': row[5]})
+    return out
+
+
+def didemo_retrieval(src):
+    """DiDeMo's {train,val,test}_data.json (LisaAnne/LocalizingMoments: a list of {"annotation_id", "description",
+    "video", "times", "dl_link", ...}, one entry per moment) -> paragraph-to-video retrieval: one item per video, in
+    order of its first entry, its caption every description of the video in file order joined by one space
+    (repeated descriptions kept). The video is the "video" field as it is (a file name with its extension)."""
+    out = {}
+    for split in ['train', 'val', 'test']:
+        path = os.path.join(src, f'{split}_data.json')
+        entries = read_json(path)
+        if not isinstance(entries, list):
+            raise BadAnnotation(f'{path}: expected a list of annotations, got {type(entries).__name__}')
+        paragraphs = {}
+        for i, entry in enumerate(entries):
+            where = f'{path}[{i}]'
+            video, description = field(entry, 'video', where), field(entry, 'description', where)
+            if not isinstance(video, str) or not video.strip() or not isinstance(description, str):
+                raise BadAnnotation(f'{where}: "video" must be a non-empty str and "description" a str, got '
+                                    f'{video!r:.60} and {description!r:.60}')
+            paragraphs.setdefault(video, []).append(description)
+        empty = next((v for v, ds in paragraphs.items() if not ' '.join(ds).strip()), None)
+        if empty is not None:
+            raise BadAnnotation(f'{path}: video "{empty}" has only empty descriptions')
+        out[split] = [{'video': v, 'caption': ' '.join(ds)} for v, ds in paragraphs.items()]
     return out
 
 
@@ -392,8 +461,9 @@ def sizes_questions(out):
 
 def convert(task, src, size_vocab=1000, train='7k'):
     """-> (txt json, {split: size line}). train: msrvtt-retrieval's training videos, '7k' or '9k'."""
-    if task == 'msrvtt-retrieval':
-        out = msrvtt_retrieval(src, train)
+    if task in ('msrvtt-retrieval', 'lsmdc-retrieval', 'didemo-retrieval'):
+        out = msrvtt_retrieval(src, train) if task == 'msrvtt-retrieval' else \
+            lsmdc_retrieval(src) if task == 'lsmdc-retrieval' else didemo_retrieval(src)
         return out, sizes_retrieval(out)
     if task in ('msrvtt-qa', 'msvd-qa', 'tgif-frame'):
         out = {'msrvtt-qa': msrvtt_qa, 'msvd-qa': msvd_qa, 'tgif-frame': tgif_frame}[task](src, size_vocab)

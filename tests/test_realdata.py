@@ -465,7 +465,12 @@ def round_trip(d, out, task, dataset_name, cls, **args):
         ds = cls(dict(path_data=d, dataset=dataset_name, task=task, txt_backbone=TOK, size_img=32, size_txt=16,
                       size_frame=5, size_option=5, **args), split)
         ds.check_items()
-        assert [ds[i][-1] for i in range(len(ds))] == [it['answer'] for it in out[split]]
+        if cls is dataset.Dataset_Retrieval:  # (img, txt, mask): the caption's tokens
+            assert [ds.tokzr.decode(ds[i][1][ds[i][2].astype(bool)][1:-1]) for i in range(len(ds))] == \
+                [ds.tokzr.decode(ds.tokzr.encode(it['caption'], add_special_tokens=False)[:ds.size_txt - 2])
+                 for it in out[split]]
+        else:
+            assert [ds[i][-1] for i in range(len(ds))] == [it['answer'] for it in out[split]]
         sets[split] = ds
     return sets
 
@@ -620,6 +625,108 @@ def test_convert_lsmdc_mc(tmp_path, capsys, monkeypatch):
     os.remove(tmp_path / 'LSMDC16_multiple_choice_valid.csv')
     code, _ = cli(conv.main, ['lsmdc-mc', f'--src={tmp_path}', f'--out={tmp_path}/x.json'], capsys, monkeypatch)
     assert code == f'missing annotation file: {tmp_path}/LSMDC16_multiple_choice_valid.csv'
+
+
+LSMDC_TIMES = '00.00.51.926\t00.00.54.206\t00.00.51.900\t00.00.54.300'
+
+
+def test_convert_lsmdc_retrieval(tmp_path, capsys, monkeypatch):
+    """LSMDC 2016's annotation files (tab separated, no header: clip id, 4 time stamps, sentence) -> one item per line,
+    the clip id its video; train / val / test from LSMDC16_annos_training / _val and the 1,000-clip public test."""
+    files = {'LSMDC16_annos_training.csv': [
+                 f'0001_American_Beauty_00.00.51.926-00.00.54.206\t{LSMDC_TIMES}\t"Stop," SOMEONE says, and opens the door.',
+                 f'0001_American_Beauty_00.00.51.926-00.00.54.206\t{LSMDC_TIMES}\tShe looks up.',
+                 f'0002_As_Good_As_It_Gets_00.01.00.000-00.01.02.000\t{LSMDC_TIMES}\tHe walks his dog.'],
+             'LSMDC16_annos_val.csv': [f'1001_Flight_00.00.10.000-00.00.12.000\t{LSMDC_TIMES}\tThe plane lands.'],
+             'LSMDC16_challenge_1000_publictect.csv': [
+                 f'3001_21_JUMP_STREET_00.03.07.077-00.03.07.559\t{LSMDC_TIMES}\tHe jumps.',
+                 f'3001_21_JUMP_STREET_00.04.00.000-00.04.02.000\t{LSMDC_TIMES}\tA car stops.']}
+    for name, lines in files.items():
+        (tmp_path / name).write_text('\n'.join(lines) + '\n')
+    out, sizes = conv.convert('lsmdc-retrieval', str(tmp_path))
+    assert out == {
+        'train': [{'video': '0001_American_Beauty_00.00.51.926-00.00.54.206', 'caption': '"Stop," SOMEONE says, and opens the door.'},
+                  {'video': '0001_American_Beauty_00.00.51.926-00.00.54.206', 'caption': 'She looks up.'},
+                  {'video': '0002_As_Good_As_It_Gets_00.01.00.000-00.01.02.000', 'caption': 'He walks his dog.'}],
+        'val': [{'video': '1001_Flight_00.00.10.000-00.00.12.000', 'caption': 'The plane lands.'}],
+        'test': [{'video': '3001_21_JUMP_STREET_00.03.07.077-00.03.07.559', 'caption': 'He jumps.'},
+                 {'video': '3001_21_JUMP_STREET_00.04.00.000-00.04.02.000', 'caption': 'A car stops.'}]}
+    assert sizes == {'train': '2 videos, 3 captions', 'val': '1 videos, 1 captions', 'test': '2 videos, 2 captions'}
+    code, printed = cli(conv.main, ['lsmdc-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/o/txt_lsmdc-retrieval.json'],
+                        capsys, monkeypatch)
+    assert code == 0 and '  train: 2 videos, 3 captions (published: 101,079 videos)' in printed
+    assert '  val: 1 videos, 1 captions (published: 7,408 videos)' in printed
+    assert '  test: 2 videos, 2 captions (published: 1,000 videos)' in printed
+    assert json.load(open(tmp_path / 'o' / 'txt_lsmdc-retrieval.json')) == out
+    round_trip(str(tmp_path), out, 'lsmdc-retrieval', 'lsmdc', dataset.Dataset_Retrieval)
+    # a row of the multiple-choice files (10 fields), a sentence cut off by a tab, an empty sentence or clip id
+    test = tmp_path / 'LSMDC16_challenge_1000_publictect.csv'
+    for row, said in ((f'3001_X_00.00.01.000-00.00.02.000\t{LSMDC_TIMES}\tHe jumps.\tShe sits.\tThey run.\tHe falls.\t'
+                       f'Someone nods.', '10 tab-separated fields, expected 6 (<CLIP_ID>, 4 time stamps, <SENTENCE>)'),
+                      (f'3001_X_00.00.01.000-00.00.02.000\t{LSMDC_TIMES}', '5 tab-separated fields, expected 6'),
+                      (f'3001_X_00.00.01.000-00.00.02.000\t{LSMDC_TIMES}\t  ', 'the sentence is empty'),
+                      (f' \t{LSMDC_TIMES}\tHe jumps.', 'the clip id is empty')):
+        test.write_text(files['LSMDC16_challenge_1000_publictect.csv'][0] + '\n' + row + '\n')
+        with pytest.raises(conv.BadAnnotation, match=re.escape(f'{test} line 2: {said}')):
+            conv.convert('lsmdc-retrieval', str(tmp_path))
+    os.remove(tmp_path / 'LSMDC16_annos_val.csv')
+    code, _ = cli(conv.main, ['lsmdc-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/x.json'], capsys, monkeypatch)
+    assert code == f'missing annotation file: {tmp_path}/LSMDC16_annos_val.csv' and not os.path.exists(tmp_path / 'x.json')
+
+
+def didemo_entry(k, video, description, times=((0, 0),)):
+    """One moment of DiDeMo's {split}_data.json as LisaAnne/LocalizingMoments releases it."""
+    return {'annotation_id': k, 'description': description, 'video': video, 'times': [list(t) for t in times],
+            'dl_link': f'https://www.flickr.com/video_download.gne?id={k}', 'num_segments': 6}
+
+
+def test_convert_didemo_retrieval(tmp_path, capsys, monkeypatch):
+    """DiDeMo's train/val/test_data.json -> paragraph-to-video retrieval: one item per video, its descriptions in file
+    order joined by a space (a repeated one kept), the "video" field as it is (extension included) the video."""
+    a, b, c = '54322086@N00_2408598493_274c77d26a.avi', '10015567@N08_3655084291_d8b58466fa.mov', '8748128@N02_4876462651_bf3ec244f9.mp4'
+    write_json(tmp_path / 'train_data.json', [
+        didemo_entry(0, a, 'a man walks into the room', [(0, 0), (0, 1), (0, 0), (0, 0)]),
+        didemo_entry(1, b, 'the dog jumps'),
+        didemo_entry(2, a, 'he sits down on a red chair'),
+        didemo_entry(3, a, 'the camera pans left'),
+        didemo_entry(4, b, 'the dog jumps'),
+        didemo_entry(5, a, 'someone opens the door and a woman with a long blue coat comes in from the rain outside')])
+    write_json(tmp_path / 'val_data.json', [didemo_entry(0, c, 'a car drives by'), didemo_entry(1, c, 'it stops')])
+    write_json(tmp_path / 'test_data.json', [didemo_entry(0, b, 'the dog runs')])
+    out, sizes = conv.convert('didemo-retrieval', str(tmp_path))
+    assert out == {'train': [{'video': a, 'caption': 'a man walks into the room he sits down on a red chair the camera '
+                                                     'pans left someone opens the door and a woman with a long blue coat '
+                                                     'comes in from the rain outside'},
+                             {'video': b, 'caption': 'the dog jumps the dog jumps'}],
+                   'val': [{'video': c, 'caption': 'a car drives by it stops'}],
+                   'test': [{'video': b, 'caption': 'the dog runs'}]}
+    assert sizes == {'train': '2 videos, 2 captions', 'val': '1 videos, 1 captions', 'test': '1 videos, 1 captions'}
+    code, printed = cli(conv.main, ['didemo-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/o/txt_didemo-retrieval.json'],
+                        capsys, monkeypatch)
+    assert code == 0 and '  train: 2 videos, 2 captions (published: 8,395 videos)' in printed
+    assert '  test: 1 videos, 1 captions (published: 1,004 videos)' in printed
+    # read back: a paragraph longer than size_txt is cut to its first size_txt - 2 word pieces ([CLS] and [SEP])
+    sets = round_trip(str(tmp_path), out, 'didemo-retrieval', 'didemo', dataset.Dataset_Retrieval)
+    ds = sets['train']
+    assert len(ds.tokzr.tokenize(out['train'][0]['caption'])) > ds.size_txt == 16
+    txt, mask = ds[0][1], ds[0][2]
+    assert mask.all() and ds.tokzr.decode(txt[1:-1]) == 'a man walks into the room he sits down on a red chair the'
+    # an entry without its description, a description that is not text, a video field that is empty, a file that is
+    # not a list, videos of only empty descriptions
+    for entries, said in (([{'annotation_id': 0, 'video': a}], '[0]: no key "description"'),
+                          ([didemo_entry(0, a, 'ok'), didemo_entry(1, a, ['a', 'list'])],
+                           '[1]: "video" must be a non-empty str and "description" a str, got '
+                           "'54322086@N00_2408598493_274c77d26a.avi' and ['a', 'list']"),
+                          ([didemo_entry(0, ' ', 'a dog')], '[0]: "video" must be a non-empty str'),
+                          ({'video': a}, ': expected a list of annotations, got dict'),
+                          ([didemo_entry(0, a, ' '), didemo_entry(1, a, '')], f': video "{a}" has only empty descriptions')):
+        write_json(tmp_path / 'val_data.json', entries)
+        with pytest.raises(conv.BadAnnotation, match=re.escape(f'{tmp_path}/val_data.json{said}')):
+            conv.convert('didemo-retrieval', str(tmp_path))
+    write_json(tmp_path / 'val_data.json', [didemo_entry(0, c, 'a car drives by')])
+    os.remove(tmp_path / 'test_data.json')
+    code, _ = cli(conv.main, ['didemo-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/x.json'], capsys, monkeypatch)
+    assert code == f'missing annotation file: {tmp_path}/test_data.json' and not os.path.exists(tmp_path / 'x.json')
 
 
 def test_convert_webvid_and_cc3m_pretraining_texts(tmp_path, capsys, monkeypatch):
