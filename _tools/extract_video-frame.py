@@ -16,14 +16,16 @@ every '.<ext>' in it, as the original's .replace('.mp4', '') (hidden files are n
 image is one frame: a JPEG is stored as its own bytes, another format (PNG, ...) encoded as the frames are.
 Resumable: every output file is written under a temporary name and renamed when complete (the index last), so
 a crash never leaves a partial shard; a rerun skips the videos already in complete outputs and writes the
-rest into new shards (or, without shards, rewrites the one file with the old rows plus the new).
+rest into new shards (or, without shards, rewrites the one file with the old rows plus the new). <out>.extract.json
+records --sample and --upright: a rerun with another --upright is refused (the frames cannot tell). Ctrl-C writes the
+videos read so far. Files of one video id in different folders (--recursive) are all failed: none is kept.
 Failures never stop the batch: each unreadable video (or one with fewer frames than --sample, which
 dataset.read_video refuses) is named on stderr and listed with its reason in <out>.failed.json, written only when
 a video failed (a stale one from an earlier run is removed); the exit status is non-zero when no video could be read.
 A worker process that dies on a video (FFmpeg crashing, the out-of-memory killer) fails that video alone
 (in_processes).
 """
-import argparse, collections, functools, gc, glob, os, sys
+import argparse, collections, functools, gc, glob, os, signal, sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -32,7 +34,8 @@ from tqdm import tqdm
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
-from dataset import MAX_FRAMES, WriteError, frame_b64, load_pickle, remove_stale_tmp, video_b64, write_json, write_pickle  # noqa: E402
+from dataset import (MAX_FRAMES, WriteError, frame_b64, load_json, load_pickle, remove_stale_tmp, video_b64,  # noqa: E402
+                     write_json, write_pickle)
 from config import int_at_least  # noqa: E402
 from extract_tsv import frames_shape_problem, read_tsv, write_tsv  # noqa: E402
 
@@ -74,6 +77,12 @@ def extract_all(videos, sample, workers=1, progress=True, desc=None, upright=Fal
             yield vid, path, frames, reason
 
 
+def ignore_sigint():
+    """A worker's: Ctrl-C (SIGINT to the terminal's whole process group) is the main process's to handle, which saves
+    the videos read so far; each worker printed a KeyboardInterrupt traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def in_processes(read, paths, workers, ahead=8):
     """Yield read(path) for each path, in order, from `workers` processes (at most `ahead` videos a process in
     flight). A process that dies (FFmpeg crashing on a file, the out-of-memory killer) would leave
@@ -82,7 +91,7 @@ def in_processes(read, paths, workers, ahead=8):
     i = 0  # paths[:i] are yielded
     gc.collect()  # (garbage a forked worker inherits would be freed there, where the threads it may refer to are not)
     while i < len(paths):
-        pool, flight = ProcessPoolExecutor(workers), collections.deque()
+        pool, flight = ProcessPoolExecutor(workers, initializer=ignore_sigint), collections.deque()
         try:
             while i < len(paths):
                 while len(flight) < ahead * workers and i + len(flight) < len(paths):
@@ -101,7 +110,7 @@ def in_processes(read, paths, workers, ahead=8):
                 if future.done() and not future.cancelled() and future.exception() is None:  # read before it died
                     result = future.result()
                 else:
-                    solo = solo or ProcessPoolExecutor(1)
+                    solo = solo or ProcessPoolExecutor(1, initializer=ignore_sigint)
                     try:
                         result = solo.submit(read, path).result()
                     except BrokenProcessPool:
@@ -182,9 +191,16 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
                          f'{e.strerror or e}') from None
     remove_stale_tmp(os.path.dirname(os.path.abspath(out)), os.path.basename(out))  # what a kill -9 left of a shard
     videos, failed, first = [], {}, {}
-    # a.mp4 and a.avi are both video "a": the second would replace the first
-    for vid, path in list_videos(dir_in, exts, recursive):
-        if vid in first:
+    listed = list_videos(dir_in, exts, recursive)
+    folders = collections.defaultdict(set)
+    for vid, path in listed:
+        folders[vid].add(os.path.dirname(path))
+    for vid, path in listed:
+        if len(folders[vid]) > 1:  # (--recursive) clips of one name in two folders: which one a text means is unknown
+            others = ', '.join(p for v, p in listed if v == vid and p != path)
+            failed[path] = f'{path}: the same video id "{vid}" as {others} in another folder: none of them is kept (rename them)'
+            tqdm.write(f'skipped: {failed[path]}', file=sys.stderr)
+        elif vid in first:  # a.mp4 and a.avi are both video "a": the first extension's is the original's
             failed[path] = f'{path}: the same video id "{vid}" as {first[vid]} (rename one)'
             tqdm.write(f'skipped: {failed[path]}', file=sys.stderr)
         elif layout != 'pkl' and ('\t' in vid or '\n' in vid):  # (it stopped the run after every video was decoded)
@@ -207,22 +223,40 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
         old = read_output(out, layout, None) or {}
         check_sample(old, sample, output_files(out, layout, None)[0])
         done = dict.fromkeys(old)
+    settings = settings_file(out, layout)
+    known = load_json(settings) if os.path.isfile(settings) else None
+    if known is not None and not isinstance(known, dict):
+        raise ValueError(f'{settings}: not what this tool writes ({{"sample", "upright"}}); remove it')
+    if done and known is not None and known.get('upright') != upright:  # (the frames cannot tell: a mixed set)
+        raise ValueError(f'{output_files(out, layout, None if not shard_size else "*")[0]} was written '
+                         f'{"with" if known.get("upright") else "without"} --upright: give the same, or another --out')
+    if done and known is None:
+        tqdm.write(f'note: {settings} is missing (written before the tool recorded it): whether the videos already '
+                   f'there were turned upright is not checked', file=sys.stderr)
     pending = [(vid, path) for vid, path in videos if vid not in done]
-    written, batch = 0, {}
+    written, batch, interrupted = 0, {}, False
     next_shard = (k for k in range(10 ** 9) if k not in shards)  # fills the numbers of crashed shards first
-    for vid, path, frames, reason in extract_all(pending, sample, workers, progress, os.path.basename(out), upright):
-        if frames is None:
-            failed[path] = reason
-            continue
-        batch[vid] = frames
-        if shard_size and len(batch) == shard_size:
-            write_output(batch, out, layout, next(next_shard))
-            written, batch = written + len(batch), {}
+    try:
+        for vid, path, frames, reason in extract_all(pending, sample, workers, progress, os.path.basename(out), upright):
+            if frames is None:
+                failed[path] = reason
+                continue
+            batch[vid] = frames
+            if shard_size and len(batch) == shard_size:
+                write_output(batch, out, layout, next(next_shard))
+                written, batch = written + len(batch), {}
+    except KeyboardInterrupt:  # Ctrl-C: the videos read so far are written, and a rerun goes on from them
+        interrupted = True
     if shard_size and batch:
         write_output(batch, out, layout, next(next_shard))
     elif not shard_size and batch:
         write_output({**old, **batch}, out, layout, None)
     written += len(batch)
+    if written and (known is not None or not done):
+        write_json({'sample': sample, 'upright': upright}, settings, indent=1)
+    if interrupted:
+        raise Interrupted(f'interrupted: {written} videos written ({len(done)} were there before); the same command '
+                          f'goes on with the others')
     report = failed_report(out, layout)
     if failed:
         write_json({'videos': dir_in, 'sample': sample, 'failed': failed}, report, indent=1)
@@ -238,6 +272,16 @@ def check_sample(frames, sample, path):
     if other is not None:
         raise ValueError(f'{path} holds videos of {len(frames[other])} frames (e.g. "{other}"), not --sample {sample}: '
                          f'give the --sample it was written with, or another --out')
+
+
+class Interrupted(Exception):
+    """Ctrl-C during extraction, after the videos read so far were written."""
+
+
+def settings_file(out, layout):
+    """<out>.extract.json: how the frames were extracted ({"sample", "upright"}), which the frames cannot tell; a rerun
+    with another --upright is refused."""
+    return output_files(out, layout, None)[0].rsplit('.', 1)[0] + '.extract.json'
 
 
 def failed_report(out, layout):
@@ -304,6 +348,8 @@ def main():
         written, before, failed = extract_to(dir_in, out, args.sample, args.layout, args.shard_size, args.workers, exts,
                                               upright=args.upright, recursive=args.recursive)
     except ValueError as e:
+        sys.exit(str(e))
+    except Interrupted as e:
         sys.exit(str(e))
     except WriteError as e:  # a full disk: the outputs written before are whole, and a rerun goes on from them
         sys.exit(f'{e}; the files written before are whole: make room and run the same command again (it goes on '

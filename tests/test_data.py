@@ -346,6 +346,44 @@ def test_extraction_tool_upright_flag(tmp_path, monkeypatch, capsys):
         frame_tool.main()
         shapes[len(flags)] = {b64_to_array(b).shape for b in dataset.load_pickle(out)['phone']}
     assert shapes == {0: {(64, 96, 3)}, 1: {(96, 64, 3)}}
+    # a rerun into the output with the other --upright: refused (it skipped the videos there, leaving them on their
+    # side beside new upright ones); with the same, it goes on
+    write_av_clip(str(tmp_path / 'v' / 'more.mp4'), 12, 'libx264', size=(96, 64))
+    for flags, said in (([], f'{tmp_path}/out1.pkl was written with --upright: give the same, or another --out'),
+                        (['--upright'], None)):
+        monkeypatch.setattr(sys, 'argv', ['tool', f'--videos={tmp_path / "v"}', f'--out={tmp_path}/out1.pkl',
+                                          '--sample=3', *flags])
+        if said:
+            with pytest.raises(SystemExit, match=f'^{re.escape(said)}$'):
+                frame_tool.main()
+        else:
+            frame_tool.main()
+    assert sorted(dataset.load_pickle(str(tmp_path / 'out1.pkl'))) == ['more', 'phone']
+    assert json.load(open(tmp_path / 'out1.extract.json')) == {'sample': 3, 'upright': True}
+
+
+def test_extraction_interrupted_keeps_what_was_read(tmp_path, monkeypatch):
+    """Ctrl-C during extraction: a KeyboardInterrupt traceback (one per worker too), and a pkl output lost every
+    video read (it is written at the end). Now the videos read so far are written, one line says so, and the same
+    command goes on with the others."""
+    for k in range(4):
+        write_clip(str(tmp_path / f'c{k}.mp4'), [(k * 40 + j * 10,) * 3 for j in range(6)])
+    real, calls = frame_tool.video_b64, []
+
+    def read(path, **kw):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(path, **kw)
+    monkeypatch.setattr(frame_tool, 'video_b64', read)
+    monkeypatch.setattr(sys, 'argv', ['tool', f'--videos={tmp_path}', f'--out={tmp_path}/o/img.pkl', '--sample=3',
+                                      '--workers=1'])
+    with pytest.raises(SystemExit, match=r'^interrupted: 2 videos written \(0 were there before\); the same command '
+                                         r'goes on with the others$'):
+        frame_tool.main()
+    assert sorted(dataset.load_pickle(f'{tmp_path}/o/img.pkl')) == ['c0', 'c1']
+    frame_tool.main()
+    assert sorted(dataset.load_pickle(f'{tmp_path}/o/img.pkl')) == ['c0', 'c1', 'c2', 'c3'] and len(calls) == 5
 
 
 @pytest.mark.parametrize('name, codec, size, pix_fmt', [
@@ -552,7 +590,8 @@ def test_extract_cli_skips_unreadable_and_fails_when_nothing_read(tmp_path):
 def test_extract_recursive_webvid_layout(tmp_path):
     """WebVid's download: videos/<page_dir>/<videoid>.mp4. It was refused ('give each as --videos'), and a run per
     folder started a shard per folder; --recursive reads every folder below, each video named by its file name,
-    into shards of --shard_size; an id in two folders keeps the first and lists the other."""
+    into shards of --shard_size. An id in two folders: none of its files is kept, each listed (the first was kept:
+    a text written for the other clip trained on it without a word)."""
     videos = tmp_path / 'videos'
     for page, ids in (('000001_000050', ('1066674784', '1066674799')), ('000051_000100', ('1058911', '9931'))):
         (videos / page).mkdir(parents=True)
@@ -571,9 +610,12 @@ def test_extract_recursive_webvid_layout(tmp_path):
     r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(videos), '--sample=4', '--recursive',
                  '--out', str(tmp_path / 'one.pkl'), '--workers=1')
     assert r.returncode == 0 and list(dataset.load_pickle(str(tmp_path / 'one.pkl'))) == [
-        '1058911', '1066674784', '1066674799', '9931'], r.stderr
-    assert (f'skipped: {videos}/000051_000100/1066674784.mp4: the same video id "1066674784" as '
-            f'{videos}/000001_000050/1066674784.mp4 (rename one)') in r.stderr
+        '1058911', '1066674799', '9931'], r.stderr
+    failed = json.load(open(tmp_path / 'one.failed.json'))['failed']
+    for here, there in (('000051_000100', '000001_000050'), ('000001_000050', '000051_000100')):
+        said = (f'{videos}/{here}/1066674784.mp4: the same video id "1066674784" as {videos}/{there}/1066674784.mp4 '
+                f'in another folder: none of them is kept (rename them)')
+        assert f'skipped: {said}' in r.stderr and failed[f'{videos}/{here}/1066674784.mp4'] == said
 
 
 def test_extract_cli_folder_without_the_extension(tmp_path):
