@@ -12,6 +12,8 @@ import math
 import os
 import typing
 
+REPO = os.path.dirname(os.path.abspath(__file__))  # (the bundled files: _data/bert-tiny, the toy configs)
+
 
 def key(default, help, choices=None, least=None, most=None, length=None):
     """A config field. choices: the values it takes; least / most: its smallest / largest value (of each element
@@ -149,6 +151,11 @@ def read_file(path):
                 raise FileError(f"{path}: key '{k}' is given twice")
             seen.add(k)
         return dict(pairs)
+    if os.path.isdir(path):  # (a run's folder given for its args.json)
+        run = os.path.join(path, 'args.json')
+        raise FileError(f'{path} is a folder, not a config file' +
+                        (f' (a run\'s: its config is {run}; --resume {path} goes on with a stopped run)'
+                         if os.path.isfile(run) else ''))
     if not os.path.isfile(path):
         raise FileError(f'no config file {path}')
     try:
@@ -188,6 +195,11 @@ def local_dir(value, key):
     """A value written as a local path (/, ./, ../, ~) must exist: transformers would take it for a model id and
     speak of repo ids or the network. -> value."""
     if value.startswith(('/', './', '../', '~')) and not os.path.isdir(os.path.expanduser(value)):
-        where = '' if os.path.isabs(os.path.expanduser(value)) else f' (relative to the current directory, {os.getcwd()})'
+        bundled = os.path.normpath(os.path.join(REPO, value))
+        # (the toy preset's ./_data/bert-tiny, its run's args.json used from another directory: where it is)
+        there = f'; the repository has {bundled}: run from {REPO}, or add --set {key}={bundled}' \
+            if os.path.isdir(bundled) else ''
+        where = '' if os.path.isabs(os.path.expanduser(value)) else \
+            f' (relative to the current directory, {os.getcwd()}{there})'
         raise FileNotFoundError(f'{key}: no directory {value}{where}')
     return os.path.expanduser(value)

@@ -46,7 +46,7 @@ class QAOE(tasks.Downstream):
         elif self.args['size_vocab'] > len(train.answers):
             agent.say(f"size_vocab {self.args['size_vocab']}: {train.path_txt} names {len(train.answers)} answers in its "
                       f'"vocab", so classes {len(train.answers)}..{self.args["size_vocab"] - 1} are never a target (as '
-                      f'in the original); vocab.json lists them as null')
+                      f'in the original); vocab.json lists them as null (--set size_vocab=0: as many as it names)')
 
     def build_model(self):
         if self.args['size_vocab'] == 0:  # 0: the train split counts the json's "vocab"; args.json records it

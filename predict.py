@@ -226,7 +226,10 @@ def run(m, mode, jobs, opt):
 
 
 def table(mode, results, top):
-    name = lambda p: os.path.basename(p)
+    # videos by file name, or by path where two of them share one (clips of one name in different folders)
+    paths = {x['video'] for r in results for x in r.get('ranking', [r])}
+    short = len({os.path.basename(p) for p in paths}) == len(paths)
+    name = lambda p: os.path.basename(p) if short else p
     lines = []
     if mode == 'retrieval' and results and 'ranking' in results[0]:
         for r in results:

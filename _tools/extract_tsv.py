@@ -108,6 +108,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--path', required=True, help='X: reads X.pkl, writes X.tsv and X.lineidx')
     args = parser.parse_args()
+    if args.path.endswith('.pkl'):  # (the file's name given: it looked for X.pkl.pkl)
+        args.path = args.path[:-len('.pkl')]
     if not os.path.isfile(args.path + '.pkl'):
         sys.exit(f'missing {args.path}.pkl')
     try:

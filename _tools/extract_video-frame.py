@@ -319,8 +319,12 @@ def main():
     else:
         dir_in, out = args.videos, args.out
     out = output_prefix(out, args.layout)
+    if os.path.isfile(dir_in):
+        sys.exit(f'--videos {dir_in} is a file: give the folder that holds the videos (predict.py reads single files)')
     if not os.path.isdir(dir_in):
-        sys.exit(f'no video folder {dir_in}')
+        sys.exit(f'no video folder {dir_in}' + ('' if args.videos else
+                                                 f' (--path {args.path} reads the videos of _{name} beside it, as the '
+                                                 f'original; --videos names any folder)'))
     exts = args.ext.split(',')
     files = [f for f in os.listdir(dir_in) if os.path.isfile(os.path.join(dir_in, f))]
     hidden = sum(f.startswith('.') for f in files)

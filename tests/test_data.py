@@ -579,6 +579,15 @@ def test_extract_cli_skips_unreadable_and_fails_when_nothing_read(tmp_path):
     pkl2, bad = frame_tool.extract_dir(str(vids), 5, workers=1, progress=False)  # serial path, same result
     assert pkl2 == pkl and [os.path.basename(p) for p in bad] == ['broken.mp4', 'empty.mp4']
 
+    # a video file for the folder, a --path whose _X folder is not there: said
+    r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), '--videos', str(vids / 'a.mp4'), '--sample=5',
+                 f'--out={tmp_path}/x.pkl')
+    assert r.stderr.strip() == (f'--videos {vids}/a.mp4 is a file: give the folder that holds the videos (predict.py '
+                                f'reads single files)')
+    r = run_tool(os.path.join(TOOLS, 'extract_video-frame.py'), f'--path={tmp_path}/vids', '--sample=5')
+    assert r.stderr.strip() == (f'no video folder {tmp_path}/_vids (--path {tmp_path}/vids reads the videos of _vids '
+                                f'beside it, as the original; --videos names any folder)')
+
     bad_dir = tmp_path / '_junk'
     bad_dir.mkdir()
     (bad_dir / 'x.mp4').write_bytes(b'junk')
@@ -900,10 +909,15 @@ def test_txt_backbone_path_that_is_missing(tmp_path, monkeypatch):
     """The toy preset's ./_data/bert-tiny from another directory: transformers called it an invalid repo id."""
     import model
     monkeypatch.chdir(tmp_path)
-    said = rf'^txt_backbone: no directory ./_data/bert-tiny \(relative to the current directory, {tmp_path}\)$'
+    said = rf'^txt_backbone: no directory ./_data/nothing \(relative to the current directory, {tmp_path}\)$'
     with pytest.raises(FileNotFoundError, match=said):
+        dataset.get_tokenizer('./_data/nothing')
+    # the bundled one: where it is, and how to name it
+    said = (f'txt_backbone: no directory ./_data/bert-tiny (relative to the current directory, {tmp_path}; the '
+            f'repository has {ROOT}/_data/bert-tiny: run from {ROOT}, or add --set txt_backbone={ROOT}/_data/bert-tiny)')
+    with pytest.raises(FileNotFoundError, match=f'^{re.escape(said)}$'):
         dataset.get_tokenizer('./_data/bert-tiny')
-    with pytest.raises(FileNotFoundError, match=said):
+    with pytest.raises(FileNotFoundError, match=f'^{re.escape(said)}$'):
         model.load_bert('./_data/bert-tiny')
     with pytest.raises(FileNotFoundError, match=f'^txt_backbone: no directory {tmp_path}/bert$'):
         model.load_bert(f'{tmp_path}/bert')

@@ -173,6 +173,12 @@ def test_config_values_out_of_range_and_config_files(tmp_path):
     bom = tmp_path / 'bom.json'  # Notepad's UTF-8 (a BOM first) was 'not valid JSON'
     bom.write_text('{"task": "caf\u00e9", "lr": 1e-5}', encoding='utf-8-sig')
     assert agent.load_args(str(bom), [])['lr'] == 1e-5
+    # a folder: said (it was 'no config file'), a run's with its args.json and --resume
+    assert error_of(path=str(tmp_path)) == f'config error: {tmp_path} is a folder, not a config file'
+    (tmp_path / 'args.json').write_text('{}')
+    assert error_of(path=str(tmp_path)) == (f"config error: {tmp_path} is a folder, not a config file (a run's: its "
+                                            f'config is {tmp_path}/args.json; --resume {tmp_path} goes on with a '
+                                            f'stopped run)')
     listed = tmp_path / 'list.json'
     listed.write_text('[]')
     assert error_of(path=str(listed)) == f'config error: {listed} must hold a JSON object, not list'

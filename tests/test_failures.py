@@ -566,9 +566,16 @@ def test_data_checked_before_the_first_step(toy, tmp_path):
     with pytest.raises(FileNotFoundError, match='img_toyimg_train_1.lineidx'):
         main_pretrain.Pretrain(args).check_data()
     txt = json.load(open(f'{toy}/txt_toyvid.json'))
+    saved = dict(txt)
     del txt['train']
     json.dump(txt, open(f'{toy}/txt_toyvid.json', 'w'))
     with pytest.raises(KeyError, match=r'txt_toyvid.json: no key "train"'):
+        main_pretrain.Pretrain(args).check_data()
+    json.dump(saved, open(f'{toy}/txt_toyvid.json', 'w'))
+    os.rename(f'{toy}/vq_toyimg.pkl', f'{toy}/vq_gone.pkl')  # no VQ targets: where they come from, and pixel
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f'missing data file: {toy}/vq_toyimg.pkl (the MVM targets: _tools/extract_vq.py writes them with the DALL-E '
+            f'encoder; without it, mvm_target "pixel" predicts the frames\' pixels, VIOLETv2\'s)')):
         main_pretrain.Pretrain(args).check_data()
 
 
@@ -658,7 +665,8 @@ def test_qaoe_size_vocab_past_the_vocabulary(toy, tmp_path, capsys):
                                              f'path_output={tmp_path / "run"}', 'size_epoch=1', 'size_batch=4',
                                              'size_vocab=12', 'stop_after_steps=2'])
     assert (f'size_vocab 12: {toy}/txt_toy-qaoe.json names 8 answers in its "vocab", so classes 8..11 are never a '
-            f'target (as in the original); vocab.json lists them as null') in capsys.readouterr().out
+            f'target (as in the original); vocab.json lists them as null (--set size_vocab=0: as many as it names)'
+            ) in capsys.readouterr().out
     assert json.load(open(f'{oe}/vocab.json')) == txt['vocab'] + [None] * 4
     m = api.load(f'{oe}/ckpt_violet_toy-qaoe_0.pt', device='cpu')
     assert m.model.fc[-1].out_features == 12 and m.vocab == txt['vocab'] + [None] * 4

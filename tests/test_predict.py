@@ -186,6 +186,15 @@ def test_retrieval_mode_ranks_folder_and_cache(clips, ckpts, capsys, tmp_path, m
     assert np.allclose([x['score'] for x in got], [x['score'] for x in ref], atol=1e-5)
 
 
+def test_table_names_clips_of_one_name_by_path():
+    """The table showed file names alone: clips of one name in different folders were rows alike."""
+    ranking = [dict(video=v, score=s) for v, s in (('a/red.mp4', 2.0), ('b/red.mp4', 1.0), ('b/blue.mp4', 0.5))]
+    assert predict.table('retrieval', [dict(text='red', ranking=ranking)], 3).splitlines()[1:] == [
+        '     1     2.0000  a/red.mp4', '     2     1.0000  b/red.mp4', '     3     0.5000  b/blue.mp4']
+    assert predict.table('retrieval', [dict(text='red', ranking=ranking[1:])], 3).splitlines()[1:] == [
+        '     1     1.0000  red.mp4', '     2     0.5000  blue.mp4']
+
+
 def test_full_disk_named_for_cache_and_results(clips, ckpts, capsys, tmp_path):
     """A cache file or the results file that cannot be written (a full disk; here the OS's file size limit): one line
     naming it, no half file left; the results are printed before their file is written."""

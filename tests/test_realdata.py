@@ -1112,6 +1112,7 @@ def test_tool_arguments_that_would_write_nothing_usable(tmp_path, capsys, monkey
                       ({3: ['x']}, 'video id 3 is a int, not a str')):
         with open(tmp_path / 'f.pkl', 'wb') as f:
             pickle.dump(obj, f)
-        code, _ = cli(extract_tsv.main, ['--path', str(tmp_path / 'f')], capsys, monkeypatch)
-        assert code == f'{tmp_path}/f.pkl: {said}'
+        for path in ('f', 'f.pkl'):  # (the file's own name: it looked for f.pkl.pkl)
+            code, _ = cli(extract_tsv.main, ['--path', str(tmp_path / path)], capsys, monkeypatch)
+            assert code == f'{tmp_path}/f.pkl: {said}'
     assert not os.path.exists(tmp_path / 'f.tsv')
