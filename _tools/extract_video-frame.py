@@ -77,10 +77,10 @@ def extract_all(videos, sample, workers=1, progress=True, desc=None, upright=Fal
             yield vid, path, frames, reason
 
 
-def ignore_sigint():
-    """A worker's: Ctrl-C (SIGINT to the terminal's whole process group) is the main process's to handle, which saves
-    the videos read so far; each worker printed a KeyboardInterrupt traceback of its own."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# a worker's initializer: Ctrl-C (SIGINT to the terminal's whole process group) is the main process's to handle, which
+# saves the videos read so far (each worker printed a KeyboardInterrupt traceback of its own). A partial of the
+# builtin, not a function of this tool: a spawned worker could not import it when the tool is imported by path.
+ignore_sigint = functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
 
 
 def in_processes(read, paths, workers, ahead=8):
@@ -234,6 +234,8 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
         tqdm.write(f'note: {settings} is missing (written before the tool recorded it): whether the videos already '
                    f'there were turned upright is not checked', file=sys.stderr)
     pending = [(vid, path) for vid, path in videos if vid not in done]
+    if pending and (known is not None or not done):  # before the first output (a run killed mid-way is checked too)
+        write_json({'sample': sample, 'upright': upright}, settings, indent=1)
     written, batch, interrupted = 0, {}, False
     next_shard = (k for k in range(10 ** 9) if k not in shards)  # fills the numbers of crashed shards first
     try:
@@ -243,8 +245,9 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
                 continue
             batch[vid] = frames
             if shard_size and len(batch) == shard_size:
-                write_output(batch, out, layout, next(next_shard))
-                written, batch = written + len(batch), {}
+                full, batch = batch, {}  # (not written again should the write be interrupted)
+                write_output(full, out, layout, next(next_shard))
+                written += len(full)
     except KeyboardInterrupt:  # Ctrl-C: the videos read so far are written, and a rerun goes on from them
         interrupted = True
     if shard_size and batch:
@@ -252,8 +255,8 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     elif not shard_size and batch:
         write_output({**old, **batch}, out, layout, None)
     written += len(batch)
-    if written and (known is not None or not done):
-        write_json({'sample': sample, 'upright': upright}, settings, indent=1)
+    if not written and not done and os.path.isfile(settings):  # (no video could be read: no output to describe)
+        os.remove(settings)
     if interrupted:
         raise Interrupted(f'interrupted: {written} videos written ({len(done)} were there before); the same command '
                           f'goes on with the others')

@@ -1,6 +1,6 @@
 """Data as it exists today: VIOLETv2's downstream layout, layout conversion, annotation converters, extraction
 at scale. Every file here is written by the test itself, in the real formats. Small and CPU-only."""
-import base64, io, json, os, pickle, random, re, subprocess, sys
+import base64, io, json, os, pickle, random, re, signal, subprocess, sys, time
 
 import numpy as np
 import pytest
@@ -800,7 +800,7 @@ def test_extract_on_a_full_disk_keeps_what_was_written(tmp_path, monkeypatch):
     assert re.fullmatch(refused_write(out) + re.escape(
         '; the files written before are whole: make room and run the same command again (it goes on with the videos '
         'not yet written)'), str(e.value)), str(e.value)
-    assert out.read_bytes() == old and sorted(os.listdir(tmp_path)) == ['clips', 'img_x.pkl']
+    assert out.read_bytes() == old and sorted(os.listdir(tmp_path)) == ['clips', 'img_x.extract.json', 'img_x.pkl']
     assert frame_tool.extract_to(vids, str(out), 3, progress=False)[:2] == (6, 2)
     assert sorted(dataset.load_pickle(str(out))) == ['v0', 'v1'] + [f'w{i}' for i in range(6)]
 
@@ -821,10 +821,12 @@ def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_replace(src, dst)
     monkeypatch.setattr(os, 'replace', crash_on_index_1)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(frame_tool.Interrupted, match=r'^interrupted: 3 videos written \(0 were there before\)'):
         frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, workers=2, progress=False)
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ['clips', 'img_x_train_0.lineidx', 'img_x_train_0.tsv', 'img_x_train_1.tsv']
+    # (the interrupted shard's videos are not written again as the next shard: they were, twice)
+    assert sorted(os.listdir(tmp_path)) == ['clips', 'img_x_train.extract.json', 'img_x_train_0.lineidx',
+                                            'img_x_train_0.tsv', 'img_x_train_1.tsv']
     (tmp_path / 'img_x_train_1.lineidx.tmp4242').write_text('0\n')
     (tmp_path / 'other.tsv.tmp4242').write_text('not ours')
 
@@ -858,6 +860,69 @@ def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
     os.remove(tmp_path / 'clips' / 'empty.mp4')
     assert frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, progress=False) == (0, 8, {})
     assert not os.path.exists(tmp_path / 'img_x_train.failed.json')
+
+
+def test_extract_ctrl_c_with_workers_and_a_killed_run(tmp_path, capsys):
+    """Ctrl-C in a terminal (SIGINT to the whole process group, workers included): each worker printed a
+    KeyboardInterrupt traceback and the pkl output lost every video read. Now the workers leave it to the main
+    process, which writes what was read and says so in one line; the same command goes on. A run killed mid-way
+    (no Ctrl-C) has recorded its --upright before its first output, so a rerun with the other is refused."""
+    vids = clip_dir(str(tmp_path / 'clips'), [f'v{i:02d}' for i in range(30)])
+    out = str(tmp_path / 'o' / 'img.pkl')
+    script = (f'import sys, time\nsys.path[:0] = [{ROOT!r}, {TOOLS!r}]\nimport make_toy\n'
+              f'tool = make_toy.load_frame_tool()\nreal = tool.video_b64\n'
+              f'def slow(*a, **k):\n    time.sleep(0.2)\n    return real(*a, **k)\n'
+              f'tool.video_b64 = slow\nsys.argv = ["tool", "--videos", {vids!r}, "--out", {out!r}, "--sample", "3", '
+              f'"--workers", "2"]\ntool.main()\n')
+    p = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    err = b''
+    while b'video/s' not in err:  # (the bar's first update: videos are being read)
+        err += os.read(p.stderr.fileno(), 100)
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGINT)
+    _, rest = p.communicate(timeout=60)
+    said = (err + rest).decode().replace('\r', '\n').strip().splitlines()
+    n = len(dataset.load_pickle(out))
+    assert p.returncode == 1 and 'Traceback' not in '\n'.join(said), said[-20:]
+    assert 0 < n < 30 and said[-1] == (f'interrupted: {n} videos written (0 were there before); the same command goes '
+                                       f'on with the others')
+    assert frame_tool.extract_to(vids, out, 3, progress=False)[:2] == (30 - n, n)
+    previous = signal.getsignal(signal.SIGINT)  # (an idle worker, waiting for its next video, printed a traceback)
+    try:
+        frame_tool.ignore_sigint()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    # killed mid-way (here: an error at the 3rd video), with --upright: the rerun without it is refused
+    out2 = str(tmp_path / 'img_k')
+    real = frame_tool.video_b64
+    calls = []
+
+    def dies(path, **kw):
+        calls.append(path)
+        if len(calls) == 3:
+            raise MemoryError
+        return real(path, **kw)
+    frame_tool.video_b64 = dies
+    try:
+        with pytest.raises(MemoryError):
+            frame_tool.extract_to(vids, out2, 3, layout='tsv', shard_size=1, progress=False, upright=True)
+    finally:
+        frame_tool.video_b64 = real
+    with pytest.raises(ValueError, match=rf'^{out2}_\*.tsv was written with --upright: give the same, or another --out$'):
+        frame_tool.extract_to(vids, out2, 3, layout='tsv', shard_size=1, progress=False)
+    # a record that is not the tool's is named; without a record (written by an older version) a note says so
+    with open(f'{out2}.extract.json', 'w') as f:
+        f.write('[1]')
+    with pytest.raises(ValueError, match=rf'^{out2}.extract.json: not what this tool writes'):
+        frame_tool.extract_to(vids, out2, 3, layout='tsv', shard_size=1, progress=False)
+    os.remove(f'{out2}.extract.json')
+    capsys.readouterr()
+    assert frame_tool.extract_to(vids, out2, 3, layout='tsv', shard_size=10, progress=False)[:2] == (28, 2)
+    assert (f'note: {out2}.extract.json is missing (written before the tool recorded it): whether the videos already '
+            f'there were turned upright is not checked') in capsys.readouterr().err
+    assert not os.path.exists(f'{out2}.extract.json')  # (what the first videos were is unknown: nothing recorded)
 
 
 def run_extraction(script, timeout=180):
@@ -964,8 +1029,8 @@ def test_extract_single_file_layouts_and_cli(tmp_path, capsys, monkeypatch):
         code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={out}', f'--layout={layout}', '--workers=1',
                                         '--sample=99' if 'none' in str(out) else '--sample=2'], capsys, monkeypatch)
         assert code == said
-    assert sorted(os.listdir(tmp_path)) == ['afile', 'clips', 'img_y.id2lineidx.pkl', 'img_y.tsv', 'none.failed.json',
-                                            'z.pkl']
+    assert sorted(os.listdir(tmp_path)) == ['afile', 'clips', 'img_y.extract.json', 'img_y.id2lineidx.pkl', 'img_y.tsv',
+                                            'none.failed.json', 'z.extract.json', 'z.pkl']
     # an --out folder that does not exist yet is made first (the run decoded every video, then crashed writing)
     code, _ = cli(frame_tool.main, [f'--videos={vids}', f'--out={tmp_path}/new/dir/z.pkl', '--sample=2', '--ext=mp4,avi',
                                     '--workers=1'], capsys, monkeypatch)
