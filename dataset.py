@@ -662,9 +662,9 @@ def check_size_txt(args):
                         f"{args['txt_backbone']} has {limit} positions (max_position_embeddings): at most {limit}")
 
 
-def need_file(path):
+def need_file(path, hint=''):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'missing data file: {path}')
+        raise FileNotFoundError(f'missing data file: {path}{hint}')
     return path
 
 
@@ -1151,10 +1151,8 @@ class Dataset_Pretrain(Dataset_Base):
                     continue  # named when the sample is read
             self.size_frame = check_frames(common_frame_count(counts, self.tsv.path) if counts else 0, self.tsv.path)
             return
-        if not os.path.isfile(self.path_vq):
-            raise FileNotFoundError(f'missing data file: {self.path_vq} (the MVM targets: _tools/extract_vq.py writes '
-                                    f'them with the DALL-E encoder; without it, mvm_target "pixel" predicts the '
-                                    f'frames\' pixels, VIOLETv2\'s)')
+        need_file(self.path_vq, ' (the MVM targets: _tools/extract_vq.py writes them with the DALL-E encoder; without '
+                                'it, mvm_target "pixel" predicts the frames\' pixels, VIOLETv2\'s)')
         self.vq = load_pickle(self.path_vq)
         if not isinstance(self.vq, dict):
             raise DataError(f'{self.path_vq}: holds a {type(self.vq).__name__}, not a dict video id -> VQ tokens')

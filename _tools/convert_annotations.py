@@ -16,8 +16,9 @@ r"""Public annotation files -> txt_<task>.json as dataset.py reads it (README "R
     python _tools/convert_annotations.py didemo-retrieval --src DIR --out _data/txt_didemo-retrieval.json
         DIR: train_data.json, val_data.json, test_data.json (LisaAnne/LocalizingMoments, one entry per moment).
         Paragraph-to-video retrieval (ClipBERT's): one item per video, its descriptions in file order joined by a
-        space (repeats kept); video: the "video" field as it is, extension included (the AWS download script saves
-        <video>.mp4, which extraction with --ext mp4 names <video>). The paragraph is cut at size_txt tokens.
+        space (repeats kept); video: the "video" field, extension included, without '.mp4': the id extraction with
+        --ext mp4 gives the AWS download script's <video>.mp4 (X.avi.mp4 is X.avi, X.mp4.mp4 is X). The paragraph
+        is cut at size_txt tokens.
     python _tools/convert_annotations.py msrvtt-qa --src DIR --out _data/txt_msrvtt-qa.json [--size_vocab 1000]
         DIR: train_qa.json, val_qa.json, test_qa.json (Xu et al. 2017); video_id k -> "video<k>".
     python _tools/convert_annotations.py msvd-qa --src DIR --out _data/txt_msvd-qa.json [--size_vocab 1000]
@@ -59,7 +60,7 @@ official QA-OE checkpoints' classes are in that order. An answer outside it is "
 Every converter prints its split sizes next to the published ones. A missing file, a malformed line or an
 unknown video stops it with a message naming the file and the line.
 """
-import argparse, collections, csv, io, json, os, random, sys
+import argparse, collections, csv, hashlib, io, json, os, sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import int_at_least  # noqa: E402
@@ -200,14 +201,12 @@ def lsmdc_retrieval(src):
         for n, text in enumerate(lines_of(path), 1):
             if not text.strip():
                 continue
-            row = text.split('\t')
+            row = text.rstrip().split('\t')  # (white space after the last field: not a field of its own)
             if len(row) != 6:
                 raise BadAnnotation(f'{path} line {n}: {len(row)} tab-separated fields, expected 6 (<CLIP_ID>, 4 time '
                                     f'stamps, <SENTENCE>)')
             if not row[0].strip():
                 raise BadAnnotation(f'{path} line {n}: the clip id is empty')
-            if not row[5].strip():
-                raise BadAnnotation(f'{path} line {n}: the sentence is empty')
             out[split].append({'video': row[0].strip(), 'caption': row[5]})
     return out
 
@@ -216,7 +215,8 @@ def didemo_retrieval(src):
     """DiDeMo's {train,val,test}_data.json (LisaAnne/LocalizingMoments: a list of {"annotation_id", "description",
     "video", "times", "dl_link", ...}, one entry per moment) -> paragraph-to-video retrieval: one item per video, in
     order of its first entry, its caption every description of the video in file order joined by one space
-    (repeated descriptions kept). The video is the "video" field as it is (a file name with its extension)."""
+    (repeated descriptions kept). The video is the id extraction gives the AWS download's <video>.mp4: the "video"
+    field (a file name with its extension) without '.mp4' (X.avi stays X.avi, X.mp4 is X)."""
     out = {}
     for split in ['train', 'val', 'test']:
         path = os.path.join(src, f'{split}_data.json')
@@ -234,7 +234,8 @@ def didemo_retrieval(src):
         empty = next((v for v, ds in paragraphs.items() if not ' '.join(ds).strip()), None)
         if empty is not None:
             raise BadAnnotation(f'{path}: video "{empty}" has only empty descriptions')
-        out[split] = [{'video': v, 'caption': ' '.join(ds)} for v, ds in paragraphs.items()]
+        # the AWS download saves <video>.mp4, which extraction (--ext mp4) names without every '.mp4' in it
+        out[split] = [{'video': v.replace('.mp4', ''), 'caption': ' '.join(ds)} for v, ds in paragraphs.items()]
     return out
 
 
@@ -394,8 +395,8 @@ LSMDC_MC_FILES = [('train', 'LSMDC16_multiple_choice_train.csv'), ('val', 'LSMDC
 
 def lsmdc_mc(src):
     """LSMDC 2016 Movie Multiple-Choice Test (tab separated, no header): train and valid rows <CLIP_ID>, 4 time stamps,
-    the correct sentence, 4 distractors (shuffled by a generator seeded with the clip id); the public test's rows <CLIP_ID>, 4 time
-    stamps, 5 sentences, the answer's index 1-5 (-> 0-4). The video is the clip id (the clip's file name)."""
+    the correct sentence, 4 distractors (the correct one moved to a place drawn from the clip id); the public test's
+    rows <CLIP_ID>, 4 time stamps, 5 sentences, the answer's index 1-5 (-> 0-4). The video is the clip id (the clip's file name)."""
     out = {}
     for split, name in LSMDC_MC_FILES:
         path = os.path.join(src, name)
@@ -405,7 +406,7 @@ def lsmdc_mc(src):
         for n, text in enumerate(lines_of(path), 1):
             if not text.strip():
                 continue
-            row = text.split('\t')
+            row = text.rstrip().split('\t')  # (white space after the last field: not a field of its own)
             if len(row) != expected:
                 raise BadAnnotation(f'{path} line {n}: {len(row)} tab-separated fields, expected {expected} (<CLIP_ID>, '
                                     f'4 time stamps, ' + ('5 sentences, the answer 1-5)' if test else
@@ -418,9 +419,10 @@ def lsmdc_mc(src):
                 if answer not in '12345' or len(answer) != 1:
                     raise BadAnnotation(f'{path} line {n}: answer {answer!r} is not an option index 1-5')
                 answer = int(answer) - 1
-            else:  # the right sentence first: in a place drawn from the clip id (the same every conversion)
-                options = random.Random(row[0].strip()).sample(options, 5)
-                answer = options.index(row[5])
+            else:  # the right sentence first: moved to a place drawn from the clip id (sha256: the same every
+                # conversion, on every Python), the distractors in their order around it
+                answer = int.from_bytes(hashlib.sha256(row[0].strip().encode()).digest()[:8], 'big') % 5
+                options = options[1:answer + 1] + options[:1] + options[answer + 1:]
             out[split].append(dict({'video': row[0].strip(), 'question': '', 'answer': answer},
                                    **{f'option_{i}': options[i] for i in range(5)}))
     return out

@@ -636,7 +636,8 @@ def test_convert_lsmdc_retrieval(tmp_path, capsys, monkeypatch):
     files = {'LSMDC16_annos_training.csv': [
                  f'0001_American_Beauty_00.00.51.926-00.00.54.206\t{LSMDC_TIMES}\t"Stop," SOMEONE says, and opens the door.',
                  f'0001_American_Beauty_00.00.51.926-00.00.54.206\t{LSMDC_TIMES}\tShe looks up.',
-                 f'0002_As_Good_As_It_Gets_00.01.00.000-00.01.02.000\t{LSMDC_TIMES}\tHe walks his dog.'],
+                 f'0002_As_Good_As_It_Gets_00.01.00.000-00.01.02.000\t{LSMDC_TIMES}\tHe walks his dog.\t '],  # (a tab at
+             # the end of a line is no field: it was a line of 7 fields)
              'LSMDC16_annos_val.csv': [f'1001_Flight_00.00.10.000-00.00.12.000\t{LSMDC_TIMES}\tThe plane lands.'],
              'LSMDC16_challenge_1000_publictect.csv': [
                  f'3001_21_JUMP_STREET_00.03.07.077-00.03.07.559\t{LSMDC_TIMES}\tHe jumps.',
@@ -659,12 +660,12 @@ def test_convert_lsmdc_retrieval(tmp_path, capsys, monkeypatch):
     assert '  test: 2 videos, 2 captions (published: 1,000 videos)' in printed
     assert json.load(open(tmp_path / 'o' / 'txt_lsmdc-retrieval.json')) == out
     round_trip(str(tmp_path), out, 'lsmdc-retrieval', 'lsmdc', dataset.Dataset_Retrieval)
-    # a row of the multiple-choice files (10 fields), a sentence cut off by a tab, an empty sentence or clip id
+    # a row of the multiple-choice files (10 fields), a line without its sentence (or only white space), an empty clip id
     test = tmp_path / 'LSMDC16_challenge_1000_publictect.csv'
     for row, said in ((f'3001_X_00.00.01.000-00.00.02.000\t{LSMDC_TIMES}\tHe jumps.\tShe sits.\tThey run.\tHe falls.\t'
                        f'Someone nods.', '10 tab-separated fields, expected 6 (<CLIP_ID>, 4 time stamps, <SENTENCE>)'),
                       (f'3001_X_00.00.01.000-00.00.02.000\t{LSMDC_TIMES}', '5 tab-separated fields, expected 6'),
-                      (f'3001_X_00.00.01.000-00.00.02.000\t{LSMDC_TIMES}\t  ', 'the sentence is empty'),
+                      (f'3001_X_00.00.01.000-00.00.02.000\t{LSMDC_TIMES}\t  ', '5 tab-separated fields, expected 6'),
                       (f' \t{LSMDC_TIMES}\tHe jumps.', 'the clip id is empty')):
         test.write_text(files['LSMDC16_challenge_1000_publictect.csv'][0] + '\n' + row + '\n')
         with pytest.raises(conv.BadAnnotation, match=re.escape(f'{test} line 2: {said}')):
@@ -694,6 +695,13 @@ def test_convert_didemo_retrieval(tmp_path, capsys, monkeypatch):
     write_json(tmp_path / 'val_data.json', [didemo_entry(0, c, 'a car drives by'), didemo_entry(1, c, 'it stops')])
     write_json(tmp_path / 'test_data.json', [didemo_entry(0, b, 'the dog runs')])
     out, sizes = conv.convert('didemo-retrieval', str(tmp_path))
+    # the ids are those extraction gives the videos as the AWS download script saves them, <video>.mp4
+    (tmp_path / 'videos').mkdir()
+    for video in (a, b, c):
+        (tmp_path / 'videos' / f'{video}.mp4').write_bytes(b'')
+    extracted = sorted(vid for vid, _ in frame_tool.list_videos(str(tmp_path / 'videos')))
+    assert sorted(it['video'] for s in ('train', 'val') for it in out[s]) == extracted
+    a, b, c = a, b, c[:-len('.mp4')]
     assert out == {'train': [{'video': a, 'caption': 'a man walks into the room he sits down on a red chair the camera '
                                                      'pans left someone opens the door and a woman with a long blue coat '
                                                      'comes in from the rain outside'},
