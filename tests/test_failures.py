@@ -1219,8 +1219,22 @@ def optimiser_step(self):  # each optimiser step, the rank's weights after it
     sums.append(sum(p.double().sum().item() for p in self.raw.parameters()))
 
 
+real_average, grads = agent.Trainer.average_gradients, {{}}
+
+
+def average_gradients(self):  # the head's gradients before and after; rank 1 has none for its bias (unused there)
+    p = dict(self.raw.named_parameters())
+    if os.environ['RANK'] == '1':
+        p['fc.3.bias'].grad = None
+    before = {{k: None if p[k].grad is None else p[k].grad.tolist() for k in ('fc.3.weight', 'fc.3.bias')}}
+    real_average(self)
+    grads.update(before=before, after={{k: p[k].grad.tolist() for k in ('fc.3.weight', 'fc.3.bias')}})
+
+
 tasks.Downstream.step, agent.Trainer.optimiser_step = step, optimiser_step
-atexit.register(lambda: json.dump(sums, open(os.path.join({dump!r}, 'sums' + os.environ['RANK']), 'w')))
+agent.Trainer.average_gradients = average_gradients
+atexit.register(lambda: json.dump(dict(sums=sums, grads=grads),
+                                  open(os.path.join({dump!r}, 'sums' + os.environ['RANK']), 'w')))
 agent.main(main_qamc.QAMC, {config!r})
 """
 
@@ -1240,8 +1254,15 @@ def test_untrained_last_batch_of_window_under_torchrun(toy, tmp_path):
     assert 'non-finite loss at epoch 1 step 1: step skipped (1 in a row, 1 in all)' in proc.stdout, proc.stdout[-2000:]
     n_train = len(json.load(open(f'{toy}/txt_toy-qamc.json'))['train'])
     n_windows = -(-n_train // 4)  # 2 ranks x size_batch 1 x grad_accum 2
-    sums = [json.load(open(tmp_path / f'sums{rank}')) for rank in (0, 1)]
+    dumps = [json.load(open(tmp_path / f'sums{rank}')) for rank in (0, 1)]
+    sums = [d['sums'] for d in dumps]
     assert len(sums[0]) == n_windows and sums[0] == sums[1]
+    # the mean of the ranks' gradients, as DDP's; a parameter without one on a rank counts as 0 there
+    (before0, after0), (before1, after1) = [(d['grads']['before'], d['grads']['after']) for d in dumps]
+    assert after0 == after1 and before1['fc.3.bias'] is None
+    assert torch.allclose(torch.tensor(after0['fc.3.weight']),
+                          (torch.tensor(before0['fc.3.weight']) + torch.tensor(before1['fc.3.weight'])) / 2, atol=1e-7)
+    assert torch.allclose(torch.tensor(after0['fc.3.bias']), torch.tensor(before0['fc.3.bias']) / 2, atol=1e-7)
     steps = [json.loads(ln) for ln in open(out / 'steps.jsonl') if 'eval' not in ln]
     assert [rec['step'] for rec in steps] == list(range(1, n_windows + 1))
 
