@@ -257,14 +257,15 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     written += len(batch)
     if not written and not done and os.path.isfile(settings):  # (no video could be read: no output to describe)
         os.remove(settings)
-    if interrupted:
-        raise Interrupted(f'interrupted: {written} videos written ({len(done)} were there before); the same command '
-                          f'goes on with the others')
     report = failed_report(out, layout)
-    if failed:
+    if failed:  # (also when interrupted: those seen so far)
         write_json({'videos': dir_in, 'sample': sample, 'failed': failed}, report, indent=1)
     elif os.path.exists(report):  # an earlier run's failures were retried and read this time: its list is stale
         os.remove(report)
+    if interrupted:
+        raise Interrupted(f'interrupted: {written} videos written ({len(done)} were there before)' +
+                          (f', {len(failed)} unreadable listed in {report}' if failed else '') +
+                          '; the same command goes on with the others')
     return written, len(done), failed
 
 

@@ -368,6 +368,7 @@ def test_extraction_interrupted_keeps_what_was_read(tmp_path, monkeypatch):
     command goes on with the others."""
     for k in range(4):
         write_clip(str(tmp_path / f'c{k}.mp4'), [(k * 40 + j * 10,) * 3 for j in range(6)])
+    (tmp_path / 'b.mp4').write_bytes(b'')  # (its failure is listed too)
     real, calls = frame_tool.video_b64, []
 
     def read(path, **kw):
@@ -378,12 +379,13 @@ def test_extraction_interrupted_keeps_what_was_read(tmp_path, monkeypatch):
     monkeypatch.setattr(frame_tool, 'video_b64', read)
     monkeypatch.setattr(sys, 'argv', ['tool', f'--videos={tmp_path}', f'--out={tmp_path}/o/img.pkl', '--sample=3',
                                       '--workers=1'])
-    with pytest.raises(SystemExit, match=r'^interrupted: 2 videos written \(0 were there before\); the same command '
-                                         r'goes on with the others$'):
+    with pytest.raises(SystemExit, match=f'^interrupted: 1 videos written \\(0 were there before\\), 1 unreadable listed in '
+                                         f'{tmp_path}/o/img.failed.json; the same command goes on with the others$'):
         frame_tool.main()
-    assert sorted(dataset.load_pickle(f'{tmp_path}/o/img.pkl')) == ['c0', 'c1']
+    assert sorted(dataset.load_pickle(f'{tmp_path}/o/img.pkl')) == ['c0']
+    assert list(json.load(open(f'{tmp_path}/o/img.failed.json'))['failed']) == [f'{tmp_path}/b.mp4']
     frame_tool.main()
-    assert sorted(dataset.load_pickle(f'{tmp_path}/o/img.pkl')) == ['c0', 'c1', 'c2', 'c3'] and len(calls) == 5
+    assert sorted(dataset.load_pickle(f'{tmp_path}/o/img.pkl')) == ['c0', 'c1', 'c2', 'c3'] and len(calls) == 7
 
 
 @pytest.mark.parametrize('name, codec, size, pix_fmt', [
