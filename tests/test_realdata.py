@@ -833,8 +833,8 @@ def test_extract_shards_resume_and_failures(tmp_path, monkeypatch):
         frame_tool.extract_to(vids, out, 3, layout='tsv', shard_size=3, workers=2, progress=False)
     monkeypatch.undo()
     # (the interrupted shard's videos are not written again as the next shard: they were, twice)
-    assert sorted(os.listdir(tmp_path)) == ['clips', 'img_x_train.extract.json', 'img_x_train_0.lineidx',
-                                            'img_x_train_0.tsv', 'img_x_train_1.tsv']
+    assert sorted(os.listdir(tmp_path)) == ['clips', 'img_x_train.extract.json', 'img_x_train.failed.json',
+                                            'img_x_train_0.lineidx', 'img_x_train_0.tsv', 'img_x_train_1.tsv']
     (tmp_path / 'img_x_train_1.lineidx.tmp4242').write_text('0\n')
     (tmp_path / 'other.tsv.tmp4242').write_text('not ours')
 
