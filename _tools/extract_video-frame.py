@@ -192,12 +192,13 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     remove_stale_tmp(os.path.dirname(os.path.abspath(out)), os.path.basename(out))  # what a kill -9 left of a shard
     videos, failed, first = [], {}, {}
     listed = list_videos(dir_in, exts, recursive)
-    folders = collections.defaultdict(set)
+    files = collections.defaultdict(list)
     for vid, path in listed:
-        folders[vid].add(os.path.dirname(path))
+        files[vid].append(path)
     for vid, path in listed:
-        if len(folders[vid]) > 1:  # (--recursive) clips of one name in two folders: which one a text means is unknown
-            others = ', '.join(p for v, p in listed if v == vid and p != path)
+        if len({os.path.dirname(p) for p in files[vid]}) > 1:  # (--recursive) clips of one name in two folders: which
+            # one a text means is unknown
+            others = ', '.join(p for p in files[vid] if p != path)
             failed[path] = f'{path}: the same video id "{vid}" as {others} in another folder: none of them is kept (rename them)'
             tqdm.write(f'skipped: {failed[path]}', file=sys.stderr)
         elif vid in first:  # a.mp4 and a.avi are both video "a": the first extension's is the original's
