@@ -231,6 +231,9 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     if done and known is not None and known.get('upright') != upright:  # (the frames cannot tell: a mixed set)
         raise ValueError(f'{output_files(out, layout, None if not shard_size else "*")[0]} was written '
                          f'{"with" if known.get("upright") else "without"} --upright: give the same, or another --out')
+    for vid in sorted({vid for vid, paths in files.items() if vid in done and len({os.path.dirname(p) for p in paths}) > 1}):
+        tqdm.write(f'note: video "{vid}" is in the output from an earlier run, though its files in several folders are '
+                   f'all failed now: which clip it holds is unknown (another --out starts afresh)', file=sys.stderr)
     if done and known is None:
         tqdm.write(f'note: {settings} is missing (written before the tool recorded it): whether the videos already '
                    f'there were turned upright is not checked', file=sys.stderr)
