@@ -106,6 +106,14 @@ def read_json(path):
         raise BadAnnotation(f'{path}: not valid JSON ({e})') from e
 
 
+def read_json_list(path, what):
+    """A JSON file holding a list (of `what`: annotations, questions) -> the list."""
+    items = read_json(path)
+    if not isinstance(items, list):
+        raise BadAnnotation(f'{path}: expected a list of {what}, got {type(items).__name__}')
+    return items
+
+
 def field(entry, key, where):
     if not isinstance(entry, dict) or key not in entry:
         raise BadAnnotation(f'{where}: no key "{key}"')
@@ -220,9 +228,7 @@ def didemo_retrieval(src):
     out = {}
     for split in ['train', 'val', 'test']:
         path = os.path.join(src, f'{split}_data.json')
-        entries = read_json(path)
-        if not isinstance(entries, list):
-            raise BadAnnotation(f'{path}: expected a list of annotations, got {type(entries).__name__}')
+        entries = read_json_list(path, 'annotations')
         paragraphs = {}
         for i, entry in enumerate(entries):
             where = f'{path}[{i}]'
@@ -265,9 +271,7 @@ def xu_qa(src, size_vocab, video_name):
     splits = {}
     for split in ['train', 'val', 'test']:
         path = os.path.join(src, f'{split}_qa.json')
-        items = read_json(path)
-        if not isinstance(items, list):
-            raise BadAnnotation(f'{path}: expected a list of questions, got {type(items).__name__}')
+        items = read_json_list(path, 'questions')
         splits[split] = [(f'{path}[{i}]', it) for i, it in enumerate(items)]
     for w, it in splits['train']:  # (every training answer first: they make the vocabulary)
         field(it, 'answer', w)
