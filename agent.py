@@ -735,7 +735,10 @@ class Trainer:
         at = at or self.position()
         self.last_resume = time.time()
         ranks = gather_objects(dict(rng=at['rng'], **at['local']))
-        if is_main():
+
+        def write():
+            if not is_main():
+                return
             # (the units by name and the unit's sample count: a resume checks that its position still means the same)
             units = self.task.units()
             size = self.task.unit_size(units[self.unit]) if self.unit < len(units) else None
@@ -745,6 +748,9 @@ class Trainer:
                             log={**self.log, 'n_nonfinite': at['n_nonfinite']},
                             global_step=self.global_step, saved_as=secrets.token_hex(8),  # (same_resume_state)
                             ranks=ranks, world=self.world, args=self.args), os.path.join(self.out, 'resume.pt'))
+        # every rank waits for the file: one that stopped at once (a stop signal) had torchrun kill rank 0 amid a
+        # large write, 30 s later; and a write that fails (a full disk) stops every rank with its message
+        agreed(write)
 
     def load_state(self, state):
         self.check_position(state)

@@ -1043,6 +1043,60 @@ def test_stop_signal_to_one_rank_stops_all(toy, tmp_path):
     assert torch.load(out / 'resume.pt', weights_only=True)['step'] == int(steps.pop())
 
 
+SLOW_OR_FAILED_SAVE = """import atexit, os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import agent, dataset, main_qamc, tasks
+real_step, real_save, calls = tasks.Downstream.step, agent.save_torch, [0]
+
+
+def step(self, model, batch, gen):  # rank 1 receives a stop signal (a scheduler's) during its 2nd training step
+    if model.training and os.environ['RANK'] == '1':
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+    return real_step(self, model, batch, gen)
+
+
+def save_torch(obj, path):  # rank 0's resume.pt: a slow disk (a 2 GB file), or a full one
+    if path.endswith('resume.pt'):
+        if {fails!r}:
+            raise dataset.write_error(path, 'No space left on device')
+        time.sleep(3)
+    real_save(obj, path)
+
+
+tasks.Downstream.step, agent.save_torch = step, save_torch
+if os.environ['RANK'] == '1':  # what rank 1 saw as it left
+    atexit.register(lambda: open(os.path.join({dump!r}, 'rank1'), 'w').write(
+        str(os.path.exists(os.path.join({out!r}, 'resume.pt')))))
+agent.main(main_qamc.QAMC, {config!r})
+"""
+
+
+@pytest.mark.parametrize('fails', [False, True])
+def test_ranks_wait_for_the_resume_file(toy, tmp_path, fails):
+    """Under torchrun, a stop signal to rank 1: every rank stops at the same step, but rank 1 left as soon as rank 0
+    had its state, and torchrun, seeing it exit, killed rank 0 30 s later, amid the write of a large resume.pt (the
+    last steps lost). Now every rank waits for the file. A write that fails (a full disk) stops every rank with rank
+    0's message; the others went on training alone."""
+    out = tmp_path / 'ddp'
+    (tmp_path / 'run.py').write_text(SLOW_OR_FAILED_SAVE.format(repo=REPO, config=CONFIG, fails=fails,
+                                                                dump=str(tmp_path), out=str(out)))
+    proc = subprocess.run(['torchrun', '--standalone', '--nproc_per_node=2', str(tmp_path / 'run.py'), '--set',
+                           f'txt_backbone={REPO}/_data/bert-tiny', f'path_data={toy}', f'path_output={out}',
+                           'size_epoch=1', 'size_batch=2', 'num_workers=0'],
+                          cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode != 0
+    if fails:
+        said = re.findall(r'could not write \S+/resume.pt: No space left on device', proc.stderr)
+        assert len(said) == 2 and not os.path.exists(out / 'resume.pt'), proc.stderr[-3000:]  # (both ranks)
+        assert 'epoch 1: loss' not in proc.stdout  # (rank 1 did not train on: no unit ended)
+    else:
+        assert 'stopped by SIGUSR1 at epoch 1 step 2: resume.pt saved' in proc.stderr, proc.stderr[-3000:]
+        assert open(tmp_path / 'rank1').read() == 'True'  # rank 1 left after the file was there
+        assert torch.load(out / 'resume.pt', weights_only=True)['step'] == 2
+
+
 def corrupt_rank1_sample(toy, k):
     """Corrupt a frame of the video that rank 1 of 2 reads as its sample k of epoch 1 (and rank 0 never) -> its id."""
     items = json.load(open(f'{toy}/txt_toy-qamc.json'))['train']
