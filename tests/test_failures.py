@@ -1078,7 +1078,7 @@ def test_ranks_wait_for_the_resume_file(toy, tmp_path, fails):
     """Under torchrun, a stop signal to rank 1: every rank stops at the same step, but rank 1 left as soon as rank 0
     had its state, and torchrun, seeing it exit, killed rank 0 30 s later, amid the write of a large resume.pt (the
     last steps lost). Now every rank waits for the file. A write that fails (a full disk) stops every rank with rank
-    0's message; the others went on training alone."""
+    0's message; the others went on to their next collective, where rank 0 never came."""
     out = tmp_path / 'ddp'
     (tmp_path / 'run.py').write_text(SLOW_OR_FAILED_SAVE.format(repo=REPO, config=CONFIG, fails=fails,
                                                                 dump=str(tmp_path), out=str(out)))
@@ -1090,7 +1090,6 @@ def test_ranks_wait_for_the_resume_file(toy, tmp_path, fails):
     if fails:
         said = re.findall(r'could not write \S+/resume.pt: No space left on device', proc.stderr)
         assert len(said) == 2 and not os.path.exists(out / 'resume.pt'), proc.stderr[-3000:]  # (both ranks)
-        assert 'epoch 1: loss' not in proc.stdout  # (rank 1 did not train on: no unit ended)
     else:
         assert 'stopped by SIGUSR1 at epoch 1 step 2: resume.pt saved' in proc.stderr, proc.stderr[-3000:]
         assert open(tmp_path / 'rank1').read() == 'True'  # rank 1 left after the file was there
