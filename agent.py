@@ -417,6 +417,7 @@ class Trainer:
         self.data_wait = 0.0              # the share of the last unit's time rank 0 waited for its DataLoader
         self.data_warned = False          # said once per invocation that the loader held training up
         self.nonfinite_run = 0            # consecutive non-finite steps (same on every rank)
+        self.evaluating_only = False      # --eval: no unit, no resume.pt (evaluate's messages)
         self.signalled = 0                # a stop signal this process received (fit's handlers), 0 when none
         self.ctrl_c_at = 0.0              # when it came (time.monotonic)
         self.last_resume = time.time()    # when resume.pt was last written (or this invocation started): save_minutes
@@ -668,7 +669,9 @@ class Trainer:
         self.raw.eval()
         metrics = self.task.metrics
         sums, n_skipped, n_samples, failed, stopped = [0.0] * (2 * len(metrics)), 0, 0, None, 0
-        where = f'the evaluation of {self.task.units()[u]["name"]} ({tag})'
+        where = f'the evaluation ({tag})' if self.evaluating_only else \
+            f'the evaluation of {self.task.units()[u]["name"]} ({tag})'
+        saved = None if self.evaluating_only else 'at the end of the training before it (the evaluation is done again)'
         batches = tqdm(timed(loader, [0.0]), total=len(loader), disable=not is_main(), ascii=True, desc=f'eval {tag}')
         for i, item in enumerate(batches):
             failed = item if isinstance(item, Exception) else None
@@ -684,7 +687,7 @@ class Trainer:
             signalled, first_failed = map(int, flags)
             if first_failed:
                 batches.close()
-                self.raise_failed(failed, first_failed - 1, where)
+                self.stop_for_data(failed, first_failed - 1, where, saved)
             if signalled:  # a stop signal: stop now, not after the whole evaluation (a kill may come first);
                 # resume.pt is at the end of the unit's training, from which --resume evaluates
                 raise SystemExit(self.stopped_by(signalled, where))
@@ -703,7 +706,7 @@ class Trainer:
                            dist.ReduceOp.MAX if self.world > 1 else None)
         batches.close()
         if flags[0]:  # (a rank's batch past those every rank has)
-            self.raise_failed(failed, int(flags[0]) - 1, where)
+            self.stop_for_data(failed, int(flags[0]) - 1, where, saved)
         if flags[1]:
             raise SystemExit(self.stopped_by(int(flags[1]), where))
         tot = all_sum(sums + [n_skipped, n_samples])
@@ -871,15 +874,19 @@ class Trainer:
         return (f'{where}: {first} (size_batch {a["size_batch"]} per process, precision {self.precision}, grad_ckpt '
                 f'{str(a["grad_ckpt"]).lower()}): ' + ', or '.join(change))
 
-    def stop_for_data(self, error, first_failed, where):
+    def stop_for_data(self, error, first_failed, where, saved='there'):
         """After a batch could not be loaded (a bad sample without skip_bad, an unreadable file, a dead worker) and
-        resume.pt was saved at the start of its window: the rank that failed raises its error (a DataError becomes
-        its one-line message), the others stop naming that rank. Nothing trained is lost."""
-        # a bad sample is the usual cause; a DataLoader worker killed (the OOM killer) or a failed read is not the data's
-        fix = ('fix the data (or set skip_bad: true)' if error is None or isinstance(error, dataset.DataError) else
+        resume.pt was saved (`saved` says where; None: --eval, no resume.pt): the rank that failed raises its error (a
+        DataError becomes its one-line message), the others stop naming that rank. Nothing trained is lost."""
+        # a bad sample is the usual cause; a DataLoader worker killed (the OOM killer) or a failed read is not the
+        # data's; rank 0 does not know another rank's error, whose own message says which
+        fix = ('fix the data (or set skip_bad: true)' if isinstance(error, dataset.DataError) else
+               f"fix what rank {first_failed}'s message says (bad data: fix it or set skip_bad: true; a killed "
+               f'DataLoader worker: memory? fewer num_workers)' if error is None else
                'fix what the message below says (a killed DataLoader worker: memory? fewer num_workers)')
-        say(f'\n{where}: rank {first_failed} could not load its batch; resume.pt saved there: {fix} and continue with '
-            f'--resume {self.out}')
+        if saved:
+            say(f'\n{where}: rank {first_failed} could not load its batch; resume.pt saved {saved}: {fix} and continue '
+                f'with --resume {self.out}')
         self.raise_failed(error, first_failed, where)
 
     def too_many_skipped(self, n_skipped, n, where):
@@ -1145,6 +1152,7 @@ def evaluate_only(task, trainer, out):
     -> eval.json beside args.json. A pretraining checkpoint (it holds the MLM head) evaluated by a task whose head it fills is zero-shot: its VTM
     head scores the pairs (QA-MC: each question + option, the best option wins; retrieval: each caption)."""
     t0 = time.time()
+    trainer.evaluating_only = True
     results = task.evaluate_only(trainer)
     zero_shot = any(k.startswith('fc_mtm.') for k in trainer.unused)
     if is_main():

@@ -1153,6 +1153,11 @@ def test_bad_sample_in_an_evaluation_on_one_rank_stops_all(toy, tmp_path):
     proc = torchrun_qamc(toy, tmp_path / 'ddp', 'size_batch=2')
     assert proc.returncode != 0 and said in proc.stderr, proc.stderr[-3000:]
     assert 'stopped at the evaluation of epoch 1 (vl): rank 1 could not load its batch (its message says why)' in proc.stderr
+    # rank 0 says that resume.pt is there (saved when the training ended) and, not knowing rank 1's error, what to fix
+    assert (f"the evaluation of epoch 1 (vl): rank 1 could not load its batch; resume.pt saved at the end of the "
+            f"training before it (the evaluation is done again): fix what rank 1's message says (bad data: fix it or "
+            f"set skip_bad: true; a killed DataLoader worker: memory? fewer num_workers) and continue with --resume "
+            f"{tmp_path / 'ddp'}") in proc.stdout, proc.stdout[-2000:]
     # (torchrun's own traceback of the failed child stays; no rank's)
     assert 'agent.py", line' not in proc.stderr and 'Connection closed' not in proc.stderr, proc.stderr[-3000:]
     proc = subprocess.run(['torchrun', '--standalone', '--nproc_per_node=2', 'eval_retrieval.py',
@@ -1589,7 +1594,8 @@ def test_nodes_that_see_different_files_stop_together(toy, tmp_path):
     last = [err.strip().splitlines()[-1] for _, err in results]
     assert [rc for rc, _ in results] == [1, 1] and 'Traceback' not in results[1][1], results
     assert last[0].startswith(f'{toy}/img_toy.pkl: video "{vid}" frame 1: cannot decode image'), last
-    assert last[1] == 'stopped at the evaluation of epoch 1 (val): rank 0 could not load its batch (its message says why)'
+    # (--eval has no epoch: it said 'the evaluation of epoch 1')
+    assert last[1] == 'stopped at the evaluation (val): rank 0 could not load its batch (its message says why)'
 
 
 def test_demo_keeps_a_folder_that_is_not_its_own(tmp_path):
