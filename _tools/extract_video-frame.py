@@ -195,9 +195,10 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     files = collections.defaultdict(list)
     for vid, path in listed:
         files[vid].append(path)
+    # (--recursive) clips of one name in different folders: which one a text means is unknown
+    ambiguous = {vid for vid, paths in files.items() if len({os.path.dirname(p) for p in paths}) > 1}
     for vid, path in listed:
-        if len({os.path.dirname(p) for p in files[vid]}) > 1:  # (--recursive) clips of one name in two folders: which
-            # one a text means is unknown
+        if vid in ambiguous:
             others = ', '.join(p for p in files[vid] if p != path)
             failed[path] = f'{path}: the same video id "{vid}" as {others} in another folder: none of them is kept (rename them)'
             tqdm.write(f'skipped: {failed[path]}', file=sys.stderr)
@@ -231,7 +232,7 @@ def extract_to(dir_in, out, sample, layout='pkl', shard_size=0, workers=1, exts=
     if done and known is not None and known.get('upright') != upright:  # (the frames cannot tell: a mixed set)
         raise ValueError(f'{output_files(out, layout, None if not shard_size else "*")[0]} was written '
                          f'{"with" if known.get("upright") else "without"} --upright: give the same, or another --out')
-    for vid in sorted({vid for vid, paths in files.items() if vid in done and len({os.path.dirname(p) for p in paths}) > 1}):
+    for vid in sorted(ambiguous & set(done)):
         tqdm.write(f'note: video "{vid}" is in the output from an earlier run, though its files in several folders are '
                    f'all failed now: which clip it holds is unknown (another --out starts afresh)', file=sys.stderr)
     if done and known is None:
@@ -289,12 +290,17 @@ class Interrupted(Exception):
 def settings_file(out, layout):
     """<out>.extract.json: how the frames were extracted ({"sample", "upright"}), which the frames cannot tell; a rerun
     with another --upright is refused."""
-    return output_files(out, layout, None)[0].rsplit('.', 1)[0] + '.extract.json'
+    return beside(out, layout, '.extract.json')
+
+
+def beside(out, layout, suffix):
+    """The file of output `out` named `suffix` beside its data file (that name without its extension)."""
+    return output_files(out, layout, None)[0].rsplit('.', 1)[0] + suffix
 
 
 def failed_report(out, layout):
     """The failures list of output `out`: <out>.failed.json (beside the data file, without its extension)."""
-    return output_files(out, layout, None)[0].rsplit('.', 1)[0] + '.failed.json'
+    return beside(out, layout, '.failed.json')
 
 
 def main():

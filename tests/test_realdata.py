@@ -885,9 +885,10 @@ def test_extract_ctrl_c_with_workers_and_a_killed_run(tmp_path, capsys):
     p = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          start_new_session=True)
     err = b''
-    while b'video/s' not in err:  # (the bar's first update: videos are being read)
-        err += os.read(p.stderr.fileno(), 100)
-    time.sleep(0.5)
+    while not re.search(rb'\| ([2-9]|\d\d)/30 ', err):  # (the bar: two videos read at least)
+        chunk = os.read(p.stderr.fileno(), 100)
+        assert chunk, err.decode()[-3000:]  # (the tool ended first)
+        err += chunk
     os.killpg(p.pid, signal.SIGINT)
     _, rest = p.communicate(timeout=60)
     said = (err + rest).decode().replace('\r', '\n').strip().splitlines()
