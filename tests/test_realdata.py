@@ -882,8 +882,10 @@ def test_extract_ctrl_c_with_workers_and_a_killed_run(tmp_path, capsys):
               f'def slow(*a, **k):\n    time.sleep(0.2)\n    return real(*a, **k)\n'
               f'tool.video_b64 = slow\nsys.argv = ["tool", "--videos", {vids!r}, "--out", {out!r}, "--sample", "3", '
               f'"--workers", "2"]\ntool.main()\n')
+    # (Ctrl-C's default handling: a job started in the background by a shell without job control, a CI runner's,
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt)
     p = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = b''
     while not re.search(rb'\| ([2-9]|\d\d)/30 ', err):  # (the bar: two videos read at least)
         chunk = os.read(p.stderr.fileno(), 100)
