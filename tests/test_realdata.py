@@ -478,6 +478,13 @@ def round_trip(d, out, task, dataset_name, cls, **args):
 FRAMEQA_HEADER = 'gif_name\tquestion\tanswer\ttype\tvid_id\tkey\tdescription\n'
 
 
+def missing_is_named(task, tmp_path, name, capsys, monkeypatch):
+    """The converter's one line for an annotation file that is not there (it is removed here), nothing written."""
+    os.remove(tmp_path / name)
+    code, _ = cli(conv.main, [task, f'--src={tmp_path}', f'--out={tmp_path}/x.json'], capsys, monkeypatch)
+    assert code == f'missing annotation file: {tmp_path}/{name}' and not os.path.exists(tmp_path / 'x.json')
+
+
 def test_convert_tgif_frame(tmp_path, capsys, monkeypatch):
     """TGIF-QA FrameQA (open-ended) -> QA-OE as MSRVTT-QA's: the vocabulary rule, -1 outside it, val = test."""
     train = ['tumblr_a1\twhat is the color of the shirt ?\twhite\t2\tFRAMEQA1\t10\ta man in a white shirt nods .',
@@ -518,9 +525,7 @@ def test_convert_tgif_frame(tmp_path, capsys, monkeypatch):
     (tmp_path / 'Test_frameqa_question.csv').write_text(FRAMEQA_HEADER + test[0].replace('\tblack\t', '\t \t') + '\n')
     with pytest.raises(conv.BadAnnotation, match=r'Test_frameqa_question.csv line 2: the answer is empty'):
         conv.convert('tgif-frame', str(tmp_path))
-    os.remove(tmp_path / 'Train_frameqa_question.csv')
-    code, _ = cli(conv.main, ['tgif-frame', f'--src={tmp_path}', f'--out={tmp_path}/t.json'], capsys, monkeypatch)
-    assert code == f'missing annotation file: {tmp_path}/Train_frameqa_question.csv'
+    missing_is_named('tgif-frame', tmp_path, 'Train_frameqa_question.csv', capsys, monkeypatch)
 
 
 MSR_MC_HEADER = 'key\tvid_key\tvideo_id\ta1\ta2\ta3\ta4\ta5\tanswer\n'
@@ -622,9 +627,7 @@ def test_convert_lsmdc_mc(tmp_path, capsys, monkeypatch):
         test.write_text(files['LSMDC16_multiple_choice_test_randomized.csv'][0] + '\n' + row + '\n')
         with pytest.raises(conv.BadAnnotation, match=re.escape(f'{test} line 2: {said}')):
             conv.convert('lsmdc-mc', str(tmp_path))
-    os.remove(tmp_path / 'LSMDC16_multiple_choice_valid.csv')
-    code, _ = cli(conv.main, ['lsmdc-mc', f'--src={tmp_path}', f'--out={tmp_path}/x.json'], capsys, monkeypatch)
-    assert code == f'missing annotation file: {tmp_path}/LSMDC16_multiple_choice_valid.csv'
+    missing_is_named('lsmdc-mc', tmp_path, 'LSMDC16_multiple_choice_valid.csv', capsys, monkeypatch)
 
 
 LSMDC_TIMES = '00.00.51.926\t00.00.54.206\t00.00.51.900\t00.00.54.300'
@@ -670,9 +673,7 @@ def test_convert_lsmdc_retrieval(tmp_path, capsys, monkeypatch):
         test.write_text(files['LSMDC16_challenge_1000_publictect.csv'][0] + '\n' + row + '\n')
         with pytest.raises(conv.BadAnnotation, match=re.escape(f'{test} line 2: {said}')):
             conv.convert('lsmdc-retrieval', str(tmp_path))
-    os.remove(tmp_path / 'LSMDC16_annos_val.csv')
-    code, _ = cli(conv.main, ['lsmdc-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/x.json'], capsys, monkeypatch)
-    assert code == f'missing annotation file: {tmp_path}/LSMDC16_annos_val.csv' and not os.path.exists(tmp_path / 'x.json')
+    missing_is_named('lsmdc-retrieval', tmp_path, 'LSMDC16_annos_val.csv', capsys, monkeypatch)
 
 
 def didemo_entry(k, video, description, times=((0, 0),)):
@@ -732,9 +733,7 @@ def test_convert_didemo_retrieval(tmp_path, capsys, monkeypatch):
         with pytest.raises(conv.BadAnnotation, match=re.escape(f'{tmp_path}/val_data.json{said}')):
             conv.convert('didemo-retrieval', str(tmp_path))
     write_json(tmp_path / 'val_data.json', [didemo_entry(0, c, 'a car drives by')])
-    os.remove(tmp_path / 'test_data.json')
-    code, _ = cli(conv.main, ['didemo-retrieval', f'--src={tmp_path}', f'--out={tmp_path}/x.json'], capsys, monkeypatch)
-    assert code == f'missing annotation file: {tmp_path}/test_data.json' and not os.path.exists(tmp_path / 'x.json')
+    missing_is_named('didemo-retrieval', tmp_path, 'test_data.json', capsys, monkeypatch)
 
 
 def test_convert_webvid_and_cc3m_pretraining_texts(tmp_path, capsys, monkeypatch):
