@@ -195,11 +195,12 @@ def local_dir(value, key):
     """A value written as a local path (/, ./, ../, ~) must exist: transformers would take it for a model id and
     speak of repo ids or the network. -> value."""
     if value.startswith(('/', './', '../', '~')) and not os.path.isdir(os.path.expanduser(value)):
-        bundled = os.path.normpath(os.path.join(REPO, value))
-        # (the toy preset's ./_data/bert-tiny, its run's args.json used from another directory: where it is)
-        there = f'; the repository has {bundled}: run from {REPO}, or add --set {key}={bundled}' \
-            if os.path.isdir(bundled) else ''
-        where = '' if os.path.isabs(os.path.expanduser(value)) else \
-            f' (relative to the current directory, {os.getcwd()}{there})'
+        where = ''
+        if not os.path.isabs(os.path.expanduser(value)):
+            # (the toy preset's ./_data/bert-tiny, its run's args.json used from another directory: where it is)
+            bundled = os.path.normpath(os.path.join(REPO, value))
+            there = f'; the repository has {bundled}: run from {REPO}, or add --set {key}={bundled}' \
+                if os.path.isdir(bundled) else ''
+            where = f' (relative to the current directory, {os.getcwd()}{there})'
         raise FileNotFoundError(f'{key}: no directory {value}{where}')
     return os.path.expanduser(value)

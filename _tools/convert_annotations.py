@@ -202,21 +202,26 @@ def lsmdc_retrieval(src):
     <END_EXTRACTED>, <SENTENCE>) -> one {"video": clip id, "caption": sentence} per line, in file order. A clip id
     may come with more than one sentence (each its own item, as the lines of MSR-VTT's captions); the sentence is
     the line's rest after the fifth tab, quotes and all (split at tabs alone: no CSV quoting)."""
-    out = {}
-    for split, name in LSMDC_RETRIEVAL_FILES:
-        path = os.path.join(src, name)
-        out[split] = []
-        for n, text in enumerate(lines_of(path), 1):
-            if not text.strip():
-                continue
-            row = text.rstrip().split('\t')  # (white space after the last field: not a field of its own)
-            if len(row) != 6:
-                raise BadAnnotation(f'{path} line {n}: {len(row)} tab-separated fields, expected 6 (<CLIP_ID>, 4 time '
-                                    f'stamps, <SENTENCE>)')
-            if not row[0].strip():
-                raise BadAnnotation(f'{path} line {n}: the clip id is empty')
-            out[split].append({'video': row[0].strip(), 'caption': row[5]})
-    return out
+    return {split: [{'video': row[0].strip(), 'caption': row[5]}
+                    for _, row in lsmdc_rows(os.path.join(src, name), 1, '<SENTENCE>')]
+            for split, name in LSMDC_RETRIEVAL_FILES}
+
+
+def lsmdc_rows(path, n_rest, rest):
+    """An LSMDC 2016 file (tab separated, no header): <CLIP_ID>, 4 time stamps, then n_rest fields (`rest` says which) ->
+    [(line, fields)]; white space after the last field is no field of its own, the clip id must not be empty."""
+    rows = []
+    for n, text in enumerate(lines_of(path), 1):
+        if not text.strip():
+            continue
+        row = text.rstrip().split('\t')
+        if len(row) != 5 + n_rest:
+            raise BadAnnotation(f'{path} line {n}: {len(row)} tab-separated fields, expected {5 + n_rest} '
+                                f'(<CLIP_ID>, 4 time stamps, {rest})')
+        if not row[0].strip():
+            raise BadAnnotation(f'{path} line {n}: the clip id is empty')
+        rows.append((n, row))
+    return rows
 
 
 def didemo_retrieval(src):
@@ -405,18 +410,9 @@ def lsmdc_mc(src):
     for split, name in LSMDC_MC_FILES:
         path = os.path.join(src, name)
         test = split == 'test'
-        expected = 11 if test else 10
         out[split] = []
-        for n, text in enumerate(lines_of(path), 1):
-            if not text.strip():
-                continue
-            row = text.rstrip().split('\t')  # (white space after the last field: not a field of its own)
-            if len(row) != expected:
-                raise BadAnnotation(f'{path} line {n}: {len(row)} tab-separated fields, expected {expected} (<CLIP_ID>, '
-                                    f'4 time stamps, ' + ('5 sentences, the answer 1-5)' if test else
-                                                          'the correct sentence, 4 distractors)'))
-            if not row[0].strip():
-                raise BadAnnotation(f'{path} line {n}: the clip id is empty')
+        for n, row in lsmdc_rows(path, 6, '5 sentences, the answer 1-5') if test else \
+                lsmdc_rows(path, 5, 'the correct sentence, 4 distractors'):
             options = row[5:10]
             if test:
                 answer = row[10].strip()
