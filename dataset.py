@@ -618,7 +618,8 @@ def get_tokenizer(backbone, vocab=''):
     (a transformers id or directory). It must fit the model: the vocabulary size of backbone's BERT config and
     the special ids of SPECIAL_IDS; anything else is a ValueError naming the source and what is wrong (a
     directory without vocabulary would otherwise give a 5-token tokenizer that maps every word to [UNK])."""
-    if (backbone, vocab) not in _TOKENIZERS:
+    key = (cache_key(backbone), cache_key(vocab))
+    if key not in _TOKENIZERS:
         import transformers
         src = vocab or config.local_dir(backbone, 'txt_backbone')
         if vocab and not os.path.exists(vocab):
@@ -641,13 +642,24 @@ def get_tokenizer(backbone, vocab=''):
             wrong.insert(0, f'{len(tok)} tokens, but the BERT config of {backbone} has vocab_size {n_vocab}')
         if wrong:
             raise DataError(f'tokenizer {src} does not fit the model (txt_vocab / txt_backbone): ' + '; '.join(wrong))
-        _TOKENIZERS[backbone, vocab] = tok
-    return _TOKENIZERS[backbone, vocab]
+        _TOKENIZERS[key] = tok
+    return _TOKENIZERS[key]
+
+
+def cache_key(name):
+    """A model id, or a path that exists made absolute: './_data/bert-tiny' read from one directory is not another
+    directory's (after a chdir the first one's tokenizer and config were returned)."""
+    path = os.path.expanduser(name)
+    return os.path.abspath(path) if name and os.path.exists(path) else name
+
+
+def bert_config(backbone):
+    """The transformers BertConfig of txt_backbone (read once per process and directory)."""
+    return _bert_config(cache_key(backbone))
 
 
 @functools.lru_cache(maxsize=8)
-def bert_config(backbone):
-    """The transformers BertConfig of txt_backbone (read once per process)."""
+def _bert_config(backbone):
     import transformers
     return config.pretrained(transformers.BertConfig.from_pretrained, config.local_dir(backbone, 'txt_backbone'),
                              'txt_backbone')
